@@ -1,0 +1,1 @@
+"""Ray jobs: the only place where Ray meets torch (see DESIGN.md)."""

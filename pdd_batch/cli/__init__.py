@@ -1,0 +1,1 @@
+"""The Typer command-line interface. Heavy imports (torch, Ray, jobs, model) stay inside commands."""

@@ -1,0 +1,11 @@
+"""`pdd-batch screen`: placeholder until its issue lands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def screen_command() -> None:
+    """Not available yet in this build."""
+    typer.echo("pdd-batch screen: not implemented yet in this build", err=True)
+    raise typer.Exit(code=2)

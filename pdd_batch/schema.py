@@ -1,0 +1,76 @@
+"""The versioned Parquet schema of a screening run (one module, the contract for every reader).
+
+Layout of a run folder ``OUT/``::
+
+    OUT/slices/*.parquet    one row per scored slice (SLICES_SCHEMA)
+    OUT/studies/*.parquet   one row per study (STUDIES_SCHEMA)
+    OUT/errors/*.parquet    one row per file or series that could not be used (ERRORS_SCHEMA)
+    OUT/manifest.json       run manifest (inputs seen/scored/skipped/failed, versions, timings)
+
+Keys never contain patient identifiers: ``study_key``/``series_key`` are truncated SHA-256
+digests of the DICOM UIDs (or of the NIfTI relative path).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+
+SLICES_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.string(), nullable=False),
+        pa.field("slice_key", pa.string(), nullable=False),  # unique: series_key:volume:slice
+        pa.field("study_key", pa.string(), nullable=False),
+        pa.field("series_key", pa.string(), nullable=False),
+        pa.field("volume_index", pa.int32(), nullable=False),
+        pa.field("slice_index", pa.int32(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),  # relative to the archive root
+        pa.field("modality", pa.string()),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("threshold", pa.float32()),  # null when the model is not calibrated
+        pa.field("flagged", pa.bool_(), nullable=False),
+        pa.field("heatmap_png", pa.binary()),  # 8-bit PNG of the anomaly map, scaled by heatmap_max
+        pa.field("heatmap_max", pa.float32()),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("checkpoint_hash", pa.string(), nullable=False),
+        pa.field("preprocessing", pa.string(), nullable=False),  # PreprocessSpec JSON
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("code_version", pa.string(), nullable=False),
+    ],
+    metadata={"pdd_batch_schema": SCHEMA_VERSION, "table": "slices"},
+)
+
+STUDIES_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.string(), nullable=False),
+        pa.field("study_key", pa.string(), nullable=False),
+        pa.field("n_series", pa.int32(), nullable=False),
+        pa.field("n_slices", pa.int32(), nullable=False),
+        pa.field("max_score", pa.float32(), nullable=False),
+        pa.field("topk_mean", pa.float32(), nullable=False),
+        pa.field("n_flagged", pa.int32(), nullable=False),
+        pa.field("decision", pa.string(), nullable=False),  # "flagged" | "normal" | "uncalibrated"
+        pa.field("top_slice_key", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("checkpoint_hash", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ],
+    metadata={"pdd_batch_schema": SCHEMA_VERSION, "table": "studies"},
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.string(), nullable=False),
+        pa.field("file", pa.string(), nullable=False),  # relative to the archive root
+        pa.field("series_key", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),  # discover | read | slice | score | write
+        pa.field("status", pa.string(), nullable=False),  # skipped | failed
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ],
+    metadata={"pdd_batch_schema": SCHEMA_VERSION, "table": "errors"},
+)
+
+TABLES = {"slices": SLICES_SCHEMA, "studies": STUDIES_SCHEMA, "errors": ERRORS_SCHEMA}
