@@ -1,0 +1,143 @@
+"""The rich summary of a screening run: flagged studies ranked by score, counts, accounting.
+
+Shown at the end of ``pdd-batch screen`` and by ``pdd-batch summary``. Only hashed keys
+(``study_key``) appear, never names, IDs, UIDs or dates.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from pdd_batch.results import RunResults, open_run
+
+MAX_ROWS = 20
+OK_STATUSES = ("complete", "completed", "done", "ok", "success", "succeeded", "finished")
+INPUT_KEYS = ("inputs_seen", "inputs_scored", "inputs_skipped", "inputs_failed")
+
+
+def inputs_accounted(manifest: dict) -> tuple[bool | None, str]:
+    """Whether every input seen was scored, skipped or failed, and a one-line explanation.
+
+    Returns ``(None, reason)`` when the manifest lacks the counts.
+    """
+    values = {k: manifest.get(k) for k in INPUT_KEYS}
+    if not all(isinstance(v, int) for v in values.values()):
+        return None, "manifest has no input counts"
+    seen, scored, skipped, failed = (values[k] for k in INPUT_KEYS)
+    text = f"seen {seen} = scored {scored} + skipped {skipped} + failed {failed}"
+    if seen == scored + skipped + failed:
+        return True, text
+    missing = seen - scored - skipped - failed
+    return False, f"{text} is off by {missing}"
+
+
+def exit_code_for(results: RunResults) -> int:
+    """0 when the run finished and every input is accounted for, else 1."""
+    ok, _ = inputs_accounted(results.manifest)
+    finished = results.status.lower() in OK_STATUSES
+    return 0 if ok and finished else 1
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _studies_table(results: RunResults) -> Table:
+    flagged = results.flagged_studies()
+    title = "Flagged studies, ranked by score"
+    rows = flagged
+    if flagged.num_rows == 0:
+        rows = results.ranked_studies()
+        title = "No study flagged; highest-scoring studies"
+    table = Table(title=title, show_lines=False, header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("study", no_wrap=True, min_width=16)  # hashed keys must stay whole
+    for col, justify in (
+        ("modality", "left"),
+        ("max score", "right"),
+        ("top-k mean", "right"),
+        ("flagged / slices", "right"),
+        ("decision", "left"),
+    ):
+        table.add_column(col, justify=justify)
+    for i, r in enumerate(rows.slice(0, MAX_ROWS).to_pylist(), start=1):
+        style = "red" if r["decision"] == "flagged" else None
+        table.add_row(
+            str(i),
+            r["study_key"],
+            r.get("modality") or "-",
+            _fmt(r["max_score"]),
+            _fmt(r["topk_mean"]),
+            f"{r['n_flagged']} / {r['n_slices']}",
+            r["decision"],
+            style=style,
+        )
+    if rows.num_rows > MAX_ROWS:
+        table.caption = f"... and {rows.num_rows - MAX_ROWS} more"
+    return table
+
+
+def _counts_table(results: RunResults) -> Table:
+    c = results.counts()
+    table = Table(title="Counts", show_header=False)
+    table.add_column("what")
+    table.add_column("n", justify="right")
+    table.add_row("studies", str(c["studies"]))
+    table.add_row("flagged studies", str(c["flagged_studies"]))
+    table.add_row("series", str(c["series"]))
+    table.add_row("slices", str(c["slices"]))
+    table.add_row("flagged slices", str(c["flagged_slices"]))
+    table.add_row("errors", str(c["errors"]))
+    return table
+
+
+def _errors_table(results: RunResults) -> Table | None:
+    if results.errors.num_rows == 0:
+        return None
+    groups = Counter(
+        (r["stage"], r["status"], r["reason"][:80])
+        for r in results.errors.select(["stage", "status", "reason"]).to_pylist()
+    )
+    table = Table(title="Errors and skipped inputs (by reason)", header_style="bold")
+    for col in ("stage", "status", "reason", "files"):
+        table.add_column(col, justify="right" if col == "files" else "left")
+    for (stage, status, reason), n in groups.most_common(10):
+        table.add_row(stage, status, reason, str(n))
+    return table
+
+
+def _header(results: RunResults) -> Panel:
+    m = results.manifest
+    ckpt = results.checkpoint_hash or "-"
+    lines = [
+        f"run: {m.get('run_id', '-')}   status: {results.status}",
+        f"model: {results.model_id or '-'}   checkpoint: {ckpt[:16]}",
+    ]
+    ok, text = inputs_accounted(m)
+    mark = {True: "[green]all inputs accounted for[/]", False: "[red]inputs missing[/]"}
+    lines.append(f"inputs: {mark.get(ok, '[yellow]unknown[/]')} ({text})")
+    code = exit_code_for(results)
+    lines.append(f"exit status: {'[green]0[/]' if code == 0 else '[red]1[/]'}")
+    return Panel("\n".join(lines), title="pdd-batch screening run", expand=False)
+
+
+def render_summary(console: Console, run_dir: str | Path | RunResults) -> int:
+    """Print the run summary and return the exit code it implies (see ``exit_code_for``).
+
+    Args:
+        console: the rich console to print to.
+        run_dir: a run folder, or already-opened ``RunResults``.
+    """
+    results = run_dir if isinstance(run_dir, RunResults) else open_run(run_dir)
+    console.print(_header(results))
+    console.print(_counts_table(results))
+    console.print(_studies_table(results))
+    errors = _errors_table(results)
+    if errors is not None:
+        console.print(errors)
+    return exit_code_for(results)
