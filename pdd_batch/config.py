@@ -1,0 +1,97 @@
+"""Run configuration of a screening run (frozen, validated at the edge; errors name the key).
+
+Model configuration lives with the model (``model.config``); this is only how a run is executed
+and written.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+class RunConfigError(ValueError):
+    """A run option that cannot be used; the message names the key."""
+
+
+def new_run_id() -> str:
+    """A run id: UTC timestamp plus a short random suffix (no patient data)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How one ``pdd-batch screen`` run is executed.
+
+    Attributes:
+        archive: folder (or archive file) to screen.
+        out_dir: run folder receiving ``slices/``, ``studies/``, ``errors/``, ``manifest.json``.
+        model_path: checkpoint folder; ``None`` means the embedded default model.
+        address: Ray cluster to join; ``None`` falls back to ``RAY_ADDRESS`` then a local cluster.
+        force: rescreen every series, replacing earlier results.
+        batch_size: slices per model call; ``None`` picks from the device (see jobs.resources).
+        num_actors: model actors; ``None`` picks from the cluster's CPUs/GPUs.
+        num_cpus: CPUs of a local cluster (``None``: all of this machine's).
+        rows_per_file: slices buffered before a Parquet part is committed (sane file counts).
+        flush_seconds: commit buffered complete series at least this often (bounds crash loss).
+        max_part_files: compact ``slices/`` into fewer files when a run ends with more than this.
+        topk: k of the study ``topk_mean``.
+        open_archives: also look inside .zip/.tar files during discovery.
+        run_id: identifier written on every row.
+    """
+
+    archive: Path
+    out_dir: Path
+    model_path: Path | None = None
+    address: str | None = None
+    force: bool = False
+    batch_size: int | None = None
+    num_actors: int | None = None
+    num_cpus: int | None = None
+    rows_per_file: int = 4096
+    flush_seconds: float = 30.0
+    max_part_files: int = 64
+    topk: int = 5
+    open_archives: bool = False
+    run_id: str = field(default_factory=new_run_id)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "archive", Path(self.archive))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.model_path is not None:
+            object.__setattr__(self, "model_path", Path(self.model_path))
+        for key in ("batch_size", "num_actors", "num_cpus"):
+            value = getattr(self, key)
+            if value is not None and int(value) < 1:
+                raise RunConfigError(f"{key} must be >= 1, got {value}")
+        if self.rows_per_file < 1:
+            raise RunConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        if self.flush_seconds <= 0:
+            raise RunConfigError(f"flush_seconds must be > 0, got {self.flush_seconds}")
+        if self.max_part_files < 1:
+            raise RunConfigError(f"max_part_files must be >= 1, got {self.max_part_files}")
+        if self.topk < 1:
+            raise RunConfigError(f"topk must be >= 1, got {self.topk}")
+        if not self.run_id or "/" in self.run_id:
+            raise RunConfigError(f"run_id must be a name without '/', got {self.run_id!r}")
+
+    @property
+    def resolved_address(self) -> str | None:
+        """``address``, else ``RAY_ADDRESS`` from the environment, else ``None`` (local cluster)."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
+
+    def with_updates(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths as strings)."""
+        d = asdict(self)
+        for key in ("archive", "out_dir", "model_path"):
+            d[key] = None if d[key] is None else str(d[key])
+        return d

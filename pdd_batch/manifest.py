@@ -1,0 +1,132 @@
+"""The run manifest (``OUT/manifest.json``): what went in, what came out, with what.
+
+Every discovered input file ends in exactly one outcome, so
+``inputs_seen == inputs_scored + inputs_skipped + inputs_failed`` always holds; files that the
+run lost (no rows and no error record, e.g. the run was interrupted) count as failed and also in
+``inputs_lost``, and make the run's exit status non-zero.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pdd_batch
+from pdd_batch.schema import SCHEMA_VERSION
+from pdd_batch.writer import write_json_atomic
+
+MANIFEST_NAME = "manifest.json"
+
+SCORED, SKIPPED, FAILED, LOST = "scored", "skipped", "failed", "lost"
+OUTCOMES = (SCORED, SKIPPED, FAILED, LOST)
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"  # every input accounted for
+STATUS_INCOMPLETE = "incomplete"  # some inputs lost: rerun to finish
+STATUS_FAILED = "failed"  # the run itself failed
+
+VERSIONED_PACKAGES = ("pdd-batch", "torch", "timm", "ray", "pydicom", "nibabel", "pyarrow", "numpy")
+
+
+class ManifestError(ValueError):
+    """Inconsistent accounting of inputs."""
+
+
+@dataclass(frozen=True)
+class InputCounts:
+    """Files by outcome; ``seen == scored + skipped + failed`` and ``lost <= failed``."""
+
+    inputs_seen: int
+    inputs_scored: int
+    inputs_skipped: int
+    inputs_failed: int
+    inputs_lost: int
+
+    @classmethod
+    def from_outcomes(cls, outcomes: Mapping[str, str]) -> InputCounts:
+        """Count a ``{file: outcome}`` map (outcome one of scored/skipped/failed/lost)."""
+        bad = sorted({o for o in outcomes.values() if o not in OUTCOMES})
+        if bad:
+            raise ManifestError(f"unknown input outcomes: {bad}")
+        c = Counter(outcomes.values())
+        return cls(
+            inputs_seen=len(outcomes),
+            inputs_scored=c[SCORED],
+            inputs_skipped=c[SKIPPED],
+            inputs_failed=c[FAILED] + c[LOST],
+            inputs_lost=c[LOST],
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def code_version(repo_root: Path | None = None) -> str:
+    """``pdd_batch`` version plus the git commit when run from a checkout (``0.1.0+g1a2b3c4``)."""
+    root = repo_root or Path(pdd_batch.__file__).resolve().parents[1]
+    head = root / ".git" / "HEAD"
+    try:
+        ref = head.read_text(encoding="utf-8").strip()
+        if ref.startswith("ref: "):
+            ref = (root / ".git" / ref[5:]).read_text(encoding="utf-8").strip()
+        if len(ref) >= 7 and all(ch in "0123456789abcdef" for ch in ref[:7]):
+            return f"{pdd_batch.__version__}+g{ref[:7]}"
+    except OSError:
+        pass
+    return pdd_batch.__version__
+
+
+def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+    """Installed versions (from package metadata; nothing is imported)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def exit_code_for(status: str) -> int:
+    """0: every input accounted for (bad inputs included); 1: some lost; 2: the run failed."""
+    return {STATUS_COMPLETE: 0, STATUS_INCOMPLETE: 1}.get(status, 2)
+
+
+def build_manifest(
+    *,
+    run_id: str,
+    status: str,
+    archive_root: Path,
+    counts: InputCounts,
+    model_id: str,
+    checkpoint_hash: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest dict; ``extra`` adds run details (timings, series counts, config, cluster)."""
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": status,
+        "exit_code": exit_code_for(status),
+        "archive_root": str(archive_root),
+        **counts.to_dict(),
+        "model_id": model_id,
+        "checkpoint_hash": checkpoint_hash,
+        "code_version": code_version(),
+        "versions": package_versions(),
+        "argv": [Path(sys.argv[0]).name] if sys.argv else [],
+    }
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
+def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``OUT/manifest.json`` atomically."""
+    return write_json_atomic(manifest, Path(out_dir) / MANIFEST_NAME)
