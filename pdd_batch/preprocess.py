@@ -48,16 +48,23 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if not 16 <= int(self.image_size) <= 4096:
-            raise PreprocessError(f"preprocessing.image_size must be in 16..4096, got {self.image_size}")
+            raise PreprocessError(
+                f"preprocessing.image_size must be in 16..4096, got {self.image_size}"
+            )
         if self.ct_window not in WINDOW_PRESETS:
             raise PreprocessError(
-                f"preprocessing.ct_window must be one of {sorted(WINDOW_PRESETS)}, got {self.ct_window!r}"
+                f"preprocessing.ct_window must be one of {sorted(WINDOW_PRESETS)}, "
+                f"got {self.ct_window!r}"
             )
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
-            raise PreprocessError(f"preprocessing.percentiles must satisfy 0<=lo<hi<=100, got {self.percentiles}")
+            raise PreprocessError(
+                f"preprocessing.percentiles must satisfy 0<=lo<hi<=100, got {self.percentiles}"
+            )
         if self.axis not in ("axial", "coronal", "sagittal"):
-            raise PreprocessError(f"preprocessing.axis must be axial/coronal/sagittal, got {self.axis!r}")
+            raise PreprocessError(
+                f"preprocessing.axis must be axial/coronal/sagittal, got {self.axis!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,7 +104,7 @@ def normalise_percentile(x: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndar
 
 
 def fit_to_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Zero-pad a (H, W) image in [0, 1] to a centred square, then resize bilinearly to (size, size).
+    """Zero-pad a (H, W) image in [0, 1] to a centred square, then resize bilinearly to (S, S).
 
     Padding (rather than stretching) keeps anatomy proportions identical for every source size.
     """

@@ -1,0 +1,272 @@
+"""DICOM headers to the few facts ingestion needs: identity, image kind, and per-frame geometry.
+
+Read with ``stop_before_pixels`` on the driver (discovery), or from a fully read dataset in a
+worker (pixel decoding); both go through ``header_from_dataset`` so the two always agree.
+Raw UIDs stay inside ``DicomHeader`` (used only for grouping and hashing into keys); they are never
+logged or put in messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from pdd_batch.archive_io import BinarySource
+
+# SOP classes that hold no image to screen, with the reason shown to people.
+NON_IMAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.1.3.10": "DICOMDIR (media directory, no image)",
+    "1.2.840.10008.5.1.4.1.1.104.1": "encapsulated PDF (no image)",
+    "1.2.840.10008.5.1.4.1.1.104.2": "encapsulated CDA (no image)",
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation object (SEG), not an acquired image",
+    "1.2.840.10008.5.1.4.1.1.88.59": "key object selection (KOS), no image",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set, no image",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data object, no image",
+    "1.2.840.10008.5.1.4.1.1.66.1": "spatial registration object, no image",
+}
+NON_IMAGE_SOP_PREFIXES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report (SR), no image",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state (PR), no image",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform, no image",
+}
+NON_IMAGE_MODALITIES: dict[str, str] = {
+    "SR": "structured report (SR), no image",
+    "KO": "key object selection (KOS), no image",
+    "PR": "presentation state (PR), no image",
+    "SEG": "segmentation object (SEG), not an acquired image",
+    "DOC": "encapsulated document, no image",
+    "RTSTRUCT": "RT structure set, no image",
+    "REG": "registration object, no image",
+}
+# Modalities whose grey-level images the screening model can take.
+SUPPORTED_MODALITIES = frozenset(
+    {"CT", "MR", "PT", "CR", "DX", "DR", "MG", "XA", "RF", "NM", "OT", "IO", "PX", "RG"}
+)
+
+
+NOT_DICOM = "not a DICOM file (no DICM preamble)"
+
+
+class DicomHeaderError(ValueError):
+    """A file that is not DICOM or whose header cannot be parsed (message has no identifiers)."""
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """One 2D frame of one file, with the geometry needed to place it in a volume.
+
+    Attributes:
+        file: archive-relative path of the file.
+        frame: 0-based frame index in the file (0 for single-frame objects).
+        position: ImagePositionPatient (LPS, mm) or None.
+        orientation: ImageOrientationPatient (row cosines, column cosines) or None.
+        rows, cols: frame size.
+        pixel_spacing: (row spacing, column spacing) in mm, or None.
+        temporal: sort key for time points (TemporalPositionIdentifier/Index, AcquisitionNumber).
+        instance: InstanceNumber (ties only; never the slice order).
+        slope, intercept: rescale to modality units (HU for CT).
+        mosaic: Siemens mosaic image (several slices tiled into one frame).
+    """
+
+    file: str
+    frame: int
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float] | None
+    temporal: tuple[float, float]
+    instance: int
+    slope: float = 1.0
+    intercept: float = 0.0
+    mosaic: bool = False
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The facts of one DICOM file. UIDs are for grouping and hashing only; never show them."""
+
+    file: str
+    sop_class: str
+    modality: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    photometric: str
+    samples_per_pixel: int
+    has_image: bool
+    frames: tuple[FrameInfo, ...]
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    if seq is None or len(seq) == 0:
+        return None
+    return seq[0]
+
+
+def _group_value(groups: list[Dataset | None], macro: str, keyword: str) -> Any:
+    """The first value of ``keyword`` found in ``macro`` of the given functional groups."""
+    for group in groups:
+        if group is None:
+            continue
+        item = _first_item(group, macro)
+        if item is not None and keyword in item:
+            return item.get(keyword)
+    return None
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _classic_frame(ds: Dataset, rel: str, frame: int, mosaic: bool) -> FrameInfo:
+    temporal = (
+        _number(ds.get("TemporalPositionIdentifier"), 0.0),
+        _number(ds.get("AcquisitionNumber"), 0.0),
+    )
+    return FrameInfo(
+        file=rel,
+        frame=frame,
+        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        rows=int(ds.get("Rows", 0) or 0),
+        cols=int(ds.get("Columns", 0) or 0),
+        pixel_spacing=_floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2),  # type: ignore[arg-type]
+        temporal=temporal,
+        instance=int(_number(ds.get("InstanceNumber"), 0.0)),
+        slope=_number(ds.get("RescaleSlope"), 1.0),
+        intercept=_number(ds.get("RescaleIntercept"), 0.0),
+        mosaic=mosaic,
+    )
+
+
+def _enhanced_frames(ds: Dataset, rel: str, n_frames: int) -> tuple[FrameInfo, ...]:
+    """Frames of an enhanced multi-frame object from its per-frame / shared functional groups."""
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    base = _classic_frame(ds, rel, 0, False)
+    frames = []
+    for i in range(n_frames):
+        groups = [per_frame[i] if i < len(per_frame) else None, shared]
+        position = _floats(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        orient = _floats(
+            _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+        )
+        spacing = _floats(_group_value(groups, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
+        inter = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        t_index = _group_value(groups, "FrameContentSequence", "TemporalPositionIndex")
+        frames.append(
+            FrameInfo(
+                file=rel,
+                frame=i,
+                position=position or base.position,  # type: ignore[arg-type]
+                orientation=orient or base.orientation,
+                rows=base.rows,
+                cols=base.cols,
+                pixel_spacing=spacing or base.pixel_spacing,  # type: ignore[arg-type]
+                temporal=(_number(t_index, 0.0), 0.0),
+                instance=i,
+                slope=_number(slope, base.slope),
+                intercept=_number(inter, base.intercept),
+            )
+        )
+    return tuple(frames)
+
+
+def header_from_dataset(ds: Dataset, rel: str) -> DicomHeader:
+    """Build a ``DicomHeader`` from a dataset read with or without pixels."""
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else ""))
+    transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    has_image = "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds
+    n_frames = int(_number(ds.get("NumberOfFrames"), 1.0)) if has_image else 0
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    mosaic = "MOSAIC" in image_type
+    if not has_image:
+        frames: tuple[FrameInfo, ...] = ()
+    elif "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        frames = _enhanced_frames(ds, rel, n_frames)
+    else:
+        frames = tuple(_classic_frame(ds, rel, i, mosaic) for i in range(n_frames))
+    return DicomHeader(
+        file=rel,
+        sop_class=sop_class,
+        modality=str(ds.get("Modality", "") or "").upper(),
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        transfer_syntax=transfer_syntax,
+        photometric=str(ds.get("PhotometricInterpretation", "") or "").upper(),
+        samples_per_pixel=int(_number(ds.get("SamplesPerPixel"), 1.0)),
+        has_image=has_image,
+        frames=frames,
+    )
+
+
+def read_header(source: BinarySource, rel: str) -> DicomHeader:
+    """Read one file's header (no pixels).
+
+    Raises:
+        DicomHeaderError: not a DICOM file, or a header pydicom cannot parse.
+    """
+    try:
+        with source.open() as fh:
+            try:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            except InvalidDicomError:
+                # No preamble: accept only what starts like a DICOM data set (group 0002/0008).
+                fh.seek(0)
+                if fh.read(2) not in (b"\x02\x00", b"\x08\x00"):
+                    raise
+                fh.seek(0)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+    except InvalidDicomError as exc:
+        raise DicomHeaderError(NOT_DICOM) from exc
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise DicomHeaderError(f"unreadable DICOM header ({type(exc).__name__})") from exc
+    try:
+        return header_from_dataset(ds, rel)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DicomHeaderError(f"malformed DICOM header ({type(exc).__name__})") from exc
+
+
+def transfer_syntax_name(uid: str) -> str:
+    """Human name of a transfer syntax UID (these UIDs are standard, not identifying)."""
+    try:
+        return pydicom.uid.UID(uid).name if uid else "unknown"
+    except (ValueError, TypeError):
+        return uid
+
+
+def skip_reason(header: DicomHeader) -> str | None:
+    """Why a DICOM file is not screened (non-image, unsupported modality, colour); None = use it."""
+    if header.sop_class in NON_IMAGE_SOP_CLASSES:
+        return NON_IMAGE_SOP_CLASSES[header.sop_class]
+    for prefix, reason in NON_IMAGE_SOP_PREFIXES.items():
+        if header.sop_class.startswith(prefix):
+            return reason
+    if header.modality in NON_IMAGE_MODALITIES:
+        return NON_IMAGE_MODALITIES[header.modality]
+    if not header.has_image:
+        return "DICOM object without image pixels"
+    if header.modality not in SUPPORTED_MODALITIES:
+        return f"unsupported modality {header.modality or '(none)'}"
+    if header.samples_per_pixel != 1 or not header.photometric.startswith("MONOCHROME"):
+        return f"colour image ({header.photometric or 'unknown'}) not supported"
+    return None

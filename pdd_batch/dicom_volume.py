@@ -1,0 +1,146 @@
+"""DICOM series to volumes: pixel decoding (pydicom + pylibjpeg), rescale, MONOCHROME1, ordering.
+
+Compressed transfer syntaxes (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) decode through the pylibjpeg
+plugins; big-endian data through pydicom. Slice order, 4D split, scout exclusion, gaps and tilt come
+from ``stack_plan.plan_stacks`` on the decoded files' own headers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from pdd_batch.archive_io import ArchiveReadError, MemberReader
+from pdd_batch.dicom_headers import DicomHeader, header_from_dataset
+from pdd_batch.stack_plan import StackPlan, plan_stacks
+from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
+
+if TYPE_CHECKING:
+    from pdd_batch.discovery import SeriesRef
+
+log = logging.getLogger(__name__)
+MAX_REASON = 160
+
+
+def _short(exc: BaseException) -> str:
+    """Exception type and a short message (pydicom names tags and syntaxes, not patients)."""
+    text = " ".join(str(exc).split())[:MAX_REASON]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_dataset(reader: MemberReader, rel: str) -> Dataset:
+    """Read one whole DICOM file (pixels included) named by its relative path.
+
+    Raises:
+        SeriesReadError: the file is missing, not DICOM, or its header cannot be parsed.
+    """
+    try:
+        with reader.source(rel).open() as fh:
+            return pydicom.dcmread(fh)
+    except ArchiveReadError as exc:
+        raise SeriesReadError(str(exc)) from exc
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise SeriesReadError(f"{rel}: unreadable DICOM ({_short(exc)})") from exc
+
+
+def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
+    """All frames of a file in modality units (HU for CT), MONOCHROME1 inverted.
+
+    Returns:
+        float32 (F, H, W).
+
+    Raises:
+        SeriesReadError: pixels cannot be decoded (missing plugin, truncated or corrupt data).
+    """
+    try:
+        stored = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
+        raise SeriesReadError(f"{header.file}: cannot decode pixels ({_short(exc)})") from exc
+    n = len(header.frames)
+    stored = stored.reshape(n, header.frames[0].rows, header.frames[0].cols)  # (F, H, W)
+    out = stored.astype(np.float32)
+    if header.photometric == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        if int(ds.get("PixelRepresentation", 0)) == 1:
+            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            lo, hi = 0, 2**bits - 1
+        out = np.float32(lo + hi) - out
+    slopes = np.asarray([f.slope for f in header.frames], dtype=np.float32)[:, None, None]
+    inters = np.asarray([f.intercept for f in header.frames], dtype=np.float32)[:, None, None]
+    return out * slopes + inters
+
+
+def _choose_stack(stacks: list[StackPlan], ref: SeriesRef) -> tuple[StackPlan, list[str]]:
+    if not stacks:
+        raise SeriesReadError(f"series {ref.series_key}: no image frames")
+    notes = []
+    if len(stacks) > 1:
+        notes.append(f"{len(stacks) - 1} further stack(s) in these files not decoded here")
+    return stacks[0], notes
+
+
+def _fill_volumes(
+    plan: StackPlan, datasets: dict[str, Dataset], headers: dict[str, DicomHeader]
+) -> list[np.ndarray]:
+    """Decode each file once and scatter its frames into the planned volumes."""
+    slots: dict[str, list[tuple[int, int, int]]] = {}
+    for v, frames in enumerate(plan.volumes):
+        for z, f in enumerate(frames):
+            slots.setdefault(f.file, []).append((f.frame, v, z))
+    arrays = [
+        np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
+        for frames in plan.volumes
+    ]  # each (Z, H, W)
+    for rel, targets in slots.items():
+        decoded = decode_frames(datasets.pop(rel), headers[rel])  # (F, H, W); frees the file
+        for frame, v, z in targets:
+            arrays[v][z] = decoded[frame]
+    return arrays
+
+
+def load_dicom_series(root: Path, ref: SeriesRef) -> LoadedSeries:
+    """Decode one DICOM series into volumes (4D series give one volume per time point).
+
+    Raises:
+        SeriesReadError: a file cannot be read or decoded (the whole series fails; its key and the
+            relative file are in the message).
+    """
+    datasets: dict[str, Dataset] = {}
+    headers: dict[str, DicomHeader] = {}
+    with MemberReader(root) as reader:
+        for rel in ref.files:
+            ds = read_dataset(reader, rel)
+            header = header_from_dataset(ds, rel)
+            if not header.has_image:
+                raise SeriesReadError(f"{rel}: no image pixels")
+            datasets[rel], headers[rel] = ds, header
+    frames = [f for h in headers.values() for f in h.frames]
+    stacks, scouts = plan_stacks(frames)
+    plan, notes = _choose_stack(stacks, ref)
+    arrays = _fill_volumes(plan, datasets, headers)
+    directions = None if plan.directions is None else np.asarray(plan.directions, dtype=np.float64)
+    volumes = [
+        Volume(
+            data=arr,
+            source_files=tuple(f.file for f in frames_v),
+            frames=tuple(f.frame for f in frames_v),
+            spacing=plan.spacing,
+            directions=directions,
+            label=f"t={t}" if len(plan.volumes) > 1 and plan.directions is not None else "",
+        )
+        for t, (arr, frames_v) in enumerate(zip(arrays, plan.volumes, strict=True))
+    ]
+    warnings = list(ref.warnings)
+    for w in (*plan.warnings, *notes):
+        if w not in warnings:
+            warnings.append(w)
+    if scouts:
+        warnings.append(f"{len(scouts)} scout/localizer frame(s) excluded at load")
+    log.debug("series %s: %d volume(s), %d slices", ref.series_key, len(volumes), plan.n_slices)
+    return LoadedSeries(ref=ref, modality=ref.modality, volumes=volumes, warnings=warnings)

@@ -1,0 +1,318 @@
+"""Archive discovery: every file accounted for, image files grouped Study -> Series.
+
+DICOM headers are read with ``stop_before_pixels``; NIfTI files are one series each (header only).
+Every file seen gets a ``FileRecord``: ``used`` (part of a series), ``skipped`` (not an image to
+screen: SR/KOS/PR/SEG/PDF/DICOMDIR, unsupported modality, junk such as README/.json, scouts,
+duplicates) or ``failed`` (should be an image but cannot be read: corrupt, truncated, empty).
+
+Paths are posix, relative to the archive root; members of .zip/.tar archives (``open_archives``)
+are ``"archive.zip!inner/path.dcm"`` (see ``archive_io``). Studies and series are named by hashed
+keys (``keys``); raw UIDs never leave this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pdd_batch.archive_io import (
+    ArchiveReadError,
+    BinarySource,
+    bytes_source,
+    file_source,
+    is_archive_name,
+    iter_archive_members,
+    join_member,
+)
+from pdd_batch.dicom_headers import (
+    NOT_DICOM,
+    DicomHeader,
+    DicomHeaderError,
+    FrameInfo,
+    read_header,
+    skip_reason,
+    transfer_syntax_name,
+)
+from pdd_batch.keys import hash_key, series_key, study_key
+from pdd_batch.nifti_volume import NiftiReadError, is_nifti_name, read_nifti_info
+from pdd_batch.stack_plan import StackPlan, plan_stacks
+
+log = logging.getLogger(__name__)
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
+STATUSES = ("used", "skipped", "failed")
+
+
+class DiscoveryError(OSError):
+    """The archive root itself cannot be read."""
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """One series to decode: what a worker needs, and header facts for reports. No identifiers.
+
+    Attributes:
+        series_key, study_key: truncated SHA-256 of the UIDs (NIfTI: of the relative path/folder).
+        kind: "dicom" or "nifti".
+        modality: DICOM Modality (NIfTI: from a BIDS/dcm2niix sidecar .json, else "OT").
+        files: relative posix paths (``archive!member`` inside archives), in slice order.
+        n_slices: slices over all volumes (4D: slices per volume x volumes).
+        n_volumes: volumes (time points) in the series.
+        shape: (slices per volume, rows, cols) before any reformatting.
+        spacing: (slice, row, col) mm; slice spacing 0.0 when unknown or single slice.
+        orientation: "axial"/"coronal"/"sagittal"[" oblique"] or "2D".
+        transfer_syntaxes: transfer syntax names (NIfTI: "NIfTI-1 <dtype>" etc.).
+        warnings: geometry and content findings (gaps, tilt, 4D, duplicates, scouts).
+    """
+
+    series_key: str
+    study_key: str
+    kind: str
+    modality: str
+    files: tuple[str, ...]
+    n_slices: int = 0
+    n_volumes: int = 1
+    shape: tuple[int, ...] = ()
+    spacing: tuple[float, ...] = ()
+    orientation: str = ""
+    transfer_syntaxes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SeriesRef:
+        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"SeriesRef: unknown keys {sorted(unknown)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """The fate of one file seen: status "used" / "skipped" / "failed", with the reason."""
+
+    path: str
+    status: str
+    reason: str = ""
+    series_key: str | None = None
+
+
+@dataclass
+class Discovery:
+    """What ``discover`` found: series to decode and one record per file seen."""
+
+    root: Path
+    series: list[SeriesRef] = field(default_factory=list)
+    files: list[FileRecord] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """{"seen", "used", "skipped", "failed"}; seen = used + skipped + failed."""
+        c = Counter(r.status for r in self.files)
+        return {"seen": len(self.files), **{s: c.get(s, 0) for s in STATUSES}}
+
+    def errors(self) -> list[FileRecord]:
+        """Records of skipped and failed files."""
+        return [r for r in self.files if r.status != "used"]
+
+
+@dataclass
+class _Collector:
+    root: Path
+    records: dict[str, FileRecord] = field(default_factory=dict)
+    dicom: dict[tuple[str, str], list[DicomHeader]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    nifti: list[tuple[str, Any]] = field(default_factory=list)
+
+    def record(self, rel: str, status: str, reason: str = "", key: str | None = None) -> None:
+        self.records[rel] = FileRecord(rel, status, reason, key)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under root, in a stable (sorted) order."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _classify(col: _Collector, rel: str, source: BinarySource, raw: bytes | None) -> None:
+    """Read one file's header and record it (or queue it for grouping)."""
+    name = PurePosixPath(rel.split("!")[-1]).name
+    low = name.lower()
+    if name.startswith("."):
+        return col.record(rel, "skipped", "hidden file")
+    if source.size == 0:
+        return col.record(rel, "failed", "empty file (0 bytes)")
+    if is_nifti_name(low):
+        try:
+            col.nifti.append((rel, read_nifti_info(col.root, rel, raw)))
+        except NiftiReadError as exc:
+            col.record(rel, "failed", f"NIfTI: {exc}")
+        return None
+    if low.endswith((".hdr", ".img")):
+        return col.record(rel, "skipped", "Analyze/NIfTI pair (.hdr/.img) not supported")
+    try:
+        header = read_header(source, rel)
+    except DicomHeaderError as exc:
+        if str(exc) == NOT_DICOM and not low.endswith(DICOM_SUFFIXES):
+            suffix = PurePosixPath(low).suffix or "no extension"
+            return col.record(rel, "skipped", f"not a DICOM or NIfTI file ({suffix})")
+        return col.record(rel, "failed", str(exc))
+    reason = skip_reason(header)
+    if reason:
+        return col.record(rel, "skipped", reason)
+    parent = str(PurePosixPath(rel).parent)
+    group = (header.study_uid or f"folder:{parent}", header.series_uid or f"folder:{parent}")
+    col.dicom[group].append(header)
+    return None
+
+
+def _scan_archive(col: _Collector, path: Path, rel: str) -> None:
+    try:
+        for member, size, read in iter_archive_members(path):
+            member_rel = join_member(rel, member)
+            if size == 0:
+                col.record(member_rel, "failed", "empty file (0 bytes)")
+                continue
+            raw = read()
+            _classify(col, member_rel, bytes_source(raw), raw)
+    except ArchiveReadError as exc:
+        col.record(rel, "failed", str(exc))
+
+
+def _dicom_series(
+    col: _Collector, group: tuple[str, str], headers: list[DicomHeader]
+) -> list[SeriesRef]:
+    """SeriesRefs of one (study, series) group; records every file's fate."""
+    frames: list[FrameInfo] = [f for h in headers for f in h.frames]
+    stacks, scouts = plan_stacks(frames)
+    by_file = {h.file: h for h in headers}
+    modality = Counter(h.modality for h in headers).most_common(1)[0][0]
+    refs = []
+    used: set[str] = set()
+    for part, plan in enumerate(stacks):
+        key = series_key(group[1], part)
+        files = _files_in_order(plan)
+        for rel in files:
+            if rel not in used:
+                col.record(rel, "used", "", key)
+                used.add(rel)
+        syntaxes = sorted({transfer_syntax_name(by_file[r].transfer_syntax) for r in files})
+        refs.append(_ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes))
+    for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
+        if frame.file not in used:
+            col.record(frame.file, "skipped", reason)
+    return refs
+
+
+def _files_in_order(plan: StackPlan) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for volume in plan.volumes:
+        for f in volume:
+            seen.setdefault(f.file, None)
+    return tuple(seen)
+
+
+def _ref_from_plan(
+    plan: StackPlan, key: str, skey: str, modality: str, files: tuple[str, ...], syntaxes: list[str]
+) -> SeriesRef:
+    return SeriesRef(
+        series_key=key,
+        study_key=skey,
+        kind="dicom",
+        modality=modality,
+        files=files,
+        n_slices=plan.n_slices,
+        n_volumes=len(plan.volumes),
+        shape=plan.shape,
+        spacing=tuple(round(s, 4) for s in plan.spacing),
+        orientation=plan.orientation,
+        transfer_syntaxes=tuple(syntaxes),
+        warnings=plan.warnings,
+    )
+
+
+def _sidecar_modality(root: Path, rel: str, seen: dict[str, FileRecord]) -> str:
+    """Modality from a BIDS/dcm2niix sidecar (same name, .json) next to a plain NIfTI file."""
+    stem = rel[: -len(".nii.gz")] if rel.lower().endswith(".nii.gz") else rel[: -len(".nii")]
+    sidecar = stem + ".json"
+    if sidecar not in seen or "!" in sidecar:
+        return "OT"
+    try:
+        meta = json.loads((root / sidecar).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "OT"
+    modality = meta.get("Modality") if isinstance(meta, dict) else None
+    return str(modality).upper() if isinstance(modality, str) and modality else "OT"
+
+
+def _nifti_series(col: _Collector, rel: str, info: Any) -> SeriesRef:
+    key = hash_key("nifti-series", rel)
+    col.record(rel, "used", "", key)
+    x, y, z = info.shape
+    warnings = []
+    if info.n_volumes > 1:
+        warnings.append(f"4D NIfTI: {info.n_volumes} volumes of {z} slices")
+    return SeriesRef(
+        series_key=key,
+        study_key=hash_key("nifti-study", str(PurePosixPath(rel.split("!")[0]).parent)),
+        kind="nifti",
+        modality=_sidecar_modality(col.root, rel, col.records),
+        files=(rel,),
+        n_slices=z * info.n_volumes,
+        n_volumes=info.n_volumes,
+        shape=(z, y, x),
+        spacing=tuple(round(float(v), 4) for v in (info.zooms[2], info.zooms[1], info.zooms[0])),
+        orientation=f"axial (canonical RAS; stored {info.orientation})",
+        transfer_syntaxes=(f"NIfTI {info.dtype}",),
+        warnings=tuple(warnings),
+    )
+
+
+def discover(archive: Path, *, open_archives: bool = False) -> Discovery:
+    """Find every series in a folder tree (or a single file / archive file).
+
+    Args:
+        archive: a folder (the archive root), or one file (then its folder is the root).
+        open_archives: look inside .zip/.tar files; otherwise they are skipped with a reason.
+
+    Raises:
+        DiscoveryError: the archive path does not exist.
+    """
+    archive = Path(archive)
+    if not archive.exists():
+        raise DiscoveryError(f"archive not found: {archive.name}")
+    root = archive if archive.is_dir() else archive.parent
+    col = _Collector(root=root)
+    paths = _walk(root) if archive.is_dir() else iter([archive])
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        if is_archive_name(path.name) and path.stat().st_size > 0:
+            if open_archives:
+                _scan_archive(col, path, rel)
+            else:
+                col.record(rel, "skipped", "archive file not opened (use --open-archives)")
+            continue
+        try:
+            _classify(col, rel, file_source(path), None)
+        except OSError as exc:
+            col.record(rel, "failed", f"cannot read file ({type(exc).__name__})")
+    series: list[SeriesRef] = []
+    for group, headers in col.dicom.items():
+        series.extend(_dicom_series(col, group, headers))
+    series.extend(_nifti_series(col, rel, info) for rel, info in col.nifti)
+    result = Discovery(root=root, series=series, files=list(col.records.values()))
+    log.info("discovery: %s, %d series", result.counts(), len(series))
+    return result

@@ -1,0 +1,226 @@
+"""NIfTI-1/-2 files (.nii, .nii.gz): header facts for discovery, and lazy per-volume decoding.
+
+Volumes are reoriented to the closest canonical orientation (RAS+, the same transform as
+``nibabel.as_closest_canonical``), applied one 3D volume at a time so a 4D file is never loaded
+whole. They are returned as (Z, H, W) = (S, A, R) axes with LPS direction vectors, the same
+convention as DICOM volumes, so slicing treats both alike. Scaling (scl_slope/inter), big-endian
+and float64 data are handled by nibabel; values are returned as float32.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+from pdd_batch.archive_io import ArchiveReadError, MemberReader, split_member
+from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
+
+if TYPE_CHECKING:
+    from pdd_batch.discovery import SeriesRef
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+class NiftiReadError(ValueError):
+    """A NIfTI file that cannot be used (message has the reason only)."""
+
+
+def is_nifti_name(name: str) -> bool:
+    """True for .nii / .nii.gz names."""
+    low = name.lower()
+    return any(low.endswith(s) for s in NIFTI_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class NiftiInfo:
+    """Header facts of a NIfTI file, in canonical (RAS) axis order.
+
+    Attributes:
+        shape: (X, Y, Z) of one canonical volume.
+        n_volumes: time points (1 for 3D).
+        zooms: voxel sizes (x, y, z) in mm, canonical order.
+        orientation: axis codes of the file as stored, e.g. "LAS".
+        dtype: on-disk data type.
+    """
+
+    shape: tuple[int, int, int]
+    n_volumes: int
+    zooms: tuple[float, float, float]
+    orientation: str
+    dtype: str
+
+
+def _spatial_shape(img: nib.spatialimages.SpatialImage) -> tuple[tuple[int, ...], int]:
+    """The 3D shape and number of volumes; trailing singleton dims beyond 4 are dropped."""
+    shape = tuple(int(n) for n in img.shape)
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 4:
+        raise NiftiReadError(f"{len(shape)}-dimensional NIfTI not supported")
+    if any(n < 1 for n in shape):
+        raise NiftiReadError(f"empty NIfTI shape {shape}")
+    spatial = (shape + (1, 1, 1))[:3]
+    n_volumes = shape[3] if len(shape) == 4 else 1
+    return spatial, n_volumes
+
+
+def _expected_bytes(img: nib.spatialimages.SpatialImage) -> int:
+    header = img.header
+    n_voxels = int(np.prod(img.shape))
+    return int(header.get_data_offset()) + n_voxels * header.get_data_dtype().itemsize
+
+
+def _check_complete(path_or_bytes: Path | bytes, gz: bool, expected: int) -> None:
+    """Raise if the file holds fewer bytes than its header promises (a truncated copy)."""
+    if isinstance(path_or_bytes, bytes):
+        actual = len(path_or_bytes)
+    elif not gz:
+        actual = path_or_bytes.stat().st_size
+    else:
+        with open(path_or_bytes, "rb") as fh:
+            fh.seek(-4, io.SEEK_END)
+            (isize,) = struct.unpack("<I", fh.read(4))
+        if isize == expected % 2**32:
+            return
+        actual = _gunzipped_size(path_or_bytes)  # rare: multi-member or corrupt; check exactly
+    if actual < expected:
+        raise NiftiReadError(f"truncated NIfTI: {actual} of {expected} bytes")
+
+
+def _gunzipped_size(path: Path) -> int:
+    total = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                total += len(chunk)
+    except (OSError, EOFError):
+        pass  # truncated stream: the bytes read so far are the size
+    return total
+
+
+def _from_bytes(raw: bytes) -> nib.spatialimages.SpatialImage:
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return cls.from_bytes(raw)
+        except (nib.filebasedimages.ImageFileError, ValueError, EOFError):
+            continue
+    raise NiftiReadError("not a NIfTI-1/-2 file")
+
+
+def open_nifti(
+    root: Path, rel: str, raw: bytes | None = None
+) -> tuple[nib.spatialimages.SpatialImage, Path | bytes]:
+    """Open (lazily for plain files) the NIfTI named by ``rel``; returns (image, source).
+
+    ``raw``: the bytes of an archive member when the caller already holds them.
+    """
+    _, member = split_member(rel)
+    try:
+        if member is None:
+            path = Path(root) / rel
+            return nib.load(path), path
+        if raw is None:
+            with MemberReader(root) as reader:
+                raw = reader.read(rel)
+        if member.lower().endswith(".gz"):
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError) as exc:
+                raise NiftiReadError("truncated or corrupt gzip stream") from exc
+        return _from_bytes(raw), raw
+    except ArchiveReadError as exc:
+        raise NiftiReadError(str(exc)) from exc
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, NiftiReadError):
+            raise
+        raise NiftiReadError(f"unreadable NIfTI header ({type(exc).__name__})") from exc
+
+
+def read_nifti_info(root: Path, rel: str, raw: bytes | None = None) -> NiftiInfo:
+    """Header facts for discovery (no voxel data is decoded).
+
+    Args:
+        root: archive root.
+        rel: relative path (or ``archive!member``).
+        raw: the member's bytes when already read (archives).
+
+    Raises:
+        NiftiReadError: unreadable header, unsupported dimensions, or truncated data.
+    """
+    img, source = open_nifti(root, rel, raw)
+    spatial, n_volumes = _spatial_shape(img)
+    _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
+    ornt = io_orientation(img.affine)
+    shape = tuple(int(spatial[int(ax)]) for ax in ornt[:, 0])
+    zooms_stored = img.header.get_zooms()[:3]
+    zooms = tuple(float((tuple(zooms_stored) + (1.0, 1.0, 1.0))[int(ax)]) for ax in ornt[:, 0])
+    return NiftiInfo(
+        shape=shape,  # type: ignore[arg-type]
+        n_volumes=n_volumes,
+        zooms=zooms,  # type: ignore[arg-type]
+        orientation="".join(nib.aff2axcodes(img.affine)),
+        dtype=str(img.get_data_dtype()),
+    )
+
+
+def _canonical_geometry(
+    img: nib.spatialimages.SpatialImage, spatial: tuple[int, ...], ornt: np.ndarray
+) -> tuple[tuple[float, float, float], np.ndarray]:
+    """(Z, H, W) spacing and LPS directions of the canonical (S, A, R)-ordered array."""
+    affine = img.affine @ inv_ornt_aff(ornt, spatial)
+    cols = affine[:3, :3]  # columns: canonical x (R), y (A), z (S) voxel steps
+    norms = np.linalg.norm(cols, axis=0)
+    norms[norms == 0] = 1.0
+    unit = LPS_FROM_RAS @ (cols / norms)
+    directions = np.stack([unit[:, 2], unit[:, 1], unit[:, 0]])  # (3, 3): Z, H, W axes
+    return (float(norms[2]), float(norms[1]), float(norms[0])), directions
+
+
+def load_nifti_series(root: Path, ref: SeriesRef) -> LoadedSeries:
+    """Decode a NIfTI series (one file), one canonical volume at a time.
+
+    Raises:
+        SeriesReadError: unreadable or truncated file.
+    """
+    rel = ref.files[0]
+    try:
+        img, source = open_nifti(root, rel)
+        spatial, n_volumes = _spatial_shape(img)
+        _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
+    except NiftiReadError as exc:
+        raise SeriesReadError(f"{rel}: {exc}") from exc
+    ornt = io_orientation(img.affine)
+    spacing, directions = _canonical_geometry(img, spatial, ornt)
+    volumes = []
+    for t in range(n_volumes):
+        try:
+            raw = img.dataobj[:, :, :, t] if len(img.shape) >= 4 else img.dataobj[...]
+            arr = np.asarray(raw, dtype=np.float32).reshape(spatial)  # (X, Y, Z) as stored
+        except (OSError, EOFError, ValueError, MemoryError) as exc:
+            raise SeriesReadError(f"{rel}: cannot read voxel data ({type(exc).__name__})") from exc
+        canon = apply_orientation(arr, ornt)  # (R, A, S) canonical
+        data = np.ascontiguousarray(canon.transpose(2, 1, 0), dtype=np.float32)  # (Z, H, W)
+        z = data.shape[0]
+        volumes.append(
+            Volume(
+                data=data,
+                source_files=(rel,) * z,
+                frames=tuple(range(z)),
+                spacing=spacing,
+                directions=directions,
+                label=f"t={t}" if n_volumes > 1 else "",
+            )
+        )
+    warnings = list(ref.warnings)
+    if not all(np.isfinite(v.data).all() for v in volumes):
+        warnings.append("non-finite voxel values (NaN/inf) present")
+    return LoadedSeries(ref=ref, modality=ref.modality, volumes=volumes, warnings=warnings)
