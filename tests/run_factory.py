@@ -84,9 +84,15 @@ def _nested(ident: Identity, ref_uid: str) -> Dataset:
 
 
 def write_ct_slice(
-    path: Path, ident: Identity, series_uid: str, index: int, pixels: np.ndarray, frame_uid: str
+    path: Path,
+    ident: Identity,
+    series_uid: str,
+    index: int,
+    pixels: np.ndarray,
+    frame_uid: str,
+    ref_uid: str | None = None,
 ) -> str:
-    """Write one CT slice full of identifiers; returns its SOPInstanceUID."""
+    """Write one CT slice full of identifiers (``ref_uid``: an instance it references)."""
     sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
@@ -114,6 +120,10 @@ def write_ct_slice(
     ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
     ds.WindowCenter, ds.WindowWidth = 40, 80
     ds.ReferencedStudySequence = Sequence([_nested(ident, ident.study_uid)])
+    if ref_uid:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = CT_IMAGE_STORAGE, ref_uid
+        ds.ReferencedImageSequence = Sequence([ref])
     ds.RequestAttributesSequence = Sequence([Dataset()])
     ds.RequestAttributesSequence[0].AccessionNumber = ident.accession
     ds.RequestAttributesSequence[0].RequestedProcedureID = ident.patient_id
@@ -224,7 +234,8 @@ def _write_ct_study(
     paths, uids = [], [ident.study_uid, series_uid, frame_uid]
     for z in range(n):
         p = out / f"IM{z:04d}.dcm"
-        uids.append(write_ct_slice(p, ident, series_uid, z, ct_pixels(z), frame_uid))
+        ref = uids[3] if z else None  # later slices reference the first one
+        uids.append(write_ct_slice(p, ident, series_uid, z, ct_pixels(z), frame_uid, ref))
         paths.append(p)
     return paths, uids
 

@@ -125,3 +125,16 @@ def test_summary_command(run, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["summary", str(tmp_path / "missing")])
     assert result.exit_code == 2
     assert "not found" in result.output
+
+
+def test_summary_uses_the_recorded_exit_code(run, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run.run_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.update(status="failed", exit_code=2)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    console = Console(record=True, width=160)
+    assert render_summary(console, copy) == 2
+    assert "status: failed" in console.export_text()

@@ -1,11 +1,64 @@
-"""`pdd-batch export`: placeholder until its issue lands."""
+"""`pdd-batch export RESULTS --out DIR`: flagged studies for review, de-identified by default."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+
+from pdd_batch.export import ExportError, ExportOptions, export_run
+from pdd_batch.results import ResultsError, open_run
 
 
-def export_command() -> None:
-    """Not available yet in this build."""
-    typer.echo("pdd-batch export: not implemented yet in this build", err=True)
-    raise typer.Exit(code=2)
+def export_command(
+    results: Annotated[Path, typer.Argument(help="Run folder written by `pdd-batch screen`.")],
+    out: Annotated[Path, typer.Option("--out", help="New (or empty) export folder.")],
+    top: Annotated[
+        int | None, typer.Option("--top", help="Export the N highest-scoring studies.")
+    ] = None,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Export studies with max score >= S.")
+    ] = None,
+    deidentify: Annotated[
+        bool,
+        typer.Option(
+            "--deidentify/--keep-identifiers",
+            help="De-identify (DICOM PS3.15 basic profile; NIfTI header text) - the default.",
+        ),
+    ] = True,
+    secondary_capture: Annotated[
+        bool,
+        typer.Option("--secondary-capture", help="Also write a DICOM SC series of the overlays."),
+    ] = False,
+    crosswalk: Annotated[
+        Path | None,
+        typer.Option("--crosswalk", help="Write new->original identifiers here (mode 0600)."),
+    ] = None,
+) -> None:
+    """Export flagged studies: images, heatmap overlays, manifest.csv and export.json.
+
+    Without --top/--min-score the studies whose decision is "flagged" are exported.
+    """
+    console = Console(stderr=True)
+    try:
+        options = ExportOptions(
+            top=top,
+            min_score=min_score,
+            deidentify=deidentify,
+            secondary_capture=secondary_capture,
+            crosswalk=crosswalk,
+        )
+        summary = export_run(open_run(results), out, options)
+    except (ExportError, ResultsError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=2) from exc
+    if not deidentify:
+        console.print("[yellow]warning:[/] identifiers kept (--keep-identifiers)")
+    console.print(
+        f"exported {len(summary.studies)} studies, {summary.n_files} files, "
+        f"{summary.n_overlays} overlays to {out}"
+        + (f"; [red]{len(summary.errors)} errors[/] (see export.json)" if summary.errors else "")
+    )
+    raise typer.Exit(code=1 if summary.errors else 0)

@@ -37,8 +37,13 @@ def inputs_accounted(manifest: dict) -> tuple[bool | None, str]:
 
 
 def exit_code_for(results: RunResults) -> int:
-    """0 when the run finished and every input is accounted for, else 1."""
+    """The run's exit code: the manifest's ``exit_code`` when it has one, else 0 when the run
+    finished and every input is accounted for, else 1 (never 0 when inputs are unaccounted for).
+    """
     ok, _ = inputs_accounted(results.manifest)
+    recorded = results.manifest.get("exit_code")
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        return recorded if ok is not False else max(recorded, 1)
     finished = results.status.lower() in OK_STATUSES
     return 0 if ok and finished else 1
 
@@ -120,9 +125,12 @@ def _header(results: RunResults) -> Panel:
     ]
     ok, text = inputs_accounted(m)
     mark = {True: "[green]all inputs accounted for[/]", False: "[red]inputs missing[/]"}
+    lost = m.get("inputs_lost")
+    if isinstance(lost, int) and lost:
+        text += f"; {lost} lost (rerun to finish)"
     lines.append(f"inputs: {mark.get(ok, '[yellow]unknown[/]')} ({text})")
     code = exit_code_for(results)
-    lines.append(f"exit status: {'[green]0[/]' if code == 0 else '[red]1[/]'}")
+    lines.append(f"exit status: {'[green]0[/]' if code == 0 else f'[red]{code}[/]'}")
     return Panel("\n".join(lines), title="pdd-batch screening run", expand=False)
 
 

@@ -1,0 +1,329 @@
+"""De-identification of DICOM datasets (PS3.15 Annex E basic profile) and NIfTI headers.
+
+DICOM, applied recursively to every nested sequence item:
+
+* private tags, curves (50xx) and overlay data/comments (60xx,3000/4000) are removed;
+* attributes of the basic profile table below are removed (X) or emptied (Z);
+* every UID (VR UI) that is not a registry UID (``1.2.840.10008.*``) is replaced by
+  ``2.25.<int>`` derived with a keyed hash, so the same original UID gets the same new UID in
+  every file of one export, and the original cannot be recovered without the key;
+* person names are emptied; PatientName/PatientID become a pseudonym of the original PatientID;
+* dates (DA, DT) are shifted by a per-study offset of whole days (option 113107), birth date
+  emptied; times are kept;
+* a final scan removes any text element that still contains an identifying value of the input;
+* PatientIdentityRemoved, DeidentificationMethod(+CodeSequence) and
+  LongitudinalTemporalInformationModified are recorded.
+
+Pixel data is never touched. NIfTI: header text fields (descrip, aux_file, db_name, intent_name)
+are blanked and header extensions dropped; the image bytes are copied unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import hmac
+import io
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+REGISTRY_UID_ROOT = "1.2.840.10008."
+METHOD = "DICOM PS3.15 E.1 Basic Profile; pdd-batch"  # LO: at most 64 characters
+CODES = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+}
+# UIDs that name a class or scheme, not an instance: kept (not in the basic profile table).
+KEEP_UIDS = frozenset(
+    "SOPClassUID ReferencedSOPClassUID MediaStorageSOPClassUID TransferSyntaxUID "
+    "ImplementationClassUID CodingSchemeUID ContextGroupExtensionCreatorUID "
+    "RelatedGeneralSOPClassUID OriginalSpecializedSOPClassUID".split()
+)
+TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+            "UI", "UR", "UT"}  # fmt: skip
+
+# Basic profile (PS3.15 Table E.1-1), action X: remove.
+REMOVE = frozenset(
+    """
+AcquisitionComments AcquisitionContextSequence AcquisitionDeviceProcessingDescription
+AdditionalPatientHistory AdmissionID AdmittingDiagnosesCodeSequence AdmittingDiagnosesDescription
+Allergies AuthorObserverSequence BranchOfService CassetteID ConsultingPhysicianName
+ConsultingPhysicianIdentificationSequence ContentCreatorIdentificationCodeSequence ContentSequence
+ContributionDescription CountryOfResidence CurrentPatientLocation CustodialOrganizationSequence
+DataSetTrailingPadding DerivationDescription DetectorID DeviceSerialNumber
+DigitalSignaturesSequence DischargeDiagnosisDescription DistributionAddress DistributionName
+FrameComments GantryID GeneratorID
+GraphicAnnotationSequence HumanPerformerName HumanPerformerOrganization IconImageSequence
+IdentifyingComments ImageComments ImagePresentationComments ImagingServiceRequestComments
+Impressions
+InstitutionAddress InstitutionalDepartmentName InstitutionCodeSequence InstitutionName
+IntendedRecipientsOfResultsIdentificationSequence InterpretationApproverSequence
+InterpretationAuthor InterpretationDiagnosisDescription InterpretationRecorder InterpretationText
+InterpretationTranscriber IssuerOfAdmissionID IssuerOfPatientID IssuerOfServiceEpisodeID
+MedicalAlerts MedicalRecordLocator MilitaryRank ModifiedAttributesSequence ModifyingDeviceID
+ModifyingDeviceManufacturer NameOfPhysiciansReadingStudy NamesOfIntendedRecipientsOfResults
+Occupation OperatorIdentificationSequence OperatorsName OrderCallbackPhoneNumber OrderEnteredBy
+OrderEntererLocation OriginalAttributesSequence OtherPatientIDs OtherPatientIDsSequence
+OtherPatientNames ParticipantSequence PatientAddress PatientAge PatientBirthName PatientBirthTime
+PatientComments PatientInsurancePlanCodeSequence PatientMotherBirthName
+PatientPrimaryLanguageCodeSequence PatientReligiousPreference PatientSize PatientState
+PatientTelephoneNumbers PatientTransportArrangements PatientWeight PerformedLocation
+PerformedProcedureStepDescription PerformedProcedureStepID PerformedStationAETitle
+PerformedStationGeographicLocationCodeSequence PerformedStationName PerformedStationNameCodeSequence
+PerformingPhysicianIdentificationSequence PerformingPhysicianName PersonAddress
+PersonTelephoneNumbers PhysicianApprovingInterpretation PhysiciansOfRecord
+PhysiciansOfRecordIdentificationSequence PhysiciansReadingStudyIdentificationSequence PlateID
+PreMedication PregnancyStatus ProtocolName ReasonForStudy ReasonForTheImagingServiceRequest
+ReferencedDigitalSignatureSequence ReferencedPatientAliasSequence ReferencedPatientSequence
+ReferencedPerformedProcedureStepSequence ReferencedSOPInstanceMACSequence ReferencedStudySequence
+ReferringPhysicianAddress ReferringPhysicianIdentificationSequence
+ReferringPhysicianTelephoneNumbers RegionOfResidence RequestAttributesSequence
+RequestedContrastAgent RequestedProcedureComments RequestedProcedureDescription RequestedProcedureID
+RequestedProcedureLocation RequestingPhysician RequestingService ResponsibleOrganization
+ResponsiblePerson ResultsComments ResultsDistributionListSequence ResultsIDIssuer
+ScheduledHumanPerformersSequence ScheduledPatientInstitutionResidence
+ScheduledPerformingPhysicianIdentificationSequence ScheduledPerformingPhysicianName
+ScheduledProcedureStepDescription ScheduledProcedureStepID ScheduledProcedureStepLocation
+ScheduledStationAETitle ScheduledStationGeographicLocationCodeSequence ScheduledStationName
+ScheduledStationNameCodeSequence ScheduledStudyLocation ScheduledStudyLocationAETitle
+SeriesDescription ServiceEpisodeDescription ServiceEpisodeID SmokingStatus
+SourceApplicationEntityTitle SpecialNeeds StationName StudyComments StudyDescription StudyIDIssuer
+TextComments TextString TopicAuthor TopicKeywords TopicSubject TopicTitle
+VerifyingObserverIdentificationCodeSequence VerifyingOrganization VisitComments
+""".split()
+)
+
+# Basic profile action Z: keep the attribute, empty its value (type 2 attributes).
+EMPTY = frozenset(
+    """
+AccessionNumber ContentCreatorName FillerOrderNumberImagingServiceRequest PatientBirthDate
+PatientSex PlacerOrderNumberImagingServiceRequest ReferringPhysicianName StudyID
+VerifyingObserverName
+""".split()
+)
+
+
+class DeidError(ValueError):
+    """A file that cannot be de-identified; the message names the file, never its identifiers."""
+
+
+def _keyed_int(key: bytes, text: str, nbytes: int = 16) -> int:
+    return int.from_bytes(hmac.new(key, text.encode(), hashlib.sha256).digest()[:nbytes], "big")
+
+
+@dataclass
+class Deidentifier:
+    """Keyed, consistent replacement of identifiers across all files of one export.
+
+    Attributes:
+        key: secret for the keyed hashes (random per export unless given).
+        shift_dates: shift dates by a per-study offset (else dates are emptied).
+        max_shift_days: offsets lie in ``[-max_shift_days, -1]`` days.
+        crosswalk: new study UID -> original identifiers, filled as studies are seen; written
+            only when the user asks for a crosswalk.
+    """
+
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    shift_dates: bool = True
+    max_shift_days: int = 3650
+    crosswalk: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def new_uid(self, uid: str) -> str:
+        """``2.25.<int>`` for a UID; registry UIDs (``1.2.840.10008.*``) are kept."""
+        uid = uid.strip().rstrip("\x00")
+        if not uid or uid.startswith(REGISTRY_UID_ROOT):
+            return uid
+        return f"2.25.{_keyed_int(self.key, 'uid:' + uid)}"
+
+    def pseudonym(self, patient_id: str) -> str:
+        """A stable pseudonymous patient ID (``PDD`` + 12 hex digits)."""
+        return f"PDD{_keyed_int(self.key, 'pid:' + patient_id, 6):012X}"
+
+    def date_offset_days(self, study_uid: str) -> int:
+        """The per-study date shift in days (negative, never zero)."""
+        return -(1 + _keyed_int(self.key, "date:" + study_uid, 4) % self.max_shift_days)
+
+    def deidentify(self, ds: Dataset) -> Dataset:
+        """De-identify ``ds`` in place (file meta included) and return it."""
+        study_uid = str(ds.get("StudyInstanceUID", ""))
+        secrets_ = _identifying_values(ds)
+        offset = self.date_offset_days(study_uid) if self.shift_dates else None
+        pid = str(ds.get("PatientID", "")) or study_uid
+        self._record(ds, study_uid, pid, offset)
+        _walk(ds, self, offset)
+        _scrub_remaining(ds, secrets_)
+        pseudo = self.pseudonym(pid)
+        ds.PatientName, ds.PatientID = pseudo, pseudo
+        _mark(ds, offset is not None)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            if "SOPInstanceUID" in ds:
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            for tag in list(meta.keys()):
+                if meta[tag].keyword == "SourceApplicationEntityTitle":
+                    del meta[tag]
+        return ds
+
+    def _record(self, ds: Dataset, study_uid: str, pid: str, offset: int | None) -> None:
+        new_study = self.new_uid(study_uid)
+        if new_study in self.crosswalk:
+            return
+        self.crosswalk[new_study] = {
+            "new_study_uid": new_study,
+            "new_patient_id": self.pseudonym(pid),
+            "original_study_uid": study_uid,
+            "original_patient_id": str(ds.get("PatientID", "")),
+            "original_patient_name": str(ds.get("PatientName", "")),
+            "original_accession_number": str(ds.get("AccessionNumber", "")),
+            "date_offset_days": "" if offset is None else str(offset),
+        }
+
+
+IDENTIFYING_KEYWORDS = (
+    "PatientID", "AccessionNumber", "OtherPatientIDs", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "PatientBirthDate", "InstitutionName",
+)  # fmt: skip
+
+
+def _identifying_values(ds: Dataset) -> list[str]:
+    """Identifying strings of the input (names, IDs, UIDs), for the final safety scan."""
+    values: set[str] = set()
+    for kw in IDENTIFYING_KEYWORDS:
+        v = str(ds.get(kw, "") or "").strip()
+        if len(v) >= 4:
+            values.add(v)
+    name = str(ds.get("PatientName", "") or "")
+    values.update(p.strip() for p in name.replace("=", "^").split("^") if len(p.strip()) >= 3)
+    return sorted(values, key=len, reverse=True)
+
+
+def _shift_date(value: str, offset: int) -> str:
+    """Shift a DA (``YYYYMMDD``) or the date part of a DT; unparsable values become ''."""
+    try:
+        day = dt.datetime.strptime(value[:8], "%Y%m%d").date()
+    except ValueError:
+        return ""
+    return (day + dt.timedelta(days=offset)).strftime("%Y%m%d") + value[8:]
+
+
+def _new_value(elem: DataElement, deid: Deidentifier, offset: int | None):
+    """The de-identified value of a kept text element (may be the original)."""
+    values = elem.value if elem.VM > 1 else [elem.value]
+    if elem.VR == "UI":
+        out = [deid.new_uid(str(v)) for v in values]
+    elif elem.VR in ("DA", "DT"):
+        out = ["" if offset is None else _shift_date(str(v), offset) for v in values if v]
+    elif elem.VR == "PN":
+        return ""
+    else:
+        return elem.value
+    return out if elem.VM > 1 else (out[0] if out else "")
+
+
+def _walk(ds: Dataset, deid: Deidentifier, offset: int | None) -> None:
+    """Apply the profile to one dataset level, recursing into sequence items."""
+    for tag in list(ds.keys()):
+        elem = ds[tag]
+        group, kw = tag.group, elem.keyword
+        if (
+            tag.is_private
+            or 0x5000 <= group <= 0x50FF
+            or (0x6000 <= group <= 0x60FF and tag.element in (0x3000, 0x4000))
+            or kw in REMOVE
+            or (elem.VR == "UN" and not kw)
+        ):
+            del ds[tag]
+        elif kw in EMPTY:
+            elem.value = ""
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _walk(item, deid, offset)
+        elif kw in KEEP_UIDS:
+            continue
+        elif elem.VR in ("UI", "DA", "DT", "PN") and elem.value not in (None, ""):
+            elem.value = _new_value(elem, deid, offset)
+
+
+def _scrub_remaining(ds: Dataset, values: list[str]) -> None:
+    """Remove any text element that still contains an identifying value (belt and braces)."""
+    if not values:
+        return
+    for tag in list(ds.keys()):
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _scrub_remaining(item, values)
+        elif elem.VR in TEXT_VRS and elem.value not in (None, ""):
+            text = str(elem.value)
+            if any(v in text for v in values):
+                log.debug("removed a text element still holding an identifier: %s", elem.keyword)
+                del ds[tag]
+
+
+def _mark(ds: Dataset, dates_shifted: bool) -> None:
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = METHOD
+    items = []
+    for name in ("basic", "dates") if dates_shifted else ("basic",):
+        code = Dataset()
+        code.CodeValue, code.CodeMeaning = CODES[name]
+        code.CodingSchemeDesignator = "DCM"
+        items.append(code)
+    ds.DeidentificationMethodCodeSequence = Sequence(items)
+    ds.LongitudinalTemporalInformationModified = "MODIFIED" if dates_shifted else "REMOVED"
+
+
+# --- NIfTI -----------------------------------------------------------------------------------
+
+NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+
+
+def deidentify_nifti_bytes(raw: bytes, name: str) -> bytes:
+    """De-identified NIfTI-1/2 single-file bytes: text fields blanked, extensions dropped.
+
+    The image bytes after ``vox_offset`` are copied unchanged. ``name`` only labels errors.
+    """
+    try:
+        size = int.from_bytes(raw[:4], "little")
+        if size not in (348, 540):
+            size = int.from_bytes(raw[:4], "big")
+        klass = nib.Nifti2Header if size == 540 else nib.Nifti1Header
+        hdr = klass.from_fileobj(io.BytesIO(raw), check=False)
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise DeidError(f"{name}: not a readable NIfTI header ({type(exc).__name__})") from exc
+    if hdr.get("magic", b"").tobytes().rstrip(b"\x00") not in (b"n+1", b"n+2"):
+        raise DeidError(f"{name}: only single-file NIfTI (.nii/.nii.gz) can be exported")
+    data = raw[int(hdr["vox_offset"]) :]
+    for key in NIFTI_TEXT_FIELDS:
+        if key in hdr:
+            hdr[key] = b""
+    hdr.extensions.clear()
+    vox_offset = hdr.sizeof_hdr + 4  # header + a zeroed extension flag: no extensions
+    vox_offset += -vox_offset % 16
+    hdr["vox_offset"] = vox_offset
+    out = io.BytesIO()
+    hdr.write_to(out)
+    head = out.getvalue()[: hdr.sizeof_hdr]
+    return head + b"\x00" * (vox_offset - len(head)) + data
+
+
+def deidentify_nifti_file(src: Path, dst: Path) -> None:
+    """Write a de-identified copy of ``src`` (.nii or .nii.gz) to ``dst`` (same compression)."""
+    raw = src.read_bytes()
+    gz = raw[:2] == b"\x1f\x8b"
+    if gz:
+        raw = gzip.decompress(raw)
+    out = deidentify_nifti_bytes(raw, src.name)
+    if gz:
+        out = gzip.compress(out, mtime=0)
+    dst.write_bytes(out)

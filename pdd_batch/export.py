@@ -1,0 +1,349 @@
+"""Export flagged studies of a screening run for review, de-identified by default.
+
+Layout of ``OUT/``::
+
+    OUT/export.json                     options used, run provenance, counts, error records
+    OUT/manifest.csv                    one row per study: new ids, scores, files
+    OUT/S001/dicom/series01/IM0001.dcm  the original instances (de-identified; pixels unchanged)
+    OUT/S001/nifti/image.nii.gz         or the NIfTI image (header text stripped)
+    OUT/S001/overlays/*.png             heatmap over the model-input slice, per flagged slice
+    OUT/S001/secondary_capture/*.dcm    optional DICOM Secondary Capture series of the overlays
+
+Studies are named ``S001``, ``S002``... by rank. No original identifier (names, IDs, UIDs,
+dates, archive paths, run keys) is written into ``OUT`` when de-identifying; the crosswalk from
+new to original identifiers goes, only when asked, to a separate file with mode 0600.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.errors import InvalidDicomError
+
+import pdd_batch
+from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_file
+from pdd_batch.overlay import model_input_slices, overlay_png
+from pdd_batch.results import RunResults
+from pdd_batch.secondary_capture import ScStudy, derived_uid, write_sc_series
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MANIFEST_COLUMNS = [
+    "export_id", "rank", "kind", "modality", "decision", "max_score", "topk_mean", "n_flagged",
+    "n_slices", "new_study_uid", "new_patient_id", "files", "overlays", "secondary_capture",
+]  # fmt: skip
+
+
+class ExportError(ValueError):
+    """Export options or an output folder that cannot be used (names the option)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export (recorded in ``export.json``).
+
+    Attributes:
+        top: export the ``top`` highest-scoring studies (any decision).
+        min_score: export studies with ``max_score >= min_score`` (any decision).
+        deidentify: apply the PS3.15 basic profile (default); False keeps identifiers.
+        secondary_capture: also write a DICOM Secondary Capture series of the overlays.
+        crosswalk: file for the new -> original identifier table (mode 0600); None: not written.
+    """
+
+    top: int | None = None
+    min_score: float | None = None
+    deidentify: bool = True
+    secondary_capture: bool = False
+    crosswalk: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.top is not None and self.top < 1:
+            raise ExportError(f"top must be >= 1, got {self.top}")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise ExportError(f"min_score must be a finite number, got {self.min_score}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["crosswalk"] = self.crosswalk is not None  # whether one was written, not where
+        d["selection"] = (
+            "decision == flagged" if self.top is None and self.min_score is None else "by score"
+        )
+        return d
+
+
+@dataclass
+class StudyExport:
+    """What was written for one study."""
+
+    export_id: str
+    rank: int
+    study: dict[str, Any]
+    kind: str = "dicom"
+    new_study_uid: str = ""
+    new_patient_id: str = ""
+    files: list[str] = field(default_factory=list)
+    overlays: list[str] = field(default_factory=list)
+    secondary_capture: list[str] = field(default_factory=list)
+    crosswalk_files: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class ExportSummary:
+    """Counts and error records of an export (errors name study id and file number only)."""
+
+    out_dir: Path
+    studies: list[StudyExport] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def n_files(self) -> int:
+        return sum(len(s.files) for s in self.studies)
+
+    @property
+    def n_overlays(self) -> int:
+        return sum(len(s.overlays) for s in self.studies)
+
+
+def _prepare_out(out_dir: Path, options: ExportOptions) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"--out {out_dir} exists and is not empty")
+    if options.crosswalk is not None:
+        cw = options.crosswalk.resolve()
+        if cw == out_dir.resolve() or out_dir.resolve() in cw.parents:
+            raise ExportError("--crosswalk must be outside the export folder (it re-identifies)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> ExportSummary:
+    """Export the selected studies of a run into ``out_dir`` (must be new or empty).
+
+    Raises:
+        ExportError: bad options, a non-empty ``out_dir``, or no archive root in the manifest.
+    """
+    root = results.archive_root
+    if root is None:
+        raise ExportError("the run manifest has no archive_root: cannot find the source files")
+    _prepare_out(out_dir, options)
+    deid = Deidentifier() if options.deidentify else None
+    summary = ExportSummary(out_dir)
+    selected = results.flagged_studies(top=options.top, min_score=options.min_score)
+    vmax = _display_vmax(results, selected.column("study_key").to_pylist())
+    for rank, study in enumerate(selected.to_pylist(), start=1):
+        item = StudyExport(export_id=f"S{rank:03d}", rank=rank, study=study)
+        rows = results.study_slices(study["study_key"]).to_pylist()
+        _export_sources(root, rows, out_dir, item, deid, summary)
+        _export_overlays(root, rows, out_dir, item, vmax, options, summary)
+        summary.studies.append(item)
+    _write_manifest_csv(out_dir, summary)
+    _write_export_json(out_dir, results, options, summary, vmax)
+    if options.crosswalk is not None:
+        write_crosswalk(options.crosswalk, summary, deid)
+    log.info("exported %d studies, %d files, %d overlays, %d errors", len(summary.studies),
+             summary.n_files, summary.n_overlays, len(summary.errors))  # fmt: skip
+    return summary
+
+
+def _display_vmax(results: RunResults, study_keys: list[str]) -> float:
+    """One colour scale for every overlay of the export: the largest heatmap maximum."""
+    peaks = [
+        float(r["heatmap_max"])
+        for k in study_keys
+        for r in results.study_slices(k).select(["heatmap_max"]).to_pylist()
+        if r["heatmap_max"] is not None
+    ]
+    return max(peaks, default=0.0) or 1.0
+
+
+def _error(summary: ExportSummary, item: StudyExport, what: str, reason: str) -> None:
+    summary.errors.append({"study": item.export_id, "item": what, "reason": reason})
+    log.warning("export %s %s: %s", item.export_id, what, reason)
+
+
+def _export_sources(
+    root: Path, rows: list[dict], out_dir: Path, item: StudyExport, deid, summary
+) -> None:
+    """Copy (and de-identify) every source file of the study's slices."""
+    series_order = list(dict.fromkeys(r["series_key"] for r in rows))
+    files = list(dict.fromkeys((r["series_key"], r["source_file"]) for r in rows))
+    item.kind = "nifti" if files and files[0][1].endswith(NIFTI_SUFFIXES) else "dicom"
+    counters: dict[str, int] = {}
+    for n, (series_key, rel) in enumerate(files, start=1):
+        src = root / rel
+        s_idx = series_order.index(series_key) + 1
+        counters[series_key] = counters.get(series_key, 0) + 1
+        if item.kind == "nifti":
+            suffix = ".nii.gz" if rel.endswith(".gz") else ".nii"
+            dst = out_dir / item.export_id / "nifti" / f"image{s_idx:02d}{suffix}"
+        else:
+            dst = out_dir / item.export_id / "dicom" / f"series{s_idx:02d}"
+            dst = dst / f"IM{counters[series_key]:04d}.dcm"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _copy_one(src, dst, item, deid)
+        except (OSError, InvalidDicomError, DeidError, ValueError, KeyError, struct.error) as exc:
+            _error(summary, item, f"file {n} of {len(files)}", _reason(exc))
+            dst.unlink(missing_ok=True)
+            continue
+        rel_out = dst.relative_to(out_dir).as_posix()
+        item.files.append(rel_out)
+        item.crosswalk_files.append({"exported": rel_out, "source": rel})
+    if item.kind == "nifti" and deid is not None:
+        item.new_study_uid = deid.new_uid("nifti:" + item.study["study_key"])
+        item.new_patient_id = deid.pseudonym("nifti:" + item.study["study_key"])
+
+
+def _reason(exc: Exception) -> str:
+    """An error reason without file paths (they may hold names)."""
+    if isinstance(exc, FileNotFoundError):
+        return "source file not found"
+    if isinstance(exc, OSError):
+        return f"cannot read source file ({type(exc).__name__})"
+    if isinstance(exc, InvalidDicomError):
+        return "source file is not valid DICOM"
+    return f"{type(exc).__name__}: {str(exc).split(':')[-1].strip()[:120]}"
+
+
+def _copy_one(src: Path, dst: Path, item: StudyExport, deid: Deidentifier | None) -> None:
+    if item.kind == "nifti":
+        if deid is None:
+            shutil.copyfile(src, dst)
+        else:
+            deidentify_nifti_file(src, dst)
+        return
+    ds = pydicom.dcmread(src, stop_before_pixels=deid is None)
+    if deid is None:
+        shutil.copyfile(src, dst)
+        item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
+        item.new_patient_id = str(ds.get("PatientID", ""))
+        return
+    deid.deidentify(ds)
+    ds.save_as(dst, enforce_file_format=True)
+    item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
+    item.new_patient_id = str(ds.get("PatientID", ""))
+    item.study.setdefault("_study_date", str(ds.get("StudyDate", "")))
+
+
+def _overlay_rows(rows: list[dict]) -> list[dict]:
+    """Flagged slices of a study, or its top slice when none is flagged."""
+    flagged = [r for r in rows if r["flagged"] and r["heatmap_png"]]
+    if flagged:
+        return flagged
+    return [r for r in rows if r["heatmap_png"]][:1]
+
+
+def _export_overlays(root, rows, out_dir, item: StudyExport, vmax, options, summary) -> None:
+    """Write the overlay PNGs (and the SC series) of one study."""
+    chosen = _overlay_rows(rows)
+    series_order = list(dict.fromkeys(r["series_key"] for r in rows))
+    bases: dict[str, dict] = {}
+    sc_items: list[tuple[np.ndarray, str]] = []
+    for r in chosen:
+        sk = r["series_key"]
+        if sk not in bases:
+            wanted = {
+                (x["volume_index"], x["slice_index"]) for x in chosen if x["series_key"] == sk
+            }
+            bases[sk] = model_input_slices(root, [x for x in rows if x["series_key"] == sk], wanted)
+        base = bases[sk].get((r["volume_index"], r["slice_index"]))
+        s_idx = series_order.index(sk) + 1
+        name = f"series{s_idx:02d}_v{r['volume_index']}_z{r['slice_index']:04d}.png"
+        if base is None:
+            _error(summary, item, f"overlay {name}", "slice image unavailable; heatmap only")
+            base = np.zeros((1, 1), dtype=np.float32)
+        try:
+            png = overlay_png(base, r["heatmap_png"], r["heatmap_max"], vmax)
+        except ValueError as exc:
+            _error(summary, item, f"overlay {name}", _reason(exc))
+            continue
+        path = out_dir / item.export_id / "overlays" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        item.overlays.append(path.relative_to(out_dir).as_posix())
+        comment = f"series {s_idx} slice {r['slice_index']} score {r['score']:.4f}"
+        sc_items.append((np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), comment))
+    if options.secondary_capture and sc_items:
+        _write_sc(out_dir, item, sc_items, options.deidentify)
+
+
+def _write_sc(out_dir: Path, item: StudyExport, sc_items, deidentified: bool) -> None:
+    study_uid = item.new_study_uid or derived_uid("pdd-study", item.export_id)
+    study = ScStudy(
+        study_uid=study_uid,
+        patient_id=item.new_patient_id or item.export_id,
+        patient_name=item.new_patient_id or item.export_id,
+        study_date=item.study.get("_study_date", "") if item.kind == "dicom" else "",
+        deidentified=deidentified,
+    )
+    paths = write_sc_series(sc_items, study, out_dir / item.export_id / "secondary_capture",
+                            series_seed=item.export_id)  # fmt: skip
+    item.secondary_capture = [p.relative_to(out_dir).as_posix() for p in paths]
+
+
+def _write_manifest_csv(out_dir: Path, summary: ExportSummary) -> None:
+    with open(out_dir / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for s in summary.studies:
+            st = s.study
+            writer.writerow({
+                "export_id": s.export_id, "rank": s.rank, "kind": s.kind,
+                "modality": st.get("modality") or "", "decision": st["decision"],
+                "max_score": f"{st['max_score']:.6g}", "topk_mean": f"{st['topk_mean']:.6g}",
+                "n_flagged": st["n_flagged"], "n_slices": st["n_slices"],
+                "new_study_uid": s.new_study_uid, "new_patient_id": s.new_patient_id,
+                "files": ";".join(s.files), "overlays": ";".join(s.overlays),
+                "secondary_capture": ";".join(s.secondary_capture),
+            })  # fmt: skip
+
+
+def _write_export_json(out_dir, results: RunResults, options, summary, vmax: float) -> None:
+    doc = {
+        "tool": "pdd-batch export",
+        "version": pdd_batch.__version__,
+        "options": options.to_dict(),
+        "deidentification": (
+            "DICOM PS3.15 E.1 basic profile, dates shifted per study (113107); NIfTI header "
+            "text fields blanked, extensions dropped" if options.deidentify else "none"
+        ),
+        "run": {
+            "run_id": results.manifest.get("run_id"),
+            "model_id": results.model_id,
+            "checkpoint_hash": results.checkpoint_hash,
+        },
+        "overlay_colour_scale_max": vmax,
+        "counts": {"studies": len(summary.studies), "files": summary.n_files,
+                   "overlays": summary.n_overlays, "errors": len(summary.errors)},
+        "errors": summary.errors,
+    }  # fmt: skip
+    (out_dir / "export.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+
+
+def write_crosswalk(path: Path, summary: ExportSummary, deid: Deidentifier | None) -> None:
+    """Write the new -> original identifier table as JSON with mode 0600 (owner only)."""
+    by_uid = deid.crosswalk if deid is not None else {}
+    studies = []
+    for s in summary.studies:
+        entry = {"export_id": s.export_id, "study_key": s.study["study_key"],
+                 "new_study_uid": s.new_study_uid, "new_patient_id": s.new_patient_id,
+                 "files": s.crosswalk_files}  # fmt: skip
+        entry.update({k: v for k, v in by_uid.get(s.new_study_uid, {}).items() if k not in entry})
+        studies.append(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        json.dump({"studies": studies}, fh, indent=2)

@@ -1,0 +1,194 @@
+"""Heatmap overlays for review: the anomaly map blended over the slice the model saw.
+
+The heatmap in ``slices.heatmap_png`` lives on the model-input grid (S, S): the slice after
+windowing and ``fit_to_square``. Overlays are drawn on that same grid (rebuilt from the source
+file with the run's ``PreprocessSpec``), so a hot spot lands exactly where the model put it.
+Images are upscaled by an integer factor for display, which keeps that alignment exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pdd_batch.heatmap import decode_heatmap
+from pdd_batch.preprocess import WINDOW_PRESETS, PreprocessSpec, fit_to_square, window_ct
+
+log = logging.getLogger(__name__)
+
+DISPLAY_MIN = 256  # overlays are upscaled (integer factor) to at least this many pixels
+ALPHA_MAX = 0.6  # opacity of the hottest heatmap pixel
+
+
+class OverlayError(ValueError):
+    """A slice that cannot be drawn; the message names the slice position, never identifiers."""
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """A jet-like colour map: (H, W) in [0, 1] -> uint8 (H, W, 3); 0 blue, 0.5 green, 1 red."""
+    x = np.clip(x, 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4.0 * x - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * x - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * x - 1.0), 0.0, 1.0)
+    return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)  # (H, W, 3)
+
+
+def blend(base: np.ndarray, heat: np.ndarray, vmax: float) -> np.ndarray:
+    """Blend a map over a grey image on the same grid.
+
+    Args:
+        base: float (H, W) in [0, 1], the model-input slice.
+        heat: float (H, W) >= 0, the anomaly map in score units.
+        vmax: map value drawn fully red and opaque.
+
+    Returns:
+        uint8 (H, W, 3) RGB.
+    """
+    if base.shape != heat.shape:
+        raise OverlayError(f"slice {base.shape} and heatmap {heat.shape} grids differ")
+    norm = np.clip(heat / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(heat)
+    alpha = (ALPHA_MAX * norm)[..., None]  # (H, W, 1)
+    grey = np.repeat((np.clip(base, 0.0, 1.0) * 255.0)[..., None], 3, axis=-1)  # (H, W, 3)
+    out = (1.0 - alpha) * grey + alpha * colormap(norm).astype(np.float32)
+    return (out + 0.5).astype(np.uint8)
+
+
+def upscale(rgb: np.ndarray, minimum: int = DISPLAY_MIN) -> np.ndarray:
+    """Nearest-neighbour upscaling by the smallest integer factor reaching ``minimum`` pixels."""
+    factor = max(1, -(-minimum // max(rgb.shape[:2])))
+    return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
+
+
+def overlay_png(base: np.ndarray, heatmap_png: bytes, heatmap_max: float, vmax: float) -> bytes:
+    """PNG bytes of the overlay of one slice (display size, see ``upscale``)."""
+    heat = decode_heatmap(heatmap_png, float(heatmap_max or 0.0))  # (S, S)
+    if base.shape != heat.shape:
+        base = np.asarray(
+            Image.fromarray(base.astype(np.float32)).resize(heat.shape[::-1], Image.BILINEAR)
+        )
+    rgb = upscale(blend(base, heat, vmax))
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def spec_from_json(text: str | None) -> PreprocessSpec:
+    """The run's ``PreprocessSpec`` from the ``slices.preprocessing`` column."""
+    return PreprocessSpec.from_dict(json.loads(text)) if text else PreprocessSpec()
+
+
+def _to_unit(values: np.ndarray, modality: str, spec: PreprocessSpec) -> np.ndarray:
+    if modality.upper() == "CT":
+        return window_ct(values, *WINDOW_PRESETS[spec.ct_window])
+    from pdd_batch.preprocess import normalise_percentile
+
+    return normalise_percentile(values, *spec.percentiles)
+
+
+def _dicom_slice(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise OverlayError("multi-frame source needs the series reader")
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    if values.ndim != 2:
+        raise OverlayError(f"source pixels have shape {values.shape}, expected (H, W)")
+    img = _to_unit(values, str(ds.get("Modality", "")), spec)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        img = 1.0 - img
+    return fit_to_square(img, spec.image_size)
+
+
+def _nifti_slice(path: Path, volume_index: int, slice_index: int, spec: PreprocessSpec):
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asanyarray(img.dataobj, dtype=np.float32)  # (X, Y, Z[, T]) RAS
+    vol = data[..., volume_index] if data.ndim == 4 else data
+    if vol.ndim != 3 or not 0 <= slice_index < vol.shape[2]:
+        raise OverlayError(f"slice {slice_index} is outside a volume of shape {vol.shape}")
+    norm = _to_unit(vol, "MR", spec)
+    axial = np.flipud(norm[:, :, slice_index].T)  # rows anterior -> posterior, columns R -> L
+    return fit_to_square(np.ascontiguousarray(axial), spec.image_size)
+
+
+def _via_series_reader(root: Path, rows: Sequence[dict], wanted: set, spec: PreprocessSpec) -> dict:
+    """Model-input slices rebuilt by the screening readers themselves (exact geometry)."""
+    from pdd_batch.discovery import SeriesRef  # lazily: absent in builds without ingestion
+    from pdd_batch.slicing import iter_model_slices
+    from pdd_batch.volume import load_series
+
+    first = rows[0]
+    ordered = sorted(rows, key=lambda r: (r["volume_index"], r["slice_index"]))
+    files = tuple(dict.fromkeys(r["source_file"] for r in ordered))
+    kind = "nifti" if files[0].endswith((".nii", ".nii.gz")) else "dicom"
+    ref = SeriesRef(
+        series_key=first["series_key"],
+        study_key=first["study_key"],
+        kind=kind,
+        modality=first.get("modality") or "",
+        files=files,
+    )
+    series = load_series(root, ref)
+    return {
+        (s.volume_index, s.slice_index): s.image
+        for s in iter_model_slices(series, spec)
+        if (s.volume_index, s.slice_index) in wanted
+    }
+
+
+def model_input_slices(
+    root: Path, rows: Sequence[dict], wanted: set[tuple[int, int]] | None = None
+) -> dict[tuple[int, int], np.ndarray]:
+    """Rebuild the model-input images (S, S) of some slices of one series.
+
+    Args:
+        root: the archive root (``slices.source_file`` is relative to it).
+        rows: all ``slices`` rows of one series (``series_key``, ``study_key``, ``source_file``,
+            ``volume_index``, ``slice_index``, ``modality``, ``preprocessing``).
+        wanted: ``(volume_index, slice_index)`` pairs to rebuild (default: all rows).
+
+    Returns:
+        ``{(volume_index, slice_index): float32 (S, S) in [0, 1]}``; slices that cannot be
+        rebuilt are missing (the caller draws the heatmap alone).
+    """
+    if not rows:
+        return {}
+    wanted = wanted if wanted is not None else {(r["volume_index"], r["slice_index"]) for r in rows}
+    spec = spec_from_json(rows[0].get("preprocessing"))
+    try:
+        found = _via_series_reader(root, rows, wanted, spec)
+        if wanted <= set(found):
+            return found
+        log.warning("series reader returned %d of %d slices; reading files directly",
+                    len(found), len(wanted))  # fmt: skip
+    except ImportError:
+        pass  # no series reader in this build: read the source files directly
+    except Exception as exc:  # a reader failure must not stop an export: fall back
+        log.warning("series reader failed for an overlay (%s); reading files directly",
+                    type(exc).__name__)  # fmt: skip
+    out: dict[tuple[int, int], np.ndarray] = {}
+    for r in rows:
+        key = (r["volume_index"], r["slice_index"])
+        if key not in wanted:
+            continue
+        path = root / r["source_file"]
+        try:
+            if path.name.endswith((".nii", ".nii.gz")):
+                img = _nifti_slice(path, r["volume_index"], r["slice_index"], spec)
+            else:
+                img = _dicom_slice(path, spec)
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("cannot rebuild slice %s for its overlay: %s", r["slice_index"],
+                        type(exc).__name__)  # fmt: skip
+            continue
+        out[key] = img
+    return out

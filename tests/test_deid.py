@@ -1,0 +1,161 @@
+"""De-identification (`pdd_batch.deid`): PS3.15 basic profile on DICOM, NIfTI header text."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from run_factory import Identity, ct_pixels, write_ct_slice, write_nifti
+
+from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_bytes, deidentify_nifti_file
+
+NEW_UID = re.compile(r"^2\.25\.\d{1,39}$")
+
+
+def _all_elements(ds: Dataset):
+    """Every element, recursively through sequences (and the file meta)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        yield from meta
+    yield from ds.iterall()
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> tuple[Identity, list[Path], list[str]]:
+    ident = Identity()
+    series_uid, frame_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    paths, sops = [], []
+    for z in range(3):
+        p = tmp_path / f"{z}.dcm"
+        sops.append(
+            write_ct_slice(p, ident, series_uid, z, ct_pixels(z), frame_uid, sops[0] if z else None)
+        )
+        paths.append(p)
+    return ident, paths, [ident.study_uid, series_uid, frame_uid, *sops]
+
+
+def test_no_identifier_survives_anywhere(series) -> None:
+    ident, paths, uids = series
+    deid = Deidentifier()
+    for p in paths:
+        original = pydicom.dcmread(p)
+        original_pixels = original.PixelData
+        ds = deid.deidentify(pydicom.dcmread(p))
+        assert ds.PixelData == original_pixels
+        for elem in _all_elements(ds):
+            assert not elem.tag.is_private, elem
+            if elem.VR == "SQ":
+                continue
+            text = str(elem.value)
+            for s in ident.strings() + uids:
+                assert s not in text, f"{elem.keyword} still holds an identifier"
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.DeidentificationMethod
+        codes = [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+        assert codes == ["113100", "113107"]
+        assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+        assert ds.PatientBirthDate == "" and ds.AccessionNumber == ""
+        assert "InstitutionName" not in ds and "OtherPatientIDsSequence" not in ds
+        assert "RequestAttributesSequence" not in ds and "PatientAddress" not in ds
+
+
+def test_uids_replaced_consistently_and_valid(series) -> None:
+    _, paths, uids = series
+    deid = Deidentifier()
+    out = [deid.deidentify(pydicom.dcmread(p)) for p in paths]
+    assert len({d.StudyInstanceUID for d in out}) == 1
+    assert len({d.SeriesInstanceUID for d in out}) == 1
+    assert len({d.FrameOfReferenceUID for d in out}) == 1
+    assert len({d.SOPInstanceUID for d in out}) == 3
+    for d in out:
+        for uid in (d.StudyInstanceUID, d.SeriesInstanceUID, d.SOPInstanceUID):
+            assert NEW_UID.match(uid) and len(uid) <= 64
+        assert d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID
+        assert d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # class UIDs are kept
+    # nested reference to the first slice follows that slice's new UID
+    for d in out[1:]:
+        ref = d.ReferencedImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == out[0].SOPInstanceUID
+        assert ref.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    # a second pass over the same originals maps to the same UIDs; another key does not
+    again = deid.deidentify(pydicom.dcmread(paths[1]))
+    assert again.SOPInstanceUID == out[1].SOPInstanceUID
+    other = Deidentifier().deidentify(pydicom.dcmread(paths[1]))
+    assert other.SOPInstanceUID != out[1].SOPInstanceUID
+
+
+def test_dates_shifted_by_one_offset_per_study(series) -> None:
+    ident, paths, _ = series
+    deid = Deidentifier()
+    out = [deid.deidentify(pydicom.dcmread(p)) for p in paths]
+    offset = deid.date_offset_days(ident.study_uid)
+    assert offset < 0
+    import datetime as dt
+
+    orig = dt.datetime.strptime(ident.study_date, "%Y%m%d").date()
+    for d in out:
+        for kw in ("StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate"):
+            shifted = dt.datetime.strptime(d.data_element(kw).value, "%Y%m%d").date()
+            assert (shifted - orig).days == offset
+    no_shift = Deidentifier(shift_dates=False).deidentify(pydicom.dcmread(paths[0]))
+    assert no_shift.StudyDate == ""
+    assert no_shift.LongitudinalTemporalInformationModified == "REMOVED"
+    assert [c.CodeValue for c in no_shift.DeidentificationMethodCodeSequence] == ["113100"]
+
+
+def test_safety_scan_removes_leftover_identifiers(series) -> None:
+    ident, paths, _ = series
+    ds = pydicom.dcmread(paths[0])
+    ds.Manufacturer = f"{ident.name.split('^')[0]} Imaging"  # not in the profile table
+    ds.BodyPartExamined = "HEAD"
+    out = Deidentifier().deidentify(ds)
+    assert "Manufacturer" not in out
+    assert out.BodyPartExamined == "HEAD"
+
+
+def test_crosswalk_records_originals(series) -> None:
+    ident, paths, _ = series
+    deid = Deidentifier()
+    ds = deid.deidentify(pydicom.dcmread(paths[0]))
+    entry = deid.crosswalk[ds.StudyInstanceUID]
+    assert entry["original_patient_id"] == ident.patient_id
+    assert entry["original_study_uid"] == ident.study_uid
+    assert entry["new_patient_id"] == ds.PatientID == str(ds.PatientName)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_header_text_stripped_pixels_kept(tmp_path: Path, suffix: str) -> None:
+    ident = Identity()
+    plain, src, dst = (tmp_path / f"{n}{suffix}" for n in ("plain", "in", "out"))
+    write_nifti(plain, ident)
+    a = nib.load(plain, mmap=False)
+    a.header.extensions.append(nib.nifti1.Nifti1Extension(6, ident.name.encode()))  # comment
+    nib.save(a, src)
+    deidentify_nifti_file(src, dst)
+    a, b = nib.load(src, mmap=False), nib.load(dst, mmap=False)
+    for key in ("descrip", "aux_file", "db_name", "intent_name"):
+        assert b.header[key].tobytes().strip(b"\x00") == b""
+    assert len(b.header.extensions) == 0
+    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+    assert np.allclose(a.affine, b.affine)
+    raw_in, raw_out = src.read_bytes(), dst.read_bytes()
+    if suffix == ".nii.gz":
+        raw_in, raw_out = gzip.decompress(raw_in), gzip.decompress(raw_out)
+    off_in = int(nib.Nifti1Header.from_fileobj(io.BytesIO(raw_in))["vox_offset"])
+    off_out = int(nib.Nifti1Header.from_fileobj(io.BytesIO(raw_out))["vox_offset"])
+    assert len(a.header.extensions) == 1 and off_in > off_out == 352
+    assert raw_out[off_out:] == raw_in[off_in:]  # image bytes unchanged
+    for s in ident.strings():
+        assert s.encode() not in raw_out
+
+
+def test_nifti_bad_header_is_a_clear_error() -> None:
+    with pytest.raises(DeidError, match="broken.nii"):
+        deidentify_nifti_bytes(b"\x00" * 10, "broken.nii")

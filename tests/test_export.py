@@ -1,0 +1,227 @@
+"""`pdd-batch export`: de-identified copies, unchanged pixels, aligned overlays, crosswalk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from run_factory import build_run
+from typer.testing import CliRunner
+
+from pdd_batch.cli.app import app
+from pdd_batch.export import ExportError, ExportOptions, export_run
+from pdd_batch.results import open_run
+
+NEW_UID = re.compile(r"^2\.25\.\d{1,39}$")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("export")
+    run = build_run(base)
+    out, cw = base / "out", base / "private" / "crosswalk.json"
+    summary = export_run(
+        open_run(run.run_dir), out, ExportOptions(secondary_capture=True, crosswalk=cw)
+    )
+    return run, out, cw, summary
+
+
+def _forbidden(run) -> list[str]:
+    values = [s for ident in run.identities for s in ident.strings()] + run.uids
+    return values + run.study_keys + ["Doe/series", "Poe_Edgar", "archive"]
+
+
+def test_nothing_identifying_in_any_exported_byte(exported) -> None:
+    run, out, cw, summary = exported
+    assert not summary.errors
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) >= 10
+    for p in files:
+        raw = p.read_bytes()
+        if p.name.endswith(".gz"):
+            import gzip
+
+            raw = gzip.decompress(raw)
+        for s in _forbidden(run):
+            assert s.encode() not in raw, f"{p.relative_to(out)} holds an original identifier"
+
+
+def test_dicom_elements_clean_and_pixels_unchanged(exported) -> None:
+    run, out, cw, _ = exported
+    walk = json.loads(cw.read_text())["studies"]
+    forbidden = _forbidden(run)
+    dicoms = [(f["exported"], f["source"]) for s in walk for f in s["files"]]
+    dicoms = [(e, s) for e, s in dicoms if e.endswith(".dcm")]
+    assert len(dicoms) == 4  # the flagged CT study
+    study_uids = set()
+    for exp, src in dicoms:
+        ds = pydicom.dcmread(out / exp)
+        orig = pydicom.dcmread(run.archive / src)
+        assert ds.PixelData == orig.PixelData
+        assert np.array_equal(ds.pixel_array, orig.pixel_array)
+        for elem in [*ds.file_meta, *ds.iterall()]:
+            assert not elem.tag.is_private
+            if elem.VR != "SQ":
+                assert not any(s in str(elem.value) for s in forbidden), elem.keyword
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+        assert NEW_UID.match(ds.StudyInstanceUID) and NEW_UID.match(ds.SOPInstanceUID)
+        study_uids.add(ds.StudyInstanceUID)
+    assert len(study_uids) == 1
+
+
+def test_nifti_exported_with_header_text_stripped(exported) -> None:
+    run, out, _, _ = exported
+    (exp,) = list(out.glob("S*/nifti/*.nii.gz"))
+    a, b = nib.load(run.files[run.study_keys[2]][0]), nib.load(exp)
+    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+    assert b.header["descrip"].tobytes().strip(b"\x00") == b""
+
+
+def test_manifest_csv_and_export_json(exported) -> None:
+    run, out, _, summary = exported
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [r["export_id"] for r in rows] == ["S001", "S002"]
+    assert [r["kind"] for r in rows] == ["dicom", "nifti"]
+    assert float(rows[0]["max_score"]) >= float(rows[1]["max_score"])
+    for r in rows:
+        for f in r["files"].split(";") + r["overlays"].split(";"):
+            assert (out / f).is_file()
+    assert len(rows[0]["overlays"].split(";")) == 2  # one per flagged slice
+    doc = json.loads((out / "export.json").read_text())
+    assert doc["options"]["deidentify"] is True
+    assert doc["options"]["secondary_capture"] is True
+    assert doc["options"]["crosswalk"] is True and "private" not in json.dumps(doc)
+    assert doc["counts"]["studies"] == 2 and doc["run"]["model_id"] == "pdd-test"
+
+
+def test_crosswalk_is_private_and_complete(exported) -> None:
+    run, out, cw, _ = exported
+    assert stat.S_IMODE(cw.stat().st_mode) == 0o600
+    entries = json.loads(cw.read_text())["studies"]
+    first = entries[0]
+    assert first["original_patient_id"] == run.identities[0].patient_id
+    assert first["study_key"] == run.study_keys[0]
+    assert (
+        first["new_study_uid"]
+        == pydicom.dcmread(out / first["files"][0]["exported"]).StudyInstanceUID
+    )
+
+
+def test_overlays_align_with_slice(exported) -> None:
+    run, out, _, _ = exported
+    res = open_run(run.run_dir)
+    flagged = res.top_slices(run.study_keys[0], k=10, flagged_only=True).to_pylist()
+    for row in flagged:
+        png = out / "S001" / "overlays" / f"series01_v0_z{row['slice_index']:04d}.png"
+        rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)  # (H, W, 3)
+        k = rgb.shape[0] // 64
+        y, x = run.hot[row["slice_key"]]
+        red = (rgb[..., 0] - rgb[..., 2]) > 80
+        ys, xs = np.nonzero(red)
+        assert abs(ys.mean() - (y - 0.5) * k) < k and abs(xs.mean() - (x - 0.5) * k) < k
+        # the slice underneath: the dense dot (70 HU) sits at rows 30..33, cols 38..41 of the
+        # 64x64 model grid (48 rows padded by 8); brain (30 HU) is darker, air is black
+        grey = rgb.mean(axis=-1)
+        dot = grey[31 * k : 33 * k, 39 * k : 41 * k].mean()
+        brain = grey[40 * k : 42 * k, 20 * k : 22 * k].mean()
+        assert dot > brain + 60 and brain > grey[: 2 * k, : 2 * k].mean() + 60
+
+
+def test_secondary_capture_series(exported) -> None:
+    run, out, _, _ = exported
+    scs = sorted((out / "S001" / "secondary_capture").glob("*.dcm"))
+    overlays = sorted((out / "S001" / "overlays").glob("*.png"))
+    assert len(scs) == len(overlays) == 2
+    image_uid = pydicom.dcmread(next((out / "S001" / "dicom").rglob("*.dcm"))).StudyInstanceUID
+    series = set()
+    for sc, png in zip(scs, overlays, strict=True):
+        ds = pydicom.dcmread(sc)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert ds.StudyInstanceUID == image_uid
+        assert np.array_equal(ds.pixel_array, np.asarray(Image.open(png).convert("RGB")))
+        series.add(ds.SeriesInstanceUID)
+    assert len(series) == 1
+
+
+def test_keep_identifiers_copies_bytes(tmp_path: Path) -> None:
+    run = build_run(tmp_path, with_nifti=False)
+    out = tmp_path / "out"
+    export_run(open_run(run.run_dir), out, ExportOptions(deidentify=False, top=1))
+    exported = sorted((out / "S001" / "dicom").rglob("*.dcm"))
+    assert [p.read_bytes() for p in exported] == [
+        p.read_bytes() for p in run.files[run.study_keys[0]]
+    ]
+    assert json.loads((out / "export.json").read_text())["options"]["deidentify"] is False
+
+
+def test_selection_and_bad_options(tmp_path: Path) -> None:
+    run = build_run(tmp_path)
+    res = open_run(run.run_dir)
+    s = export_run(res, tmp_path / "top3", ExportOptions(top=3))
+    assert [x.study["study_key"] for x in s.studies] == [run.study_keys[0], run.study_keys[2],
+                                                         run.study_keys[1]]  # fmt: skip
+    assert len(s.studies[2].overlays) == 1  # no flagged slice: its top slice
+    s = export_run(res, tmp_path / "min", ExportOptions(min_score=0.8))
+    assert [x.study["study_key"] for x in s.studies] == [run.study_keys[0]]
+    with pytest.raises(ExportError, match="not empty"):
+        export_run(res, tmp_path / "min", ExportOptions())
+    with pytest.raises(ExportError, match="crosswalk"):
+        export_run(res, tmp_path / "o", ExportOptions(crosswalk=tmp_path / "o" / "cw.json"))
+    with pytest.raises(ExportError, match="top"):
+        ExportOptions(top=0)
+
+
+def test_missing_source_is_an_error_record_and_export_goes_on(tmp_path: Path) -> None:
+    run = build_run(tmp_path, with_nifti=False)
+    run.files[run.study_keys[0]][1].unlink()
+    s = export_run(open_run(run.run_dir), tmp_path / "out", ExportOptions())
+    assert len(s.studies[0].files) == 3
+    assert s.errors and s.errors[0]["reason"] == "source file not found"
+    assert s.errors[0]["study"] == "S001" and "Doe" not in json.dumps(s.errors)
+    doc = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert doc["counts"]["errors"] == len(s.errors)
+
+
+def test_export_command(tmp_path: Path) -> None:
+    run = build_run(tmp_path, with_nifti=False)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["export", str(run.run_dir), "--out", str(out), "--top", "1", "--secondary-capture"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.csv").is_file() and list(out.rglob("SC0001.dcm"))
+    again = CliRunner().invoke(app, ["export", str(run.run_dir), "--out", str(out)])
+    assert again.exit_code == 2 and "not empty" in again.output
+    shutil.rmtree(out)
+
+
+def test_overlay_base_matches_the_screening_reader(tmp_path: Path) -> None:
+    """The direct file reader used as a fallback rebuilds the same model input as the series
+    reader that screening uses (where that reader is present in this build)."""
+    pytest.importorskip("pdd_batch.slicing")
+    from pdd_batch import overlay
+
+    run = build_run(tmp_path)
+    res = open_run(run.run_dir)
+    for key in run.study_keys:
+        rows = res.study_slices(key).to_pylist()
+        via_reader = overlay.model_input_slices(run.archive, rows)
+        spec = overlay.spec_from_json(rows[0]["preprocessing"])
+        for r in rows:
+            path = run.archive / r["source_file"]
+            direct = (
+                overlay._nifti_slice(path, 0, r["slice_index"], spec)
+                if path.name.endswith(".nii.gz")
+                else overlay._dicom_slice(path, spec)
+            )
+            assert np.abs(via_reader[(0, r["slice_index"])] - direct).max() < 1e-5
