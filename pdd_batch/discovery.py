@@ -161,6 +161,8 @@ def _classify(col: _Collector, rel: str, source: BinarySource, raw: bytes | None
         except NiftiReadError as exc:
             col.record(rel, "failed", f"NIfTI: {exc}")
         return None
+    if low.endswith(".json"):
+        return col.record(rel, "skipped", "metadata/sidecar file (.json), not an image")
     if low.endswith((".hdr", ".img")):
         return col.record(rel, "skipped", "Analyze/NIfTI pair (.hdr/.img) not supported")
     try:
@@ -275,7 +277,7 @@ def _nifti_series(col: _Collector, rel: str, info: Any) -> SeriesRef:
         n_volumes=info.n_volumes,
         shape=(z, y, x),
         spacing=tuple(round(float(v), 4) for v in (info.zooms[2], info.zooms[1], info.zooms[0])),
-        orientation=f"axial (canonical RAS; stored {info.orientation})",
+        orientation=f"axial (stored {info.orientation})",
         transfer_syntaxes=(f"NIfTI {info.dtype}",),
         warnings=tuple(warnings),
     )
@@ -316,3 +318,25 @@ def discover(archive: Path, *, open_archives: bool = False) -> Discovery:
     result = Discovery(root=root, series=series, files=list(col.records.values()))
     log.info("discovery: %s, %d series", result.counts(), len(series))
     return result
+
+
+def discovery_report(result: Discovery) -> dict[str, Any]:
+    """The JSON object printed by ``pdd-batch inspect --json`` (no identifiers, relative paths).
+
+    ``n_slices`` of a series counts every slice of every volume (a 4D series of 10 volumes of
+    15 slices has 150); ``n_volumes`` and ``shape`` (slices per volume, rows, cols) give the split.
+    """
+    series = []
+    for ref in result.series:
+        row = ref.to_dict()
+        row["n_files"] = len(row.pop("files"))
+        series.append(row)
+    return {
+        "files": result.counts(),
+        "n_studies": len({ref.study_key for ref in result.series}),
+        "series": series,
+        "errors": [
+            {"file": r.path, "status": r.status, "reason": r.reason} for r in result.errors()
+        ],
+        "n_slices_convention": "all slices of all volumes (4D: slices per volume x volumes)",
+    }

@@ -124,15 +124,13 @@ def _split_positions(
         n_t = counts.pop()
         volumes = [[by_pos[p][t] for p in positions] for t in range(n_t)]
         if n_t > 1:
-            warnings.append(
-                f"4D series: {n_t} volumes of {len(positions)} slices at the same positions"
-            )
+            warnings.append(f"4D: {n_t} volumes x {len(positions)} slices")
         return volumes, excluded, warnings
     for p in positions:
         excluded.extend(
             (f, "duplicate slice position (another instance kept)") for f in by_pos[p][1:]
         )
-    warnings.append(f"{len(excluded)} instance(s) at duplicate slice positions excluded")
+    warnings.append(f"{len(excluded)} duplicate-position instance(s) excluded")
     return [[by_pos[p][0] for p in positions]], excluded, warnings
 
 
@@ -150,8 +148,8 @@ def _spacing_findings(dist_sorted: np.ndarray) -> tuple[float, int, list[str]]:
     if big.any():
         missing = max(missing, int(big.sum()))
         warnings.append(
-            f"gap in slice positions: {missing} missing slice(s), largest step "
-            f"{float(steps.max()):.2f} mm vs spacing {median:.2f} mm"
+            f"gap: {missing} missing slice(s) (step {float(steps.max()):.2f} mm "
+            f"vs spacing {median:.2f} mm)"
         )
     return median, missing, warnings
 
@@ -180,8 +178,7 @@ def _positioned_plan(frames: Sequence[FrameInfo]) -> StackPlan:
     tilt = _tilt_deg(first_pos[0], first_pos[-1], normal) if len(first_pos) > 1 else 0.0
     if tilt > TILT_WARN_DEG:
         gap_warnings.append(
-            f"gantry tilt {tilt:.1f} deg: slice positions advance off the slice normal "
-            "(spacing measured along the normal; slices not resampled)"
+            f"gantry tilt {tilt:.1f} deg (spacing along the slice normal; not resampled)"
         )
     ps = frames[0].pixel_spacing or (1.0, 1.0)
     return StackPlan(
@@ -229,7 +226,7 @@ def plan_stacks(frames: Sequence[FrameInfo]) -> tuple[list[StackPlan], list[tupl
             stacks[0] = _with_warning(stacks[0], f"{len(scouts)} scout/localizer frame(s) excluded")
     if flat:
         mosaic = any(f.mosaic for f in flat)
-        note = "mosaic images treated as single 2D images (slices not unpacked)" if mosaic else None
+        note = "mosaic: each image treated as one 2D image (not unpacked)" if mosaic else None
         stacks.append(_flat_plan(flat, note))
     return stacks, scouts
 

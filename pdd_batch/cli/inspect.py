@@ -1,11 +1,105 @@
-"""`pdd-batch inspect`: placeholder until its issue lands."""
+"""`pdd-batch inspect ARCHIVE`: what an archive holds, from headers only (no pixel decoding)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from pdd_batch.discovery import Discovery, DiscoveryError, discover, discovery_report
+from pdd_batch.keys import short_key
+
+MAX_ERRORS_SHOWN = 25
+MIN_WIDTH = 160
+SHORT_SYNTAX = {
+    "Explicit VR Little Endian": "Expl LE",
+    "Implicit VR Little Endian": "Impl LE",
+    "Explicit VR Big Endian": "Expl BE",
+    "Deflated Explicit VR Little Endian": "Deflate",
+    "RLE Lossless": "RLE",
+    "JPEG-LS Lossless Image Compression": "JPEG-LS",
+    "JPEG-LS Lossy (Near-Lossless) Image Compression": "JPEG-LS near",
+    "JPEG 2000 Image Compression (Lossless Only)": "J2K lossless",
+    "JPEG 2000 Image Compression": "J2K",
+    "JPEG Baseline (Process 1)": "JPEG baseline",
+}
 
 
-def inspect_command() -> None:
-    """Not available yet in this build."""
-    typer.echo("pdd-batch inspect: not implemented yet in this build", err=True)
-    raise typer.Exit(code=2)
+def _short_syntax(name: str) -> str:
+    if name.startswith("JPEG Lossless"):
+        return "JPEG lossless"
+    return SHORT_SYNTAX.get(name, name)
+
+
+def _series_table(result: Discovery) -> Table:
+    table = Table(title="series (keys are hashed; no patient identifiers shown)")
+    for name in ("study", "series", "kind", "mod", "slices", "vols", "shape", "spacing mm"):
+        table.add_column(name, justify="right" if name in ("slices", "vols") else "left")
+    table.add_column("orientation")
+    table.add_column("transfer syntax")
+    table.add_column("warnings")
+    refs = sorted(result.series, key=lambda r: (r.study_key, r.series_key))
+    for ref in refs:
+        table.add_row(
+            short_key(ref.study_key),
+            short_key(ref.series_key),
+            ref.kind,
+            ref.modality,
+            str(ref.n_slices),
+            str(ref.n_volumes),
+            "x".join(str(n) for n in ref.shape),
+            " x ".join(f"{s:.2f}" for s in ref.spacing),
+            ref.orientation,
+            ", ".join(_short_syntax(ts) for ts in ref.transfer_syntaxes),
+            "\n".join(ref.warnings) or "-",
+        )
+    return table
+
+
+def _errors_table(result: Discovery) -> Table:
+    table = Table(title="files not used")
+    table.add_column("file")
+    table.add_column("status")
+    table.add_column("reason")
+    errors = result.errors()
+    for rec in errors[:MAX_ERRORS_SHOWN]:
+        table.add_row(rec.path, rec.status, rec.reason)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        table.add_row(f"... {len(errors) - MAX_ERRORS_SHOWN} more (use --json)", "", "")
+    return table
+
+
+def inspect_command(
+    archive: Annotated[Path, typer.Argument(help="Archive folder (or one file) to inspect.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of tables.")
+    ] = False,
+    open_archives: Annotated[
+        bool, typer.Option("--open-archives", help="Look inside .zip/.tar files.")
+    ] = False,
+) -> None:
+    """List studies and series (modality, slices, spacing, orientation, syntax, warnings)."""
+    try:
+        result = discover(archive, open_archives=open_archives)
+    except DiscoveryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    if as_json:
+        typer.echo(json.dumps(discovery_report(result), sort_keys=True))
+        return
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, MIN_WIDTH))
+    console.print(_series_table(result))
+    counts = result.counts()
+    console.print(
+        f"files: {counts['seen']} seen = {counts['used']} used + {counts['skipped']} skipped"
+        f" + {counts['failed']} failed; {len(result.series)} series in "
+        f"{len({r.study_key for r in result.series})} studies"
+    )
+    if result.errors():
+        console.print(_errors_table(result))
