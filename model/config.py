@@ -44,6 +44,7 @@ class ModelConfig:
         adapter_reduction: ECA ``mid = max(c_in, c_out) // adapter_reduction``.
         blocks_per_stage: de-ResNet blocks per decoder stage.
         map_sigma: Gaussian blur sigma of the anomaly map, in pixels.
+        head_seed: seed of the trainable head's initialisation.
     """
 
     name: str
@@ -55,6 +56,7 @@ class ModelConfig:
     adapter_reduction: int = 4
     blocks_per_stage: int = 2
     map_sigma: float = 4.0
+    head_seed: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 32:

@@ -17,6 +17,7 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 KINDS = ("cnn", "mamba")
 SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "random")
 MAMBA_ARCHS = ("vmamba_tiny_v0", "vmamba_small_fixture")
+# Other VMamba v0 sizes: "vmamba_d{dims}_{depths}", e.g. "vmamba_d32_1-1-2-1".
+_MAMBA_CUSTOM = re.compile(r"vmamba_d(\d+)_(\d+-\d+-\d+-\d+)")
 # Classifier-only modules of the full timm models that a features_only model drops.
 _EFFNET_HEAD = ("conv_head.", "bn2.", "classifier.")
 
@@ -48,7 +51,8 @@ class TeacherSpec:
         name: label used in provenance and errors (e.g. ``"wide_resnet50_2"``).
         kind: ``"cnn"`` (timm features_only backbone) or ``"mamba"`` (``model.vmamba.VSSM``).
         source: one of ``SOURCES``.
-        arch: timm model name (cnn) or VMamba builder name in ``MAMBA_ARCHS`` (mamba).
+        arch: timm model name (cnn); for mamba a builder in ``MAMBA_ARCHS`` or
+            ``"vmamba_d<dims>_<depths>"`` (e.g. ``"vmamba_d32_1-1-2-1"``).
         out_indices: timm ``out_indices`` of the 4 levels (cnn only).
         weights: local weights file (``source="file"``).
         seed: initialisation seed (``source="random"``).
@@ -73,8 +77,13 @@ class TeacherSpec:
             raise ValueError(f"TeacherSpec.weights is required for source='file' ({self.name})")
         if self.source == "random" and self.seed is None:
             raise ValueError(f"TeacherSpec.seed is required for source='random' ({self.name})")
-        if self.kind == "mamba" and self.arch not in MAMBA_ARCHS:
-            raise ValueError(f"TeacherSpec.arch must be one of {MAMBA_ARCHS} for mamba teachers")
+        if self.kind == "mamba" and not (
+            self.arch in MAMBA_ARCHS or _MAMBA_CUSTOM.fullmatch(self.arch)
+        ):
+            raise ValueError(
+                f"TeacherSpec.arch must be one of {MAMBA_ARCHS} or 'vmamba_d<dims>_<d1-d2-..>' "
+                f"for mamba teachers, got {self.arch!r}"
+            )
         if self.kind == "mamba" and self.source in ("timm", "efficientnet_lite0_pkg"):
             raise ValueError(f"TeacherSpec.source {self.source!r} is not available for mamba")
         if self.source == "efficientnet_lite0_pkg" and "efficientnet_lite0" not in self.arch:
@@ -393,7 +402,13 @@ def _build_cnn(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
 def _build_mamba(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
     from model import vmamba
 
-    builder = getattr(vmamba, spec.arch)
+    custom = _MAMBA_CUSTOM.fullmatch(spec.arch)
+    if custom is not None:
+        depths = tuple(int(d) for d in custom[2].split("-"))
+        vconfig = vmamba.VSSMConfig(depths=depths, dims=int(custom[1]))
+        builder: Any = functools.partial(vmamba.VSSM, vconfig)
+    else:
+        builder = getattr(vmamba, spec.arch)
     if spec.source == "random":
         backbone = _seeded_build(int(spec.seed), builder)  # type: ignore[arg-type]
         return backbone, {"weights": f"random:seed={spec.seed}", "file_sha256": None}

@@ -41,8 +41,6 @@ def resnet18() -> Teacher:
 
 @pytest.mark.parametrize("key", sorted(SPECS))
 def test_feature_info_declared_equals_actual(key: str) -> None:
-    if SPECS[key].kind == "mamba":
-        pytest.importorskip("model.vmamba")  # TEMP until H1's VMamba lands
     teacher = build_teacher(SPECS[key])
     size = 64
     feats = teacher(torch.rand(2, 3, size, size))
@@ -220,7 +218,6 @@ def test_spec_round_trip_and_validation() -> None:
 def test_vmamba_file_teacher_reproduces_golden_features(golden_dir) -> None:
     from safetensors.torch import load_file
 
-    pytest.importorskip("model.vmamba")  # TEMP until H1's VMamba lands
     spec = TeacherSpec(
         "vmamba_small_fixture",
         "mamba",

@@ -1,0 +1,155 @@
+"""PDD: two frozen teachers + the trainable ``PDDHead``, and ``build_model(config)``.
+
+Input is float32 (B, 1|3, S, S) in [0, 1]; grey images are replicated to 3 channels and the
+ImageNet mean/std normalisation happens inside, so every caller feeds the same [0, 1] slices
+that ``pdd_batch.preprocess`` produces.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from model.anomaly_map import anomaly_map
+from model.config import ConfigError, ModelConfig
+from model.head import PDDHead
+from model.loss import pdd_loss
+from model.outputs import AnomalyOutput, HeadOutput, LossParts
+from model.teachers import Teacher, build_teacher
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PDD(nn.Module):
+    """Manifold-Prior Diverse Distillation (PDD_SPEC §1).
+
+    Attributes:
+        config: the ``ModelConfig`` it was built from.
+        image_size: the square input side S the model was configured for.
+        teacher_cnn: frozen Teacher C (4 levels at reductions 4, 8, 16, 32).
+        teacher_mamba: frozen Teacher M (4 levels at reductions 8, 16, 32, 32).
+        head: the trainable ``PDDHead``.
+    """
+
+    def __init__(self, config: ModelConfig, teacher_cnn: Teacher, teacher_mamba: Teacher) -> None:
+        super().__init__()
+        self.config = config
+        self.image_size = int(config.image_size)
+        self.teacher_cnn = teacher_cnn
+        self.teacher_mamba = teacher_mamba
+        _check_teacher_geometry(teacher_cnn, teacher_mamba)
+        with torch.random.fork_rng(devices=[]):  # seeded init; the caller's RNG is untouched
+            torch.manual_seed(config.head_seed)
+            self.head = PDDHead(
+                cnn_channels=teacher_cnn.channels,
+                mamba_channels=teacher_mamba.channels,
+                adapter_reduction=config.adapter_reduction,
+                blocks_per_stage=config.blocks_per_stage,
+            )
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """(B, 1|3, S, S) in [0, 1] → (B, 3, S, S) ImageNet-normalised.
+
+        Raises:
+            ValueError: the shape is not (B, 1 or 3, S, S) with S a multiple of 32.
+        """
+        if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"PDD input must be (B, 1 or 3, S, S), got {tuple(x.shape)}")
+        if x.shape[-1] % 32 or x.shape[0] == 0:
+            raise ValueError(
+                f"PDD input side must be a multiple of 32 and B > 0, got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"PDD input must be float in [0, 1], got dtype {x.dtype}")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey → RGB
+        return (x.float() - self.mean) / self.std  # (B, 3, S, S)
+
+    def teacher_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Frozen teacher features, for caching during training.
+
+        Args:
+            x: (B, 1|3, S, S) in [0, 1].
+
+        Returns:
+            (cnn_feats, mamba_feats): 4 maps each, (B, C_i, S/r_i, S/r_i), without gradients.
+        """
+        xn = self.normalise(x)
+        with torch.no_grad():
+            return self.teacher_cnn(xn), self.teacher_mamba(xn)
+
+    def forward_from_features(
+        self, cnn_feats: Sequence[Tensor], mamba_feats: Sequence[Tensor]
+    ) -> HeadOutput:
+        """Run the trainable head on (cached) teacher features."""
+        return self.head(cnn_feats, mamba_feats)
+
+    def forward(self, x: Tensor) -> HeadOutput:
+        """(B, 1|3, S, S) in [0, 1] → HeadOutput (targets, student1, student2), high-res first."""
+        return self.forward_from_features(*self.teacher_features(x))
+
+    def loss(self, x: Tensor) -> LossParts:
+        """The PDD training loss of a batch of normal images (form from the config)."""
+        return pdd_loss(self(x), form=self.config.loss_form)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> AnomalyOutput:
+        """Anomaly maps (B, S, S) and scores (B,), computed in eval mode.
+
+        The previous train/eval mode is restored afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return anomaly_map(self(x), int(x.shape[-1]), sigma=self.config.map_sigma)
+        finally:
+            self.train(was_training)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the head (the teachers are frozen)."""
+        return (p for p in self.head.parameters() if p.requires_grad)
+
+
+def _check_teacher_geometry(cnn: Teacher, mamba: Teacher) -> None:
+    """PDD fuses CNN level i with VMamba level i at half (i ≤ 3) or equal (i = 4) resolution."""
+    got_c = tuple(f["reduction"] for f in cnn.feature_info)
+    got_m = tuple(f["reduction"] for f in mamba.feature_info)
+    if got_c != (4, 8, 16, 32) or got_m != (8, 16, 32, 32):
+        raise ConfigError(
+            f"teacher reductions must be cnn (4, 8, 16, 32) and mamba (8, 16, 32, 32); got "
+            f"cnn {got_c} ({cnn.spec.name}), mamba {got_m} ({mamba.spec.name})"
+        )
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Build the model a config describes, teachers loaded strictly, on CPU.
+
+    ``arch="pdd"`` gives ``PDD``; ``arch="rd4ad"`` dispatches to ``model.rd4ad.build_rd4ad``.
+
+    Raises:
+        ConfigError: unknown arch, or teachers whose geometry PDD cannot fuse.
+        TeacherWeightsError: teacher weights missing or mismatched.
+    """
+    if config.arch == "rd4ad":
+        try:
+            from model.rd4ad import build_rd4ad
+        except ImportError as exc:
+            raise ConfigError(f"arch 'rd4ad' is not available: {exc}") from exc
+        return build_rd4ad(config)
+    if config.arch != "pdd":
+        raise ConfigError(f"arch must be 'pdd' or 'rd4ad', got {config.arch!r}")
+    if config.mamba_teacher is None:
+        raise ConfigError("mamba_teacher is required for arch='pdd'")
+    model = PDD(config, build_teacher(config.cnn_teacher), build_teacher(config.mamba_teacher))
+    log.info("built PDD '%s' (%d px)", config.name, config.image_size)
+    return model
