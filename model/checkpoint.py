@@ -1,0 +1,295 @@
+"""Self-describing checkpoints: ``model.safetensors`` + ``config.json`` in one folder.
+
+``model.safetensors`` holds only what training changed (the head's parameters and BN buffers).
+Teachers are never stored: ``config.json`` references them by source and sha256 (random teachers
+by seed, plus the sha256 of the weights that seed produced), and ``load_checkpoint`` rebuilds and
+verifies them. ``config.json`` also holds the preprocessing, calibration, training info, code
+version, ``model_id`` and ``checkpoint_hash`` (the sha256 of ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from model.config import ConfigError, ModelConfig
+from model.teachers import Teacher, file_sha256
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match the model it describes."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from a checkpoint, in eval mode, with its metadata.
+
+    Attributes:
+        model: the rebuilt model (``PDD`` or ``RD4AD``).
+        config: its ``ModelConfig`` (teacher specs carry the verified sha256).
+        preprocessing: the ``PreprocessSpec`` dict the model was trained with.
+        calibration: the calibration dict (threshold etc.) or None.
+        checkpoint_hash: sha256 of ``model.safetensors``.
+        model_id: ``"<config name>-<first 12 hex of checkpoint_hash>"``.
+        meta: the whole ``config.json``.
+    """
+
+    model: nn.Module
+    config: ModelConfig
+    preprocessing: dict[str, Any]
+    calibration: dict[str, Any] | None
+    checkpoint_hash: str
+    model_id: str
+    meta: dict[str, Any]
+
+
+def teacher_modules(model: nn.Module) -> dict[str, Teacher]:
+    """The frozen teachers inside ``model``, by module name (e.g. ``"teacher_cnn"``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Teacher)}
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict without its teachers (head parameters and BN buffers), on CPU."""
+    prefixes = tuple(f"{name}." for name in teacher_modules(model))
+    return {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(prefixes)
+    }
+
+
+def _config_with_teacher_hashes(model: nn.Module) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model's config with each teacher's verified sha256 filled in, and their provenance."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise CheckpointError("model has no ModelConfig in .config; cannot describe it")
+    changes: dict[str, Any] = {}
+    provenance: dict[str, Any] = {}
+    for name, teacher in teacher_modules(model).items():
+        role = f"{teacher.spec.kind}_teacher"
+        declared = getattr(config, role)
+        if declared is None or replace(declared, sha256=None) != replace(teacher.spec, sha256=None):
+            raise CheckpointError(f"teacher '{name}' does not match config.{role}")
+        changes[role] = replace(declared, sha256=teacher.provenance["state_sha256"])
+        provenance[name] = teacher.provenance
+    return replace(config, **changes), provenance
+
+
+def _code_version() -> dict[str, str | None]:
+    try:
+        version: str | None = metadata.version("pdd-batch")
+    except metadata.PackageNotFoundError:
+        version = None
+    commit = None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"package": version, "git_commit": commit, "torch": torch.__version__}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temp file in the same folder, then rename over ``path``."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint metadata is not JSON-serialisable: {exc}") from exc
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    preprocessing: dict[str, Any],
+    calibration: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``out_dir`` (created if needed).
+
+    Args:
+        model: a ``PDD`` (or ``RD4AD``) with ``.config`` and ``Teacher`` submodules.
+        out_dir: checkpoint folder.
+        preprocessing: ``PreprocessSpec.to_dict()`` the model was trained with.
+        calibration: calibration dict (see docs/architecture.md) or None.
+        training: free-form training info (epochs, data description, losses) or None.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    if not isinstance(preprocessing, dict):
+        raise ValueError("preprocessing must be a dict (PreprocessSpec.to_dict())")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config, teachers = _config_with_teacher_hashes(model)
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=out)
+    os.close(fd)
+    try:
+        save_file(trainable_state(model), tmp, metadata={"format_version": str(FORMAT_VERSION)})
+        checkpoint_hash = file_sha256(tmp)
+        os.replace(tmp, out / WEIGHTS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_config": config.to_dict(),
+        "teachers": teachers,
+        "preprocessing": preprocessing,
+        "calibration": calibration,
+        "training": training,
+        "code_version": _code_version(),
+        "checkpoint_hash": checkpoint_hash,
+        "model_id": f"{config.name}-{checkpoint_hash[:12]}",
+    }
+    _write_json_atomic(out / CONFIG_FILE, meta)
+    log.info("saved checkpoint %s", meta["model_id"])
+    return out
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    p = Path(path)
+    return p.parent if p.is_file() else p
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder (or of a file inside it)."""
+    cfg_path = _checkpoint_dir(path) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in checkpoint folder {cfg_path.parent}")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def _with_teacher_weights(config: ModelConfig, teacher_weights: dict[str, str]) -> ModelConfig:
+    changes = {}
+    for role, path in teacher_weights.items():
+        key = f"{role}_teacher"
+        spec = getattr(config, key, None)
+        if spec is None:
+            raise ConfigError(f"teacher_weights: config has no {key}")
+        changes[key] = replace(spec, weights=str(path))
+    return replace(config, **changes)
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    teacher_weights: dict[str, str] | None = None,
+) -> LoadedModel:
+    """Rebuild a model from a checkpoint folder, teachers verified, weights loaded strictly.
+
+    Args:
+        path: checkpoint folder (or a file inside it).
+        device: where to put the model.
+        teacher_weights: optional new locations of file-sourced teacher weights by role
+            (``{"cnn": PATH, "mamba": PATH}``) when they moved; their sha256 is still verified.
+
+    Raises:
+        CheckpointError: missing/corrupt files, hash mismatch, or missing/unexpected keys.
+        TeacherWeightsError: a teacher's weights are missing or not the recorded ones.
+    """
+    from model.pdd import build_model
+
+    folder = _checkpoint_dir(path)
+    meta = read_meta(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint weights missing: {weights}")
+    actual = file_sha256(weights)
+    if actual != meta.get("checkpoint_hash"):
+        raise CheckpointError(
+            f"{weights}: sha256 {actual[:16]}… differs from checkpoint_hash "
+            f"{str(meta.get('checkpoint_hash'))[:16]}… in {CONFIG_FILE} (corrupt or replaced)"
+        )
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: bad model_config: {exc}") from exc
+    config = _with_teacher_weights(config, teacher_weights or {})
+    model = build_model(config)
+    _load_strict(model, load_file(str(weights)), weights)
+    model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        config=config,
+        preprocessing=meta["preprocessing"],
+        calibration=meta.get("calibration"),
+        checkpoint_hash=actual,
+        model_id=meta["model_id"],
+        meta=meta,
+    )
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], origin: Path) -> None:
+    own = trainable_state(model)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(
+            f"{origin} does not match the model: missing keys {missing[:8]}, unexpected keys "
+            f"{unexpected[:8]}, shape mismatches {bad_shape[:8]}"
+        )
+    result = model.load_state_dict(state, strict=False)
+    leftover = [k for k in result.missing_keys if k in own]
+    if leftover or result.unexpected_keys:  # cannot happen after the checks above
+        raise CheckpointError(f"{origin}: keys not loaded {leftover + result.unexpected_keys}")
+
+
+def set_calibration(path: str | Path, calibration: dict[str, Any]) -> None:
+    """Replace the calibration in a checkpoint's ``config.json`` atomically (temp + rename).
+
+    Raises:
+        ValueError: ``calibration`` is not a dict with a numeric ``threshold``.
+        CheckpointError: the checkpoint's ``config.json`` is missing or unreadable.
+    """
+    if not isinstance(calibration, dict):
+        raise ValueError("calibration must be a dict")
+    try:
+        float(calibration["threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError("calibration['threshold'] must be a number") from exc
+    folder = _checkpoint_dir(path)
+    meta = read_meta(folder)
+    meta["calibration"] = calibration
+    _write_json_atomic(folder / CONFIG_FILE, meta)
