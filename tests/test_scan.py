@@ -1,0 +1,178 @@
+"""Selective scan: the vectorised torch scan against the sequential reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.scan import (
+    CUDA_BACKEND,
+    TORCH_BACKEND,
+    ScanShapeError,
+    _chunk_plan,
+    scan_backend,
+    selective_scan,
+    selective_scan_reference,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(
+    bt: int, k: int, dn: int, n: int, length: int, seed: int = 0, dt_scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Random scan inputs shaped like VMamba's (A = -exp(A_logs), dt bias in softplus range)."""
+    g = torch.Generator().manual_seed(seed)
+    kd = k * dn
+    a_logs = torch.log(torch.arange(1, n + 1, dtype=torch.float32)) + 0.3 * torch.randn(
+        kd, n, generator=g
+    )
+    dt = torch.exp(torch.empty(kd).uniform_(-6.9, -2.3, generator=g))  # 1e-3 .. 0.1
+    return {
+        "u": torch.randn(bt, kd, length, generator=g),
+        "delta": dt_scale * torch.randn(bt, kd, length, generator=g),
+        "A": -torch.exp(a_logs),
+        "B": torch.randn(bt, k, n, length, generator=g),
+        "C": torch.randn(bt, k, n, length, generator=g),
+        "D": torch.rand(kd, generator=g) + 0.5,
+        "delta_bias": dt + torch.log(-torch.expm1(-dt)),
+    }
+
+
+SHAPES = [  # (Bt, K, Dn, N, L, chunk): L not divisible by chunk in most cases
+    (1, 1, 3, 4, 1, 8),
+    (2, 4, 5, 16, 37, 8),
+    (1, 2, 8, 8, 100, 64),
+    (3, 4, 4, 16, 65, 16),
+    (1, 4, 6, 16, 130, 1),
+]
+
+
+@pytest.mark.parametrize(("bt", "k", "dn", "n", "length", "chunk"), SHAPES)
+@pytest.mark.parametrize("with_d_bias", [True, False])
+def test_torch_scan_matches_reference(bt, k, dn, n, length, chunk, with_d_bias) -> None:
+    x = make_inputs(bt, k, dn, n, length, seed=length + k)
+    if not with_d_bias:
+        x["D"] = x["delta_bias"] = None
+    ref = selective_scan_reference(**x)
+    got = selective_scan(**x, chunk=chunk)
+    assert got.shape == (bt, k * dn, length) and got.dtype == torch.float32
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_without_softplus_matches_reference() -> None:
+    x = make_inputs(2, 2, 4, 8, 50)
+    x["delta"] = x["delta"].abs() * 0.1  # positive step sizes, as the caller must then give
+    x["delta_bias"] = x["delta_bias"].abs()
+    ref = selective_scan_reference(**x, delta_softplus=False)
+    torch.testing.assert_close(selective_scan(**x, delta_softplus=False), ref, rtol=0, atol=1e-5)
+
+
+def test_fast_decay_splits_chunks_and_stays_finite() -> None:
+    # Steps of up to ~|A| * softplus(30) ~ 500 in log-decay: one position must be a chunk alone.
+    x = make_inputs(1, 2, 4, 16, 70, dt_scale=10.0)
+    x["delta"][:, :, 20:30] = 30.0
+    ref = selective_scan_reference(**x)
+    got = selective_scan(**x, chunk=32)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # |y| reaches ~10 here
+
+
+def test_chunk_plan_covers_sequence_with_bounded_decay() -> None:
+    from model.scan import _MAX_CHUNK_DECAY
+
+    delta = torch.rand(1, 2, 3, 200) * 2.0
+    delta[..., 50] = 100.0
+    abs_a = torch.full((2, 3), 5.0)
+    plan = _chunk_plan(delta, abs_a, 64)
+    assert plan[0][0] == 0 and plan[-1][1] == 200
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:], strict=False))
+    for s, e in plan:
+        span = (delta[..., s + 1 : e].sum(-1) * 5.0).max().item()
+        assert e - s == 1 or span <= _MAX_CHUNK_DECAY * (1 + 1e-5)
+    assert any(s == 50 for s, _ in plan)  # the huge step only ever decays a carried state
+
+
+def test_float64_inputs_give_tight_parity() -> None:
+    x = {k: (v.double() if v is not None else None) for k, v in make_inputs(2, 2, 4, 8, 45).items()}
+    ref = selective_scan_reference(**x)
+    got = selective_scan(**x, chunk=16)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_backward_matches_reference_gradients() -> None:
+    x = make_inputs(1, 2, 3, 4, 23)
+    grads = []
+    for fn in (selective_scan_reference, selective_scan):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+        kwargs = {"chunk": 8} if fn is selective_scan else {}
+        y = fn(**leaves, **kwargs)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    for name in x:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_float64() -> None:
+    x = {k: v.double() for k, v in make_inputs(1, 1, 2, 3, 9).items()}
+    names = ["u", "delta", "A", "B", "C", "D", "delta_bias"]
+
+    def fn(*tensors: torch.Tensor) -> torch.Tensor:
+        return selective_scan(**dict(zip(names, tensors, strict=True)), chunk=4)
+
+    inputs = tuple(x[n].requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_bad_shapes_raise() -> None:
+    x = make_inputs(1, 2, 3, 4, 10)
+    with pytest.raises(ScanShapeError, match="B must be"):
+        selective_scan(**{**x, "B": x["B"][..., :5]})
+    with pytest.raises(ScanShapeError, match="A must be"):
+        selective_scan_reference(**{**x, "A": x["A"][:3]})
+    with pytest.raises(ScanShapeError, match="D must be"):
+        selective_scan(**{**x, "D": x["D"][:2]})
+    with pytest.raises(ValueError, match="A must be <= 0"):
+        selective_scan(**{**x, "A": x["A"].abs()})
+    with pytest.raises(ValueError, match="delta must be >= 0"):
+        selective_scan(**x, delta_softplus=False)
+
+
+def test_backend_is_torch_on_cpu() -> None:
+    assert scan_backend("cpu") == TORCH_BACKEND
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        assert scan_backend("cuda") == TORCH_BACKEND  # no kernel: the torch scan also on CUDA
+    else:
+        assert scan_backend("cuda") == CUDA_BACKEND
+
+
+def test_import_does_not_probe_mamba_ssm() -> None:
+    code = "import json, sys, model.scan, model.vmamba; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "mamba_ssm" not in json.loads(out.stdout)
+    assert out.stderr == ""
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = make_inputs(2, 4, 8, 16, 300)
+    ref = selective_scan_reference(**x)
+    got = selective_scan(**{k: v.cuda() for k, v in x.items()}).cpu()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
