@@ -8,10 +8,14 @@ logged or put in messages.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pydicom
+import pydicom.config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -297,6 +301,20 @@ def header_from_dataset(ds: Dataset, rel: str) -> DicomHeader:
     )
 
 
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Read without pydicom's value-validation warnings: they quote element values, which can be
+    patient identifiers, into logs. Values are still read as stored."""
+    previous = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        pydicom.config.settings.reading_validation_mode = previous
+
+
 def read_header(source: BinarySource, rel: str) -> DicomHeader:
     """Read one file's header (no pixels).
 
@@ -304,7 +322,7 @@ def read_header(source: BinarySource, rel: str) -> DicomHeader:
         DicomHeaderError: not a DICOM file, or a header pydicom cannot parse.
     """
     try:
-        with source.open() as fh:
+        with source.open() as fh, quiet_pydicom():
             try:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
             except InvalidDicomError:
@@ -319,9 +337,13 @@ def read_header(source: BinarySource, rel: str) -> DicomHeader:
     except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
         raise DicomHeaderError(f"unreadable DICOM header ({type(exc).__name__})") from exc
     try:
-        return header_from_dataset(ds, rel)
+        with quiet_pydicom():
+            header = header_from_dataset(ds, rel)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DicomHeaderError(f"malformed DICOM header ({type(exc).__name__})") from exc
+    if not header.sop_class and not header.modality and not header.has_image:
+        raise DicomHeaderError("corrupt DICOM data set (no SOP class, modality or image)")
+    return header
 
 
 def transfer_syntax_name(uid: str) -> str:

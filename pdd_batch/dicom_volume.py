@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pdd_batch.archive_io import ArchiveReadError, MemberReader
-from pdd_batch.dicom_headers import DicomHeader, header_from_dataset
+from pdd_batch.dicom_headers import DicomHeader, header_from_dataset, quiet_pydicom
 from pdd_batch.stack_plan import StackPlan, plan_stacks
 from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
 
@@ -40,7 +40,7 @@ def read_dataset(reader: MemberReader, rel: str) -> Dataset:
         SeriesReadError: the file is missing, not DICOM, or its header cannot be parsed.
     """
     try:
-        with reader.source(rel).open() as fh:
+        with reader.source(rel).open() as fh, quiet_pydicom():
             return pydicom.dcmread(fh)
     except ArchiveReadError as exc:
         raise SeriesReadError(str(exc)) from exc
@@ -116,7 +116,8 @@ def load_dicom_series(root: Path, ref: SeriesRef) -> LoadedSeries:
     with MemberReader(root) as reader:
         for rel in ref.files:
             ds = read_dataset(reader, rel)
-            header = header_from_dataset(ds, rel)
+            with quiet_pydicom():
+                header = header_from_dataset(ds, rel)
             if not header.has_image:
                 raise SeriesReadError(f"{rel}: no image pixels")
             datasets[rel], headers[rel] = ds, header

@@ -1,0 +1,204 @@
+"""DICOM volumes: position sorting, gaps, tilt, MONOCHROME1, multi-frame, 4D, codecs, real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import shared_path
+from dicom_factory import (
+    FAKE_PATIENT_NAME,
+    slice_values,
+    truncate_file,
+    write_ct_series,
+    write_multiframe,
+    write_xray,
+)
+from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+from pdd_batch.discovery import discover
+from pdd_batch.volume import LoadedSeries, SeriesReadError, load_series
+
+
+def _load_only(root: Path) -> LoadedSeries:
+    result = discover(root)
+    assert len(result.series) == 1, [s.to_dict() for s in result.series]
+    return load_series(result.root, result.series[0])
+
+
+def _expected(n: int, rows: int = 16, cols: int = 12, skip: int | None = None, t: int = 0):
+    ks = [k for k in range(n + (1 if skip is not None else 0)) if k != skip]
+    return np.stack([slice_values(k, rows, cols, t) for k in ks])  # (Z, H, W)
+
+
+def test_sorted_by_position_not_instance_number(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, n_slices=7, shuffle_instances=True, seed=3)
+    numbers = [int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) for p in paths]
+    assert numbers != sorted(numbers)  # the fixture really shuffles
+    loaded = _load_only(tmp_path)
+    (vol,) = loaded.volumes
+    np.testing.assert_array_equal(vol.data, _expected(7))  # HU after rescale
+    assert vol.data.dtype == np.float32
+    assert vol.source_files == tuple(p.name for p in paths)
+    assert vol.spacing == pytest.approx((2.5, 0.7, 0.7))
+    assert loaded.warnings == []
+
+
+def test_gap_is_reported_and_not_filled(tmp_path: Path) -> None:
+    write_ct_series(tmp_path, n_slices=6, gap_at=3)
+    loaded = _load_only(tmp_path)
+    np.testing.assert_array_equal(loaded.volumes[0].data, _expected(6, skip=3))
+    assert any(w.startswith("gap: 1 missing") for w in loaded.warnings)
+    assert loaded.ref.n_slices == 6
+
+
+def test_gantry_tilt_spacing_along_normal(tmp_path: Path) -> None:
+    write_ct_series(tmp_path, n_slices=5, tilt_deg=12.0, slice_step=2.0)
+    loaded = _load_only(tmp_path)
+    vol = loaded.volumes[0]
+    np.testing.assert_array_equal(vol.data, _expected(5))
+    assert vol.spacing[0] == pytest.approx(2.0 * np.cos(np.deg2rad(12.0)), abs=1e-3)
+    assert any("gantry tilt 12.0 deg" in w for w in loaded.warnings)
+    assert not any(w.startswith("gap") for w in loaded.warnings)
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    write_ct_series(tmp_path / "m1", n_slices=3, monochrome1=True)
+    write_ct_series(tmp_path / "m2", n_slices=3)
+    m1 = _load_only(tmp_path / "m1").volumes[0].data
+    m2 = _load_only(tmp_path / "m2").volumes[0].data
+    np.testing.assert_array_equal(m1, m2)
+    write_xray(tmp_path / "x1" / "dx.dcm", monochrome1=True)
+    write_xray(tmp_path / "x2" / "dx.dcm")
+    np.testing.assert_array_equal(
+        _load_only(tmp_path / "x1").volumes[0].data, _load_only(tmp_path / "x2").volumes[0].data
+    )
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless])
+def test_codecs_decode_to_the_same_pixels(tmp_path: Path, syntax: str) -> None:
+    write_ct_series(tmp_path, n_slices=3, rows=32, cols=32, transfer_syntax=syntax)
+    assert pydicom.dcmread(next(tmp_path.glob("*.dcm"))).file_meta.TransferSyntaxUID == syntax
+    vol = _load_only(tmp_path).volumes[0]
+    np.testing.assert_array_equal(vol.data, _expected(3, 32, 32))
+
+
+def test_multiframe_matches_single_frame_series(tmp_path: Path) -> None:
+    write_multiframe(tmp_path / "mf" / "enh.dcm", n_frames=6, modality="CT", shuffle_frames=True)
+    write_ct_series(tmp_path / "sf", n_slices=6, slice_step=3.0)
+    mf = _load_only(tmp_path / "mf").volumes[0]
+    sf = _load_only(tmp_path / "sf").volumes[0]
+    np.testing.assert_array_equal(mf.data, sf.data)
+    assert mf.source_files == ("enh.dcm",) * 6
+    assert sorted(mf.frames) == list(range(6)) and list(mf.frames) != list(range(6))
+
+
+def test_4d_series_split_into_time_points(tmp_path: Path) -> None:
+    write_ct_series(tmp_path, n_slices=4, time_points=3, modality="MR", shuffle_instances=True)
+    loaded = _load_only(tmp_path)
+    assert len(loaded.volumes) == 3 and loaded.n_slices == 12
+    for t, vol in enumerate(loaded.volumes):
+        np.testing.assert_array_equal(vol.data, _expected(4, t=t))
+        assert vol.label == f"t={t}"
+    assert "4D: 3 volumes x 4 slices" in loaded.warnings
+
+
+def test_xray_is_one_slice_volume(tmp_path: Path) -> None:
+    write_xray(tmp_path / "cr.dcm", rows=20, cols=30, modality="CR")
+    loaded = _load_only(tmp_path)
+    assert [v.data.shape for v in loaded.volumes] == [(1, 20, 30)]
+    assert loaded.volumes[0].directions is None and loaded.modality == "CR"
+
+
+def test_corrupt_pixels_fail_with_relative_path_and_no_identifiers(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, n_slices=4)
+    result = discover(tmp_path)
+    truncate_file(paths[2], 0.6)  # damaged after discovery (or an unreadable pixel payload)
+    with pytest.raises(SeriesReadError) as err:
+        load_series(result.root, result.series[0])
+    message = str(err.value)
+    assert paths[2].name in message and str(tmp_path) not in message
+    assert FAKE_PATIENT_NAME not in message
+    uids = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert uids.StudyInstanceUID not in message and uids.SeriesInstanceUID not in message
+
+
+def test_missing_file_fails_cleanly(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, n_slices=3)
+    result = discover(tmp_path)
+    paths[1].unlink()
+    with pytest.raises(SeriesReadError, match="not found"):
+        load_series(result.root, result.series[0])
+
+
+# ---- real data in ../shared (skips cleanly where absent) -------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_head_ct_sorted_with_gap_tilt_and_stray_study() -> None:
+    root = shared_path("data", "dicom", "cq500_ct1_head_ct")
+    result = discover(root)
+    assert sorted(s.n_slices for s in result.series) == [1, 109]
+    big = next(s for s in result.series if s.n_slices == 109)
+    stray = next(s for s in result.series if s.n_slices == 1)
+    assert stray.study_key != big.study_key
+    assert stray.files[0].startswith("stray_other_study")
+    assert any(w.startswith("gap: 1 missing") for w in big.warnings)
+    assert any("gantry tilt 8.5 deg" in w for w in big.warnings)
+    assert big.spacing[0] == pytest.approx(0.618, abs=1e-3)
+    loaded = load_series(result.root, big)
+    vol = loaded.volumes[0]
+    assert vol.data.shape == (109, 512, 512) and float(vol.data.min()) >= -3024.0
+    headers = [pydicom.dcmread(root / f, stop_before_pixels=True) for f in vol.source_files]
+    normal = np.cross(
+        np.array(headers[0].ImageOrientationPatient[:3], float),
+        np.array(headers[0].ImageOrientationPatient[3:], float),
+    )
+    dist = np.array([np.dot(normal, np.array(h.ImagePositionPatient, float)) for h in headers])
+    assert np.all(np.diff(dist) > 0)  # strictly increasing along the normal
+    numbers = [int(h.InstanceNumber) for h in headers]
+    assert sorted(numbers) == list(range(130, 237)) + [238, 239]
+
+
+@pytest.mark.realdata
+def test_real_nine_transfer_syntaxes_decode_identically() -> None:
+    root = shared_path("data", "dicom", "transfer_syntaxes_dcm_qa_ts", "In")
+    result = discover(root)
+    assert len(result.series) == 1 and result.series[0].n_slices == 9
+    assert len(result.series[0].transfer_syntaxes) == 7
+    loaded = load_series(result.root, result.series[0])
+    assert len(loaded.volumes) == 9
+    first = loaded.volumes[0].data
+    assert first.shape == (1, 384, 384) and float(first.max()) > 0
+    for vol in loaded.volumes[1:]:
+        np.testing.assert_array_equal(vol.data, first)
+    assert any("mosaic" in w for w in loaded.warnings)
+
+
+@pytest.mark.realdata
+def test_real_enhanced_multiframe_equals_classic_series() -> None:
+    base = shared_path("data", "dicom")
+    classic = discover(base / "siemens_xa30_epi_sag_63sl_classic")
+    enhanced = discover(base / "siemens_xa30_epi_sag_enhanced_multiframe")
+    assert classic.series[0].n_slices == enhanced.series[0].n_slices == 63
+    a = load_series(classic.root, classic.series[0]).volumes[0]
+    b = load_series(enhanced.root, enhanced.series[0]).volumes[0]
+    assert a.data.shape == b.data.shape == (63, 86, 86)
+    assert a.spacing == pytest.approx(b.spacing)
+    # Same pixels in the same order (one slice of the classic export carries ~56 burnt-in
+    # marker pixels that the enhanced one lacks).
+    same = (a.data == b.data).reshape(63, -1).mean(axis=1)  # (63,)
+    assert same.min() > 0.99 and int((same < 1.0).sum()) <= 1
+    assert np.mean(a.data == b.data[::-1]) < 0.5  # the order matters: reversed does not match
+
+
+@pytest.mark.realdata
+def test_real_ge_fmri_is_split_into_ten_volumes() -> None:
+    root = shared_path("data", "dicom", "ge_mr750_epi_fmri_15sl_x10vol")
+    result = discover(root)
+    ref = result.series[0]
+    assert (ref.n_slices, ref.n_volumes, ref.shape) == (150, 10, (15, 64, 64))
+    loaded = load_series(result.root, ref)
+    assert [v.data.shape for v in loaded.volumes] == [(15, 64, 64)] * 10
