@@ -178,7 +178,11 @@ def _export_sources(
 ) -> None:
     """Copy (and de-identify) every source file of the study's slices."""
     series_order = list(dict.fromkeys(r["series_key"] for r in rows))
-    files = list(dict.fromkeys((r["series_key"], r["source_file"]) for r in rows))
+    in_slice_order = sorted(
+        rows,
+        key=lambda r: (series_order.index(r["series_key"]), r["volume_index"], r["slice_index"]),
+    )
+    files = list(dict.fromkeys((r["series_key"], r["source_file"]) for r in in_slice_order))
     item.kind = "nifti" if files and files[0][1].endswith(NIFTI_SUFFIXES) else "dicom"
     counters: dict[str, int] = {}
     for n, (series_key, rel) in enumerate(files, start=1):

@@ -31,9 +31,12 @@ class OverlayError(ValueError):
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
-    """A jet-like colour map: (H, W) in [0, 1] -> uint8 (H, W, 3); 0 blue, 0.5 green, 1 red."""
+    """A jet-like colour map: (H, W) in [0, 1] -> uint8 (H, W, 3); 0 blue, 0.5 green, 1 red.
+
+    Unlike jet, the top end stays bright red (not dark red) so hot spots stand out.
+    """
     x = np.clip(x, 0.0, 1.0)
-    r = np.clip(1.5 - np.abs(4.0 * x - 3.0), 0.0, 1.0)
+    r = np.clip(4.0 * x - 1.5, 0.0, 1.0)
     g = np.clip(1.5 - np.abs(4.0 * x - 2.0), 0.0, 1.0)
     b = np.clip(1.5 - np.abs(4.0 * x - 1.0), 0.0, 1.0)
     return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)  # (H, W, 3)

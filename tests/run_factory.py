@@ -274,8 +274,8 @@ def build_run(base: Path, n_slices: int = 4, with_nifti: bool = True) -> Synthet
         study_key, series_key = _key(ident.study_uid), _key(uids[1])
         rows = []
         for z, p in enumerate(paths):
-            flagged = s == 0 and z in (1, 2)
-            score = (0.9 - 0.1 * z) if s == 0 else 0.2 + 0.01 * z
+            score = {1: 0.9, 2: 0.8}.get(z, 0.3 + 0.02 * z) if s == 0 else 0.2 + 0.01 * z
+            flagged = score >= 0.5  # the threshold written in every row
             spot = (20 + 4 * z, 40 - 3 * z)
             row = _slice_row(
                 study_key,
@@ -309,9 +309,8 @@ def build_run(base: Path, n_slices: int = 4, with_nifti: bool = True) -> Synthet
         rows = []
         for z in range(3):
             spot = (30, 12 + 8 * z)
-            row = _slice_row(
-                study_key, series_key, z, rel, 0.7 - 0.05 * z, z == 1, spot, spec, "MR"
-            )
+            score = (0.3, 0.7, 0.4)[z]
+            row = _slice_row(study_key, series_key, z, rel, score, score >= 0.5, spot, spec, "MR")
             hot[row["slice_key"]] = spot
             rows.append(row)
         slices += rows
