@@ -159,14 +159,16 @@ def read_nifti_info(root: Path, rel: str, raw: bytes | None = None) -> NiftiInfo
     img, source = open_nifti(root, rel, raw)
     spatial, n_volumes = _spatial_shape(img)
     _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
-    ornt = io_orientation(img.affine)
-    shape = tuple(int(spatial[int(ax)]) for ax in ornt[:, 0])
-    zooms_stored = img.header.get_zooms()[:3]
-    zooms = tuple(float((tuple(zooms_stored) + (1.0, 1.0, 1.0))[int(ax)]) for ax in ornt[:, 0])
+    ornt = io_orientation(img.affine)  # row i: canonical axis of stored axis i, and its flip
+    zooms_stored = (tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0, 1.0, 1.0))[:3]
+    shape, zooms = [0, 0, 0], [0.0, 0.0, 0.0]
+    for stored_axis, canonical_axis in enumerate(ornt[:, 0].astype(int)):
+        shape[canonical_axis] = int(spatial[stored_axis])
+        zooms[canonical_axis] = zooms_stored[stored_axis]
     return NiftiInfo(
-        shape=shape,  # type: ignore[arg-type]
+        shape=(shape[0], shape[1], shape[2]),
         n_volumes=n_volumes,
-        zooms=zooms,  # type: ignore[arg-type]
+        zooms=(zooms[0], zooms[1], zooms[2]),
         orientation="".join(nib.aff2axcodes(img.affine)),
         dtype=str(img.get_data_dtype()),
     )

@@ -424,7 +424,9 @@ def truncate_file(path: Path, keep_fraction: float = 0.5) -> Path:
 def nifti_values(shape: Sequence[int]) -> np.ndarray:
     """Values for a NIfTI test volume (X, Y, Z[, T]): ``100 z + 1000 t + x + 2 y`` (float64)."""
     grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    out = grids[0] + 2.0 * grids[1] + 100.0 * grids[2]
+    out = grids[0] + 2.0 * grids[1]
+    if len(shape) >= 3:
+        out = out + 100.0 * grids[2]
     if len(shape) == 4:
         out = out + 1000.0 * grids[3]
     return out
