@@ -317,13 +317,18 @@ def deidentify_nifti_bytes(raw: bytes, name: str) -> bytes:
     return head + b"\x00" * (vox_offset - len(head)) + data
 
 
+def deidentify_nifti_data(data: bytes, name: str) -> bytes:
+    """De-identified bytes of a .nii or .nii.gz file (gzip in, gzip out)."""
+    gz = data[:2] == b"\x1f\x8b"
+    if gz:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise DeidError(f"{name}: corrupt gzip stream") from exc
+    out = deidentify_nifti_bytes(data, name)
+    return gzip.compress(out, mtime=0) if gz else out
+
+
 def deidentify_nifti_file(src: Path, dst: Path) -> None:
     """Write a de-identified copy of ``src`` (.nii or .nii.gz) to ``dst`` (same compression)."""
-    raw = src.read_bytes()
-    gz = raw[:2] == b"\x1f\x8b"
-    if gz:
-        raw = gzip.decompress(raw)
-    out = deidentify_nifti_bytes(raw, src.name)
-    if gz:
-        out = gzip.compress(out, mtime=0)
-    dst.write_bytes(out)
+    dst.write_bytes(deidentify_nifti_data(src.read_bytes(), src.name))

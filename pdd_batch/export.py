@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 
 import pdd_batch
-from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_file
+from pdd_batch.archive_io import MemberReader, split_member
+from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_data
 from pdd_batch.overlay import model_input_slices, overlay_png
 from pdd_batch.results import RunResults
 from pdd_batch.secondary_capture import ScStudy, derived_uid, write_sc_series
@@ -142,12 +142,13 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
     summary = ExportSummary(out_dir)
     selected = results.flagged_studies(top=options.top, min_score=options.min_score)
     vmax = _display_vmax(results, selected.column("study_key").to_pylist())
-    for rank, study in enumerate(selected.to_pylist(), start=1):
-        item = StudyExport(export_id=f"S{rank:03d}", rank=rank, study=study)
-        rows = results.study_slices(study["study_key"]).to_pylist()
-        _export_sources(root, rows, out_dir, item, deid, summary)
-        _export_overlays(root, rows, out_dir, item, vmax, options, summary)
-        summary.studies.append(item)
+    with MemberReader(root) as reader:
+        for rank, study in enumerate(selected.to_pylist(), start=1):
+            item = StudyExport(export_id=f"S{rank:03d}", rank=rank, study=study)
+            rows = results.study_slices(study["study_key"]).to_pylist()
+            _export_sources(reader, rows, out_dir, item, deid, summary)
+            _export_overlays(root, rows, out_dir, item, vmax, options, summary)
+            summary.studies.append(item)
     _write_manifest_csv(out_dir, summary)
     _write_export_json(out_dir, results, options, summary, vmax)
     if options.crosswalk is not None:
@@ -174,9 +175,10 @@ def _error(summary: ExportSummary, item: StudyExport, what: str, reason: str) ->
 
 
 def _export_sources(
-    root: Path, rows: list[dict], out_dir: Path, item: StudyExport, deid, summary
+    reader: MemberReader, rows: list[dict], out_dir: Path, item: StudyExport, deid, summary
 ) -> None:
     """Copy (and de-identify) every source file of the study's slices."""
+    root = reader.root
     series_order = list(dict.fromkeys(r["series_key"] for r in rows))
     in_slice_order = sorted(
         rows,
@@ -186,7 +188,6 @@ def _export_sources(
     item.kind = "nifti" if files and files[0][1].endswith(NIFTI_SUFFIXES) else "dicom"
     counters: dict[str, int] = {}
     for n, (series_key, rel) in enumerate(files, start=1):
-        src = root / rel
         s_idx = series_order.index(series_key) + 1
         counters[series_key] = counters.get(series_key, 0) + 1
         if item.kind == "nifti":
@@ -197,7 +198,7 @@ def _export_sources(
             dst = dst / f"IM{counters[series_key]:04d}.dcm"
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _copy_one(src, dst, item, deid)
+            _copy_one(_read_source(reader, root, rel), dst, item, deid)
         except (OSError, InvalidDicomError, DeidError, ValueError, KeyError, struct.error) as exc:
             _error(summary, item, f"file {n} of {len(files)}", _reason(exc))
             dst.unlink(missing_ok=True)
@@ -221,21 +222,24 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).split(':')[-1].strip()[:120]}"
 
 
-def _copy_one(src: Path, dst: Path, item: StudyExport, deid: Deidentifier | None) -> None:
+def _read_source(reader: MemberReader, root: Path, rel: str) -> bytes:
+    """Bytes of a source file: a plain file, or a member of a .zip/.tar under the root."""
+    if split_member(rel)[1] is None:
+        return (root / rel).read_bytes()
+    return reader.read(rel)
+
+
+def _copy_one(data: bytes, dst: Path, item: StudyExport, deid: Deidentifier | None) -> None:
+    """Write one source file's bytes to ``dst``, de-identified unless ``deid`` is None."""
     if item.kind == "nifti":
-        if deid is None:
-            shutil.copyfile(src, dst)
-        else:
-            deidentify_nifti_file(src, dst)
+        dst.write_bytes(data if deid is None else deidentify_nifti_data(data, dst.name))
         return
-    ds = pydicom.dcmread(src, stop_before_pixels=deid is None)
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=deid is None)
     if deid is None:
-        shutil.copyfile(src, dst)
-        item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
-        item.new_patient_id = str(ds.get("PatientID", ""))
-        return
-    deid.deidentify(ds)
-    ds.save_as(dst, enforce_file_format=True)
+        dst.write_bytes(data)
+    else:
+        deid.deidentify(ds)
+        ds.save_as(dst, enforce_file_format=True)
     item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
     item.new_patient_id = str(ds.get("PatientID", ""))
     item.study.setdefault("_study_date", str(ds.get("StudyDate", "")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import shutil
@@ -225,3 +226,28 @@ def test_overlay_base_matches_the_screening_reader(tmp_path: Path) -> None:
                 else overlay._dicom_slice(path, spec)
             )
             assert np.abs(via_reader[(0, r["slice_index"])] - direct).max() < 1e-5
+
+
+def test_sources_inside_a_zip_archive(tmp_path: Path) -> None:
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    run = build_run(tmp_path, with_nifti=False)
+    with zipfile.ZipFile(run.archive / "batch.zip", "w") as zf:
+        for p in run.files[run.study_keys[0]]:
+            zf.write(p, p.relative_to(run.archive).as_posix())
+            p.unlink()
+    part = run.run_dir / "slices" / "part-0.parquet"
+    table = pq.read_table(part)
+    col = table.schema.get_field_index("source_file")
+    zipped = pc.binary_join_element_wise("batch.zip!", table.column("source_file"), "")
+    pq.write_table(table.set_column(col, table.schema.field(col), zipped.cast(pa.string())), part)
+    s = export_run(open_run(run.run_dir), tmp_path / "out", ExportOptions(top=1))
+    assert not s.errors and len(s.studies[0].files) == 4
+    with zipfile.ZipFile(run.archive / "batch.zip") as zf:
+        first = pydicom.dcmread(io.BytesIO(zf.read(zf.namelist()[0])))
+    exported = pydicom.dcmread(tmp_path / "out" / s.studies[0].files[0])
+    assert exported.PixelData == first.PixelData and exported.PatientIdentityRemoved == "YES"
