@@ -189,3 +189,25 @@ def test_rd4ad_round_trip(tmp_path) -> None:
     loaded = load_checkpoint(out)
     assert type(loaded.model) is type(model)
     assert torch.equal(loaded.model.predict(x).maps, model.predict(x).maps)
+
+
+def test_default_model_path_is_a_checkpoint_or_says_how_to_get_one() -> None:
+    from model.default import DEFAULT_MODEL_DIR, default_model_path
+
+    if (DEFAULT_MODEL_DIR / CONFIG_FILE).is_file():
+        assert default_model_path() == DEFAULT_MODEL_DIR
+        assert (DEFAULT_MODEL_DIR / WEIGHTS_FILE).is_file()
+    else:
+        with pytest.raises(FileNotFoundError, match="pdd-batch train"):
+            default_model_path()
+
+
+def test_model_package_re_exports_the_public_api() -> None:
+    import model
+    from model import checkpoint, pdd
+
+    assert model.build_model is pdd.build_model
+    assert model.load_checkpoint is checkpoint.load_checkpoint
+    assert set(model.__all__) <= set(dir(model))
+    with pytest.raises(AttributeError):
+        _ = model.no_such_name

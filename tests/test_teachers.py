@@ -31,6 +31,12 @@ SPECS = {
     "vmamba_small_random": TeacherSpec(
         "vmamba_small_fixture", "mamba", "random", "vmamba_small_fixture", seed=1
     ),
+    "vmamba_tiny_random": TeacherSpec(
+        "vmamba_tiny_v0", "mamba", "random", "vmamba_tiny_v0", seed=0
+    ),
+    "vmamba_custom_random": TeacherSpec(
+        "vmamba_d24", "mamba", "random", "vmamba_d24_1-1-1-1", seed=0
+    ),
 }
 
 
