@@ -130,3 +130,43 @@ def build_manifest(
 def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
     """Write ``OUT/manifest.json`` atomically."""
     return write_json_atomic(manifest, Path(out_dir) / MANIFEST_NAME)
+
+
+_RANK = {SCORED: 3, SKIPPED: 2, FAILED: 1, LOST: 0}
+
+
+def file_outcomes(
+    files: Iterable[tuple[str, str, str]],
+    series_files: Mapping[str, Iterable[str]],
+    done: Mapping[str, Iterable[str]],
+    failed: Iterable[str],
+) -> dict[str, str]:
+    """The outcome of every discovered file.
+
+    Args:
+        files: ``(path, discovery status "used"/"skipped"/"failed", reason)`` per file.
+        series_files: files of each series of the run.
+        done: committed series -> the files it dropped (gave no slice).
+        failed: series that failed to read.
+
+    A file of several series gets its best outcome; a used file of no finished series is lost.
+    """
+    failed = set(failed)
+    out: dict[str, str] = {}
+    for key, paths in series_files.items():
+        dropped = set(done[key]) if key in done else set()
+        for path in paths:
+            if key in done:
+                outcome = SKIPPED if path in dropped else SCORED
+            else:
+                outcome = FAILED if key in failed else LOST
+            if path not in out or _RANK[outcome] > _RANK[out[path]]:
+                out[path] = outcome
+    for path, status, _reason in files:
+        if status == "skipped":
+            out.setdefault(path, SKIPPED)
+        elif status == "failed":
+            out.setdefault(path, FAILED)
+        else:
+            out.setdefault(path, LOST)
+    return out

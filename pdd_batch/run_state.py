@@ -14,10 +14,13 @@ rewritten atomically naming it. So:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +36,32 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 STATE_DIR = "_state"
 STATE_FILE = "state.json"
+LOCK_FILE = "run.lock"
 TABLE_DIRS = ("slices", "studies", "errors")
 
 
 class RunStateError(RuntimeError):
     """A state file that cannot be read or does not match the run folder."""
+
+
+class RunLockedError(RunStateError):
+    """Another run is writing to the same run folder."""
+
+
+@contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder (released by the OS even if the process is killed)."""
+    path = Path(out_dir) / STATE_DIR / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RunLockedError(f"another run is writing to {Path(out_dir).name}/") from exc
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,100 @@
-"""`pdd-batch screen`: placeholder until its issue lands."""
+"""`pdd-batch screen ARCHIVE`: distributed screening on Ray with a live view and a summary."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
+
+STAGES = {
+    "discover": "discover files",
+    "series": "read series",
+    "slices": "score slices",
+    "commit": "commit series",
+}
 
 
-def screen_command() -> None:
-    """Not available yet in this build."""
-    typer.echo("pdd-batch screen: not implemented yet in this build", err=True)
-    raise typer.Exit(code=2)
+class LiveView:
+    """Progress per stage (rich), fed by ``jobs.screen`` progress events."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<15}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks = {k: self.progress.add_task(v, total=None, note="") for k, v in STAGES.items()}
+
+    def __call__(self, event) -> None:  # event: jobs.screen.ProgressEvent
+        task = self.tasks.get(event.stage)
+        if task is None:
+            return
+        note = event.note
+        if event.rate is not None:
+            note = f"{event.rate:.1f} slices/s"
+        self.progress.update(task, completed=event.done, total=event.total, note=note)
+
+
+def screen_command(
+    archive: Annotated[Path | None, typer.Argument(help="Folder (or .zip/.tar) to screen.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for the results.")] = Path(
+        "screen-out"
+    ),
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (else RAY_ADDRESS, else local).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rescreen everything, replacing results.")] = False,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Slices per model call.")] = None,
+    num_actors: Annotated[int | None, typer.Option(min=1, help="Model actors.")] = None,
+    num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs of a local cluster.")] = None,
+    open_archives: Annotated[bool, typer.Option(help="Look inside .zip/.tar files.")] = False,
+    sample: Annotated[bool, typer.Option(help="Screen the bundled sample archive.")] = False,
+) -> None:
+    """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
+    from jobs.screen import run_screen
+    from pdd_batch.cli.summary_view import render_summary
+    from pdd_batch.config import RunConfig, RunConfigError
+
+    console = Console(stderr=False)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if sample:
+        from pdd_batch.sample import build_sample_archive
+
+        archive = build_sample_archive(out / SAMPLE_FOLDER)
+        console.print(f"sample archive built in {archive}")
+    if archive is None:
+        console.print("[red]give an ARCHIVE to screen, or --sample[/]")
+        raise typer.Exit(code=2)
+    try:
+        cfg = RunConfig(
+            archive=archive,
+            out_dir=out,
+            model_path=model,
+            address=address,
+            force=force,
+            batch_size=batch_size,
+            num_actors=num_actors,
+            num_cpus=num_cpus,
+            open_archives=open_archives,
+        )
+    except RunConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    view = LiveView(console)
+    with view.progress:
+        result = run_screen(cfg, progress=view)
+    code = render_summary(console, out)
+    raise typer.Exit(code=max(code, result.exit_code))

@@ -1,0 +1,107 @@
+"""The scoring actor: one PDD model per actor, weights loaded once in the constructor.
+
+Called by Ray Data on batches of read-task rows (numpy columns); slice rows are scored in one
+``model.predict`` call and get ``score``, ``heatmap_png`` and ``heatmap_max``; marker rows
+(failed/empty series) pass through unscored. The image column is dropped so the rows that travel
+on to the driver are small.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_checkpoint
+from pdd_batch.heatmap import encode_png
+
+log = logging.getLogger(__name__)
+
+KIND_SLICE = "slice"
+
+
+class SlicePredictor:
+    """Ray Data actor class (``map_batches(SlicePredictor, ...)``).
+
+    Args:
+        checkpoint: checkpoint folder (``model.checkpoint`` format).
+        device: ``"cuda"`` or ``"cpu"``.
+        torch_threads: intra-op threads on CPU (the CPUs reserved for this actor).
+        crash_once_marker: fault injection for tests: when set, the actor process exits hard on
+            its second batch unless this file exists (creating it first), so Ray must restart the
+            actor and retry the batch. Never set in production.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str = "cpu",
+        torch_threads: int = 1,
+        crash_once_marker: str | None = None,
+    ) -> None:
+        t0 = time.perf_counter()
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(torch_threads)))
+        self.device = torch.device(device)
+        loaded = load_checkpoint(Path(checkpoint), device=str(self.device))
+        self.model = loaded.model.eval()
+        self.checkpoint_hash = loaded.checkpoint_hash
+        self.crash_once_marker = crash_once_marker
+        self.batches = 0
+        self.load_seconds = time.perf_counter() - t0
+        log.info("model %s loaded on %s in %.1fs", loaded.model_id, device, self.load_seconds)
+
+    def _maybe_crash(self) -> None:
+        if not self.crash_once_marker or self.batches < 2:
+            return
+        try:
+            fd = os.open(self.crash_once_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        log.warning("fault injection: actor exits mid-run")
+        os._exit(1)
+
+    @torch.inference_mode()
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, S, S) float32 in [0, 1] -> scores (N,), uint8 maps (N, H, W), map maxima (N,)."""
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        x = x.unsqueeze(1).to(self.device, non_blocking=True)  # (N, 1, S, S)
+        out = self.model.predict(x)
+        maps = torch.clamp(torch.nan_to_num(out.maps.float(), nan=0.0), min=0.0)  # (N, H, W)
+        peak = maps.flatten(1).amax(dim=1)  # (N,)
+        scale = torch.where(peak > 0, 255.0 / peak, torch.zeros_like(peak))
+        q = torch.round(maps * scale[:, None, None]).to(torch.uint8)  # (N, H, W)
+        return out.scores.float().cpu().numpy(), q.cpu().numpy(), peak.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        self.batches += 1
+        self._maybe_crash()
+        kind = np.asarray(batch["kind"])
+        is_slice = kind == KIND_SLICE
+        n = len(kind)
+        scores = np.full(n, np.nan, dtype=np.float32)
+        peaks = np.zeros(n, dtype=np.float32)
+        pngs = np.array([b""] * n, dtype=object)
+        if is_slice.any():
+            s, q, p = self.score(batch["image"][is_slice])
+            idx = np.flatnonzero(is_slice)
+            scores[idx] = s
+            peaks[idx] = p
+            for j, i in enumerate(idx):
+                pngs[i] = encode_png(q[j])
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out.update(score=scores, heatmap_png=pngs, heatmap_max=peaks)
+        return out
+
+
+def predict_images(loaded_model: Any, images: np.ndarray) -> np.ndarray:
+    """Scores of (N, S, S) images with an in-process model (reference path for tests/bench)."""
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+        return loaded_model.predict(x).scores.float().numpy()

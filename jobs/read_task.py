@@ -1,0 +1,121 @@
+"""Read tasks (Ray CPU workers): decode, window and slice one series into model-ready rows.
+
+Each input row is a work unit (one series, as ``SeriesRef`` JSON). Output rows are slices
+(``kind="slice"``) streamed in blocks of at most ``rows_per_block`` (a large series becomes
+several slice-range blocks that the actor pool scores in parallel), or one marker row for a
+series that failed to read (``kind="error"``) or gave no slice (``kind="empty"``). Every row
+carries ``n_rows``: how many rows its series produces, so the driver knows when a series is
+complete before committing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pdd_batch.discovery import SeriesRef
+from pdd_batch.preprocess import PreprocessError, PreprocessSpec
+from pdd_batch.slicing import iter_model_slices
+from pdd_batch.volume import SeriesReadError, load_series
+
+log = logging.getLogger(__name__)
+
+KIND_SLICE, KIND_ERROR, KIND_EMPTY = "slice", "error", "empty"
+MAX_REASON_CHARS = 300
+# Errors a damaged or unsupported input can raise while decoding; programming errors
+# (TypeError, AttributeError, NameError, ...) are not caught and fail the task loudly.
+READ_ERRORS = (
+    SeriesReadError,
+    PreprocessError,
+    OSError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    MemoryError,
+    EOFError,
+)
+_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+def scrub_reason(text: str) -> str:
+    """An error reason safe to store: UIDs masked, one line, bounded length."""
+    text = _UID_RE.sub("<uid>", " ".join(str(text).split()))
+    return text[:MAX_REASON_CHARS]
+
+
+def _marker(ref: SeriesRef, kind: str, reason: str, size: int) -> dict[str, Any]:
+    return {
+        "kind": [kind],
+        "series_key": [ref.series_key],
+        "study_key": [ref.study_key],
+        "modality": [ref.modality or ""],
+        "volume_index": np.array([-1], dtype=np.int32),
+        "slice_index": np.array([-1], dtype=np.int32),
+        "source_file": [""],
+        "n_rows": np.array([1], dtype=np.int32),
+        "reason": [reason],
+        "image": np.zeros((1, size, size), dtype=np.float32),
+    }
+
+
+def _block(ref: SeriesRef, slices: list, n_rows: int, warnings: str) -> dict[str, Any]:
+    n = len(slices)
+    return {
+        "kind": [KIND_SLICE] * n,
+        "series_key": [ref.series_key] * n,
+        "study_key": [ref.study_key] * n,
+        "modality": [ref.modality or ""] * n,
+        "volume_index": np.array([s.volume_index for s in slices], dtype=np.int32),
+        "slice_index": np.array([s.slice_index for s in slices], dtype=np.int32),
+        "source_file": [s.source_file for s in slices],
+        "n_rows": np.full(n, n_rows, dtype=np.int32),
+        "reason": [warnings] * n,
+        "image": np.stack([s.image for s in slices]).astype(np.float32, copy=False),  # (N, S, S)
+    }
+
+
+def read_series(
+    archive_root: Path, ref: SeriesRef, spec: PreprocessSpec, rows_per_block: int
+) -> Iterator[dict[str, Any]]:
+    """Yield column blocks for one series (see the module docstring)."""
+    try:
+        series = load_series(archive_root, ref)
+        slices = list(iter_model_slices(series, spec))
+    except READ_ERRORS as exc:
+        reason = scrub_reason(f"{type(exc).__name__}: {exc}")
+        log.warning("series %s: read failed (%s)", ref.series_key, reason)
+        yield _marker(ref, KIND_ERROR, reason, spec.image_size)
+        return
+    warnings = scrub_reason("; ".join(series.warnings)) if series.warnings else ""
+    if not slices:
+        yield _marker(ref, KIND_EMPTY, warnings or "no slice in this series", spec.image_size)
+        return
+    for start in range(0, len(slices), rows_per_block):
+        yield _block(ref, slices[start : start + rows_per_block], len(slices), warnings)
+
+
+class ReadSeries:
+    """``map_batches`` callable (a Ray task per block of work units; stateless)."""
+
+    def __init__(self, archive_root: str, preprocessing: str, rows_per_block: int) -> None:
+        self.root = Path(archive_root)
+        self.spec = PreprocessSpec.from_dict(json.loads(preprocessing))
+        self.rows_per_block = rows_per_block
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+        for unit in batch["series"]:
+            ref = SeriesRef.from_dict(json.loads(str(unit)))
+            yield from read_series(self.root, ref, self.spec, self.rows_per_block)
+
+
+def read_series_fn(
+    batch: dict[str, np.ndarray], *, archive_root: str, preprocessing: str, rows_per_block: int
+) -> Iterator[dict[str, Any]]:
+    """Function form of ``ReadSeries`` for ``map_batches`` tasks (fn_kwargs)."""
+    yield from ReadSeries(archive_root, preprocessing, rows_per_block)(batch)

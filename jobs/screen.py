@@ -1,0 +1,353 @@
+"""The screening job: discovery on the driver -> series work units sharded by a stable hash ->
+Ray CPU read tasks (decode, window, slice) -> actor pool holding the PDD model -> streaming,
+atomic Parquet writes with per-series commits (see ``pdd_batch.sink`` and ``pdd_batch.run_state``).
+
+Progress goes to an optional callback (``ProgressEvent``); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from jobs.cluster import ClusterInfo, connect
+from jobs.predictor import SlicePredictor
+from jobs.read_task import read_series_fn
+from jobs.resources import ActorPlan, plan_actors
+from pdd_batch.config import RunConfig
+from pdd_batch.discovery import Discovery, SeriesRef, discover
+from pdd_batch.manifest import (
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_INCOMPLETE,
+    STATUS_RUNNING,
+    InputCounts,
+    build_manifest,
+    code_version,
+    exit_code_for,
+    file_outcomes,
+    write_manifest,
+)
+from pdd_batch.run_state import RunState, run_lock
+from pdd_batch.run_tables import write_errors, write_studies
+from pdd_batch.sink import Provenance, SinkStats, SliceSink
+
+log = logging.getLogger(__name__)
+
+CRASH_ONCE_ENV = "PDD_FAULT_CRASH_ONCE"  # test-only fault injection, see SlicePredictor
+ROWS_PER_BLOCK = 32
+MAX_INPUT_BLOCKS = 2000
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress update: ``stage`` is discover | series | slices | commit | finalise."""
+
+    stage: str
+    done: int
+    total: int | None = None
+    rate: float | None = None  # per second, for "slices"
+    note: str = ""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class ScreenResult:
+    """Outcome of ``run_screen``: the manifest written and the process exit code."""
+
+    out_dir: Path
+    status: str
+    exit_code: int
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    model_id: str
+    checkpoint_hash: str
+    preprocessing: str  # JSON
+    threshold: float | None
+
+
+def resolve_model(path: Path | None) -> ModelInfo:
+    """Read the checkpoint's metadata on the driver (each actor loads and verifies the weights)."""
+    from model.checkpoint import read_meta
+
+    if path is None:
+        from model.default import default_model_path
+
+        path = default_model_path()
+    meta = read_meta(Path(path))
+    calib = meta.get("calibration") or {}
+    threshold = calib.get("threshold")
+    return ModelInfo(
+        path=Path(path),
+        model_id=str(meta["model_id"]),
+        checkpoint_hash=str(meta["checkpoint_hash"]),
+        preprocessing=json.dumps(meta["preprocessing"], sort_keys=True),
+        threshold=None if threshold is None else float(threshold),
+    )
+
+
+def stable_shard(series_key: str, n_shards: int) -> int:
+    """Shard of a series: SHA-256 of its key (stable across runs and machines)."""
+    return int(hashlib.sha256(series_key.encode()).hexdigest()[:12], 16) % n_shards
+
+
+def series_fingerprint(root: Path, ref: SeriesRef) -> str:
+    """Digest of a series' files (relative paths and sizes): changes when its inputs change."""
+    h = hashlib.sha256()
+    for rel in sorted(ref.files):
+        try:
+            size = (root / rel).stat().st_size
+        except OSError:
+            size = -1  # a member of a .zip/.tar: the path alone
+        h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _part_names(run_id: str) -> Iterator[str]:
+    i = 0
+    while True:
+        i += 1
+        yield f"part-{run_id}-{i:05d}.parquet"
+
+
+def _emit(progress: ProgressFn | None, *args: Any, **kwargs: Any) -> None:
+    if progress is not None:
+        progress(ProgressEvent(*args, **kwargs))
+
+
+def build_dataset(
+    units: list[SeriesRef], root: Path, model: ModelInfo, plan: ActorPlan
+) -> ray.data.Dataset:
+    """The Ray Data graph: work units -> read tasks -> actor pool (numpy rows).
+
+    Fault tolerance comes from Ray Data's defaults, which this graph relies on (passing them as
+    ``ray_remote_args`` is deprecated in Ray 2.60): pool actors get ``max_restarts=-1`` and
+    ``max_task_retries=-1`` (a killed actor is restarted and its batch retried), read tasks Ray's
+    ``max_retries=3`` for worker crashes. The sink drops any row it already has, so a retried
+    block can never duplicate a slice.
+    """
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    n_blocks = max(1, min(len(units), MAX_INPUT_BLOCKS))
+    ordered = sorted(units, key=lambda r: (stable_shard(r.series_key, n_blocks), r.series_key))
+    items = [{"series": json.dumps(r.to_dict(), sort_keys=True)} for r in ordered]
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        read_series_fn,
+        fn_kwargs={
+            "archive_root": str(root),
+            "preprocessing": model.preprocessing,
+            "rows_per_block": ROWS_PER_BLOCK,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=plan.read_cpus,
+    )
+    return ds.map_batches(
+        SlicePredictor,
+        fn_constructor_kwargs={
+            "checkpoint": str(model.path.resolve()),
+            "device": plan.device,
+            "torch_threads": plan.torch_threads,
+            "crash_once_marker": os.environ.get(CRASH_ONCE_ENV) or None,
+        },
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        memory=plan.memory,
+    )
+
+
+def _stream(
+    ds: ray.data.Dataset, sink: SliceSink, n_series: int, progress: ProgressFn | None
+) -> None:
+    t0 = time.perf_counter()
+    seen: set[str] = set()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        sink.add(batch)
+        seen.update(str(k) for k in batch["series_key"])
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        rate = sink.stats.slices_received / elapsed
+        _emit(progress, "series", len(seen), n_series)
+        _emit(progress, "slices", sink.stats.slices_received, None, rate)
+    sink.close()
+
+
+def _plan_work(cfg: RunConfig, disc: Discovery, state: RunState) -> tuple[list[SeriesRef], dict]:
+    fingerprints = {r.series_key: series_fingerprint(disc.root, r) for r in disc.series}
+    fp = fingerprints
+    pending = [r for r in disc.series if not state.is_done(r.series_key, fp[r.series_key])]
+    changed = [r.series_key for r in pending if r.series_key in state.series]
+    if changed:
+        log.info("%d series changed since they were screened; replacing their rows", len(changed))
+        state.forget(changed, _part_names(cfg.run_id + "-r"))
+    return pending, fingerprints
+
+
+def run_screen(cfg: RunConfig, progress: ProgressFn | None = None) -> ScreenResult:
+    """Screen ``cfg.archive`` into ``cfg.out_dir`` (one run per folder at a time).
+
+    Raises:
+        RunLockedError: another run holds the folder.
+    """
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(cfg.out_dir):
+        return _run_locked(cfg, progress)
+
+
+def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState.load(out)
+    state.reconcile()
+    t = time.perf_counter()
+    model = resolve_model(cfg.model_path)
+    timings["model_meta_s"] = time.perf_counter() - t
+    state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force)
+    t = time.perf_counter()
+    disc = discover(cfg.archive, open_archives=cfg.open_archives)
+    timings["discover_s"] = time.perf_counter() - t
+    _emit(progress, "discover", len(disc.files), len(disc.files), note=f"{len(disc.series)} series")
+    pending, fingerprints = _plan_work(cfg, disc, state)
+    meta = {
+        "archive_root": disc.root,
+        "model_id": model.model_id,
+        "checkpoint_hash": model.checkpoint_hash,
+    }
+    base_extra = {"run_config": cfg.to_dict(), "started_unix": time.time()}
+    running = InputCounts.from_outcomes({})
+    write_manifest(
+        out,
+        build_manifest(
+            run_id=cfg.run_id,
+            status=STATUS_RUNNING,
+            counts=running,
+            archive_root=meta["archive_root"],
+            model_id=model.model_id,
+            checkpoint_hash=model.checkpoint_hash,
+            extra=base_extra,
+        ),
+    )
+    prov = Provenance(
+        model.model_id,
+        model.checkpoint_hash,
+        model.preprocessing,
+        cfg.run_id,
+        code_version(),
+        model.threshold,
+    )
+    n_pending = len(pending)
+
+    def on_commit(stats: SinkStats) -> None:
+        _emit(progress, "commit", stats.series_committed, n_pending)
+
+    sink = SliceSink(
+        state,
+        prov,
+        {r.series_key: r for r in pending},
+        fingerprints,
+        _part_names(cfg.run_id),
+        rows_per_file=cfg.rows_per_file,
+        flush_seconds=cfg.flush_seconds,
+        on_commit=on_commit,
+    )
+    status, error, cluster = STATUS_COMPLETE, None, None
+    t = time.perf_counter()
+    try:
+        if pending:
+            with connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as cluster:
+                plan = plan_actors(
+                    cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
+                )
+                ds = build_dataset(pending, disc.root, model, plan)
+                _stream(ds, sink, n_pending, progress)
+    except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
+        status, error = STATUS_FAILED, f"{type(exc).__name__}: {exc}"[:500]
+        sink.close()
+        raise
+    finally:
+        timings["pipeline_s"] = time.perf_counter() - t
+        result = _finalise(
+            cfg, disc, state, sink, status, error, timings, t_start, model, cluster, progress
+        )
+    return result
+
+
+def _finalise(
+    cfg: RunConfig,
+    disc: Discovery,
+    state: RunState,
+    sink: SliceSink,
+    status: str,
+    error: str | None,
+    timings: dict[str, float],
+    t_start: float,
+    model: ModelInfo,
+    cluster: ClusterInfo | None,
+    progress: ProgressFn | None,
+) -> ScreenResult:
+    t = time.perf_counter()
+    state.compact(cfg.max_part_files, cfg.rows_per_file * 4, _part_names(cfg.run_id + "-c"))
+    n_study = write_studies(state, topk=cfg.topk, run_id=cfg.run_id)
+    keys = {r.series_key for r in disc.series}
+    done = {k: [f for f, _ in rec.dropped] for k, rec in state.series.items() if k in keys}
+    files = [(f.path, f.status, f.reason) for f in disc.files]
+    outcomes = file_outcomes(files, {r.series_key: r.files for r in disc.series}, done, sink.failed)
+    n_err = write_errors(state, disc, sink.failed, outcomes, run_id=cfg.run_id)
+    counts = InputCounts.from_outcomes(outcomes)
+    if status == STATUS_COMPLETE and counts.inputs_lost:
+        status = STATUS_INCOMPLETE
+    timings["finalise_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    extra = {
+        "run_config": cfg.to_dict(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "series_seen": len(disc.series),
+        "series_screened_this_run": sink.stats.series_committed,
+        "series_reused": len(keys & set(state.series)) - sink.stats.series_committed,
+        "series_failed": len(sink.failed),
+        "slices_written_this_run": sink.stats.slices_written,
+        "slices_total": sum(state.part_rows().values()),
+        "studies": n_study,
+        "error_rows": n_err,
+        "slices_per_s": round(sink.stats.slices_written / max(timings["pipeline_s"], 1e-9), 2),
+        "parts": len(state.parts),
+        "cluster": None
+        if cluster is None
+        else {"mode": cluster.mode, "nodes": cluster.nodes, "resources": cluster.resources},
+        "threshold": model.threshold,
+    }
+    if error:
+        extra["error"] = error
+    manifest = build_manifest(
+        run_id=cfg.run_id,
+        status=status,
+        archive_root=disc.root,
+        counts=counts,
+        model_id=model.model_id,
+        checkpoint_hash=model.checkpoint_hash,
+        extra=extra,
+    )
+    write_manifest(cfg.out_dir, manifest)
+    _emit(progress, "finalise", 1, 1, note=status)
+    return ScreenResult(cfg.out_dir, status, exit_code_for(status), manifest)

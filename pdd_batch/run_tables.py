@@ -1,0 +1,154 @@
+"""End-of-run tables: the study rollup of all committed slices and the errors table.
+
+Both are rewritten whole at the end of every run (one file each, atomic rename), so incremental
+runs never duplicate them: studies cover every committed slice (this run's and earlier ones),
+errors hold exactly one row per input file that was not scored, with its stage and reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from pdd_batch.discovery import Discovery
+from pdd_batch.manifest import LOST, SCORED, SKIPPED
+from pdd_batch.run_state import RunState
+from pdd_batch.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
+from pdd_batch.writer import read_parts, rows_to_table, write_table_atomic
+
+STUDIES_FILE = "studies.parquet"
+ERRORS_FILE = "errors.parquet"
+LOST_REASON = "not finished by this run (interrupted or lost); rerun to complete it"
+
+ROLLUP_COLUMNS = (
+    "study_key",
+    "series_key",
+    "slice_key",
+    "score",
+    "flagged",
+    "threshold",
+    "modality",
+    "model_id",
+    "checkpoint_hash",
+)
+
+
+def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
+    """One ``STUDIES_SCHEMA`` row per study in ``slices`` (needs ``ROLLUP_COLUMNS``).
+
+    Decision: ``"uncalibrated"`` when the model has no threshold, else ``"flagged"`` if any slice
+    is flagged, else ``"normal"``.
+    """
+    if slices.num_rows == 0:
+        return STUDIES_SCHEMA.empty_table()
+    t = slices.sort_by(
+        [("study_key", "ascending"), ("score", "descending"), ("slice_key", "ascending")]
+    )
+    cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in ROLLUP_COLUMNS}
+    studies = cols["study_key"]
+    starts = np.flatnonzero(np.r_[True, studies[1:] != studies[:-1]])
+    ends = np.r_[starts[1:], len(studies)]
+    rows = []
+    for a, b in zip(starts, ends, strict=True):
+        scores = cols["score"][a:b].astype(np.float64)
+        calibrated = any(v is not None and v == v for v in cols["threshold"][a:b])
+        n_flagged = int(np.count_nonzero(cols["flagged"][a:b]))
+        if not calibrated:
+            decision = "uncalibrated"
+        else:
+            decision = "flagged" if n_flagged else "normal"
+        modalities = Counter(m for m in cols["modality"][a:b] if m)
+        rows.append(
+            {
+                "study_key": str(studies[a]),
+                "n_series": len(set(cols["series_key"][a:b])),
+                "n_slices": int(b - a),
+                "max_score": float(scores[0]),
+                "topk_mean": float(scores[:topk].mean()),
+                "n_flagged": n_flagged,
+                "decision": decision,
+                "top_slice_key": str(cols["slice_key"][a]),
+                "modality": modalities.most_common(1)[0][0] if modalities else None,
+                "model_id": str(cols["model_id"][a]),
+                "checkpoint_hash": str(cols["checkpoint_hash"][a]),
+                "run_id": run_id,
+            }
+        )
+    return rows_to_table(rows, STUDIES_SCHEMA)
+
+
+def write_studies(state: RunState, *, topk: int, run_id: str) -> int:
+    """Recompute ``studies/`` from every committed part; returns the number of studies."""
+    parts = read_parts(state.slices_dir, state.parts)
+    slices = parts.select(list(ROLLUP_COLUMNS)) if parts is not None else None
+    table = study_rows(slices, topk=topk, run_id=run_id) if slices is not None else None
+    if table is None:
+        table = STUDIES_SCHEMA.empty_table()
+    write_table_atomic(table, state.out_dir / "studies" / STUDIES_FILE)
+    return table.num_rows
+
+
+def error_rows(
+    disc: Discovery,
+    state: RunState,
+    failed: dict[str, str],
+    outcomes: dict[str, str],
+    *,
+    run_id: str,
+) -> list[dict]:
+    """One row per input file whose outcome is not ``scored``."""
+    discovered = {f.path: f for f in disc.files}
+    read_failure: dict[str, tuple[str, str]] = {}
+    dropped: dict[str, tuple[str, str]] = {}
+    for ref in disc.series:
+        if ref.series_key in failed:
+            for path in ref.files:
+                read_failure.setdefault(path, (ref.series_key, failed[ref.series_key]))
+        rec = state.series.get(ref.series_key)
+        if rec is not None:
+            for path, reason in rec.dropped:
+                dropped.setdefault(path, (ref.series_key, reason))
+    rows = []
+    for path, outcome in sorted(outcomes.items()):
+        if outcome == SCORED:
+            continue
+        rec = discovered.get(path)
+        if rec is not None and rec.status in ("skipped", "failed"):
+            row = (rec.series_key, "discover", rec.status, rec.reason or rec.status)
+        elif outcome == SKIPPED and path in dropped:
+            row = (dropped[path][0], "slice", "skipped", dropped[path][1])
+        elif outcome == LOST:
+            row = (rec.series_key if rec else None, "score", "failed", LOST_REASON)
+        elif path in read_failure:
+            row = (read_failure[path][0], "read", "failed", read_failure[path][1])
+        else:
+            row = (rec.series_key if rec else None, "score", outcome, outcome)
+        key, stage, status, reason = row
+        rows.append(
+            {
+                "file": path,
+                "series_key": key,
+                "stage": stage,
+                "status": status,
+                "reason": reason,
+                "run_id": run_id,
+            }
+        )
+    return rows
+
+
+def write_errors(
+    state: RunState,
+    disc: Discovery,
+    failed: dict[str, str],
+    outcomes: dict[str, str],
+    *,
+    run_id: str,
+) -> int:
+    """Rewrite ``errors/`` for this run; returns the number of rows."""
+    rows = error_rows(disc, state, failed, outcomes, run_id=run_id)
+    table = rows_to_table(rows, ERRORS_SCHEMA) if rows else ERRORS_SCHEMA.empty_table()
+    write_table_atomic(table, state.out_dir / "errors" / ERRORS_FILE)
+    return table.num_rows
