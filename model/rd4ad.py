@@ -185,7 +185,10 @@ class RD4AD(nn.Module):
 
 def build_rd4ad(config: ModelConfig) -> RD4AD:
     """Build RD4AD from a ``ModelConfig`` (its CNN teacher; a mamba teacher, if any, is unused)."""
-    return RD4AD(config, build_teacher(config.cnn_teacher), config.blocks_per_stage)
+    teacher = build_teacher(config.cnn_teacher)
+    with torch.random.fork_rng(devices=[]):  # seeded head init; the caller's RNG is untouched
+        torch.manual_seed(int(getattr(config, "head_seed", 0)))
+        return RD4AD(config, teacher, config.blocks_per_stage)
 
 
 def rd4ad_config() -> ModelConfig:

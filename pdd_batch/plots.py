@@ -19,6 +19,7 @@ def evaluation_figure(
     *,
     images: np.ndarray | None = None,
     maps: np.ndarray | None = None,
+    image_index: Sequence[int] | None = None,
     names: Sequence[str] | None = None,
     title: str = "",
     threshold: float | None = None,
@@ -30,9 +31,10 @@ def evaluation_figure(
         out_png: file to write.
         labels: (N,) 0 normal, 1 anomalous.
         scores: (N,) image scores.
-        images: (N, S, S) model inputs in [0, 1], or None to skip the grid.
-        maps: (N, S, S) anomaly maps matching ``images``.
-        names: (N,) short labels shown over the grid tiles.
+        images: (K, S, S) model inputs in [0, 1], or None to skip the grid.
+        maps: (K, S, S) anomaly maps matching ``images``.
+        image_index: (K,) index into ``scores`` of each row of ``images``; None when K = N.
+        names: (K,) short labels of the rows of ``images``.
         title: figure title (metrics, model id).
         threshold: calibrated threshold drawn on the histogram, if any.
         n_top: number of top-scoring images in the grid.
@@ -41,8 +43,9 @@ def evaluation_figure(
 
     y = np.asarray(labels).astype(int)
     s = np.asarray(scores, dtype=np.float64)
-    show_grid = images is not None and maps is not None and len(s) > 0
-    n_top = min(n_top, len(s)) if show_grid else 0
+    show_grid = images is not None and maps is not None and len(images) > 0
+    n_top = min(n_top, len(images)) if show_grid else 0
+    index = np.arange(len(s)) if image_index is None else np.asarray(image_index, dtype=int)
     ncols = max(4, (n_top + 1) // 2)
     rows = 1 + (2 if n_top else 0)
     fig = plt.figure(figsize=(3.2 * ncols, 3.2 * rows))
@@ -63,7 +66,7 @@ def evaluation_figure(
     ax_hist.set(xlabel="image score", ylabel="images", title="scores per class")
     ax_hist.legend()
     if n_top:
-        _draw_top_maps(fig, grid, images, maps, s, y, names, n_top, ncols)
+        _draw_top_maps(fig, grid, images, maps, index, s, y, names, n_top, ncols)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -74,14 +77,15 @@ def evaluation_figure(
     return out_png
 
 
-def _draw_top_maps(fig, grid, images, maps, s, y, names, n_top, ncols) -> None:  # noqa: ANN001
-    vmax = float(np.max(maps)) if np.size(maps) else 1.0
-    vmin = float(np.min(maps)) if np.size(maps) else 0.0
-    for rank, idx in enumerate(np.argsort(-s)[:n_top]):
+def _draw_top_maps(fig, grid, images, maps, index, s, y, names, n_top, ncols) -> None:  # noqa: ANN001
+    vmax = float(np.max(maps))
+    vmin = float(np.min(maps))
+    for rank, row in enumerate(np.argsort(-s[index], kind="stable")[:n_top]):
+        idx = index[row]
         ax = fig.add_subplot(grid[1 + rank // ncols, rank % ncols])
-        ax.imshow(images[idx], cmap="gray", vmin=0, vmax=1)
-        ax.imshow(maps[idx], cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+        ax.imshow(images[row], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(maps[row], cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
         tag = "anomalous" if y[idx] == 1 else "normal"
-        name = names[idx] if names is not None else f"#{idx}"
+        name = names[row] if names is not None else f"#{idx}"
         ax.set_title(f"{name}\n{tag} {s[idx]:.3f}", fontsize=8)
         ax.axis("off")

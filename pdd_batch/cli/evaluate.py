@@ -1,11 +1,73 @@
-"""`pdd-batch evaluate`: placeholder until its issue lands."""
+"""`pdd-batch evaluate DATA --out DIR`: metrics, trivial floors and a figure for a checkpoint."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from pdd_batch.cli.train import load_items
 
 
-def evaluate_command() -> None:
-    """Not available yet in this build."""
-    typer.echo("pdd-batch evaluate: not implemented yet in this build", err=True)
-    raise typer.Exit(code=2)
+def evaluate_command(
+    data: Annotated[Path, typer.Argument(help="Labelled image folder or split CSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json and PNG.")],
+    split_file: Annotated[Path | None, typer.Option(help="CSV path,label,split.")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to evaluate (default: test with a split file).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
+    ] = None,
+) -> None:
+    """Image AUROC, AP and F1-max (pixel AUROC/AUPRO with masks) beside trivial floors."""
+    from rich.progress import Progress
+
+    from jobs.evaluate import EvaluationError, run_evaluation
+    from model.checkpoint import CheckpointError
+    from model.teachers import TeacherWeightsError
+
+    console = Console()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if split is None and (split_file is not None or Path(data).suffix.lower() == ".csv"):
+        split = "test"
+    items, desc = load_items(console, data, split_file, split)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=len(items))
+        try:
+            m = run_evaluation(
+                items, out, model,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                address=address, data_description=desc,
+            )  # fmt: skip
+        except (EvaluationError, CheckpointError, TeacherWeightsError, FileNotFoundError) as exc:
+            console.print(f"[red]evaluation failed: {exc}[/]")
+            raise typer.Exit(code=1) from exc
+    table = Table(title=f"{m['model_id']} on {desc}: {m['n_normal']} normal, "
+                        f"{m['n_anomalous']} anomalous")  # fmt: skip
+    for col in ("metric", "model", "floor: mean intensity", "floor: image size"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    fl = m["floors"]
+    table.add_row("AUROC", f"{m['auroc']:.3f}", f"{fl['mean_intensity_auroc']:.3f}",
+                  f"{fl['image_size_auroc']:.3f}")  # fmt: skip
+    table.add_row("AP", f"{m['ap']:.3f}", "", "")
+    table.add_row("F1-max", f"{m['f1_max']:.3f}", "", "")
+    for key, name in (("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO (FPR<=0.3)")):
+        if key in m:
+            table.add_row(name, f"{m[key]:.3f}", "", "")
+    console.print(table)
+    if "at_threshold" in m:
+        t = m["at_threshold"]
+        console.print(f"at the calibrated threshold {t['threshold']:.4g}: "
+                      f"FPR {t['fpr']:.3f}, TPR {t['tpr']:.3f}")  # fmt: skip
+    for err in m["errors"]:
+        console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
+    console.print("floors are AUROCs of trivial scores in their better direction")
+    console.print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'evaluation.png'}")

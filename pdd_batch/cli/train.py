@@ -1,11 +1,116 @@
-"""`pdd-batch train`: placeholder until its issue lands."""
+"""`pdd-batch train DATA --out DIR`: train a model on normal images (rich progress bar)."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+
+from pdd_batch.datasets import DatasetError, ImageItem, describe, list_images
+
+TEACHER_ROLES = ("cnn", "mamba")
 
 
-def train_command() -> None:
-    """Not available yet in this build."""
-    typer.echo("pdd-batch train: not implemented yet in this build", err=True)
-    raise typer.Exit(code=2)
+def load_items(
+    console: Console, data: Path, split_file: Path | None, split: str | None
+) -> tuple[list[ImageItem], str]:
+    """List DATA's images (exit 2 with a clear message on a bad layout) and describe them."""
+    try:
+        items = list_images(data, split_file, split)
+    except DatasetError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    counts = ", ".join(f"{k} {v}" for k, v in describe(items).items())
+    console.print(f"{data.name}: {counts}")
+    source = f"{data.name}" + (f" ({split_file.name}, split {split})" if split_file else "")
+    return items, source
+
+
+def parse_teacher_weights(console: Console, pairs: list[str]) -> dict[str, str]:
+    """``["cnn=PATH", ...]`` → get_config overrides (``cnn_source="file"``, ``cnn_weights``)."""
+    overrides: dict[str, str] = {}
+    for pair in pairs:
+        role, sep, path = pair.partition("=")
+        if not sep or role not in TEACHER_ROLES or not path:
+            console.print(f"[red]--teacher-weights wants ROLE=PATH with ROLE in {TEACHER_ROLES}, "
+                          f"got {pair!r}[/]")  # fmt: skip
+            raise typer.Exit(code=2)
+        overrides[f"{role}_source"] = "file"
+        overrides[f"{role}_weights"] = str(Path(path).expanduser().resolve())
+    return overrides
+
+
+def train_command(
+    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders) or split CSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write.")],
+    split_file: Annotated[
+        Path | None, typer.Option(help="CSV path,label,split (paths relative to DATA or above).")
+    ] = None,
+    config: Annotated[
+        str, typer.Option(help="Model config (lite0, rd4ad, paper, test).")
+    ] = "lite0",
+    teacher_weights: Annotated[
+        list[str] | None,
+        typer.Option(help="ROLE=PATH local teacher weights, ROLE cnn or mamba (repeatable)."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    image_size: Annotated[int | None, typer.Option(help="Input side S (multiple of 32).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    seed: Annotated[int, typer.Option(help="Seeds head init and shuffling.")] = 0,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pt.")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
+    ] = None,
+) -> None:
+    """Train on the normal images of DATA (the `train` split when a split file is given)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jobs.train import TrainConfig, TrainError, run_training
+    from model.config import ConfigError, get_config
+    from model.teachers import TeacherWeightsError
+
+    console = Console()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    items, desc = load_items(console, data, split_file, "train" if split_file else None)
+    overrides = parse_teacher_weights(console, teacher_weights or [])
+    if image_size is not None:
+        overrides["image_size"] = image_size
+    try:
+        cfg = get_config(config, **overrides)
+        run = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, max_images=max_images)
+    except (ConfigError, TrainError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("teacher features", total=epochs, epoch=0, epochs=epochs, loss="-")
+
+        def report(p) -> None:  # p: jobs.train.TrainProgress
+            if p.phase == "features":
+                return
+            done = p.epoch - 1 + (p.step / p.steps_per_epoch if p.step else 1.0)
+            bar.update(task, description="training", completed=done, epoch=p.epoch,
+                       loss=f"{p.loss:.4f}")  # fmt: skip
+
+        try:
+            result = run_training(items, out, cfg, run, resume=resume, progress=report,
+                                  address=address, data_description=desc)  # fmt: skip
+        except (TrainError, TeacherWeightsError, ConfigError) as exc:
+            console.print(f"[red]training failed: {exc}[/]")
+            raise typer.Exit(code=1) from exc
+    for err in result.errors:
+        console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
+    console.print(
+        f"trained {cfg.name} ({cfg.arch}, {cfg.image_size} px) on {result.n_images} images, "
+        f"{result.epochs_run} epochs, final loss {result.epoch_losses[-1]:.4f}, "
+        f"{result.wall_s:.0f} s -> {result.checkpoint}"
+    )

@@ -1,0 +1,204 @@
+"""Experiments behind docs/results.md: PDD vs RD4AD on HeadCT and chest X-ray, several seeds.
+
+Run as a command (not a test), e.g.::
+
+    nice -n 10 python -m jobs.experiments headct --data ../shared/data/headct \
+        --variants pdd-lite0 rd4ad-lite0 --seeds 0 1 2 --epochs 100 --image-size 128 --out runs/exp
+
+Every run trains with ``jobs.train.train_model`` (the code behind ``pdd-batch train``) on the normal
+``train`` images and reports the LAST epoch on ``test``; nothing is selected on ``test``. Teacher
+features of the training and test images are computed once per variant and reused across seeds.
+Each result is appended to ``OUT/results.jsonl``; a markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.train import TrainConfig, build, load_images, teacher_key, train_model
+from model.config import ModelConfig, get_config
+from model.train_step import feature_bank, predict_from_features
+from pdd_batch.datasets import ImageItem, describe, list_images, patient_split, write_split_csv
+from pdd_batch.metrics import floor_auroc, image_metrics
+from pdd_batch.preprocess import PreprocessSpec
+
+log = logging.getLogger("jobs.experiments")
+
+_WRN_RANDOM = {
+    "cnn_name": "wide_resnet50_2",
+    "cnn_arch": "wide_resnet50_2",
+    "cnn_source": "random",
+    "cnn_seed": 0,
+}
+_VMAMBA_T_RANDOM = {"mamba_name": "vmamba_tiny_v0", "mamba_arch": "vmamba_tiny_v0"}
+
+# name -> (config name, overrides); image_size is added per run.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pdd-lite0": ("lite0", {}),
+    "rd4ad-lite0": ("rd4ad", {}),
+    "pdd-lite0-paperloss": ("lite0", {"loss_form": "paper"}),
+    "pdd-lite0-vmambaT": ("lite0", dict(_VMAMBA_T_RANDOM)),
+    "pdd-wrn50rand-vmambaT": ("lite0", {**_WRN_RANDOM, **_VMAMBA_T_RANDOM}),
+    "rd4ad-wrn50rand": ("rd4ad", dict(_WRN_RANDOM)),
+}
+
+
+def variant_config(name: str, image_size: int) -> ModelConfig:
+    """The ``ModelConfig`` of an experiment variant."""
+    base, overrides = VARIANTS[name]
+    return get_config(base, image_size=image_size, **overrides)
+
+
+def headct_items(data: Path) -> tuple[list[ImageItem], list[ImageItem], str]:
+    """HeadCT's fixed split: train normals and the test set."""
+    items = list_images(data, data / "split.csv")
+    return items, [it for it in items if it.split == "test"], "HeadCT split.csv"
+
+
+def chest_items(
+    data: Path, out: Path, seed: int, max_train: int | None
+) -> tuple[list[ImageItem], list[ImageItem], str]:
+    """Patient-level split of the chest X-ray index (written to ``OUT/chest_split.csv``)."""
+    items = patient_split(list_images(data / "index.csv"), val_fraction=0.1, test_fraction=0.3,
+                          seed=seed)  # fmt: skip
+    write_split_csv(items, out / "chest_split.csv")
+    log.info("chest split %s", describe(items))
+    desc = f"chest X-ray, patient split seed {seed}, train cap {max_train}"
+    return items, [it for it in items if it.split == "test"], desc
+
+
+def _test_bank(cfg: ModelConfig, test: list[ImageItem], cache: dict[Any, Any]) -> Any:
+    key = ("test", teacher_key(cfg))
+    if key not in cache:
+        model = build(cfg)
+        spec = PreprocessSpec(image_size=cfg.image_size)
+        images, kept, errors = load_images(test, spec)
+        if errors:
+            raise RuntimeError(f"unreadable test images: {errors[:3]}")
+        bank = feature_bank(model, torch.from_numpy(images).unsqueeze(1))
+        labels = np.array([it.label for it in kept])
+        cache[key] = (bank, labels, images.mean(axis=(1, 2)))
+    return cache[key]
+
+
+def run_one(
+    variant: str,
+    seed: int,
+    args: argparse.Namespace,
+    train_items: list[ImageItem],
+    test: list[ImageItem],
+    desc: str,
+    cache: dict[Any, Any],
+) -> dict[str, Any]:
+    """Train one variant with one seed, score the test set, return the result row."""
+    cfg = variant_config(variant, args.image_size)
+    run = TrainConfig(epochs=args.epochs, seed=seed, max_images=args.max_train)
+    out_dir = args.out / f"{args.dataset}_{variant}_s{seed}"
+    t0 = time.perf_counter()
+    res = train_model(train_items, out_dir, cfg, run, data_description=desc, feature_cache=cache)
+    train_s = time.perf_counter() - t0
+    bank, labels, _ = _test_bank(cfg, test, cache)
+    t1 = time.perf_counter()
+    scores = predict_from_features(res.model, bank, cfg.image_size).scores.numpy()
+    row = {
+        "dataset": args.dataset,
+        "variant": variant,
+        "seed": seed,
+        "epochs": res.epochs_run,
+        "image_size": cfg.image_size,
+        "n_train": res.n_images,
+        "n_test_normal": int((labels == 0).sum()),
+        "n_test_anomalous": int((labels == 1).sum()),
+        **image_metrics(labels, scores),
+        "final_loss": res.epoch_losses[-1],
+        "train_wall_s": round(train_s, 1),
+        "eval_wall_s": round(time.perf_counter() - t1, 1),
+        "trainable_params": sum(p.numel() for p in res.model.trainable_parameters()),
+        "checkpoint": str(out_dir),
+    }
+    return row
+
+
+def floors_row(args: argparse.Namespace, test: list[ImageItem], cache: dict[Any, Any]) -> dict:
+    """Trivial floors on the test set: mean intensity and original image size as scores."""
+    from pdd_batch.datasets import image_size_of
+
+    labels = np.array([it.label for it in test])
+    sizes = np.array([np.prod(image_size_of(it.path)) for it in test], dtype=float)
+    cfg = variant_config("rd4ad-lite0", args.image_size)
+    _, _, means = _test_bank(cfg, test, cache)
+    return {
+        "dataset": args.dataset,
+        "variant": "floors",
+        "mean_intensity_auroc": floor_auroc(labels, means),
+        "image_size_auroc": floor_auroc(labels, sizes),
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | seeds | AUROC mean ± sd | AP | F1-max | train s/run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in dict.fromkeys(r["variant"] for r in rows if "auroc" in r):
+        rs = [r for r in rows if r["variant"] == v and "auroc" in r]
+        a = np.array([r["auroc"] for r in rs])
+        lines.append(
+            f"| {v} | {len(rs)} | {a.mean():.3f} ± {a.std():.3f} | "
+            f"{np.mean([r['ap'] for r in rs]):.3f} | {np.mean([r['f1_max'] for r in rs]):.3f} | "
+            f"{np.mean([r['train_wall_s'] for r in rs]):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
+    """Command-line entry point (``python -m jobs.experiments``)."""
+    p = argparse.ArgumentParser(prog="python -m jobs.experiments", description="PDD vs RD4AD")
+    p.add_argument("dataset", choices=("headct", "chest"))
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", nargs="+", default=["pdd-lite0", "rd4ad-lite0"], choices=VARIANTS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--max-train", type=int, default=None, help="cap on training normals")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.dataset == "headct":
+        train_items, test, desc = headct_items(args.data)
+    else:
+        train_items, test, desc = chest_items(args.data, args.out, args.split_seed, args.max_train)
+    cache: dict[Any, Any] = {}
+    rows = [floors_row(args, test, cache)]
+    emit(json.dumps(rows[0]))
+    with (args.out / "results.jsonl").open("a") as fh:
+        fh.write(json.dumps(rows[0]) + "\n")
+        for variant in args.variants:
+            for seed in args.seeds:
+                row = run_one(variant, seed, args, train_items, test, desc, cache)
+                rows.append(row)
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                emit(json.dumps(row))
+            rep = teacher_key(variant_config(variant, args.image_size))
+            for key in [k for k in cache if rep in (k[0], k[1])]:
+                del cache[key]  # free the teacher features of a finished variant
+    emit(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""Training on normal images: cached teacher features, seeded, resumable, self-describing output.
+
+``train_model`` runs in-process; ``run_training`` runs it as one Ray actor (a GPU when the cluster
+has one) when an address is given (``--address`` or ``RAY_ADDRESS``), else in-process. Progress
+goes through a callback (the CLI draws the bar); nothing here prints.
+
+Recipe (PDD_SPEC §4): Adam 2e-3, betas (0.5, 0.999); CosineAnnealingLR(T_max=40, eta_min=2e-4)
+stepped per epoch; 100 epochs; batch 16; no augmentation. The frozen teachers see each image once
+(``model.train_step.feature_bank``). After every epoch ``OUT/resume.pt`` holds the head, optimiser,
+scheduler and shuffling RNG, so ``resume=True`` continues exactly where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.train_step import (
+    feature_bank,
+    make_optimizer,
+    make_scheduler,
+    select,
+    train_step,
+    trainable_state,
+)
+from pdd_batch.datasets import ImageItem
+from pdd_batch.preprocess import PreprocessError, PreprocessSpec, load_image_file
+
+log = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.pt"
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue (no usable images, a resume state that does not fit)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Run configuration of one training (model configuration is separate: ``ModelConfig``)."""
+
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    t_max: int = 40
+    eta_min: float = 2e-4
+    seed: int = 0
+    max_images: int | None = None  # cap on training images (seeded choice); None = all
+    feature_batch: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "t_max", "feature_batch"):
+            if int(getattr(self, key)) < 1:
+                raise TrainError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise TrainError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.max_images is not None and self.max_images < 1:
+            raise TrainError(f"TrainConfig.max_images must be >= 1, got {self.max_images}")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One progress report: after each step (``step`` > 0) and at the end of each epoch."""
+
+    epoch: int  # 1-based epoch in progress
+    epochs: int
+    step: int  # step within the epoch (0 at epoch end)
+    steps_per_epoch: int
+    loss: float
+    lr: float
+    phase: str = "train"  # "features" while the teacher bank is computed, "train", "done"
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    checkpoint: Path
+    epochs_run: int
+    epoch_losses: list[float]
+    n_images: int
+    errors: list[dict[str, str]] = field(default_factory=list)
+    wall_s: float = 0.0
+    model: nn.Module | None = None
+
+
+ProgressFn = Callable[[TrainProgress], None]
+
+
+def load_images(
+    items: Sequence[ImageItem], spec: PreprocessSpec
+) -> tuple[np.ndarray, list[ImageItem], list[dict[str, str]]]:
+    """Load items as (N, S, S) float32 in [0, 1]; unreadable files become error records."""
+    arrays, kept, errors = [], [], []
+    for it in items:
+        try:
+            arrays.append(load_image_file(it.path, spec))
+            kept.append(it)
+        except PreprocessError as exc:
+            errors.append({"file": it.rel, "stage": "load", "reason": str(exc)})
+            log.warning("skipping unreadable image %s", it.rel)
+    size = spec.image_size
+    stack = np.stack(arrays) if arrays else np.zeros((0, size, size), np.float32)
+    return stack, kept, errors
+
+
+def select_training_items(items: Sequence[ImageItem], run: TrainConfig) -> list[ImageItem]:
+    """Normal images only (label 0), from ``train`` when the list has splits, capped if asked."""
+    chosen = [it for it in items if it.label == 0 and it.split in (None, "train")]
+    if run.max_images is not None and len(chosen) > run.max_images:
+        rng = np.random.default_rng(run.seed)
+        keep = sorted(rng.choice(len(chosen), size=run.max_images, replace=False).tolist())
+        chosen = [chosen[i] for i in keep]
+    return chosen
+
+
+def build(model_config: Any) -> nn.Module:
+    """Build the model of a ``ModelConfig`` (``model.pdd.build_model`` dispatches RD4AD too)."""
+    if getattr(model_config, "arch", "pdd") == "rd4ad":
+        from model.rd4ad import build_rd4ad
+
+        return build_rd4ad(model_config)
+    from model.pdd import build_model
+
+    return build_model(model_config)
+
+
+def teacher_key(model_config: Any) -> str:
+    """What fixes the teacher features of an image: the teachers and the input size."""
+    cnn, mamba = model_config.cnn_teacher, model_config.mamba_teacher
+    return f"{cnn!r}|{mamba!r}|{model_config.image_size}"
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+def _save_resume(path: Path, model: nn.Module, opt: Any, sched: Any, gen: torch.Generator,
+                 epoch: int, losses: list[float], run: TrainConfig) -> None:  # fmt: skip
+    state = {
+        "epoch": epoch,
+        "losses": losses,
+        "run": asdict(run),
+        "head": trainable_state(model),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written resume state
+
+
+def _load_resume(path: Path, model: nn.Module, opt: Any, sched: Any, gen: torch.Generator,
+                 run: TrainConfig) -> tuple[int, list[float]]:  # fmt: skip
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["run"]
+    for key in ("batch_size", "lr", "t_max", "eta_min", "seed", "max_images"):
+        if saved.get(key) != asdict(run).get(key):
+            raise TrainError(
+                f"{path.name}: cannot resume, {key} was {saved.get(key)!r}, "
+                f"now {asdict(run)[key]!r}"
+            )
+    missing, unexpected = model.load_state_dict(state["head"], strict=False)
+    missing = [k for k in missing if not k.startswith(("teacher_cnn.", "teacher_mamba."))]
+    if missing or unexpected:
+        raise TrainError(f"{path.name}: head keys differ (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")  # fmt: skip
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    return int(state["epoch"]), list(state["losses"])
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _epoch(model: nn.Module, opt: Any, bank: Any, gen: torch.Generator, run: TrainConfig,
+           epoch: int, progress: ProgressFn | None, lr: float) -> float:  # fmt: skip
+    n = bank[0][0].shape[0]
+    perm = torch.randperm(n, generator=gen)
+    steps = (n + run.batch_size - 1) // run.batch_size
+    total, seen = 0.0, 0
+    model.train()
+    for step in range(steps):
+        idx = perm[step * run.batch_size : (step + 1) * run.batch_size]
+        if idx.numel() < 2 and seen:  # a batch of one breaks batch norm; rare, and deterministic
+            continue
+        parts = train_step(model, opt, select(bank, idx.to(bank[0][0].device)))
+        total += float(parts.total) * idx.numel()
+        seen += idx.numel()
+        if progress is not None:
+            progress(TrainProgress(epoch, run.epochs, step + 1, steps, total / seen, lr))
+    return total / max(seen, 1)
+
+
+def train_model(
+    items: Sequence[ImageItem],
+    out_dir: Path,
+    model_config: Any,
+    run: TrainConfig = TrainConfig(),
+    *,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    model: nn.Module | None = None,
+    data_description: str = "",
+    feature_cache: dict[Any, Any] | None = None,
+) -> TrainResult:
+    """Train on the normal ``train`` images of ``items``; write a checkpoint to ``out_dir``.
+
+    Args:
+        items: labelled images (only label 0 and split ``train``/None are used).
+        out_dir: checkpoint folder (``config.json``, ``model.safetensors``, ``resume.pt``).
+        model_config: a ``model.config.ModelConfig``.
+        run: the run configuration (epochs, batch size, optimiser, seed).
+        resume: continue from ``out_dir/resume.pt`` if present.
+        progress: called after every step and at every epoch end.
+        model: an already-built model for ``model_config`` (experiments reuse teachers).
+        data_description: short, identifier-free text stored in the checkpoint.
+        feature_cache: dict reused across runs to skip recomputing the same teacher features.
+
+    Raises:
+        TrainError: no usable training image, or a resume state from a different run.
+    """
+    from model.checkpoint import save_checkpoint
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model_config, "head_seed") and model is None:
+        model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
+    spec = PreprocessSpec(image_size=int(model_config.image_size))
+    chosen = select_training_items(items, run)
+    images, kept, errors = load_images(chosen, spec)
+    if len(kept) < 2:
+        raise TrainError(f"need at least 2 readable normal training images, found {len(kept)}")
+    gen = _seed_everything(run.seed)
+    device = _device()
+    model = (model if model is not None else build(model_config)).to(device)
+    if progress is not None:
+        progress(TrainProgress(0, run.epochs, 0, 0, float("nan"), run.lr, phase="features"))
+    key = (teacher_key(model_config), tuple(str(it.path) for it in kept))
+    bank = feature_cache.get(key) if feature_cache is not None else None
+    if bank is None:
+        x = torch.from_numpy(images).unsqueeze(1).to(device)  # (N, 1, S, S)
+        bank = feature_bank(model, x, run.feature_batch)
+        if feature_cache is not None:
+            feature_cache[key] = bank
+    opt = make_optimizer(model.trainable_parameters(), run.lr, run.betas)
+    sched = make_scheduler(opt, run.t_max, run.eta_min)
+    start, losses = 0, []
+    resume_path = out_dir / RESUME_FILE
+    if resume and resume_path.exists():
+        start, losses = _load_resume(resume_path, model, opt, sched, gen, run)
+        log.info("resuming after epoch %d of %d", start, run.epochs)
+    for epoch in range(start + 1, run.epochs + 1):
+        lr = opt.param_groups[0]["lr"]
+        losses.append(_epoch(model, opt, bank, gen, run, epoch, progress, lr))
+        sched.step()
+        _save_resume(resume_path, model, opt, sched, gen, epoch, losses, run)
+        if progress is not None:
+            progress(TrainProgress(epoch, run.epochs, 0, 0, losses[-1], lr))
+    model.eval()
+    training = {
+        "data": data_description,
+        "n_images": len(kept),
+        "n_failed": len(errors),
+        "run": asdict(run),
+        "epochs_run": len(losses),
+        "epoch_losses": [round(v, 6) for v in losses],
+        "final_loss": losses[-1] if losses else None,
+        "device": device.type,
+        "torch": torch.__version__,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    ckpt = save_checkpoint(model, out_dir, preprocessing=spec.to_dict(), training=training)
+    if progress is not None:
+        last = losses[-1] if losses else float("nan")
+        progress(TrainProgress(run.epochs, run.epochs, 0, 0, last, run.lr, phase="done"))
+    wall = time.perf_counter() - t0
+    return TrainResult(Path(ckpt), len(losses), losses, len(kept), errors, wall, model)
+
+
+def ray_address(address: str | None) -> str | None:
+    """The cluster to join: ``address`` if given, else ``RAY_ADDRESS``, else None (in-process)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def run_training(
+    items: Sequence[ImageItem],
+    out_dir: Path,
+    model_config: Any,
+    run: TrainConfig = TrainConfig(),
+    *,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    address: str | None = None,
+    data_description: str = "",
+) -> TrainResult:
+    """Train in-process, or as one Ray actor on the cluster at ``address``/``RAY_ADDRESS``.
+
+    On a cluster the data and ``out_dir`` paths must be visible to the worker (shared storage);
+    progress is polled from the actor about once a second.
+    """
+    addr = ray_address(address)
+    if addr is None:
+        return train_model(items, out_dir, model_config, run, resume=resume, progress=progress,
+                           data_description=data_description)  # fmt: skip
+    result = run_remote(
+        train_model,
+        (list(items), Path(out_dir), model_config, run),
+        {"resume": resume, "data_description": data_description},
+        address=addr,
+        progress=progress,
+    )
+    return replace(result, model=None)
+
+
+def _strip_model(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        return replace(result, model=None) if hasattr(result, "model") else result
+
+    return call
+
+
+def run_remote(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    address: str,
+    progress: Callable[[Any], None] | None = None,
+) -> Any:
+    """Run ``fn(*args, progress=..., **kwargs)`` in one Ray actor (1 GPU if the cluster has one).
+
+    The actor runs with two threads so the driver can poll its latest progress report while
+    ``fn`` runs; the reports are forwarded to ``progress``.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+    @ray.remote(max_concurrency=2)
+    class _Runner:
+        def __init__(self) -> None:
+            self.latest: Any = None
+
+        def run(self, call: Callable[..., Any], a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+            def report(p: Any) -> None:
+                self.latest = p
+
+            return call(*a, progress=report, **kw)
+
+        def last(self) -> Any:
+            return self.latest
+
+    actor = _Runner.options(num_cpus=1, num_gpus=gpus).remote()
+    ref = actor.run.remote(_strip_model(fn), args, kwargs)
+    shown = None
+    try:
+        while True:
+            ready, _ = ray.wait([ref], timeout=1.0)
+            latest = ray.get(actor.last.remote())
+            if progress is not None and latest is not None and latest != shown:
+                progress(latest)
+                shown = latest
+            if ready:
+                return ray.get(ref)
+    finally:
+        ray.kill(actor)

@@ -1,0 +1,162 @@
+"""Training, resume, evaluation and calibration end to end on synthetic images (test config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from jobs.evaluate import calibrate_checkpoint, evaluate_checkpoint
+from jobs.train import TrainConfig, TrainError, train_model
+from model.checkpoint import load_checkpoint
+from model.config import get_config
+from pdd_batch.cli.app import app
+from pdd_batch.datasets import list_images
+from tests.conftest import REPO_ROOT
+
+
+def _write(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Normals: a smooth disc with mild noise; anomalies: the disc plus a bright square."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:80, :70] / 80.0
+    for i in range(16):
+        disc = ((yy - 0.5) ** 2 + (xx - 0.45) ** 2 < 0.12).astype(float) * 0.6
+        img = disc + rng.normal(0, 0.03, disc.shape)
+        if i >= 12:
+            r, c = rng.integers(15, 45, size=2)
+            img[r : r + 14, c : c + 14] = 1.0
+            _write(root / "abnormal" / f"{i:02d}.png", img)
+        else:
+            _write(root / "normal" / f"{i:02d}.png", img)
+    (root / "normal" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def _run() -> TrainConfig:
+    return TrainConfig(epochs=4, batch_size=4, seed=3, t_max=3)
+
+
+def test_training_loss_falls_and_checkpoint_scores(dataset: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    items = list_images(dataset)
+    res = train_model(items, tmp_path / "ck", get_config("test"), _run(), data_description="synth")
+    assert res.n_images == 12 and res.epochs_run == 4
+    assert [e["file"] for e in res.errors] == ["normal/broken.png"]
+    assert res.epoch_losses[-1] < res.epoch_losses[0]
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.preprocessing["image_size"] == 64
+    assert loaded.meta["training"]["n_images"] == 12
+    out = loaded.model.predict(torch.rand(2, 1, 64, 64))
+    assert out.maps.shape == (2, 64, 64) and torch.isfinite(out.scores).all()
+    with pytest.raises(TrainError, match="normal"):
+        train_model([it for it in items if it.label == 1], tmp_path / "x", get_config("test"))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_the_schedule(dataset: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    items = list_images(dataset)
+    cfg = get_config("test")
+    full = train_model(items, tmp_path / "full", cfg, _run())
+
+    def stop_after_two(p) -> None:  # noqa: ANN001 - jobs.train.TrainProgress
+        if p.step == 0 and p.epoch == 2 and p.phase == "train":
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_model(items, tmp_path / "part", cfg, _run(), progress=stop_after_two)
+    state = torch.load(tmp_path / "part" / "resume.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["scheduler"]["last_epoch"] == 2
+    resumed = train_model(items, tmp_path / "part", cfg, _run(), resume=True)
+    assert resumed.epoch_losses == pytest.approx(full.epoch_losses, rel=1e-5)
+    a = load_checkpoint(tmp_path / "full").model.state_dict()
+    b = load_checkpoint(tmp_path / "part").model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    with pytest.raises(TrainError, match="batch_size"):
+        train_model(items, tmp_path / "part", cfg, TrainConfig(epochs=5, batch_size=8, seed=3,
+                    t_max=3), resume=True)  # fmt: skip
+
+
+def test_cli_train_calibrate_evaluate(dataset: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    ck = tmp_path / "ck"
+    r = runner.invoke(app, ["train", str(dataset), "--config", "test", "--epochs", "3",
+                            "--batch-size", "4", "--out", str(ck)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "12 images" in r.output and (ck / "model.safetensors").is_file()
+    split = tmp_path / "split.csv"
+    rows = ["path,label,split"]
+    for p in sorted((dataset / "normal").glob("[0-9]*.png")):
+        rows.append(f"normal/{p.name},0,{'val' if int(p.stem) < 6 else 'test'}")
+    rows += [f"abnormal/{p.name},1,test" for p in sorted((dataset / "abnormal").glob("*.png"))]
+    split.write_text("\n".join(rows) + "\n")
+    r = runner.invoke(app, ["calibrate", str(dataset), "--split-file", str(split), "--model",
+                            str(ck), "--fpr", "0.2"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    calib = json.loads((ck / "config.json").read_text())["calibration"]
+    assert calib["method"] == "fpr" and calib["n_normals"] == 6 and calib["split"] == "val"
+    assert calib["observed_fpr"] <= 0.2
+    r = runner.invoke(app, ["evaluate", str(dataset), "--split-file", str(split), "--model",
+                            str(ck), "--out", str(tmp_path / "ev")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert all(0.0 <= m[k] <= 1.0 for k in ("auroc", "ap", "f1_max"))
+    assert m["n_normal"] == 6 and m["n_anomalous"] == 4
+    assert m["at_threshold"]["threshold"] == calib["threshold"]
+    assert (tmp_path / "ev" / "evaluation.png").stat().st_size > 1000
+    assert "floor: mean intensity" in r.output
+
+
+def test_cli_reports_bad_layout(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no images" in r.output
+
+
+def test_evaluate_with_masks_reports_pixel_metrics(dataset: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    items = list_images(dataset)
+    train_model(items, tmp_path / "ck", get_config("test"), TrainConfig(epochs=1, batch_size=4))
+    rows = ["path,label,split,mask"]
+    for p in sorted((dataset / "abnormal").glob("*.png")):
+        mask = (np.asarray(Image.open(p)) > 250).astype(float)
+        _write(tmp_path / "masks" / p.name, mask)
+        rows.append(f"{dataset}/abnormal/{p.name},1,test,{tmp_path}/masks/{p.name}")
+    for p in sorted((dataset / "normal").glob("[0-9]*.png"))[:4]:
+        _write(tmp_path / "masks" / f"n{p.name}", np.zeros((80, 70)))
+        rows.append(f"{dataset}/normal/{p.name},0,test,{tmp_path}/masks/n{p.name}")
+    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    test = list_images(dataset, tmp_path / "split.csv", "test")
+    m = evaluate_checkpoint(test, tmp_path / "ev", tmp_path / "ck")
+    assert 0 <= m["pixel_auroc"] <= 1 and 0 <= m["aupro"] <= 1
+    rec = calibrate_checkpoint(test, tmp_path / "ck", 0.25, split="test")
+    assert rec["n_normals"] == 4
+
+
+def test_default_model_loads_and_scores() -> None:
+    default = REPO_ROOT / "model" / "default_model"
+    if not (default / "config.json").is_file():
+        pytest.skip("no embedded default model committed yet")
+    from model.default import default_model_path
+
+    loaded = load_checkpoint(default_model_path())
+    assert loaded.calibration is not None and loaded.calibration["method"] == "fpr"
+    size = loaded.preprocessing["image_size"]
+    out = loaded.model.predict(torch.rand(1, 1, size, size))
+    assert out.maps.shape == (1, size, size) and torch.isfinite(out.scores).all()
+    total = sum(f.stat().st_size for f in default.iterdir())
+    assert total <= 25 * 2**20
