@@ -35,7 +35,7 @@ from pydicom.errors import InvalidDicomError
 import pdd_batch
 from pdd_batch.archive_io import MemberReader, split_member
 from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_data
-from pdd_batch.overlay import model_input_slices, overlay_png
+from pdd_batch.overlay import display_scale, model_input_slices, overlay_png
 from pdd_batch.results import RunResults
 from pdd_batch.secondary_capture import ScStudy, derived_uid, write_sc_series
 
@@ -141,16 +141,16 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
     deid = Deidentifier() if options.deidentify else None
     summary = ExportSummary(out_dir)
     selected = results.flagged_studies(top=options.top, min_score=options.min_score)
-    vmax = _display_vmax(results, selected.column("study_key").to_pylist())
+    scale = _display_scale(results, selected.column("study_key").to_pylist())
     with MemberReader(root) as reader:
         for rank, study in enumerate(selected.to_pylist(), start=1):
             item = StudyExport(export_id=f"S{rank:03d}", rank=rank, study=study)
             rows = results.study_slices(study["study_key"]).to_pylist()
             _export_sources(reader, rows, out_dir, item, deid, summary)
-            _export_overlays(root, rows, out_dir, item, vmax, options, summary)
+            _export_overlays(root, rows, out_dir, item, scale, options, summary)
             summary.studies.append(item)
     _write_manifest_csv(out_dir, summary)
-    _write_export_json(out_dir, results, options, summary, vmax)
+    _write_export_json(out_dir, results, options, summary, scale)
     if options.crosswalk is not None:
         write_crosswalk(options.crosswalk, summary, deid)
     log.info("exported %d studies, %d files, %d overlays, %d errors", len(summary.studies),
@@ -158,15 +158,10 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
     return summary
 
 
-def _display_vmax(results: RunResults, study_keys: list[str]) -> float:
-    """One colour scale for every overlay of the export: the largest heatmap maximum."""
-    peaks = [
-        float(r["heatmap_max"])
-        for k in study_keys
-        for r in results.study_slices(k).select(["heatmap_max"]).to_pylist()
-        if r["heatmap_max"] is not None
-    ]
-    return max(peaks, default=0.0) or 1.0
+def _display_scale(results: RunResults, study_keys: list[str]) -> tuple[float, float]:
+    """One colour scale for every overlay of the export (see ``overlay.display_scale``)."""
+    rows = [r for k in study_keys for r in _overlay_rows(results.study_slices(k).to_pylist())]
+    return display_scale(rows)
 
 
 def _error(summary: ExportSummary, item: StudyExport, what: str, reason: str) -> None:
@@ -253,7 +248,7 @@ def _overlay_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["heatmap_png"]][:1]
 
 
-def _export_overlays(root, rows, out_dir, item: StudyExport, vmax, options, summary) -> None:
+def _export_overlays(root, rows, out_dir, item: StudyExport, scale, options, summary) -> None:
     """Write the overlay PNGs (and the SC series) of one study."""
     chosen = _overlay_rows(rows)
     series_order = list(dict.fromkeys(r["series_key"] for r in rows))
@@ -273,7 +268,7 @@ def _export_overlays(root, rows, out_dir, item: StudyExport, vmax, options, summ
             _error(summary, item, f"overlay {name}", "slice image unavailable; heatmap only")
             base = np.zeros((1, 1), dtype=np.float32)
         try:
-            png = overlay_png(base, r["heatmap_png"], r["heatmap_max"], vmax)
+            png = overlay_png(base, r["heatmap_png"], r["heatmap_max"], scale)
         except ValueError as exc:
             _error(summary, item, f"overlay {name}", _reason(exc))
             continue
@@ -318,7 +313,7 @@ def _write_manifest_csv(out_dir: Path, summary: ExportSummary) -> None:
             })  # fmt: skip
 
 
-def _write_export_json(out_dir, results: RunResults, options, summary, vmax: float) -> None:
+def _write_export_json(out_dir, results: RunResults, options, summary, scale) -> None:
     doc = {
         "tool": "pdd-batch export",
         "version": pdd_batch.__version__,
@@ -332,7 +327,7 @@ def _write_export_json(out_dir, results: RunResults, options, summary, vmax: flo
             "model_id": results.model_id,
             "checkpoint_hash": results.checkpoint_hash,
         },
-        "overlay_colour_scale_max": vmax,
+        "overlay_colour_scale": {"transparent_at_or_below": scale[0], "red_at": scale[1]},
         "counts": {"studies": len(summary.studies), "files": summary.n_files,
                    "overlays": summary.n_overlays, "errors": len(summary.errors)},
         "errors": summary.errors,

@@ -42,24 +42,44 @@ def colormap(x: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)  # (H, W, 3)
 
 
-def blend(base: np.ndarray, heat: np.ndarray, vmax: float) -> np.ndarray:
+def blend(base: np.ndarray, heat: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
     """Blend a map over a grey image on the same grid.
 
     Args:
         base: float (H, W) in [0, 1], the model-input slice.
         heat: float (H, W) >= 0, the anomaly map in score units.
-        vmax: map value drawn fully red and opaque.
+        scale: (lo, hi) map values: at or below ``lo`` transparent, ``hi`` red and most opaque.
 
     Returns:
         uint8 (H, W, 3) RGB.
     """
     if base.shape != heat.shape:
         raise OverlayError(f"slice {base.shape} and heatmap {heat.shape} grids differ")
-    norm = np.clip(heat / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(heat)
+    lo, hi = scale
+    norm = np.clip((heat - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(heat)
     alpha = (ALPHA_MAX * norm)[..., None]  # (H, W, 1)
     grey = np.repeat((np.clip(base, 0.0, 1.0) * 255.0)[..., None], 3, axis=-1)  # (H, W, 3)
     out = (1.0 - alpha) * grey + alpha * colormap(norm).astype(np.float32)
     return (out + 0.5).astype(np.uint8)
+
+
+def display_scale(rows: Sequence[dict]) -> tuple[float, float]:
+    """One colour scale for a set of slices: (median of the per-slice map medians, largest max).
+
+    The median floor keeps the background of every map transparent, so an untrained or
+    uniformly high map does not paint the whole slice; only what stands out is coloured.
+    """
+    peaks, medians = [], []
+    for r in rows:
+        if not r.get("heatmap_png") or not r.get("heatmap_max"):
+            continue
+        peaks.append(float(r["heatmap_max"]))
+        medians.append(float(np.median(decode_heatmap(r["heatmap_png"], r["heatmap_max"]))))
+    if not peaks:
+        return 0.0, 1.0
+    hi = max(peaks)
+    lo = float(np.median(medians))
+    return (lo, hi) if hi > lo else (0.0, hi)
 
 
 def upscale(rgb: np.ndarray, minimum: int = DISPLAY_MIN) -> np.ndarray:
@@ -68,14 +88,16 @@ def upscale(rgb: np.ndarray, minimum: int = DISPLAY_MIN) -> np.ndarray:
     return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
 
 
-def overlay_png(base: np.ndarray, heatmap_png: bytes, heatmap_max: float, vmax: float) -> bytes:
+def overlay_png(
+    base: np.ndarray, heatmap_png: bytes, heatmap_max: float, scale: tuple[float, float]
+) -> bytes:
     """PNG bytes of the overlay of one slice (display size, see ``upscale``)."""
     heat = decode_heatmap(heatmap_png, float(heatmap_max or 0.0))  # (S, S)
     if base.shape != heat.shape:
         base = np.asarray(
             Image.fromarray(base.astype(np.float32)).resize(heat.shape[::-1], Image.BILINEAR)
         )
-    rgb = upscale(blend(base, heat, vmax))
+    rgb = upscale(blend(base, heat, scale))
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
     return buf.getvalue()

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 import pdd_batch
-from pdd_batch.overlay import model_input_slices, overlay_png
+from pdd_batch.overlay import display_scale, model_input_slices, overlay_png
 from pdd_batch.results import RunResults
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,14 @@ def _studies_table(results: RunResults) -> tuple[str, str]:
     return title, table
 
 
-def _thumbnails(results: RunResults, n: int) -> tuple[str, float]:
+def _thumbnails(results: RunResults, n: int) -> tuple[str, tuple[float, float]]:
     """``<figure>`` elements for the top slice of the top ``n`` studies, and the colour scale."""
     studies = results.flagged_studies()
     if studies.num_rows == 0:
         studies = results.ranked_studies()
     chosen = [results.top_slices(k, 1).to_pylist() for k in studies.column("study_key").to_pylist()]
     chosen = [rows[0] for rows in chosen[:n] if rows and rows[0]["heatmap_png"]]
-    vmax = max((float(r["heatmap_max"] or 0.0) for r in chosen), default=0.0) or 1.0
+    scale = display_scale(chosen)
     root = results.archive_root
     figures = []
     for rank, r in enumerate(chosen, start=1):
@@ -114,7 +114,7 @@ def _thumbnails(results: RunResults, n: int) -> tuple[str, float]:
             base = model_input_slices(root, series, {key}).get(key)
         if base is None:
             base = np.zeros((1, 1), dtype=np.float32)
-        png = overlay_png(base, r["heatmap_png"], r["heatmap_max"], vmax)
+        png = overlay_png(base, r["heatmap_png"], r["heatmap_max"], scale)
         uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         figures.append(
             f'<figure><img class="thumb" alt="study {rank} top slice" src="{uri}">'
@@ -123,7 +123,7 @@ def _thumbnails(results: RunResults, n: int) -> tuple[str, float]:
         )
     if not figures:
         figures.append('<p class="note">No slices with heatmaps in this run.</p>')
-    return "".join(figures), vmax
+    return "".join(figures), scale
 
 
 def svg_histogram(
@@ -332,7 +332,7 @@ def build_report(results: RunResults, model_dir: Path | None = None, thumbnails:
     """
     accounted_class, accounted_text = _accounting(results.manifest)
     title, table = _studies_table(results)
-    thumbs, vmax = _thumbnails(results, thumbnails)
+    thumbs, scale = _thumbnails(results, thumbnails)
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         run_id=_e(results.manifest.get("run_id", "-")),
         status=_e(results.status),
@@ -343,7 +343,8 @@ def build_report(results: RunResults, model_dir: Path | None = None, thumbnails:
         accounted_class=accounted_class,
         accounted_text=_e(accounted_text),
         thumbnails=thumbs,
-        vmax=f"{vmax:.3g}",
+        vmin=f"{scale[0]:.3g}",
+        vmax=f"{scale[1]:.3g}",
         studies_title=_e(title),
         studies_table=table,
         charts=_charts(results),
