@@ -139,9 +139,14 @@ class _Collector:
         self.records[rel] = FileRecord(rel, status, reason, key)
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under root, in a stable (sorted) order."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path, col: _Collector) -> Iterator[Path]:
+    """Files under root, in a stable (sorted) order; unreadable folders are recorded as failed."""
+
+    def on_error(exc: OSError) -> None:
+        where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "."
+        col.record(where + "/", "failed", f"cannot list folder ({type(exc).__name__})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
         dirnames.sort()
         for name in sorted(filenames):
             yield Path(dirpath) / name
@@ -205,7 +210,7 @@ def _dicom_series(
     refs = []
     used: set[str] = set()
     for part, plan in enumerate(stacks):
-        key = series_key(group[1], part)
+        key = series_key(group[0], group[1], part)
         files = _files_in_order(plan)
         for rel in files:
             if rel not in used:
@@ -298,7 +303,7 @@ def discover(archive: Path, *, open_archives: bool = False) -> Discovery:
         raise DiscoveryError(f"archive not found: {archive.name}")
     root = archive if archive.is_dir() else archive.parent
     col = _Collector(root=root)
-    paths = _walk(root) if archive.is_dir() else iter([archive])
+    paths = _walk(root, col) if archive.is_dir() else iter([archive])
     for path in paths:
         rel = path.relative_to(root).as_posix()
         if is_archive_name(path.name) and path.stat().st_size > 0:

@@ -27,11 +27,13 @@ def study_key(study_uid: str) -> str:
     return hash_key("study", study_uid)
 
 
-def series_key(series_uid: str, part: int = 0) -> str:
-    """Key of a DICOM series; ``part`` > 0 names a sub-stack split off by orientation or size."""
+def series_key(study_uid: str, series_uid: str, part: int = 0) -> str:
+    """Key of a DICOM series within its study; ``part`` > 0 names a sub-stack split off by
+    orientation or size. The study is included so a series UID reused across studies (a broken
+    anonymiser) never merges two series."""
     if part:
-        return hash_key("series", series_uid, str(part))
-    return hash_key("series", series_uid)
+        return hash_key("series", study_uid, series_uid, str(part))
+    return hash_key("series", study_uid, series_uid)
 
 
 def short_key(key: str, length: int = 8) -> str:

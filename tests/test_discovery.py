@@ -108,7 +108,7 @@ def test_series_grouping_and_counts(mixed_archive: tuple[Path, dict[str, list[Pa
     # files listed in slice order (by position, not instance number / file name)
     assert [root / f for f in ct.files] == made["ct"]
     ds = pydicom.dcmread(made["ct"][0], stop_before_pixels=True)
-    assert ct.series_key == series_key(ds.SeriesInstanceUID)
+    assert ct.series_key == series_key(ds.StudyInstanceUID, ds.SeriesInstanceUID)
     assert ct.study_key == study_key(ds.StudyInstanceUID)
     assert ct.orientation == "axial" and ct.shape == (6, 16, 12)
 
@@ -239,3 +239,12 @@ def test_discovery_type(tmp_path: Path) -> None:
     write_ct_series(tmp_path, n_slices=2)
     result = discover(tmp_path)
     assert isinstance(result, Discovery) and result.errors() == []
+
+
+def test_series_uid_reused_across_studies_stays_apart(tmp_path: Path) -> None:
+    shared_series = "1.2.826.0.1.3680043.8.498.1"
+    write_ct_series(tmp_path / "s1", n_slices=3, series_uid=shared_series, seed=1)
+    write_ct_series(tmp_path / "s2", n_slices=4, series_uid=shared_series, seed=2)
+    result = discover(tmp_path)
+    assert sorted(s.n_slices for s in result.series) == [3, 4]
+    assert len({s.series_key for s in result.series}) == 2
