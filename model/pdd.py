@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from model.anomaly_map import anomaly_map
-from model.config import ConfigError, ModelConfig
+from model.config import VMAMBA_WEIGHTS_ENV, ConfigError, ModelConfig
 from model.head import PDDHead
 from model.loss import pdd_loss
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
-from model.teachers import Teacher, build_teacher
+from model.teachers import Teacher, TeacherWeightsError, build_teacher
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,12 @@ def build_model(config: ModelConfig) -> nn.Module:
         raise ConfigError(f"arch must be 'pdd' or 'rd4ad', got {config.arch!r}")
     if config.mamba_teacher is None:
         raise ConfigError("mamba_teacher is required for arch='pdd'")
+    for spec in (config.cnn_teacher, config.mamba_teacher):  # fail fast, before heavy builds
+        if spec.source == "file" and not Path(str(spec.weights)).is_file():
+            raise TeacherWeightsError(
+                f"teacher '{spec.name}' weights file not found: {spec.weights}"
+                + (f" (set ${VMAMBA_WEIGHTS_ENV})" if spec.kind == "mamba" else "")
+            )
     model = PDD(config, build_teacher(config.cnn_teacher), build_teacher(config.mamba_teacher))
     log.info("built PDD '%s' (%d px)", config.name, config.image_size)
     return model

@@ -146,6 +146,15 @@ def test_paper_model_at_256_matches_pdd_spec_shapes() -> None:
         assert _shapes(levels) == [(1, 256, 64, 64), (1, 512, 32, 32), (1, 1024, 16, 16)]
 
 
+def test_paper_config_without_vmamba_weights_fails_fast_and_says_how(monkeypatch) -> None:
+    from model.teachers import TeacherWeightsError
+
+    monkeypatch.delenv("PDD_VMAMBA_WEIGHTS", raising=False)
+    cfg = get_config("paper", cnn_source="random", cnn_seed=0)
+    with pytest.raises(TeacherWeightsError, match="PDD_VMAMBA_WEIGHTS"):
+        build_model(cfg)
+
+
 def test_config_round_trips_through_json() -> None:
     for name in ("paper", "test", "lite0"):
         cfg = get_config(name)
