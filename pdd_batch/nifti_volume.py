@@ -187,6 +187,18 @@ def _canonical_geometry(
     return (float(norms[2]), float(norms[1]), float(norms[0])), directions
 
 
+def _read_voxels(img: nib.spatialimages.SpatialImage, rel: str, t: int | None) -> np.ndarray:
+    """Scaled float32 voxels: all of them (t None) or volume ``t`` of a 4D image."""
+    try:
+        if t is None or len(img.shape) < 4:
+            raw = img.dataobj[...]
+        else:
+            raw = img.dataobj[:, :, :, t]
+        return np.asarray(raw, dtype=np.float32)
+    except (OSError, EOFError, ValueError, MemoryError) as exc:
+        raise SeriesReadError(f"{rel}: cannot read voxel data ({type(exc).__name__})") from exc
+
+
 def load_nifti_series(root: Path, ref: SeriesRef) -> LoadedSeries:
     """Decode a NIfTI series (one file), one canonical volume at a time.
 
@@ -202,13 +214,15 @@ def load_nifti_series(root: Path, ref: SeriesRef) -> LoadedSeries:
         raise SeriesReadError(f"{rel}: {exc}") from exc
     ornt = io_orientation(img.affine)
     spacing, directions = _canonical_geometry(img, spatial, ornt)
+    # Plain .nii is memory-mapped: slice one volume at a time. A gzip stream cannot seek, so
+    # per-volume reads would decompress it T times: read it once instead.
+    whole = _read_voxels(img, rel, None) if rel.lower().endswith(".gz") else None
     volumes = []
     for t in range(n_volumes):
-        try:
-            raw = img.dataobj[:, :, :, t] if len(img.shape) >= 4 else img.dataobj[...]
-            arr = np.asarray(raw, dtype=np.float32).reshape(spatial)  # (X, Y, Z) as stored
-        except (OSError, EOFError, ValueError, MemoryError) as exc:
-            raise SeriesReadError(f"{rel}: cannot read voxel data ({type(exc).__name__})") from exc
+        if whole is not None:
+            arr = (whole[:, :, :, t] if whole.ndim >= 4 else whole).reshape(spatial)
+        else:
+            arr = _read_voxels(img, rel, t).reshape(spatial)  # (X, Y, Z) as stored
         canon = apply_orientation(arr, ornt)  # (R, A, S) canonical
         data = np.ascontiguousarray(canon.transpose(2, 1, 0), dtype=np.float32)  # (Z, H, W)
         z = data.shape[0]
