@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from run_factory import build_run
@@ -131,3 +133,79 @@ def test_report_command(tmp_path: Path) -> None:
     assert out.read_text().startswith("<!DOCTYPE html>")
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "nope"), "--out", str(out)])
     assert bad.exit_code == 2
+
+
+def _test_checkpoint(out: Path) -> Path:
+    """The seeded "test"-size PDD, calibrated at threshold 0 so that every slice is flagged."""
+    torch = pytest.importorskip("torch")
+    from model.checkpoint import save_checkpoint
+    from model.config import get_config
+    from model.pdd import build_model
+    from pdd_batch.preprocess import PreprocessSpec
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    calibration = {"method": "fpr", "fpr": 0.05, "threshold": 0.0, "n_normals": 1,
+                   "split": "val", "data": "synthetic test"}  # fmt: skip
+    spec = PreprocessSpec(image_size=64).to_dict()
+    return save_checkpoint(
+        build_model(get_config("test")), out, preprocessing=spec, calibration=calibration
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    code = "from pdd_batch.cli.app import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_end_to_end_screen_export_report(tmp_path: Path) -> None:
+    """screen (test-size model, real local Ray) -> summary -> export -> report, on an archive
+    full of identifiers: every input accounted for, nothing identifying leaves."""
+    pytest.importorskip("jobs.screen")
+    run = build_run(tmp_path)  # its archive is what we screen; its synthetic run is ignored
+    ckpt = _test_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "screen"
+    screen = _cli("screen", str(run.archive), "--out", str(out), "--model", str(ckpt),
+                  "--num-cpus", "2", "--num-actors", "1")  # fmt: skip
+    assert screen.returncode == 0, screen.stdout[-3000:] + screen.stderr[-3000:]
+    res = open_run(out)
+    assert res.studies.num_rows == 3 and res.slices.num_rows == 4 + 4 + 3
+    assert res.counts()["flagged_slices"] == res.slices.num_rows
+
+    summary = _cli("summary", str(out))
+    assert summary.returncode == 0
+    for key in res.studies.column("study_key").to_pylist():
+        assert key in summary.stdout
+
+    exp, cw = tmp_path / "export", tmp_path / "private" / "cw.json"
+    export = _cli("export", str(out), "--out", str(exp), "--secondary-capture",
+                  "--crosswalk", str(cw))  # fmt: skip
+    assert export.returncode == 0, export.stderr[-3000:]
+    forbidden = [s for i in run.identities for s in i.strings()] + run.uids + ["Doe/", "Poe_"]
+    import gzip
+
+    for p in (q for q in exp.rglob("*") if q.is_file()):
+        raw = gzip.decompress(p.read_bytes()) if p.name.endswith(".gz") else p.read_bytes()
+        assert not [s for s in forbidden if s.encode() in raw], p.relative_to(exp)
+    pairs = [f for s in json.loads(cw.read_text())["studies"] for f in s["files"]]
+    dicoms = [f for f in pairs if f["exported"].endswith(".dcm")]
+    assert len(dicoms) == 8 and len(list(exp.rglob("overlays/*.png"))) == 11
+    for f in dicoms:
+        ds = pydicom.dcmread(exp / f["exported"])
+        assert ds.PixelData == pydicom.dcmread(run.archive / f["source"]).PixelData
+
+    page = tmp_path / "report.html"
+    report = _cli("report", str(out), "--out", str(page))
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = page.read_text()
+    assert text.count('class="thumb"') == 3
+    assert not [s for s in forbidden if s in text]
+    if shutil.which("chromium"):
+        dom = _browse(shutil.which("chromium"), tmp_path, page, "--dump-dom").stdout
+        assert len(re.findall(r'data-rect="[\d,]+"', dom)) == 3
