@@ -126,6 +126,32 @@ def _thumbnails(results: RunResults, n: int) -> tuple[str, tuple[float, float]]:
     return "".join(figures), scale
 
 
+def _svg_decorations(groups, value_range, threshold, peak, box) -> list[str]:
+    """Axis, tick labels, threshold line and legend of ``svg_histogram``."""
+    lo, hi = value_range
+    left, top, pw, ph, h = box
+    parts = [f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" '
+             'stroke="#57606a"/>']  # fmt: skip
+    for frac in (0.0, 0.5, 1.0):
+        x = left + frac * pw
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">'
+                     f"{lo + frac * (hi - lo):.3g}</text>")  # fmt: skip
+    parts.append(
+        f'<text x="{left - 4}" y="{top + 8}" font-size="10" text-anchor="end">{peak}</text>'
+    )
+    if threshold is not None:
+        x = left + pw * (threshold - lo) / (hi - lo)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#1d2733" '
+                     f'stroke-dasharray="4,3"/><text x="{x + 3:.1f}" y="{top + 10}" font-size="10">'
+                     f"threshold {threshold:.3g}</text>")  # fmt: skip
+    for i, (label, (vals, colour)) in enumerate(groups.items()):
+        x = left + 8 + i * 200
+        parts.append(f'<rect x="{x}" y="{h - 12}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{x + 14}" y="{h - 3}" font-size="11">{_e(label)} ({len(vals)})'
+                     "</text>")  # fmt: skip
+    return parts
+
+
 def svg_histogram(
     groups: dict[str, tuple[list[float], str]],
     title: str,
@@ -170,25 +196,7 @@ def svg_histogram(
                     f'height="{ph * c / peak:.1f}" fill="{colour}"/>'
                 )
         stack += counts[label]
-    parts.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" '
-                 'stroke="#57606a"/>')  # fmt: skip
-    for frac in (0.0, 0.5, 1.0):
-        x = left + frac * pw
-        parts.append(f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">'
-                     f"{lo + frac * (hi - lo):.3g}</text>")  # fmt: skip
-    parts.append(
-        f'<text x="{left - 4}" y="{top + 8}" font-size="10" text-anchor="end">{peak}</text>'
-    )
-    if threshold is not None:
-        x = left + pw * (threshold - lo) / (hi - lo)
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#1d2733" '
-                     f'stroke-dasharray="4,3"/><text x="{x + 3:.1f}" y="{top + 10}" font-size="10">'
-                     f"threshold {threshold:.3g}</text>")  # fmt: skip
-    for i, (label, (vals, colour)) in enumerate(groups.items()):
-        x = left + 8 + i * 200
-        parts.append(f'<rect x="{x}" y="{h - 12}" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{x + 14}" y="{h - 3}" font-size="11">{_e(label)} ({len(vals)})'
-                     "</text>")  # fmt: skip
+    parts += _svg_decorations(groups, (lo, hi), threshold, peak, (left, top, pw, ph, h))
     parts.append("</svg>")
     return "".join(parts)
 
