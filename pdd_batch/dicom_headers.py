@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pdd_batch.archive_io import BinarySource
+from pdd_batch.dicom_tag_scan import MEDIA_SOP_CLASS, TRANSFER_SYNTAX, scan_header
 
 # SOP classes that hold no image to screen, with the reason shown to people.
 NON_IMAGE_SOP_CLASSES: dict[str, str] = {
@@ -147,14 +148,17 @@ class _Fields:
     conversion and validation: discovery reads thousands of headers per second through here.
     """
 
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
+    def __init__(self, ds: Dataset | None = None, raw: dict[int, bytes] | None = None) -> None:
+        """From a pydicom dataset, or from the raw little-endian values of ``scan_header``."""
+        self.ds, self.raw = ds, raw
         encoding = getattr(ds, "original_encoding", None)  # (implicit VR, little endian)
         self.little = not encoding or encoding[1] is None or bool(encoding[1])
 
     def _value(self, keyword: str) -> Any:
+        if self.raw is not None:
+            return self.raw.get(_TAGS[keyword])
         try:
-            elem = self.ds.get_item(_TAGS[keyword])
+            elem = self.ds.get_item(_TAGS[keyword])  # type: ignore[union-attr]
         except KeyError:
             return None
         return None if elem is None else elem.value
@@ -216,6 +220,8 @@ _TAGS = {
         "PhotometricInterpretation",
     )
 }  # fmt: skip
+SCAN_TAGS = frozenset(_TAGS.values())
+FAST_READ_BYTES = 64 * 1024  # enough for the header of nearly every classic (single-frame) file
 
 
 def _classic_frame(f: _Fields, rel: str) -> FrameInfo:
@@ -272,28 +278,39 @@ def _enhanced_frames(ds: Dataset, rel: str, n_frames: int) -> tuple[FrameInfo, .
 
 def header_from_dataset(ds: Dataset, rel: str) -> DicomHeader:
     """Build a ``DicomHeader`` from a dataset read with or without pixels."""
-    f = _Fields(ds)
     meta = getattr(ds, "file_meta", None)
-    sop_class = f.text("SOPClassUID") or (
-        str(meta.get("MediaStorageSOPClassUID", "")) if meta else ""
-    )
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    meta_sop = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    return _build_header(_Fields(ds=ds), rel, meta_sop, syntax, ds if enhanced else None)
+
+
+def header_from_raw(raw: dict[int, bytes], rel: str) -> DicomHeader:
+    """Build a ``DicomHeader`` from ``dicom_tag_scan.scan_header`` values (classic objects)."""
+    meta_sop = raw.get(MEDIA_SOP_CLASS, b"").decode("ascii", "replace").strip(" \x00")
+    syntax = raw.get(TRANSFER_SYNTAX, b"").decode("ascii", "replace").strip(" \x00")
+    return _build_header(_Fields(raw=raw), rel, meta_sop, syntax, None)
+
+
+def _build_header(
+    f: _Fields, rel: str, meta_sop: str, syntax: str, enhanced: Dataset | None
+) -> DicomHeader:
     has_image = bool(f.ushort("Rows") and f.ushort("Columns") and f.ushort("BitsAllocated"))
     n_frames = max(1, int(f.number("NumberOfFrames", 1.0))) if has_image else 0
     if not has_image:
         frames: tuple[FrameInfo, ...] = ()
-    elif "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        frames = _enhanced_frames(ds, rel, n_frames)
+    elif enhanced is not None:
+        frames = _enhanced_frames(enhanced, rel, n_frames)
     else:
         first = _classic_frame(f, rel)
         frames = (first,) + tuple(replace(first, frame=i) for i in range(1, n_frames))
     return DicomHeader(
         file=rel,
-        sop_class=sop_class,
+        sop_class=f.text("SOPClassUID") or meta_sop,
         modality=f.text("Modality").upper(),
         study_uid=f.text("StudyInstanceUID"),
         series_uid=f.text("SeriesInstanceUID"),
-        transfer_syntax=transfer_syntax,
+        transfer_syntax=syntax,
         photometric=f.text("PhotometricInterpretation").upper(),
         samples_per_pixel=f.ushort("SamplesPerPixel") or 1,
         has_image=has_image,
@@ -323,6 +340,11 @@ def read_header(source: BinarySource, rel: str) -> DicomHeader:
     """
     try:
         with source.open() as fh, quiet_pydicom():
+            head = fh.read(FAST_READ_BYTES)
+            raw = scan_header(head, SCAN_TAGS, complete=len(head) < FAST_READ_BYTES)
+            if raw is not None:
+                return _checked(header_from_raw(raw, rel))
+            fh.seek(0)
             try:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
             except InvalidDicomError:
@@ -341,6 +363,10 @@ def read_header(source: BinarySource, rel: str) -> DicomHeader:
             header = header_from_dataset(ds, rel)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DicomHeaderError(f"malformed DICOM header ({type(exc).__name__})") from exc
+    return _checked(header)
+
+
+def _checked(header: DicomHeader) -> DicomHeader:
     if not header.sop_class and not header.modality and not header.has_image:
         raise DicomHeaderError("corrupt DICOM data set (no SOP class, modality or image)")
     return header

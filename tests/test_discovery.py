@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import shared_path
 from dicom_factory import (
     FAKE_PATIENT_ID,
     FAKE_PATIENT_NAME,
@@ -248,3 +249,58 @@ def test_series_uid_reused_across_studies_stays_apart(tmp_path: Path) -> None:
     result = discover(tmp_path)
     assert sorted(s.n_slices for s in result.series) == [3, 4]
     assert len({s.series_key for s in result.series}) == 2
+
+
+def _fast_and_full(path: Path):
+    from pdd_batch.dicom_headers import (
+        SCAN_TAGS,
+        header_from_dataset,
+        header_from_raw,
+        quiet_pydicom,
+    )
+    from pdd_batch.dicom_tag_scan import scan_header
+
+    data = path.read_bytes()
+    raw = scan_header(data, SCAN_TAGS, complete=True)
+    with quiet_pydicom():
+        full = header_from_dataset(pydicom.dcmread(path, stop_before_pixels=True), "f")
+    return (None if raw is None else header_from_raw(raw, "f")), full
+
+
+def test_fast_header_scan_matches_pydicom(tmp_path: Path) -> None:
+    from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+    fast_expected = [
+        *write_ct_series(tmp_path / "e", n_slices=2, tilt_deg=5.0, monochrome1=True),
+        *write_ct_series(tmp_path / "r", n_slices=2, rows=32, cols=32, transfer_syntax=RLELossless),
+        *write_ct_series(
+            tmp_path / "j", n_slices=1, rows=32, cols=32, transfer_syntax=JPEG2000Lossless
+        ),
+        write_xray(tmp_path / "x.dcm"),
+        write_non_image(tmp_path / "sr.dcm", kind="SR"),
+        write_non_image(tmp_path / "pdf.dcm", kind="PDF"),
+        write_dicomdir(tmp_path / "DICOMDIR"),
+    ]
+    for path in fast_expected:
+        fast, full = _fast_and_full(path)
+        assert fast is not None, path.name
+        assert fast == full, path.name
+    slow_expected = [
+        *write_ct_series(tmp_path / "i", n_slices=1, transfer_syntax=ImplicitVRLittleEndian),
+        write_multiframe(tmp_path / "mf.dcm"),  # functional groups: pydicom parses them
+    ]
+    for path in slow_expected:
+        fast, _ = _fast_and_full(path)
+        assert fast is None, path.name
+
+
+@pytest.mark.realdata
+def test_fast_header_scan_matches_pydicom_on_real_files() -> None:
+    root = shared_path("data", "dicom")
+    n_fast = 0
+    for path in sorted(root.rglob("*.dcm")):
+        fast, full = _fast_and_full(path)
+        if fast is not None:
+            n_fast += 1
+            assert fast == full, path.name
+    assert n_fast >= 300  # the CQ500 (JPEG Lossless), GE and XA30 classic files
