@@ -108,6 +108,7 @@ class ExportSummary:
     out_dir: Path
     studies: list[StudyExport] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def n_files(self) -> int:
@@ -148,6 +149,7 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
             rows = results.study_slices(study["study_key"]).to_pylist()
             _export_sources(reader, rows, out_dir, item, deid, summary)
             _export_overlays(root, rows, out_dir, item, scale, options, summary)
+            _warn_burned_in(item, summary)
             summary.studies.append(item)
     _write_manifest_csv(out_dir, summary)
     _write_export_json(out_dir, results, options, summary, scale)
@@ -156,6 +158,16 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
     log.info("exported %d studies, %d files, %d overlays, %d errors", len(summary.studies),
              summary.n_files, summary.n_overlays, len(summary.errors))  # fmt: skip
     return summary
+
+
+def _warn_burned_in(item: StudyExport, summary: ExportSummary) -> None:
+    """Pixels are copied unchanged: say so where the source declares burned-in text."""
+    if item.study.get("_burned_in"):
+        warning = (
+            "BurnedInAnnotation=YES: pixels are copied unchanged and may show identifying "
+            "text; review before sharing"
+        )
+        summary.warnings.append({"study": item.export_id, "warning": warning})
 
 
 def _display_scale(results: RunResults, study_keys: list[str]) -> tuple[float, float]:
@@ -238,6 +250,8 @@ def _copy_one(data: bytes, dst: Path, item: StudyExport, deid: Deidentifier | No
     item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
     item.new_patient_id = str(ds.get("PatientID", ""))
     item.study.setdefault("_study_date", str(ds.get("StudyDate", "")))
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        item.study["_burned_in"] = True
 
 
 def _overlay_rows(rows: list[dict]) -> list[dict]:
@@ -331,6 +345,7 @@ def _write_export_json(out_dir, results: RunResults, options, summary, scale) ->
         "counts": {"studies": len(summary.studies), "files": summary.n_files,
                    "overlays": summary.n_overlays, "errors": len(summary.errors)},
         "errors": summary.errors,
+        "warnings": summary.warnings,
     }  # fmt: skip
     (out_dir / "export.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
 

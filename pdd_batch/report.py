@@ -46,6 +46,12 @@ def _cards(results: RunResults) -> str:
         ("flagged slices", c["flagged_slices"]),
         ("errors", c["errors"]),
     ]
+    total = (results.manifest.get("timings") or {}).get("total_s")
+    rate = results.manifest.get("slices_per_s")
+    if isinstance(total, int | float):
+        items.append(("seconds", f"{total:.1f}"))
+    if isinstance(rate, int | float):
+        items.append(("slices / s", f"{rate:.3g}"))
     return "".join(
         f'<div class="card"><div class="n">{n}</div><div class="l">{_e(label)}</div></div>'
         for label, n in items

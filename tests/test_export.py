@@ -251,3 +251,15 @@ def test_sources_inside_a_zip_archive(tmp_path: Path) -> None:
         first = pydicom.dcmread(io.BytesIO(zf.read(zf.namelist()[0])))
     exported = pydicom.dcmread(tmp_path / "out" / s.studies[0].files[0])
     assert exported.PixelData == first.PixelData and exported.PatientIdentityRemoved == "YES"
+
+
+def test_burned_in_annotation_is_warned_about(tmp_path: Path) -> None:
+    run = build_run(tmp_path, with_nifti=False)
+    src = run.files[run.study_keys[0]][0]
+    ds = pydicom.dcmread(src)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(src)
+    s = export_run(open_run(run.run_dir), tmp_path / "out", ExportOptions(top=1))
+    assert [w["study"] for w in s.warnings] == ["S001"]
+    doc = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert "BurnedInAnnotation" in doc["warnings"][0]["warning"]

@@ -133,8 +133,9 @@ def test_summary_uses_the_recorded_exit_code(run, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(run.run_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest.update(status="failed", exit_code=2)
+    manifest.update(status="failed", exit_code=2, timings={"total_s": 12.34}, slices_per_s=5.5)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     console = Console(record=True, width=160)
     assert render_summary(console, copy) == 2
-    assert "status: failed" in console.export_text()
+    text = console.export_text()
+    assert "status: failed" in text and "time: 12.3 s, 5.5 slices/s" in text

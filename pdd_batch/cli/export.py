@@ -61,4 +61,6 @@ def export_command(
         f"{summary.n_overlays} overlays to {out}"
         + (f"; [red]{len(summary.errors)} errors[/] (see export.json)" if summary.errors else "")
     )
+    for w in summary.warnings:
+        console.print(f"[yellow]warning:[/] {w['study']}: {w['warning']}")
     raise typer.Exit(code=1 if summary.errors else 0)

@@ -116,6 +116,16 @@ def _errors_table(results: RunResults) -> Table | None:
     return table
 
 
+def _throughput(manifest: dict) -> str | None:
+    """``time: 27.3 s, 0.41 slices/s`` from the manifest (None when it has no timings)."""
+    total = (manifest.get("timings") or {}).get("total_s")
+    rate = manifest.get("slices_per_s")
+    if not isinstance(total, int | float):
+        return None
+    text = f"time: {total:.1f} s"
+    return text + (f", {rate:.3g} slices/s" if isinstance(rate, int | float) else "")
+
+
 def _header(results: RunResults) -> Panel:
     m = results.manifest
     ckpt = results.checkpoint_hash or "-"
@@ -129,6 +139,9 @@ def _header(results: RunResults) -> Panel:
     if isinstance(lost, int) and lost:
         text += f"; {lost} lost (rerun to finish)"
     lines.append(f"inputs: {mark.get(ok, '[yellow]unknown[/]')} ({text})")
+    speed = _throughput(m)
+    if speed:
+        lines.append(speed)
     code = exit_code_for(results)
     lines.append(f"exit status: {'[green]0[/]' if code == 0 else f'[red]{code}[/]'}")
     return Panel("\n".join(lines), title="pdd-batch screening run", expand=False)
