@@ -21,6 +21,7 @@ import functools
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,11 @@ SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "random")
 MAMBA_ARCHS = ("vmamba_tiny_v0", "vmamba_small_fixture")
 # Other VMamba v0 sizes: "vmamba_d{dims}_{depths}", e.g. "vmamba_d32_1-1-2-1".
 _MAMBA_CUSTOM = re.compile(r"vmamba_d(\d+)_(\d+-\d+-\d+-\d+)")
-# Classifier-only modules of the full timm models that a features_only model drops.
-_EFFNET_HEAD = ("conv_head.", "bn2.", "classifier.")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The package's EfficientNet-Lite0 weights are TF ports: they expect (x - 0.5) / 0.5 input
+# (checked: BN input statistics on natural images match the running stats far better so).
+EFFNET_PKG_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 class TeacherWeightsError(RuntimeError):
@@ -114,8 +118,9 @@ class Teacher(nn.Module):
     Attributes:
         spec: the ``TeacherSpec`` it was built from.
         feature_info: ``[{"num_chs": C_i, "reduction": r_i}, ...]`` for the 4 levels.
-        provenance: where the weights came from: source, file, ``file_sha256``, ``state_sha256``
-            and, for random teachers, ``"random:seed=N"``.
+        provenance: where the weights came from: source, file, ``file_sha256``, ``state_sha256``,
+            ``"random:seed=N"`` for random teachers, and the ``input_mean``/``input_std`` the
+            weights expect (input arrives ImageNet-normalised and is converted inside).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class Teacher(nn.Module):
         backbone: nn.Module,
         feature_info: list[dict[str, int]],
         provenance: dict[str, Any],
+        input_norm: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -131,7 +137,15 @@ class Teacher(nn.Module):
         self.feature_info = [
             {"num_chs": int(f["num_chs"]), "reduction": int(f["reduction"])} for f in feature_info
         ]
-        self.provenance = provenance
+        mean, std = (tuple(float(v) for v in t) for t in input_norm)
+        self.provenance = {**provenance, "input_mean": list(mean), "input_std": list(std)}
+        # ImageNet-normalised input → the normalisation these weights were trained with.
+        self.renormalise = (mean, std) != (IMAGENET_MEAN, IMAGENET_STD)
+        im_mean, im_std, t_mean, t_std = (
+            torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD, mean, std)
+        )
+        self.register_buffer("in_scale", im_std / t_std, persistent=False)
+        self.register_buffer("in_shift", (im_mean - t_mean) / t_std, persistent=False)
         self.requires_grad_(False)
         self.train(False)
 
@@ -154,6 +168,8 @@ class Teacher(nn.Module):
             4 maps (B, C_i, H / r_i, W / r_i) as declared in ``feature_info``.
         """
         with torch.no_grad():
+            if self.renormalise:
+                x = x * self.in_scale + self.in_shift  # (B, 3, H, W)
             if self.spec.kind == "mamba":
                 return list(self.backbone.forward_features(x))
             return list(self.backbone(x))
@@ -457,7 +473,21 @@ def build_teacher(spec: TeacherSpec) -> Teacher:
         "state_sha256": digest,
     }
     info = _declared_feature_info(backbone, spec.kind)
+    norm = _input_norm(spec)
     if len(info) != 4:
         raise TeacherWeightsError(f"teacher '{spec.name}' declares {len(info)} levels, not 4")
     log.info("teacher %s (%s, %s) ready", spec.name, spec.arch, spec.source)
-    return Teacher(spec, backbone, info, provenance)
+    return Teacher(spec, backbone, info, provenance, input_norm=norm)
+
+
+def _input_norm(spec: TeacherSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation the teacher's weights were trained with."""
+    if spec.source == "efficientnet_lite0_pkg":
+        return EFFNET_PKG_NORM
+    if spec.kind == "cnn" and spec.source in ("timm", "file"):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.arch)
+        if cfg is not None and cfg.mean and cfg.std:
+            return tuple(cfg.mean), tuple(cfg.std)
+    return IMAGENET_MEAN, IMAGENET_STD

@@ -8,6 +8,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.teachers import (
+    EFFNET_PKG_NORM,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     Teacher,
     TeacherSpec,
     TeacherWeightsError,
@@ -186,25 +189,71 @@ def test_efficientnet_lite0_remap_covers_every_key() -> None:
     assert raw_values == new_values  # a pure renaming: same tensors, none lost or duplicated
 
 
-def test_efficientnet_lite0_remapped_classifier_recognises_a_building() -> None:
-    """Numeric sanity check: sklearn's bundled photo of a Chinese temple → a building class."""
+def _sample_photos() -> torch.Tensor:
+    """sklearn's two bundled photos (a temple, a flower) as (2, 3, 224, 224) in [0, 1]."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    photos = [datasets.load_sample_image(n) for n in ("china.jpg", "flower.jpg")]
+    x = torch.stack([torch.from_numpy(p.copy()).permute(2, 0, 1) for p in photos]).float() / 255
+    x = nn.functional.interpolate(x, size=(224, 336), mode="bilinear", antialias=True)
+    return x[..., 56:280]  # centre crop (2, 3, 224, 224)
+
+
+def _lite0_classifier() -> nn.Module:
     import timm
 
-    datasets = pytest.importorskip("sklearn.datasets")
-    china = datasets.load_sample_image("china.jpg")  # (427, 640, 3) uint8
-    x = torch.from_numpy(china.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-    x = nn.functional.interpolate(x, size=(224, 336), mode="bilinear", antialias=True)
-    x = x[..., 56:280]  # centre crop (1, 3, 224, 224)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     full = timm.create_model("efficientnet_lite0", pretrained=False).eval()
     full.load_state_dict(efficientnet_lite0_package_state(), strict=True)
+    return full
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def test_efficientnet_lite0_remapped_classifier_recognises_a_building() -> None:
+    """Numeric sanity check: sklearn's photo of a Chinese temple → a building class."""
     with torch.no_grad():
-        probs = full((x - mean) / std).softmax(-1)[0]  # (1000,)
+        probs = _lite0_classifier()(_normalise(_sample_photos(), *EFFNET_PKG_NORM)).softmax(-1)
     buildings = {442, 497, 483, 663, 698, 832, 668}  # bell cote, church, castle, monastery, ...
-    top5 = set(probs.topk(5).indices.tolist())
-    assert top5 & buildings
-    assert probs.max() > 0.2  # confident, unlike a random or mis-mapped network (≈0.001)
+    assert set(probs[0].topk(5).indices.tolist()) & buildings
+    assert probs[0].max() > 0.2  # confident, unlike a random or mis-mapped network (≈0.001)
+
+
+def test_efficientnet_lite0_package_weights_expect_half_normalisation() -> None:
+    """The declared input normalisation is the one whose BN input statistics match the weights."""
+    model = _lite0_classifier()
+    mismatch: list[float] = []
+
+    def hook(module: nn.BatchNorm2d, inputs: tuple[torch.Tensor], _out: torch.Tensor) -> None:
+        mu = inputs[0].mean((0, 2, 3))
+        z = (mu - module.running_mean) / (module.running_var + module.eps).sqrt()
+        mismatch.append(float(z.abs().mean()))
+
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][:10]
+    handles = [bn.register_forward_hook(hook) for bn in bns]
+    score = {}
+    for name, (mean, std) in {
+        "half": EFFNET_PKG_NORM,
+        "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    }.items():
+        mismatch.clear()
+        with torch.no_grad():
+            model(_normalise(_sample_photos(), mean, std))
+        score[name] = sum(mismatch) / len(mismatch)
+    for h in handles:
+        h.remove()
+    assert score["half"] < 0.7 * score["imagenet"], score
+
+
+def test_teacher_converts_imagenet_input_to_its_own_normalisation() -> None:
+    teacher = build_teacher(SPECS["efficientnet_lite0_pkg"])
+    assert teacher.provenance["input_mean"] == list(EFFNET_PKG_NORM[0])
+    x = torch.rand(2, 3, 64, 64)
+    got = teacher(_normalise(x, IMAGENET_MEAN, IMAGENET_STD))
+    with torch.no_grad():
+        want = teacher.backbone(_normalise(x, *EFFNET_PKG_NORM))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 def test_spec_round_trip_and_validation() -> None:
