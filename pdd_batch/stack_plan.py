@@ -30,6 +30,7 @@ MIN_STACK = 3  # a different-orientation group smaller than this is a scout
 POSITION_TOL_MM = 0.01  # positions closer than this along the normal are the same slice
 GAP_FACTOR = 1.5  # a step this many times the median spacing is a gap
 TILT_WARN_DEG = 0.5
+IOP_TOL = 1e-3  # direction cosines closer than this are the same orientation
 AXIS_NAMES = ("sagittal", "coronal", "axial")  # dominant LPS axis of the slice normal
 
 
@@ -193,9 +194,18 @@ def _positioned_plan(frames: Sequence[FrameInfo]) -> StackPlan:
     )
 
 
-def _geometry_key(f: FrameInfo) -> tuple:
-    iop = tuple(round(v, 3) for v in f.orientation) if f.orientation else None
-    return (iop, f.rows, f.cols)
+def _geometry_groups(frames: Sequence[FrameInfo]) -> list[list[FrameInfo]]:
+    """Frames grouped by size and orientation (cosines within IOP_TOL), largest group first."""
+    groups: list[tuple[np.ndarray, int, int, list[FrameInfo]]] = []
+    for f in frames:
+        iop = np.asarray(f.orientation, dtype=np.float64)
+        for rep, rows, cols, members in groups:
+            if rows == f.rows and cols == f.cols and float(np.max(np.abs(iop - rep))) < IOP_TOL:
+                members.append(f)
+                break
+        else:
+            groups.append((iop, f.rows, f.cols, [f]))
+    return sorted((g[3] for g in groups), key=len, reverse=True)
 
 
 def plan_stacks(frames: Sequence[FrameInfo]) -> tuple[list[StackPlan], list[tuple[FrameInfo, str]]]:
@@ -212,11 +222,7 @@ def plan_stacks(frames: Sequence[FrameInfo]) -> tuple[list[StackPlan], list[tupl
     stacks: list[StackPlan] = []
     scouts: list[tuple[FrameInfo, str]] = []
     if placed:
-        groups: dict[tuple, list[FrameInfo]] = defaultdict(list)
-        for f in placed:
-            groups[_geometry_key(f)].append(f)
-        ordered = sorted(groups.values(), key=len, reverse=True)
-        for i, group in enumerate(ordered):
+        for i, group in enumerate(_geometry_groups(placed)):
             if i == 0 or len(group) >= MIN_STACK:
                 stacks.append(_positioned_plan(group))
             else:
