@@ -8,6 +8,7 @@ from ``stack_plan.plan_stacks`` on the decoded files' own headers.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,11 +26,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_REASON = 160
+ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")
+UID_LIKE = re.compile(r"\b\d+(?:\.\d+){4,}\b")
+DICOM_ROOT = "1.2.840.10008."  # standard UIDs (SOP classes, transfer syntaxes) are not identifying
 
 
 def _short(exc: BaseException) -> str:
-    """Exception type and a short message (pydicom names tags and syntaxes, not patients)."""
-    text = " ".join(str(exc).split())[:MAX_REASON]
+    """Exception type and a short message, with absolute paths and instance UIDs masked.
+
+    pydicom's messages name tags, lengths and transfer syntaxes; the masks are a safety net.
+    """
+    text = " ".join(str(exc).split())
+    text = ABS_PATH.sub("<path>", text)
+    text = UID_LIKE.sub(lambda m: m[0] if m[0].startswith(DICOM_ROOT) else "<uid>", text)
+    text = text[:MAX_REASON]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
