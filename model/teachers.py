@@ -95,6 +95,8 @@ class TeacherSpec:
                 "TeacherSpec.arch must be an efficientnet_lite0 variant for this source"
             )
         object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))
+        if len(self.out_indices) != 4:
+            raise ValueError(f"TeacherSpec.out_indices must name 4 levels, got {self.out_indices}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``out_indices`` as a list)."""
@@ -474,8 +476,8 @@ def build_teacher(spec: TeacherSpec) -> Teacher:
     }
     info = _declared_feature_info(backbone, spec.kind)
     norm = _input_norm(spec)
-    if len(info) != 4:
-        raise TeacherWeightsError(f"teacher '{spec.name}' declares {len(info)} levels, not 4")
+    if len(info) != 4:  # a VMamba variant with other than 4 stages
+        raise ValueError(f"teacher '{spec.name}' declares {len(info)} levels, not 4")
     log.info("teacher %s (%s, %s) ready", spec.name, spec.arch, spec.source)
     return Teacher(spec, backbone, info, provenance, input_norm=norm)
 
