@@ -14,7 +14,7 @@ CPU_PER_READ_TASK = 1.0
 # Memory reserved per model actor (scheduling only). It also keeps Ray Data from fusing the read
 # tasks into the actors (operators with identical resources are fused), so decoding stays on
 # separate CPU workers and the model never waits on it.
-ACTOR_MEMORY = {"cuda": 2 * 1024**3, "cpu": 512 * 1024**2}
+ACTOR_MEMORY = {"cuda": 4 * 1024**3, "cpu": 1024**3}
 
 
 class ResourceError(ValueError):

@@ -177,8 +177,10 @@ def build_dataset(
 
 
 def _stream(
-    ds: ray.data.Dataset, sink: SliceSink, n_series: int, progress: ProgressFn | None
+    ds: ray.data.Dataset, sink: SliceSink, units: list[SeriesRef], progress: ProgressFn | None
 ) -> None:
+    n_series = len(units)
+    n_slices = sum(r.n_slices for r in units) or None  # discovery's estimate
     t0 = time.perf_counter()
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -187,7 +189,8 @@ def _stream(
         elapsed = max(time.perf_counter() - t0, 1e-9)
         rate = sink.stats.slices_received / elapsed
         _emit(progress, "series", len(seen), n_series)
-        _emit(progress, "slices", sink.stats.slices_received, None, rate)
+        total = max(n_slices, sink.stats.slices_received) if n_slices else None
+        _emit(progress, "slices", sink.stats.slices_received, total, rate)
     sink.close()
 
 
@@ -280,7 +283,7 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
                     cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
                 )
                 ds = build_dataset(pending, disc.root, model, plan)
-                _stream(ds, sink, n_pending, progress)
+                _stream(ds, sink, pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
         status, error = STATUS_FAILED, f"{type(exc).__name__}: {exc}"[:500]
         sink.close()

@@ -1,0 +1,53 @@
+"""`pdd-batch screen --address` joining a two-node Ray cluster (both nodes on this machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from ray.cluster_utils import Cluster
+from screen_support import make_archive, make_checkpoint
+from typer.testing import CliRunner
+
+from pdd_batch.cli.app import app
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def two_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def test_cli_screen_joins_a_two_node_cluster(two_nodes, tmp_path: Path) -> None:
+    archive = make_archive(tmp_path / "archive", n_ct=3, slices=4)
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    args = [
+        "screen",
+        str(archive),
+        "--out",
+        str(out),
+        "--model",
+        str(ckpt),
+        "--address",
+        two_nodes.address,
+        "--batch-size",
+        "4",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["cluster"]["mode"] == "joined" and m["cluster"]["nodes"] == 2
+    assert m["inputs_seen"] == m["inputs_scored"] + m["inputs_skipped"] + m["inputs_failed"]
+    assert m["inputs_lost"] == 0 and m["status"] == "complete"
+    slices = pq.read_table(out / "slices").to_pandas()
+    assert slices["slice_key"].is_unique and len(slices) == m["slices_total"] > 0
+    # the live view and summary went to the console, without patient names
+    assert "score slices" in result.output and "Testperson" not in result.output
