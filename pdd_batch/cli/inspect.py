@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pdd_batch.discovery import Discovery, DiscoveryError, discover, discovery_report
 from pdd_batch.keys import short_key
+
+if TYPE_CHECKING:
+    from pdd_batch.discovery import Discovery
 
 MAX_ERRORS_SHOWN = 25
 MIN_WIDTH = 160
@@ -83,6 +85,9 @@ def inspect_command(
     ] = False,
 ) -> None:
     """List studies and series (modality, slices, spacing, orientation, syntax, warnings)."""
+    # pydicom/nibabel load here, not at `pdd-batch --help`.
+    from pdd_batch.discovery import DiscoveryError, discover, discovery_report
+
     try:
         result = discover(archive, open_archives=open_archives)
     except DiscoveryError as exc:
