@@ -126,6 +126,9 @@ def test_real_nifti_files_open_with_the_right_slice_count() -> None:
         n_vol = shape[3] if len(shape) == 4 else 1
         # every VERIFY orientation is xAS (LAS/RAS): the axial axis is the 3rd
         assert (ref.n_slices, ref.n_volumes) == (shape[2] * n_vol, n_vol), name
+        loaded = load_series(result.root, ref)  # every file really decodes
+        assert [v.data.shape for v in loaded.volumes] == [(shape[2], shape[1], shape[0])] * n_vol
+        assert all(np.isfinite(v.data).all() for v in loaded.volumes), name
     small = by_name["functional.nii"]
     loaded = load_series(result.root, small)
     assert [v.data.shape for v in loaded.volumes] == [(3, 21, 17)] * 20
