@@ -132,9 +132,15 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(d_inner, eps=LN_EPS)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
-    def _cross_scan(self, x: torch.Tensor) -> torch.Tensor:
-        """Scan all four directions of x (B, Dn, H, W); returns the merged y (B, Dn, L)."""
-        b, dn, h, w = x.shape
+    def _branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, H, W, C) -> conv branch (B, Dn, H, W) and gate SiLU(z) (B, H, W, Dn)."""
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, Dn) each
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))  # (B, Dn, H, W)
+        return x, self.act(z)
+
+    def _scan_args(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The four-direction selective-scan inputs for x (B, Dn, H, W), fp32."""
+        b, _, h, w = x.shape
         length = h * w
         x_hw = x.flatten(2)  # (B, Dn, L) row-major
         x_wh = x.transpose(2, 3).flatten(2)  # (B, Dn, L) column-major
@@ -142,18 +148,27 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, Dn, L)
-        A = -torch.exp(self.A_logs.float())  # (K*Dn, N)
-        out = selective_scan(
-            xs.reshape(b, -1, length).float(),
-            dts.reshape(b, -1, length).float(),
-            A,
-            Bs.contiguous().float(),
-            Cs.contiguous().float(),
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().view(-1),
-            delta_softplus=True,
-        ).view(b, self.k, dn, length)  # (B, K, Dn, L)
-        inv = out[:, 2:4].flip(-1)  # (B, 2, Dn, L)
+        return {
+            "u": xs.reshape(b, -1, length).float(),  # (B, K*Dn, L)
+            "delta": dts.reshape(b, -1, length).float(),  # (B, K*Dn, L)
+            "A": -torch.exp(self.A_logs.float()),  # (K*Dn, N)
+            "B": Bs.contiguous().float(),  # (B, K, N, L)
+            "C": Cs.contiguous().float(),  # (B, K, N, L)
+            "D": self.Ds.float(),  # (K*Dn,)
+            "delta_bias": self.dt_projs_bias.float().view(-1),  # (K*Dn,)
+        }
+
+    def scan_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``selective_scan`` keyword arguments this block builds for x (B, H, W, C)."""
+        return self._scan_args(self._branches(x)[0])
+
+    def _cross_scan(self, x: torch.Tensor) -> torch.Tensor:
+        """Scan all four directions of x (B, Dn, H, W); returns the merged y (B, Dn, L)."""
+        b, dn, h, w = x.shape
+        length = h * w
+        out = selective_scan(**self._scan_args(x), delta_softplus=True)  # (B, K*Dn, L)
+        out = out.view(b, self.k, dn, length)
+        inv = out[:, 2:4].flip(-1)  # (B, 2, Dn, L): directions 2, 3 back in forward order
         wh = out[:, 1].view(b, dn, w, h).transpose(2, 3).reshape(b, dn, length)
         inv_wh = inv[:, 1].view(b, dn, w, h).transpose(2, 3).reshape(b, dn, length)
         return out[:, 0] + inv[:, 0] + wh + inv_wh  # (B, Dn, L)
@@ -161,9 +176,7 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, _ = x.shape
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, Dn) each
-        z = self.act(z)
-        x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))  # (B, Dn, H, W)
+        x, z = self._branches(x)
         y = self._cross_scan(x).transpose(1, 2)  # (B, L, Dn)
         y = self.out_norm(y).view(b, h, w, -1)  # (B, H, W, Dn)
         return self.out_proj(y * z)
