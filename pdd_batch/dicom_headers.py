@@ -8,6 +8,7 @@ logged or put in messages.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import pydicom
 import pydicom.config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from pdd_batch.archive_io import BinarySource
 from pdd_batch.dicom_tag_scan import MEDIA_SOP_CLASS, TRANSFER_SYNTAX, scan_header
@@ -55,6 +56,21 @@ SUPPORTED_MODALITIES = frozenset(
 
 
 NOT_DICOM = "not a DICOM file (no DICM preamble)"
+
+
+# What pydicom raises on damaged files: bad lengths/VRs, short reads, unknown encodings.
+PYDICOM_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    NotImplementedError,
+    struct.error,
+    BytesLengthException,
+)
 
 
 class DicomHeaderError(ValueError):
@@ -356,12 +372,12 @@ def read_header(source: BinarySource, rel: str) -> DicomHeader:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
     except InvalidDicomError as exc:
         raise DicomHeaderError(NOT_DICOM) from exc
-    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+    except PYDICOM_READ_ERRORS as exc:
         raise DicomHeaderError(f"unreadable DICOM header ({type(exc).__name__})") from exc
     try:
         with quiet_pydicom():
             header = header_from_dataset(ds, rel)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except PYDICOM_READ_ERRORS as exc:
         raise DicomHeaderError(f"malformed DICOM header ({type(exc).__name__})") from exc
     return _checked(header)
 

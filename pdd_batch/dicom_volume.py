@@ -17,7 +17,12 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pdd_batch.archive_io import ArchiveReadError, MemberReader
-from pdd_batch.dicom_headers import DicomHeader, header_from_dataset, quiet_pydicom
+from pdd_batch.dicom_headers import (
+    PYDICOM_READ_ERRORS,
+    DicomHeader,
+    header_from_dataset,
+    quiet_pydicom,
+)
 from pdd_batch.stack_plan import StackPlan, plan_stacks
 from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
 
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_REASON = 160
 ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")
+BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
 UID_LIKE = re.compile(r"\b\d+(?:\.\d+){4,}\b")
 DICOM_ROOT = "1.2.840.10008."  # standard UIDs (SOP classes, transfer syntaxes) are not identifying
 
@@ -37,6 +43,7 @@ def _short(exc: BaseException) -> str:
     pydicom's messages name tags, lengths and transfer syntaxes; the masks are a safety net.
     """
     text = " ".join(str(exc).split())
+    text = BYTES_LITERAL.sub("<bytes>", text)  # raw element values: could be anything
     text = ABS_PATH.sub("<path>", text)
     text = UID_LIKE.sub(lambda m: m[0] if m[0].startswith(DICOM_ROOT) else "<uid>", text)
     text = text[:MAX_REASON]
@@ -54,8 +61,8 @@ def read_dataset(reader: MemberReader, rel: str) -> Dataset:
             return pydicom.dcmread(fh)
     except ArchiveReadError as exc:
         raise SeriesReadError(str(exc)) from exc
-    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise SeriesReadError(f"{rel}: unreadable DICOM ({_short(exc)})") from exc
+    except PYDICOM_READ_ERRORS as exc:
+        raise SeriesReadError(f"{rel}: unreadable DICOM ({type(exc).__name__})") from exc
 
 
 def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
@@ -67,12 +74,17 @@ def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
     Raises:
         SeriesReadError: pixels cannot be decoded (missing plugin, truncated or corrupt data).
     """
+    n, rows, cols = len(header.frames), header.frames[0].rows, header.frames[0].cols
     try:
-        stored = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
+        stored = ds.pixel_array.reshape(n, rows, cols)  # (F, H, W)
+    except (*PYDICOM_READ_ERRORS, RuntimeError, MemoryError) as exc:
         raise SeriesReadError(f"{header.file}: cannot decode pixels ({_short(exc)})") from exc
-    n = len(header.frames)
-    stored = stored.reshape(n, header.frames[0].rows, header.frames[0].cols)  # (F, H, W)
+    except BaseException as exc:
+        # The Rust codecs of pylibjpeg-rle raise pyo3's PanicException (a BaseException) on
+        # corrupt data; it must fail this series, not the worker.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise SeriesReadError(f"{header.file}: cannot decode pixels (codec panic)") from exc
     out = stored.astype(np.float32)
     if header.photometric == "MONOCHROME1":
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
@@ -114,6 +126,25 @@ def _fill_volumes(
     return arrays
 
 
+def _read_files(root: Path, ref: SeriesRef) -> tuple[dict[str, Dataset], dict[str, DicomHeader]]:
+    """Every file of the series, read whole, with its header facts."""
+    datasets: dict[str, Dataset] = {}
+    headers: dict[str, DicomHeader] = {}
+    with MemberReader(root) as reader:
+        for rel in ref.files:
+            ds = read_dataset(reader, rel)
+            try:
+                with quiet_pydicom():
+                    header = header_from_dataset(ds, rel)
+            except PYDICOM_READ_ERRORS as exc:
+                reason = f"malformed DICOM header ({type(exc).__name__})"
+                raise SeriesReadError(f"{rel}: {reason}") from exc
+            if not header.has_image:
+                raise SeriesReadError(f"{rel}: no image pixels")
+            datasets[rel], headers[rel] = ds, header
+    return datasets, headers
+
+
 def load_dicom_series(root: Path, ref: SeriesRef) -> LoadedSeries:
     """Decode one DICOM series into volumes (4D series give one volume per time point).
 
@@ -121,16 +152,7 @@ def load_dicom_series(root: Path, ref: SeriesRef) -> LoadedSeries:
         SeriesReadError: a file cannot be read or decoded (the whole series fails; its key and the
             relative file are in the message).
     """
-    datasets: dict[str, Dataset] = {}
-    headers: dict[str, DicomHeader] = {}
-    with MemberReader(root) as reader:
-        for rel in ref.files:
-            ds = read_dataset(reader, rel)
-            with quiet_pydicom():
-                header = header_from_dataset(ds, rel)
-            if not header.has_image:
-                raise SeriesReadError(f"{rel}: no image pixels")
-            datasets[rel], headers[rel] = ds, header
+    datasets, headers = _read_files(root, ref)
     frames = [f for h in headers.values() for f in h.frames]
     stacks, scouts = plan_stacks(frames)
     plan, notes = _choose_stack(stacks, ref)

@@ -12,13 +12,17 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+from nibabel.filebasedimages import ImageFileError
+from nibabel.orientations import OrientationError, apply_orientation, inv_ornt_aff, io_orientation
+from nibabel.spatialimages import HeaderDataError, ImageDataError
+from nibabel.wrapstruct import WrapStructError
 
 from pdd_batch.archive_io import ArchiveReadError, MemberReader, split_member
 from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
@@ -28,6 +32,19 @@ if TYPE_CHECKING:
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+# What nibabel raises on damaged files (header checks, bad data codes, short streams).
+NIB_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    ImageDataError,
+    WrapStructError,
+    OrientationError,
+    OSError,
+    EOFError,
+    ValueError,
+    struct.error,
+    zlib.error,
+)
 
 
 class NiftiReadError(ValueError):
@@ -111,7 +128,7 @@ def _from_bytes(raw: bytes) -> nib.spatialimages.SpatialImage:
     for cls in (nib.Nifti1Image, nib.Nifti2Image):
         try:
             return cls.from_bytes(raw)
-        except (nib.filebasedimages.ImageFileError, ValueError, EOFError):
+        except NIB_ERRORS:
             continue
     raise NiftiReadError("not a NIfTI-1/-2 file")
 
@@ -134,14 +151,12 @@ def open_nifti(
         if member.lower().endswith(".gz"):
             try:
                 raw = gzip.decompress(raw)
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zlib.error) as exc:
                 raise NiftiReadError("truncated or corrupt gzip stream") from exc
         return _from_bytes(raw), raw
-    except ArchiveReadError as exc:
+    except (ArchiveReadError, NiftiReadError) as exc:
         raise NiftiReadError(str(exc)) from exc
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as exc:
-        if isinstance(exc, NiftiReadError):
-            raise
+    except NIB_ERRORS as exc:
         raise NiftiReadError(f"unreadable NIfTI header ({type(exc).__name__})") from exc
 
 
@@ -157,10 +172,16 @@ def read_nifti_info(root: Path, rel: str, raw: bytes | None = None) -> NiftiInfo
         NiftiReadError: unreadable header, unsupported dimensions, or truncated data.
     """
     img, source = open_nifti(root, rel, raw)
-    spatial, n_volumes = _spatial_shape(img)
-    _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
-    ornt = io_orientation(img.affine)  # row i: canonical axis of stored axis i, and its flip
-    zooms_stored = (tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0, 1.0, 1.0))[:3]
+    try:
+        spatial, n_volumes = _spatial_shape(img)
+        _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
+        ornt = _orientation(img)
+        zooms_stored = (tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0,) * 3)[:3]
+        dtype = str(img.get_data_dtype())
+    except NiftiReadError:
+        raise
+    except NIB_ERRORS as exc:
+        raise NiftiReadError(f"unusable NIfTI header ({type(exc).__name__})") from exc
     shape, zooms = [0, 0, 0], [0.0, 0.0, 0.0]
     for stored_axis, canonical_axis in enumerate(ornt[:, 0].astype(int)):
         shape[canonical_axis] = int(spatial[stored_axis])
@@ -170,8 +191,16 @@ def read_nifti_info(root: Path, rel: str, raw: bytes | None = None) -> NiftiInfo
         n_volumes=n_volumes,
         zooms=(zooms[0], zooms[1], zooms[2]),
         orientation="".join(nib.aff2axcodes(img.affine)),
-        dtype=str(img.get_data_dtype()),
+        dtype=dtype,
     )
+
+
+def _orientation(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """``io_orientation`` of the affine: row i = (canonical axis of stored axis i, flip)."""
+    ornt = io_orientation(img.affine)
+    if np.isnan(ornt).any():
+        raise NiftiReadError("degenerate affine (no orientation)")
+    return ornt
 
 
 def _canonical_geometry(
@@ -195,7 +224,7 @@ def _read_voxels(img: nib.spatialimages.SpatialImage, rel: str, t: int | None) -
         else:
             raw = img.dataobj[:, :, :, t]
         return np.asarray(raw, dtype=np.float32)
-    except (OSError, EOFError, ValueError, MemoryError) as exc:
+    except (*NIB_ERRORS, MemoryError) as exc:
         raise SeriesReadError(f"{rel}: cannot read voxel data ({type(exc).__name__})") from exc
 
 
@@ -210,9 +239,11 @@ def load_nifti_series(root: Path, ref: SeriesRef) -> LoadedSeries:
         img, source = open_nifti(root, rel)
         spatial, n_volumes = _spatial_shape(img)
         _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
+        ornt = _orientation(img)
     except NiftiReadError as exc:
         raise SeriesReadError(f"{rel}: {exc}") from exc
-    ornt = io_orientation(img.affine)
+    except NIB_ERRORS as exc:
+        raise SeriesReadError(f"{rel}: unusable NIfTI header ({type(exc).__name__})") from exc
     spacing, directions = _canonical_geometry(img, spatial, ornt)
     # Plain .nii is memory-mapped: slice one volume at a time. A gzip stream cannot seek, so
     # per-volume reads would decompress it T times: read it once instead.

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MIN_REFORMAT_SLICES = 16
 PERCENTILE_SAMPLE = 2_000_000  # voxels sampled for volume percentiles
 ASPECT_TOL = 0.05
+MAX_ASPECT = 20.0  # beyond this pixel aspect the spacing is not trusted
 # axis -> (LPS axis, wanted sign) for (slice order, image rows, image columns)
 DISPLAY = {
     "axial": ((2, 1.0), (1, 1.0), (0, 1.0)),
@@ -128,10 +129,14 @@ def _in_plane_only(
 
 
 def _square_pixels(img: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
-    """Resample rows so pixels are square (bilinear); unchanged when already square or unknown."""
-    if row_mm <= 0 or col_mm <= 0 or abs(row_mm / col_mm - 1.0) <= ASPECT_TOL:
+    """Resample rows so pixels are square (bilinear); unchanged when already square, unknown or
+    implausible (a damaged header must not blow the image up)."""
+    if not (np.isfinite(row_mm) and np.isfinite(col_mm)) or row_mm <= 0 or col_mm <= 0:
         return img
-    new_h = max(1, int(round(img.shape[0] * row_mm / col_mm)))
+    ratio = row_mm / col_mm
+    if abs(ratio - 1.0) <= ASPECT_TOL or not 1.0 / MAX_ASPECT <= ratio <= MAX_ASPECT:
+        return img
+    new_h = max(1, int(round(img.shape[0] * ratio)))
     resized = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32)).resize(
         (img.shape[1], new_h), Image.BILINEAR
     )

@@ -125,6 +125,17 @@ def test_corrupt_pixels_fail_with_relative_path_and_no_identifiers(tmp_path: Pat
     assert uids.StudyInstanceUID not in message and uids.SeriesInstanceUID not in message
 
 
+def test_codec_panic_on_corrupt_rle_fails_only_the_series(tmp_path: Path) -> None:
+    """pylibjpeg-rle raises pyo3's PanicException (a BaseException) on this corruption."""
+    (path,) = write_ct_series(tmp_path, n_slices=1, rows=32, cols=32, transfer_syntax=RLELossless)
+    data = bytearray(path.read_bytes())
+    data[len(data) - 1070] = 214  # one byte of the first RLE segment (found by fuzzing)
+    path.write_bytes(bytes(data))
+    result = discover(tmp_path)
+    with pytest.raises(SeriesReadError, match="cannot decode pixels"):
+        load_series(result.root, result.series[0])
+
+
 def test_missing_file_fails_cleanly(tmp_path: Path) -> None:
     paths = write_ct_series(tmp_path, n_slices=3)
     result = discover(tmp_path)
