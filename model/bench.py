@@ -25,14 +25,17 @@ STAGE1_DIM = 96  # VMamba-T stage 1: d_model 96, d_inner 192
 STAGE1_SIDE = 64  # 256 px / patch 4
 
 
-def stage1_scan_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Scan inputs of a freshly initialised VMamba-T stage-1 SS2D on layer-normed noise."""
+def stage1_scan_inputs(seed: int = 0, side: int = STAGE1_SIDE) -> dict[str, torch.Tensor]:
+    """Scan inputs of a freshly initialised VMamba-T stage-1 SS2D on layer-normed noise.
+
+    ``side`` is the token grid side (64 at 256 px); smaller values only serve smoke tests.
+    """
     from model.vmamba import SS2D
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     block = SS2D(STAGE1_DIM).eval()
-    x = torch.randn(1, STAGE1_SIDE, STAGE1_SIDE, STAGE1_DIM, generator=gen)  # (B, H, W, C)
+    x = torch.randn(1, side, side, STAGE1_DIM, generator=gen)  # (B, H, W, C)
     x = torch.nn.functional.layer_norm(x, (STAGE1_DIM,))
     with torch.no_grad():
         return block.scan_inputs(x)
@@ -56,6 +59,7 @@ def run_scan_benchmark(
     repeats: int = 3,
     threads: int | None = 1,
     chunk: int = DEFAULT_CHUNK,
+    side: int = STAGE1_SIDE,
 ) -> float:
     """Time both scans at the VMamba-T stage-1 size; last printed line is ``scan speedup: X.Y``.
 
@@ -64,6 +68,7 @@ def run_scan_benchmark(
         repeats: Timed runs of each scan (the median is reported), after one warm-up run.
         threads: torch intra-op threads while timing (None keeps the current setting).
         chunk: Chunk size of the torch scan.
+        side: Token grid side (64 = the real stage-1 size; smaller only for smoke tests).
 
     Returns:
         The speed-up in process CPU time (reference median / torch scan median); the
@@ -74,7 +79,7 @@ def run_scan_benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        args = stage1_scan_inputs()
+        args = stage1_scan_inputs(side=side)
         with torch.no_grad():
             selective_scan(**args, chunk=chunk)  # warm-up
             fast = _median_seconds(lambda: selective_scan(**args, chunk=chunk), repeats)

@@ -23,6 +23,15 @@ from model.scan import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: many small ops on shared CI cores oversubscribe badly with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_inputs(
     bt: int, k: int, dn: int, n: int, length: int, seed: int = 0, dt_scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
@@ -176,3 +185,14 @@ def test_cuda_matches_reference() -> None:
     ref = selective_scan_reference(**x)
     got = selective_scan(**{k: v.cuda() for k, v in x.items()}).cpu()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_scan_benchmark_smoke() -> None:
+    from model.bench import run_scan_benchmark
+
+    lines: list[str] = []
+    speedup = run_scan_benchmark(print_fn=lines.append, repeats=1, side=8)
+    assert lines[-1].startswith("scan speedup: ") and float(lines[-1].split(": ")[1]) > 0
+    assert speedup > 0 and any(line.startswith("max abs difference") for line in lines)
+    diff = next(line for line in lines if line.startswith("max abs difference"))
+    assert float(diff.split(": ")[1]) <= 1e-5

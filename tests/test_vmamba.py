@@ -44,7 +44,7 @@ def _to_old_name(key: str) -> str:
     return key
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread: on shared CI cores, two threads per small op oversubscribe badly."""
     threads = torch.get_num_threads()
@@ -93,7 +93,7 @@ def test_feature_info_matches_features(builder) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_features_at_256(golden_dir: Path, one_thread: None) -> None:
+def test_tiny_features_at_256(golden_dir: Path) -> None:
     manifest = json.loads((golden_dir / "vmamba_tiny_v0_keys.json").read_text())
     expected = manifest["pdd_features_for_256x256_input"]["shapes_for_batch_B"]
     torch.manual_seed(0)
