@@ -25,6 +25,7 @@ from pdd_batch.volume import LoadedSeries, Volume
 
 log = logging.getLogger(__name__)
 MIN_REFORMAT_SLICES = 16
+ACQUIRED_PLANE = ("sagittal", "coronal", "axial")  # by the dominant LPS axis of the normal
 PERCENTILE_SAMPLE = 2_000_000  # voxels sampled for volume percentiles
 ASPECT_TOL = 0.05
 MAX_ASPECT = 20.0  # beyond this pixel aspect the spacing is not trusted
@@ -99,7 +100,7 @@ def reorient(
     warning = ""
     if perm[0] != 0 and n < MIN_REFORMAT_SLICES:
         warning = f"too few slices ({n}) to reformat to {axis}; acquired plane used"
-        perm, flips = _in_plane_only(volume.directions, axis)
+        perm, flips = _in_plane_only(volume.directions)
     data = np.transpose(volume.data, perm)
     for i, flip in enumerate(flips):
         if flip:
@@ -111,20 +112,12 @@ def reorient(
     return data, spacing, index, warning
 
 
-def _in_plane_only(
-    directions: np.ndarray, axis: str
-) -> tuple[tuple[int, int, int], tuple[bool, ...]]:
-    """Keep slices along array axis 0; orient rows/cols like the display of ``axis``."""
-    (_, _), rows_spec, cols_spec = DISPLAY[axis]
-    if abs(directions[1, rows_spec[0]]) >= abs(directions[2, rows_spec[0]]):
-        perm = (0, 1, 2)
-    else:
-        perm = (0, 2, 1)
-    flips = (
-        False,
-        bool(directions[perm[1], rows_spec[0]] * rows_spec[1] < 0),
-        bool(directions[perm[2], cols_spec[0]] * cols_spec[1] < 0),
-    )
+def _in_plane_only(directions: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, ...]]:
+    """Keep slices along array axis 0, shown in the display convention of the acquired plane."""
+    acquired = ACQUIRED_PLANE[int(np.argmax(np.abs(directions[0])))]
+    perm, flips = display_axes(directions, acquired)
+    if perm[0] != 0:  # strongly oblique: keep the stored layout
+        return (0, 1, 2), (False, False, False)
     return perm, flips
 
 

@@ -100,11 +100,15 @@ def test_coronal_reformat(tmp_path: Path) -> None:
 
 
 def test_too_few_slices_keep_the_acquired_plane(tmp_path: Path) -> None:
-    write_ct_series(tmp_path, n_slices=3, rows=8, cols=8)
+    write_ct_series(tmp_path, n_slices=3, rows=8, cols=10)
     series = _load(tmp_path)
-    slices = list(iter_model_slices(series, PreprocessSpec(image_size=16, axis="sagittal")))
+    spec = PreprocessSpec(image_size=16, ct_window="bone", axis="sagittal")
+    slices = list(iter_model_slices(series, spec))
     assert len(slices) == 3
     assert any("too few slices" in w for w in series.warnings)
+    for s in slices:  # shown as the axial slices they are
+        expected = fit_to_square(window_ct(slice_values(s.slice_index, 8, 10), 600, 2800), 16)
+        np.testing.assert_allclose(s.image, expected, atol=1e-6)
 
 
 def test_non_square_pixels_are_resampled(tmp_path: Path) -> None:
