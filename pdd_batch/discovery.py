@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -46,6 +46,7 @@ from pdd_batch.stack_plan import StackPlan, plan_stacks
 log = logging.getLogger(__name__)
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
 STATUSES = ("used", "skipped", "failed")
+PROGRESS_EVERY = 1000
 
 
 class DiscoveryError(OSError):
@@ -66,8 +67,10 @@ class SeriesRef:
         shape: (slices per volume, rows, cols) before any reformatting.
         spacing: (slice, row, col) mm; slice spacing 0.0 when unknown or single slice.
         orientation: "axial"/"coronal"/"sagittal"[" oblique"] or "2D".
-        transfer_syntaxes: transfer syntax names (NIfTI: "NIfTI-1 <dtype>" etc.).
+        transfer_syntaxes: transfer syntax names (NIfTI: "NIfTI <dtype>").
         warnings: geometry and content findings (gaps, tilt, 4D, duplicates, scouts).
+        n_gaps: missing slices detected between positions (not filled).
+        tilt_deg: gantry tilt / shear angle in degrees (0 when none).
     """
 
     series_key: str
@@ -82,6 +85,8 @@ class SeriesRef:
     orientation: str = ""
     transfer_syntaxes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    n_gaps: int = 0
+    tilt_deg: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -248,6 +253,8 @@ def _ref_from_plan(
         orientation=plan.orientation,
         transfer_syntaxes=tuple(syntaxes),
         warnings=plan.warnings,
+        n_gaps=plan.n_gaps,
+        tilt_deg=round(plan.tilt_deg, 2),
     )
 
 
@@ -288,12 +295,18 @@ def _nifti_series(col: _Collector, rel: str, info: Any) -> SeriesRef:
     )
 
 
-def discover(archive: Path, *, open_archives: bool = False) -> Discovery:
+def discover(
+    archive: Path,
+    *,
+    open_archives: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Discovery:
     """Find every series in a folder tree (or a single file / archive file).
 
     Args:
         archive: a folder (the archive root), or one file (then its folder is the root).
         open_archives: look inside .zip/.tar files; otherwise they are skipped with a reason.
+        progress: called with the number of files seen so far, every ``PROGRESS_EVERY`` files.
 
     Raises:
         DiscoveryError: the archive path does not exist.
@@ -304,7 +317,9 @@ def discover(archive: Path, *, open_archives: bool = False) -> Discovery:
     root = archive if archive.is_dir() else archive.parent
     col = _Collector(root=root)
     paths = _walk(root, col) if archive.is_dir() else iter([archive])
-    for path in paths:
+    for n, path in enumerate(paths, 1):
+        if progress is not None and n % PROGRESS_EVERY == 0:
+            progress(n)
         rel = path.relative_to(root).as_posix()
         if is_archive_name(path.name) and path.stat().st_size > 0:
             if open_archives:

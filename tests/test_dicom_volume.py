@@ -51,7 +51,7 @@ def test_gap_is_reported_and_not_filled(tmp_path: Path) -> None:
     loaded = _load_only(tmp_path)
     np.testing.assert_array_equal(loaded.volumes[0].data, _expected(6, skip=3))
     assert any(w.startswith("gap: 1 missing") for w in loaded.warnings)
-    assert loaded.ref.n_slices == 6
+    assert loaded.ref.n_slices == 6 and loaded.ref.n_gaps == 1
 
 
 def test_gantry_tilt_spacing_along_normal(tmp_path: Path) -> None:
@@ -61,6 +61,7 @@ def test_gantry_tilt_spacing_along_normal(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.data, _expected(5))
     assert vol.spacing[0] == pytest.approx(2.0 * np.cos(np.deg2rad(12.0)), abs=1e-3)
     assert any("gantry tilt 12.0 deg" in w for w in loaded.warnings)
+    assert loaded.ref.tilt_deg == pytest.approx(12.0, abs=0.01) and loaded.ref.n_gaps == 0
     assert not any(w.startswith("gap") for w in loaded.warnings)
 
 
@@ -159,6 +160,7 @@ def test_real_head_ct_sorted_with_gap_tilt_and_stray_study() -> None:
     assert any(w.startswith("gap: 1 missing") for w in big.warnings)
     assert any("gantry tilt 8.5 deg" in w for w in big.warnings)
     assert big.spacing[0] == pytest.approx(0.618, abs=1e-3)
+    assert big.n_gaps == 1 and big.tilt_deg == pytest.approx(8.5, abs=0.05)
     loaded = load_series(result.root, big)
     vol = loaded.volumes[0]
     assert vol.data.shape == (109, 512, 512) and float(vol.data.min()) >= -3024.0

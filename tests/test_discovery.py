@@ -304,3 +304,13 @@ def test_fast_header_scan_matches_pydicom_on_real_files() -> None:
             n_fast += 1
             assert fast == full, path.name
     assert n_fast >= 300  # the CQ500 (JPEG Lossless), GE and XA30 classic files
+
+
+def test_progress_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pdd_batch.discovery as discovery
+
+    monkeypatch.setattr(discovery, "PROGRESS_EVERY", 2)
+    write_ct_series(tmp_path, n_slices=5)
+    seen: list[int] = []
+    discovery.discover(tmp_path, progress=seen.append)
+    assert seen == [2, 4]

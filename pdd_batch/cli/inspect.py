@@ -41,6 +41,7 @@ def _series_table(result: Discovery) -> Table:
     table = Table(title="series (keys are hashed; no patient identifiers shown)")
     for name in ("study", "series", "kind", "mod", "slices", "vols", "shape", "spacing mm"):
         table.add_column(name, justify="right" if name in ("slices", "vols") else "left")
+    table.add_column("gaps", justify="right")
     table.add_column("orientation")
     table.add_column("transfer syntax")
     table.add_column("warnings")
@@ -55,6 +56,7 @@ def _series_table(result: Discovery) -> Table:
             str(ref.n_volumes),
             "x".join(str(n) for n in ref.shape),
             " x ".join(f"{s:.2f}" for s in ref.spacing),
+            str(ref.n_gaps),
             ref.orientation,
             ", ".join(_short_syntax(ts) for ts in ref.transfer_syntaxes),
             "\n".join(ref.warnings) or "-",
