@@ -9,8 +9,11 @@ DropPath is omitted: the teacher is only ever used frozen, in eval mode.
 
 from __future__ import annotations
 
+import logging
 import math
+import pickle
 import re
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from torch import nn
 from model.scan import selective_scan
 
 LN_EPS = 1e-5
+logger = logging.getLogger(__name__)
 
 
 class VMambaWeightsError(ValueError):
@@ -310,6 +314,78 @@ def rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class _Inert:
+    """Stands in for every non-tensor object of a training checkpoint (configs, numpy scalars).
+
+    It accepts any construction and state and does nothing, so no pickled code ever runs.
+    """
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Inert:
+        return super().__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, value: object) -> None:
+        pass
+
+    def extend(self, values: object) -> None:
+        pass
+
+
+def _tensor_global(module: str, name: str) -> object | None:
+    """The globals a pickled tensor state_dict needs (a subset of torch's weights_only list)."""
+    if module == "collections" and name == "OrderedDict":
+        return OrderedDict
+    if module == "torch._utils" and name in {
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+    }:
+        return getattr(torch._utils, name)
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        if isinstance(obj, torch.dtype) or obj is torch.Size or obj is torch.device:
+            return obj
+    return None
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds tensors and replaces every other global by ``_Inert``."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _tensor_global(module, name)
+        return _Inert if found is None else found
+
+
+_TENSORS_ONLY_PICKLE = types.ModuleType("tensors_only_pickle")
+_TENSORS_ONLY_PICKLE.Unpickler = _TensorsOnlyUnpickler  # type: ignore[attr-defined]
+_TENSORS_ONLY_PICKLE.load = pickle.load  # type: ignore[attr-defined]  # legacy format only
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)``, with a tensors-only second pass.
+
+    Full training checkpoints (``{"model", "optimizer", "config", ...}``) hold config objects
+    that weights_only loading refuses; the second pass rebuilds their tensors and replaces
+    every other object by an inert stand-in, so no pickled code runs either way.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        logger.info("%s holds non-tensor objects; loading its tensors only", path.name)
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_TENSORS_ONLY_PICKLE
+        )
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VMambaWeightsError(f"VMamba checkpoint not found: {path}")
@@ -319,7 +395,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _torch_load(path)
     except Exception as err:  # unreadable file: re-raise with the file named
         raise VMambaWeightsError(f"cannot read VMamba checkpoint {path}: {err}") from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

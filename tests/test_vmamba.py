@@ -122,6 +122,45 @@ def test_pth_with_old_names_loads_via_renames(tmp_path: Path) -> None:
         assert torch.equal(v, state[k]), k
 
 
+class TrainConfig:
+    """Stands for the yacs config object that full VMamba training checkpoints carry."""
+
+    def __init__(self) -> None:
+        self.lr = 1e-3
+
+
+class RunsCode:
+    """A pickled object whose loading would run a command if unpickled unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_training_checkpoint_with_objects_loads_tensors_only(tmp_path: Path) -> None:
+    state = _seeded_small_state(seed=8)
+    marker = tmp_path / "pwned"
+    ckpt = {
+        "model": {_to_old_name(k): v for k, v in state.items()},
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}},
+        "config": TrainConfig(),
+        "hook": RunsCode(marker),
+        "epoch": 292,
+    }
+    path = tmp_path / "vssmtiny_ckpt_epoch_292.pth"
+    torch.save(ckpt, path)
+    with pytest.raises(Exception, match="(?i)unpickl|weights_only"):
+        torch.load(path, weights_only=True)  # what a plain weights_only load does
+    model = load_vmamba_checkpoint(vmamba_small_fixture(), path)
+    assert not marker.exists()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 def test_safetensors_loads_and_changes_outputs(tmp_path: Path) -> None:
     state = _seeded_small_state(seed=5)
     path = tmp_path / "w.safetensors"
