@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 import pydicom.config
@@ -22,7 +22,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from pdd_batch.archive_io import BinarySource
-from pdd_batch.dicom_tag_scan import MEDIA_SOP_CLASS, TRANSFER_SYNTAX, scan_header
+from pdd_batch.dicom_tag_scan import (
+    MEDIA_SOP_CLASS,
+    TRANSFER_SYNTAX,
+    HeaderIncomplete,
+    scan_header,
+)
 
 # SOP classes that hold no image to screen, with the reason shown to people.
 NON_IMAGE_SOP_CLASSES: dict[str, str] = {
@@ -237,7 +242,8 @@ _TAGS = {
     )
 }  # fmt: skip
 SCAN_TAGS = frozenset(_TAGS.values())
-FAST_READ_BYTES = 64 * 1024  # enough for the header of nearly every classic (single-frame) file
+FAST_READ_BYTES = 64 * 1024  # enough for the header of most classic (single-frame) files
+FAST_READ_MAX = 4 * 1024 * 1024  # longer headers (big private blocks) go to pydicom
 
 
 def _classic_frame(f: _Fields, rel: str) -> FrameInfo:
@@ -348,6 +354,20 @@ def quiet_pydicom() -> Iterator[None]:
         pydicom.config.settings.reading_validation_mode = previous
 
 
+def _fast_scan(fh: BinaryIO) -> dict[int, bytes] | None:
+    """``scan_header`` on the start of the file, reading more while the header continues."""
+    head = fh.read(FAST_READ_BYTES)
+    while True:
+        complete = len(head) < FAST_READ_BYTES or len(head) >= FAST_READ_MAX
+        try:
+            return scan_header(head, SCAN_TAGS, complete=complete)
+        except HeaderIncomplete:
+            more = fh.read(len(head))  # double what we hold
+            if not more:
+                return None
+            head += more
+
+
 def read_header(source: BinarySource, rel: str) -> DicomHeader:
     """Read one file's header (no pixels).
 
@@ -356,8 +376,7 @@ def read_header(source: BinarySource, rel: str) -> DicomHeader:
     """
     try:
         with source.open() as fh, quiet_pydicom():
-            head = fh.read(FAST_READ_BYTES)
-            raw = scan_header(head, SCAN_TAGS, complete=len(head) < FAST_READ_BYTES)
+            raw = _fast_scan(fh)
             if raw is not None:
                 return _checked(header_from_raw(raw, rel))
             fh.seek(0)

@@ -47,10 +47,18 @@ class _NeedFullParser(Exception):
     """Internal: this file is not a plain case; use pydicom."""
 
 
+class _OutOfBytes(Exception):
+    """Internal: the header continues past the bytes given."""
+
+
+class HeaderIncomplete(Exception):
+    """The header continues past the bytes given: call again with more of the file."""
+
+
 def _element(data: bytes, pos: int) -> tuple[int, int, int]:
     """(tag, value start, value length) of the explicit-VR LE element at ``pos``."""
     if pos + 8 > len(data):
-        raise _NeedFullParser
+        raise _OutOfBytes
     group, elem, vr = _HEAD.unpack_from(data, pos)
     tag = (group << 16) | elem
     if tag in (ITEM, ITEM_END, SEQ_END):
@@ -59,7 +67,7 @@ def _element(data: bytes, pos: int) -> tuple[int, int, int]:
         raise _NeedFullParser  # not an explicit VR
     if vr in LONG_VRS:
         if pos + 12 > len(data):
-            raise _NeedFullParser
+            raise _OutOfBytes
         length = _U32.unpack_from(data, pos + 8)[0]
         if length == UNDEFINED and vr != b"SQ" and tag != PIXEL_DATA:
             raise _NeedFullParser  # UN/OB of undefined length: implicit VR inside
@@ -71,7 +79,7 @@ def _skip_sequence(data: bytes, pos: int) -> int:
     """Position after an undefined-length sequence whose first item starts at ``pos``."""
     while True:
         if pos + 8 > len(data):
-            raise _NeedFullParser
+            raise _OutOfBytes
         tag, length = _TAG_LEN.unpack_from(data, pos)
         tag = ((tag & 0xFFFF) << 16) | (tag >> 16)  # (group, element) little-endian words
         pos += 8
@@ -97,8 +105,10 @@ def _meta(data: bytes) -> tuple[dict[int, bytes], int]:
     pos = 132
     while pos + 8 <= len(data) and _U16.unpack_from(data, pos)[0] == 0x0002:
         tag, start, length = _element(data, pos)
-        if length == UNDEFINED or start + length > len(data):
+        if length == UNDEFINED:
             raise _NeedFullParser
+        if start + length > len(data):
+            raise _OutOfBytes
         values[tag] = data[start : start + length]
         pos = start + length
     return values, pos
@@ -131,10 +141,16 @@ def scan_header(data: bytes, wanted: frozenset[int], complete: bool) -> dict[int
                 pos = _skip_sequence(data, start)
                 continue
             if start + length > len(data):
-                return None  # header continues past the bytes read, or a truncated file
+                raise _OutOfBytes
             if tag in wanted:
                 out[tag] = data[start : start + length]
             pos = start + length
-        return out if complete else None  # complete: a data set without pixels (SR, PDF, ...)
+        if not complete:
+            raise _OutOfBytes
+        return out  # the whole file, no pixel data: SR, KOS, PDF, DICOMDIR ...
     except _NeedFullParser:
         return None
+    except _OutOfBytes:
+        if complete:
+            return None  # a truncated file: pydicom decides what it is
+        raise HeaderIncomplete from None
