@@ -314,3 +314,21 @@ def test_progress_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     seen: list[int] = []
     discovery.discover(tmp_path, progress=seen.append)
     assert seen == [2, 4]
+
+
+def test_long_headers_are_read_on(tmp_path: Path) -> None:
+    from pdd_batch.archive_io import file_source
+    from pdd_batch.dicom_headers import SCAN_TAGS, read_header
+    from pdd_batch.dicom_tag_scan import HeaderIncomplete, scan_header
+
+    (path,) = write_ct_series(tmp_path, n_slices=1)
+    ds = pydicom.dcmread(path)
+    block = ds.private_block(0x0029, "TEST LONG HEADER", create=True)
+    block.add_new(0x10, "OB", bytes(200_000))  # like a Siemens CSA header
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(HeaderIncomplete):
+        scan_header(path.read_bytes()[:65536], SCAN_TAGS, complete=False)
+    fast, full = _fast_and_full(path)
+    assert fast is not None and fast == full
+    header = read_header(file_source(path), path.name)
+    assert header.frames[0].position == full.frames[0].position and header.has_image
