@@ -55,7 +55,8 @@ class ScoreResult:
     errors: list[dict[str, str]] = field(default_factory=list)
 
 
-def _original_stats(path: Path) -> tuple[float, int]:
+def original_stats(path: Path) -> tuple[float, int]:
+    """(mean grey level in [0, 1], H·W) of an image before preprocessing: the trivial floors."""
     with Image.open(path) as im:
         grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     h, w = image_size_of(path)
@@ -67,7 +68,7 @@ def _load_batch(batch: Sequence[ImageItem], spec: PreprocessSpec, errors: list[d
     for it in batch:
         try:
             arrays.append(load_image_file(it.path, spec))
-            stats.append(_original_stats(it.path))
+            stats.append(original_stats(it.path))
             kept.append(it)
         except (PreprocessError, OSError) as exc:
             errors.append({"file": it.rel, "stage": "load", "reason": str(exc)})

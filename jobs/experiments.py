@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.evaluate import original_stats
 from jobs.train import TrainConfig, build, load_images, teacher_key, train_model
 from model.config import ModelConfig, get_config
 from model.train_step import feature_bank, predict_from_features
@@ -76,6 +77,38 @@ def chest_items(
     return items, [it for it in items if it.split == "test"], desc
 
 
+def synthetic_lesions(images: np.ndarray, per_image: int = 3, seed: int = 0) -> np.ndarray:
+    """Copies of (N, S, S) normal images with one bright soft-edged ellipse each (hyperdense,
+    like a bleed in a brain window), placed inside the head: (N * per_image, S, S).
+
+    Used only to compare configurations on validation normals without touching the test set.
+    """
+    rng = np.random.default_rng(seed)
+    n, size, _ = images.shape
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    out = []
+    for img in images:
+        inside = np.argwhere(img > 0.15)
+        for _ in range(per_image):
+            cy, cx = inside[rng.integers(len(inside))] if len(inside) else (size / 2, size / 2)
+            ry, rx = rng.uniform(size / 40, size / 10, size=2)
+            d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            alpha = np.clip(1.5 - d, 0, 1) * (img > 0.05)  # soft edge, only on tissue
+            out.append(img * (1 - alpha) + rng.uniform(0.75, 0.95) * alpha)
+    return np.stack(out).astype(np.float32)
+
+
+def _val_bank(cfg: ModelConfig, val: list[ImageItem], cache: dict[Any, Any]) -> Any:
+    key = ("val", teacher_key(cfg))
+    if key not in cache:
+        model = build(cfg)
+        images, _, _ = load_images(val, PreprocessSpec(image_size=cfg.image_size))
+        both = np.concatenate([images, synthetic_lesions(images)])
+        labels = np.r_[np.zeros(len(images)), np.ones(len(both) - len(images))]
+        cache[key] = (feature_bank(model, torch.from_numpy(both).unsqueeze(1)), labels)
+    return cache[key]
+
+
 def _test_bank(cfg: ModelConfig, test: list[ImageItem], cache: dict[Any, Any]) -> Any:
     key = ("test", teacher_key(cfg))
     if key not in cache:
@@ -86,7 +119,7 @@ def _test_bank(cfg: ModelConfig, test: list[ImageItem], cache: dict[Any, Any]) -
             raise RuntimeError(f"unreadable test images: {errors[:3]}")
         bank = feature_bank(model, torch.from_numpy(images).unsqueeze(1))
         labels = np.array([it.label for it in kept])
-        cache[key] = (bank, labels, images.mean(axis=(1, 2)))
+        cache[key] = (bank, labels)
     return cache[key]
 
 
@@ -106,9 +139,15 @@ def run_one(
     t0 = time.perf_counter()
     res = train_model(train_items, out_dir, cfg, run, data_description=desc, feature_cache=cache)
     train_s = time.perf_counter() - t0
-    bank, labels, _ = _test_bank(cfg, test, cache)
+    bank, labels = _test_bank(cfg, test, cache)
     t1 = time.perf_counter()
     scores = predict_from_features(res.model, bank, cfg.image_size).scores.numpy()
+    val = [it for it in train_items if it.split == "val" and it.label == 0]
+    val_metrics = {}
+    if val:
+        vbank, vlabels = _val_bank(cfg, val, cache)
+        vscores = predict_from_features(res.model, vbank, cfg.image_size).scores.numpy()
+        val_metrics = {"val_synthetic_auroc": image_metrics(vlabels, vscores)["auroc"]}
     row = {
         "dataset": args.dataset,
         "variant": variant,
@@ -119,29 +158,35 @@ def run_one(
         "n_test_normal": int((labels == 0).sum()),
         "n_test_anomalous": int((labels == 1).sum()),
         **image_metrics(labels, scores),
+        **val_metrics,
         "final_loss": res.epoch_losses[-1],
         "train_wall_s": round(train_s, 1),
         "eval_wall_s": round(time.perf_counter() - t1, 1),
         "trainable_params": sum(p.numel() for p in res.model.trainable_parameters()),
         "checkpoint": str(out_dir),
+        "git_commit": _git_commit(),
     }
     return row
 
 
-def floors_row(args: argparse.Namespace, test: list[ImageItem], cache: dict[Any, Any]) -> dict:
+def floors_row(args: argparse.Namespace, test: list[ImageItem]) -> dict[str, Any]:
     """Trivial floors on the test set: mean intensity and original image size as scores."""
-    from pdd_batch.datasets import image_size_of
-
     labels = np.array([it.label for it in test])
-    sizes = np.array([np.prod(image_size_of(it.path)) for it in test], dtype=float)
-    cfg = variant_config("rd4ad-lite0", args.image_size)
-    _, _, means = _test_bank(cfg, test, cache)
+    stats = np.array([original_stats(it.path) for it in test], dtype=float)  # (N, 2)
     return {
         "dataset": args.dataset,
         "variant": "floors",
-        "mean_intensity_auroc": floor_auroc(labels, means),
-        "image_size_auroc": floor_auroc(labels, sizes),
+        "mean_intensity_auroc": floor_auroc(labels, stats[:, 0]),
+        "image_size_auroc": floor_auroc(labels, stats[:, 1]),
     }
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent, check=False)  # fmt: skip
+    return out.stdout.strip() or None
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -160,8 +205,37 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def val_synthetic_of_checkpoints(data: Path, checkpoints: list[Path]) -> list[dict[str, Any]]:
+    """Synthetic-lesion validation AUROC of saved checkpoints (HeadCT ``val`` normals)."""
+    from model.checkpoint import load_checkpoint
+
+    val = list_images(data, data / "split.csv", "val")
+    rows = []
+    for ck in checkpoints:
+        loaded = load_checkpoint(ck)
+        images, _, _ = load_images(val, PreprocessSpec.from_dict(loaded.preprocessing))
+        both = np.concatenate([images, synthetic_lesions(images)])
+        labels = np.r_[np.zeros(len(images)), np.ones(len(both) - len(images))]
+        x = torch.from_numpy(both).unsqueeze(1)
+        scores = torch.cat(
+            [loaded.model.predict(x[i : i + 16]).scores for i in range(0, len(x), 16)]
+        )
+        auroc = image_metrics(labels, scores.numpy())["auroc"]
+        rows.append({"checkpoint": str(ck), "val_synthetic_auroc": auroc})
+    return rows
+
+
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
     """Command-line entry point (``python -m jobs.experiments``)."""
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    if argv and argv[0] == "valsyn":  # valsyn DATA CHECKPOINT...
+        torch.set_num_threads(1)
+        for row in val_synthetic_of_checkpoints(Path(argv[1]), [Path(a) for a in argv[2:]]):
+            emit(json.dumps(row))
+        return 0
     p = argparse.ArgumentParser(prog="python -m jobs.experiments", description="PDD vs RD4AD")
     p.add_argument("dataset", choices=("headct", "chest"))
     p.add_argument("--data", type=Path, required=True)
@@ -182,7 +256,7 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     else:
         train_items, test, desc = chest_items(args.data, args.out, args.split_seed, args.max_train)
     cache: dict[Any, Any] = {}
-    rows = [floors_row(args, test, cache)]
+    rows = [floors_row(args, test)]
     emit(json.dumps(rows[0]))
     with (args.out / "results.jsonl").open("a") as fh:
         fh.write(json.dumps(rows[0]) + "\n")
@@ -194,7 +268,7 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
                 fh.flush()
                 emit(json.dumps(row))
             rep = teacher_key(variant_config(variant, args.image_size))
-            for key in [k for k in cache if rep in (k[0], k[1])]:
+            for key in [k for k in cache if rep in k[:2]]:
                 del cache[key]  # free the teacher features of a finished variant
     emit(_table(rows))
     return 0

@@ -160,3 +160,22 @@ def test_default_model_loads_and_scores() -> None:
     assert out.maps.shape == (1, size, size) and torch.isfinite(out.scores).all()
     total = sum(f.stat().st_size for f in default.iterdir())
     assert total <= 25 * 2**20
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_runs_as_a_ray_actor(dataset: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from jobs.train import run_training
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        seen = []
+        address = ray.get_runtime_context().gcs_address
+        res = run_training(list_images(dataset), tmp_path / "ck", get_config("test"),
+                           TrainConfig(epochs=2, batch_size=4), address=address,
+                           progress=seen.append)  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert res.epochs_run == 2 and res.model is None and seen
+    assert load_checkpoint(tmp_path / "ck").meta["training"]["epochs_run"] == 2
