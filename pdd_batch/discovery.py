@@ -6,8 +6,9 @@ screen: SR/KOS/PR/SEG/PDF/DICOMDIR, unsupported modality, junk such as README/.j
 duplicates) or ``failed`` (should be an image but cannot be read: corrupt, truncated, empty).
 
 Paths are posix, relative to the archive root; members of .zip/.tar archives (``open_archives``)
-are ``"archive.zip!inner/path.dcm"`` (see ``archive_io``). Studies and series are named by hashed
-keys (``keys``); raw UIDs never leave this module.
+are ``"archive.zip!inner/path.dcm"`` (see ``archive_io``); an opened archive is not itself a
+record, its members are (one that cannot be opened is a ``failed`` record). Studies and series are
+named by hashed keys (``keys``); raw UIDs never leave this module.
 """
 
 from __future__ import annotations
