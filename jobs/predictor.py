@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,12 @@ class SlicePredictor:
                 pngs[i] = encode_png(q[j])
         out = {k: v for k, v in batch.items() if k != "image"}
         out.update(score=scores, heatmap_png=pngs, heatmap_max=peaks)
+        # Peak resident memory of this actor process (MiB; Linux reports KiB), for the manifest.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        out.update(
+            actor_pid=np.full(n, os.getpid(), dtype=np.int64),
+            actor_peak_rss_mb=np.full(n, rss, dtype=np.float32),
+        )
         return out
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}
+DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 16}
 CPU_PER_READ_TASK = 1.0
+MIN_ACTOR_CPU = 0.25
 # Memory reserved per model actor (scheduling only). It also keeps Ray Data from fusing the read
 # tasks into the actors (operators with identical resources are fused), so decoding stays on
 # separate CPU workers and the model never waits on it.
-ACTOR_MEMORY = {"cuda": 4 * 1024**3, "cpu": 1024**3}
+ACTOR_MEMORY = {"cuda": 4 * 1024**3, "cpu": 3 * 1024**3 // 2}
 
 
 class ResourceError(ValueError):
@@ -74,11 +75,14 @@ def plan_actors(
         bs = batch_size or DEFAULT_BATCH_SIZE["cuda"]
         return ActorPlan(n, per_cpu, 1.0, bs, "cuda", ACTOR_MEMORY["cuda"])
     n = num_actors or max(1, int(cpus) // 3)
-    if n > cpus:
-        raise ResourceError(f"num_actors={n} exceeds the cluster's {int(cpus)} CPUs")
-    # Actors share the CPUs left after one read task; never below one thread each.
-    per_cpu = max(1.0, float(int((cpus - CPU_PER_READ_TASK) // n)))
-    if per_cpu * n > cpus:
-        per_cpu = max(1.0, float(int(cpus // n)))
+    read_cpus = CPU_PER_READ_TASK if cpus >= 2 else cpus / 2
+    avail = cpus - read_cpus  # never let actors hold every CPU: read tasks would starve
+    per_cpu = avail / n
+    if per_cpu >= 1:
+        per_cpu = float(int(per_cpu))
+    if per_cpu < MIN_ACTOR_CPU:
+        raise ResourceError(
+            f"num_actors={n} leaves under {MIN_ACTOR_CPU} CPU per actor on {cpus:g} CPUs"
+        )
     bs = batch_size or DEFAULT_BATCH_SIZE["cpu"]
-    return ActorPlan(n, per_cpu, 0.0, bs, "cpu", ACTOR_MEMORY["cpu"])
+    return ActorPlan(n, per_cpu, 0.0, bs, "cpu", ACTOR_MEMORY["cpu"], read_cpus)

@@ -335,6 +335,10 @@ def _finalise(
         "error_rows": n_err,
         "slices_per_s": round(sink.stats.slices_written / max(timings["pipeline_s"], 1e-9), 2),
         "parts": len(state.parts),
+        "actors": {
+            "processes": len(sink.stats.actor_peak_rss_mb),
+            "peak_rss_mb": round(max(sink.stats.actor_peak_rss_mb.values(), default=0.0), 1),
+        },
         "cluster": None
         if cluster is None
         else {"mode": cluster.mode, "nodes": cluster.nodes, "resources": cluster.resources},

@@ -61,6 +61,7 @@ class SinkStats:
     series_committed: int = 0
     parts_written: int = 0
     duplicates_dropped: int = 0
+    actor_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # actor pid -> MiB
 
 
 class SliceSink:
@@ -124,6 +125,10 @@ class SliceSink:
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         """Take one batch of scored rows (numpy columns as produced by the predictor)."""
+        if "actor_pid" in batch and len(batch["actor_pid"]):
+            for pid, rss in zip(batch["actor_pid"], batch["actor_peak_rss_mb"], strict=True):
+                peaks = self.stats.actor_peak_rss_mb
+                peaks[int(pid)] = max(peaks.get(int(pid), 0.0), float(rss))
         for i, kind in enumerate(batch["kind"]):
             key = str(batch["series_key"][i])
             if key not in self.series:

@@ -1,4 +1,5 @@
-"""`pdd-batch screen --address` joining a two-node Ray cluster (both nodes on this machine)."""
+"""`pdd-batch screen --sample --address`: the bundled sample archive screened through the CLI on
+a two-node Ray cluster (both nodes on this machine)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 from ray.cluster_utils import Cluster
-from screen_support import make_archive, make_checkpoint
+from screen_support import make_checkpoint
 from typer.testing import CliRunner
 
 from pdd_batch.cli.app import app
@@ -25,13 +27,12 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_cli_screen_joins_a_two_node_cluster(two_nodes, tmp_path: Path) -> None:
-    archive = make_archive(tmp_path / "archive", n_ct=3, slices=4)
+def test_cli_screens_the_sample_on_a_two_node_cluster(two_nodes, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
     args = [
         "screen",
-        str(archive),
+        "--sample",
         "--out",
         str(out),
         "--model",
@@ -50,4 +51,12 @@ def test_cli_screen_joins_a_two_node_cluster(two_nodes, tmp_path: Path) -> None:
     slices = pq.read_table(out / "slices").to_pandas()
     assert slices["slice_key"].is_unique and len(slices) == m["slices_total"] > 0
     # the live view and summary went to the console, without patient names
-    assert "score slices" in result.output and "Testperson" not in result.output
+    assert "score slices" in result.output and "screening run" in result.output
+    names = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).get("PatientName", ""))
+        for p in (out / "_sample_archive").rglob("*.dcm")
+        if p.parent.name != "broken"
+    }
+    names = {n for n in names if len(n) > 3}
+    assert names and not [n for n in names if n in result.output]
+    assert m["series_seen"] >= 6 and slices["study_key"].nunique() >= 5

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
+EXIT_LOCKED = 3  # another run holds the folder (same code as jobs.nightly)
 
 STAGES = {
     "discover": "discover files",
@@ -67,6 +68,7 @@ def screen_command(
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
     from pdd_batch.config import RunConfig, RunConfigError
+    from pdd_batch.run_state import RunLockedError
 
     console = Console(stderr=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -94,7 +96,17 @@ def screen_command(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
     view = LiveView(console)
-    with view.progress:
-        result = run_screen(cfg, progress=view)
+    try:
+        with view.progress:
+            result = run_screen(cfg, progress=view)
+    except RunLockedError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=EXIT_LOCKED) from exc
+    except Exception as exc:  # the run failed: say why, show what was committed, exit 2
+        console.print(f"[red]screening run failed: {type(exc).__name__}: {exc}[/]")
+        logging.getLogger(__name__).debug("run failed", exc_info=True)
+        if (out / "manifest.json").is_file():
+            render_summary(console, out)
+        raise typer.Exit(code=2) from exc
     code = render_summary(console, out)
     raise typer.Exit(code=max(code, result.exit_code))
