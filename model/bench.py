@@ -3,7 +3,13 @@
 Run with ``pdd-batch bench scan`` or ``python -m model.bench``. The inputs are the real scan
 inputs of a VMamba-Tiny stage-1 block (v0 initialisation) on a 256x256 image: Bt=1, 64x64 = 4096
 tokens, d_inner 192, d_state 16, K=4, i.e. ``u`` (1, 768, 4096). Prints measured times only
-(wall-clock and CPU time of this process; the speed-up line uses CPU time).
+(wall-clock and CPU time of this process). ``python -m model.bench [THREADS]`` sets the torch
+thread count (default 1).
+
+What to expect on CPU: the reference loop's per-step tensors (here 12k elements) stay in L1 and
+its per-op overhead is amortised, so in eager PyTorch the chunked scan's single-thread gain is
+modest (it removes the 4096-step Python loop, not arithmetic). Its per-chunk ops are large
+enough to use several threads, which the reference's small ops are not.
 """
 
 from __future__ import annotations
@@ -71,9 +77,8 @@ def run_scan_benchmark(
         side: Token grid side (64 = the real stage-1 size; smaller only for smoke tests).
 
     Returns:
-        The speed-up in process CPU time (reference median / torch scan median); the
-        wall-clock ratio is printed too. CPU time is used because the benchmark usually runs
-        on shared cores, where wall-clock times swing with other jobs.
+        The speed-up (reference median / torch scan median): in process CPU time with one
+        thread (shared cores make wall-clock times swing with other jobs), else wall-clock.
     """
     saved = torch.get_num_threads()
     if threads is not None:
@@ -98,11 +103,14 @@ def run_scan_benchmark(
         )
     print_fn(f"max abs difference: {float((fast[2] - ref[2]).abs().max()):.2e}")
     print_fn(f"wall-clock speedup: {ref[0] / fast[0]:.1f}")
-    # CPU time of this process is the figure that other jobs on shared cores do not distort.
-    speedup = ref[1] / fast[1]
+    print_fn(f"cpu-time speedup: {ref[1] / fast[1]:.1f}")
+    one_thread = (threads or saved) == 1
+    speedup = ref[1] / fast[1] if one_thread else ref[0] / fast[0]
     print_fn(f"scan speedup: {speedup:.1f}")
     return speedup
 
 
 if __name__ == "__main__":
-    run_scan_benchmark()
+    import sys
+
+    run_scan_benchmark(threads=int(sys.argv[1]) if len(sys.argv) > 1 else 1)

@@ -115,19 +115,19 @@ def selective_scan_reference(
     """
     bt, kd, length, k, n = _check_shapes(u, delta, A, B, C, D, delta_bias)
     dtype = _compute_dtype(u)
-    u, A = u.to(dtype), A.to(dtype)
-    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    Bf = B.to(dtype).repeat_interleave(kd // k, dim=1)  # (Bt, KD, N, L)
-    Cf = C.to(dtype).repeat_interleave(kd // k, dim=1)  # (Bt, KD, N, L)
-    h = u.new_zeros(bt, kd, n)
+    u = u.to(dtype).reshape(bt, k, kd // k, length)  # (Bt, K, Dn, L)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype).reshape_as(u)
+    A = A.to(dtype).reshape(k, kd // k, n)  # (K, Dn, N)
+    B, C = B.to(dtype), C.to(dtype)  # (Bt, K, N, L), shared by the Dn channels of a group
+    h = u.new_zeros(bt, k, kd // k, n)  # (Bt, K, Dn, N)
     ys = []
     for t in range(length):
-        decay = torch.exp(delta[:, :, t, None] * A)  # (Bt, KD, N)
-        h = decay * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * Bf[:, :, :, t]
-        ys.append((h * Cf[:, :, :, t]).sum(-1))  # (Bt, KD)
-    y = torch.stack(ys, dim=-1)  # (Bt, KD, L)
+        dt = delta[..., t]  # (Bt, K, Dn)
+        h = torch.exp(dt[..., None] * A) * h + (dt * u[..., t])[..., None] * B[:, :, None, :, t]
+        ys.append((h * C[:, :, None, :, t]).sum(-1))  # (Bt, K, Dn)
+    y = torch.stack(ys, dim=-1).view(bt, kd, length)  # (Bt, K*Dn, L)
     if D is not None:
-        y = y + D.to(dtype)[:, None] * u
+        y = y + D.to(dtype)[:, None] * u.reshape(bt, kd, length)
     return y
 
 
@@ -208,9 +208,9 @@ def _torch_scan(
     """
     bt, kd, length = u.shape
     dn, n = kd // k, A.shape[1]
-    delta = delta.view(bt, k, dn, length)
-    du = delta * u.view(bt, k, dn, length)  # (Bt, K, Dn, L)
-    abs_a = (-A).view(k, dn, n, 1)  # (K, Dn, N, 1)
+    delta = delta.reshape(bt, k, dn, length)
+    du = delta * u.reshape(bt, k, dn, length)  # (Bt, K, Dn, L)
+    abs_a = (-A).reshape(k, dn, n, 1)  # (K, Dn, N, 1)
     Bg, Cg = B.unsqueeze(2), C.unsqueeze(2)  # (Bt, K, 1, N, L)
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)))
     h = u.new_zeros(bt, k, dn, n)  # state carried between chunks

@@ -75,6 +75,16 @@ def test_torch_scan_matches_reference(bt, k, dn, n, length, chunk, with_d_bias) 
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+def test_non_contiguous_inputs() -> None:
+    x = make_inputs(2, 2, 4, 8, 30)
+    x["u"] = x["u"].transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
+    x["B"] = x["B"].transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x["u"].is_contiguous() and not x["B"].is_contiguous()
+    ref = selective_scan_reference(**{k: v.contiguous() for k, v in x.items()})
+    torch.testing.assert_close(selective_scan(**x, chunk=8), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(selective_scan_reference(**x), ref, rtol=0, atol=0)
+
+
 def test_without_softplus_matches_reference() -> None:
     x = make_inputs(2, 2, 4, 8, 50)
     x["delta"] = x["delta"].abs() * 0.1  # positive step sizes, as the caller must then give
