@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,10 +81,31 @@ def _block(ref: SeriesRef, slices: list, n_rows: int, warnings: str) -> dict[str
     }
 
 
+def crash_once(marker: str | None) -> None:
+    """Fault injection for tests: exit this worker process hard, once per marker file."""
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    log.warning("fault injection: worker exits mid-task")
+    os._exit(1)
+
+
 def read_series(
-    archive_root: Path, ref: SeriesRef, spec: PreprocessSpec, rows_per_block: int
+    archive_root: Path,
+    ref: SeriesRef,
+    spec: PreprocessSpec,
+    rows_per_block: int,
+    crash_once_marker: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield column blocks for one series (see the module docstring)."""
+    """Yield column blocks for one series (see the module docstring).
+
+    ``crash_once_marker`` (tests only) kills the worker after its first block has been yielded,
+    so Ray must retry the task and the driver must drop the repeated rows.
+    """
     try:
         series = load_series(archive_root, ref)
         slices = list(iter_model_slices(series, spec))
@@ -98,24 +120,39 @@ def read_series(
         return
     for start in range(0, len(slices), rows_per_block):
         yield _block(ref, slices[start : start + rows_per_block], len(slices), warnings)
+        crash_once(crash_once_marker)
 
 
 class ReadSeries:
     """``map_batches`` callable (a Ray task per block of work units; stateless)."""
 
-    def __init__(self, archive_root: str, preprocessing: str, rows_per_block: int) -> None:
+    def __init__(
+        self,
+        archive_root: str,
+        preprocessing: str,
+        rows_per_block: int,
+        crash_once_marker: str | None = None,
+    ) -> None:
         self.root = Path(archive_root)
         self.spec = PreprocessSpec.from_dict(json.loads(preprocessing))
         self.rows_per_block = rows_per_block
+        self.crash_once_marker = crash_once_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         for unit in batch["series"]:
             ref = SeriesRef.from_dict(json.loads(str(unit)))
-            yield from read_series(self.root, ref, self.spec, self.rows_per_block)
+            yield from read_series(
+                self.root, ref, self.spec, self.rows_per_block, self.crash_once_marker
+            )
 
 
 def read_series_fn(
-    batch: dict[str, np.ndarray], *, archive_root: str, preprocessing: str, rows_per_block: int
+    batch: dict[str, np.ndarray],
+    *,
+    archive_root: str,
+    preprocessing: str,
+    rows_per_block: int,
+    crash_once_marker: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Function form of ``ReadSeries`` for ``map_batches`` tasks (fn_kwargs)."""
-    yield from ReadSeries(archive_root, preprocessing, rows_per_block)(batch)
+    yield from ReadSeries(archive_root, preprocessing, rows_per_block, crash_once_marker)(batch)

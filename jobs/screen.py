@@ -43,7 +43,9 @@ from pdd_batch.sink import Provenance, SinkStats, SliceSink
 
 log = logging.getLogger(__name__)
 
-CRASH_ONCE_ENV = "PDD_FAULT_CRASH_ONCE"  # test-only fault injection, see SlicePredictor
+# Test-only fault injection (a marker-file path each): an actor / a read worker dies once.
+CRASH_ONCE_ENV = "PDD_FAULT_CRASH_ONCE"
+CRASH_ONCE_READ_ENV = "PDD_FAULT_CRASH_ONCE_READ"
 ROWS_PER_BLOCK = 32
 MAX_INPUT_BLOCKS = 2000
 
@@ -154,6 +156,7 @@ def build_dataset(
             "archive_root": str(root),
             "preprocessing": model.preprocessing,
             "rows_per_block": ROWS_PER_BLOCK,
+            "crash_once_marker": os.environ.get(CRASH_ONCE_READ_ENV) or None,
         },
         batch_size=1,
         batch_format="numpy",

@@ -18,7 +18,7 @@ import pytest
 import ray
 from screen_support import IMAGE_SIZE, direct_scores, make_archive, make_checkpoint
 
-from jobs.screen import CRASH_ONCE_ENV, run_screen
+from jobs.screen import CRASH_ONCE_ENV, CRASH_ONCE_READ_ENV, run_screen
 from pdd_batch.config import RunConfig
 from pdd_batch.heatmap import decode_heatmap
 
@@ -136,12 +136,13 @@ def test_rerun_is_incremental_changed_series_replaced_and_force_rescreens(ray_lo
     assert set(forced["run_id"]) == {m4["run_id"]}
 
 
-def test_actor_crash_mid_run_is_retried_with_every_slice_once(ray_local, world, monkeypatch):
-    marker = world["base"] / "crashed-once"
-    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+def test_actor_and_worker_crashes_are_retried_with_every_slice_once(ray_local, world, monkeypatch):
+    marker, read_marker = world["base"] / "actor-crashed", world["base"] / "reader-crashed"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))  # an actor dies on its 2nd batch
+    monkeypatch.setenv(CRASH_ONCE_READ_ENV, str(read_marker))  # a reader dies after a block
     out = world["base"] / "crash"
     m = _run(world, out)
-    assert marker.exists()  # the actor really died mid-run
+    assert marker.exists() and read_marker.exists()  # both processes really died mid-run
     _check_accounting(m, out)
     slices = pq.read_table(out / "slices").to_pandas()
     assert slices["slice_key"].is_unique
