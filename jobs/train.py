@@ -114,6 +114,43 @@ def load_images(
     return stack, kept, errors
 
 
+def archive_images(
+    archive: Path, spec: PreprocessSpec, run: TrainConfig
+) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """Every model slice of an archive of normal studies, read like ``screen`` reads them.
+
+    Series that cannot be read become error records (file, stage, reason) and are skipped; with
+    ``run.max_images`` a seeded subset of slices is kept.
+
+    Returns:
+        (images (N, S, S) float32 in [0, 1], names "series_key:volume:slice", errors).
+    """
+    from pdd_batch.discovery import discover
+    from pdd_batch.slicing import iter_model_slices
+    from pdd_batch.volume import SeriesReadError, load_series
+
+    found = discover(Path(archive))
+    arrays, names = [], []
+    errors = [{"file": r.path, "stage": "discover", "reason": r.reason}
+              for r in found.files if r.status == "failed"]  # fmt: skip
+    for ref in found.series:
+        try:
+            series = load_series(found.root, ref)
+            for sl in iter_model_slices(series, spec):
+                arrays.append(sl.image)
+                names.append(f"{ref.series_key}:{sl.volume_index}:{sl.slice_index}")
+        except SeriesReadError as exc:
+            errors.append({"file": ref.files[0], "stage": "read", "reason": str(exc)})
+            log.warning("skipping unreadable series %s", ref.series_key)
+    if run.max_images is not None and len(arrays) > run.max_images:
+        rng = np.random.default_rng(run.seed)
+        keep = sorted(rng.choice(len(arrays), size=run.max_images, replace=False).tolist())
+        arrays, names = [arrays[i] for i in keep], [names[i] for i in keep]
+    size = spec.image_size
+    stack = np.stack(arrays) if arrays else np.zeros((0, size, size), np.float32)
+    return stack, names, errors
+
+
 def select_training_items(items: Sequence[ImageItem], run: TrainConfig) -> list[ImageItem]:
     """Normal images only (label 0), from ``train`` when the list has splits, capped if asked."""
     chosen = [it for it in items if it.label == 0 and it.split in (None, "train")]
@@ -208,7 +245,7 @@ def _epoch(model: nn.Module, opt: Any, bank: Any, gen: torch.Generator, run: Tra
 
 
 def train_model(
-    items: Sequence[ImageItem],
+    items: Sequence[ImageItem] | Path,
     out_dir: Path,
     model_config: Any,
     run: TrainConfig = TrainConfig(),
@@ -222,7 +259,8 @@ def train_model(
     """Train on the normal ``train`` images of ``items``; write a checkpoint to ``out_dir``.
 
     Args:
-        items: labelled images (only label 0 and split ``train``/None are used).
+        items: labelled images (only label 0 and split ``train``/None are used), or the path
+            of an archive of normal studies (DICOM/NIfTI; every slice is a training image).
         out_dir: checkpoint folder (``config.json``, ``model.safetensors``, ``resume.pt``).
         model_config: a ``model.config.ModelConfig``.
         run: the run configuration (epochs, batch size, optimiser, seed).
@@ -243,16 +281,19 @@ def train_model(
     if hasattr(model_config, "head_seed") and model is None:
         model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
     spec = PreprocessSpec(image_size=int(model_config.image_size))
-    chosen = select_training_items(items, run)
-    images, kept, errors = load_images(chosen, spec)
-    if len(kept) < 2:
-        raise TrainError(f"need at least 2 readable normal training images, found {len(kept)}")
+    if isinstance(items, (str, Path)):
+        images, names, errors = archive_images(Path(items), spec, run)
+    else:
+        images, kept, errors = load_images(select_training_items(items, run), spec)
+        names = [str(it.path) for it in kept]
+    if len(names) < 2:
+        raise TrainError(f"need at least 2 readable normal training images, found {len(names)}")
     gen = _seed_everything(run.seed)
     device = _device()
     model = (model if model is not None else build(model_config)).to(device)
     if progress is not None:
         progress(TrainProgress(0, run.epochs, 0, 0, float("nan"), run.lr, phase="features"))
-    key = (teacher_key(model_config), tuple(str(it.path) for it in kept))
+    key = (teacher_key(model_config), tuple(names))
     bank = feature_cache.get(key) if feature_cache is not None else None
     if bank is None:
         x = torch.from_numpy(images).unsqueeze(1).to(device)  # (N, 1, S, S)
@@ -276,7 +317,7 @@ def train_model(
     model.eval()
     training = {
         "data": data_description,
-        "n_images": len(kept),
+        "n_images": len(names),
         "n_failed": len(errors),
         "run": asdict(run),
         "epochs_run": len(losses),
@@ -291,7 +332,7 @@ def train_model(
         last = losses[-1] if losses else float("nan")
         progress(TrainProgress(run.epochs, run.epochs, 0, 0, last, run.lr, phase="done"))
     wall = time.perf_counter() - t0
-    return TrainResult(Path(ckpt), len(losses), losses, len(kept), errors, wall, model)
+    return TrainResult(Path(ckpt), len(losses), losses, len(names), errors, wall, model)
 
 
 def ray_address(address: str | None) -> str | None:
@@ -300,7 +341,7 @@ def ray_address(address: str | None) -> str | None:
 
 
 def run_training(
-    items: Sequence[ImageItem],
+    items: Sequence[ImageItem] | Path,
     out_dir: Path,
     model_config: Any,
     run: TrainConfig = TrainConfig(),
@@ -321,7 +362,7 @@ def run_training(
                            data_description=data_description)  # fmt: skip
     result = run_remote(
         train_model,
-        (list(items), Path(out_dir), model_config, run),
+        (items if isinstance(items, Path) else list(items), Path(out_dir), model_config, run),
         {"resume": resume, "data_description": data_description},
         address=addr,
         progress=progress,

@@ -179,3 +179,19 @@ def test_training_runs_as_a_ray_actor(dataset: Path, tmp_path: Path) -> None:
         ray.shutdown()
     assert res.epochs_run == 2 and res.model is None and seen
     assert load_checkpoint(tmp_path / "ck").meta["training"]["epochs_run"] == 2
+
+
+def test_train_from_an_archive_of_normal_studies(tmp_path: Path) -> None:
+    from tests.dicom_factory import write_corrupt_dicom, write_ct_series
+
+    write_ct_series(tmp_path / "arch" / "s1", n_slices=6, rows=40, cols=40, seed=1)
+    write_ct_series(tmp_path / "arch" / "s2", n_slices=4, rows=40, cols=36, seed=2,
+                    series_uid="1.2.3.4.5.6.7", study_uid="1.2.3.4.5.6")  # fmt: skip
+    write_corrupt_dicom(tmp_path / "arch" / "bad.dcm")
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "arch"), "--archive", "--config", "test",
+                                 "--epochs", "2", "--batch-size", "4", "--out",
+                                 str(tmp_path / "ck")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    meta = load_checkpoint(tmp_path / "ck").meta["training"]
+    assert meta["n_images"] == 10 and meta["epochs_run"] == 2
+    assert meta["n_failed"] == 1 and "1 skipped" in r.output

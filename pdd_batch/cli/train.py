@@ -62,11 +62,17 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seeds head init and shuffling.")] = 0,
     max_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pt.")] = False,
+    archive: Annotated[
+        bool, typer.Option(help="DATA is an archive of normal DICOM/NIfTI studies (all slices).")
+    ] = False,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
     ] = None,
 ) -> None:
-    """Train on the normal images of DATA (the `train` split when a split file is given)."""
+    """Train on the normal images of DATA (the `train` split when a split file is given).
+
+    With --archive, DATA is a folder of normal studies read exactly as `screen` reads them.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jobs.train import TrainConfig, TrainError, run_training
@@ -75,7 +81,13 @@ def train_command(
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    items, desc = load_items(console, data, split_file, "train" if split_file else None)
+    if archive:
+        if not data.exists():
+            console.print(f"[red]archive not found: {data}[/]")
+            raise typer.Exit(code=2)
+        items, desc = data, f"archive {data.name} (all slices)"
+    else:
+        items, desc = load_items(console, data, split_file, "train" if split_file else None)
     overrides = parse_teacher_weights(console, teacher_weights or [])
     if image_size is not None:
         overrides["image_size"] = image_size
@@ -111,6 +123,7 @@ def train_command(
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
     console.print(
         f"trained {cfg.name} ({cfg.arch}, {cfg.image_size} px) on {result.n_images} images, "
+        f"{len(result.errors)} skipped, "
         f"{result.epochs_run} epochs, final loss {result.epoch_losses[-1]:.4f}, "
         f"{result.wall_s:.0f} s -> {result.checkpoint}"
     )
