@@ -278,6 +278,9 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
         on_commit=on_commit,
     )
     status, error, cluster = STATUS_COMPLETE, None, None
+    if not pending:
+        for stage in ("series", "slices", "commit"):
+            _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")
     t = time.perf_counter()
     try:
         if pending:

@@ -203,3 +203,13 @@ def test_heatmap_png_round_trip_within_one_quantisation_step() -> None:
     assert np.abs(back - amap).max() <= peak / 255.0 / 2 + 1e-6
     png0, peak0 = encode_heatmap(np.zeros((4, 4), np.float32))
     assert peak0 == 0.0 and not decode_heatmap(png0, peak0).any()
+
+
+def test_run_folder_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    from pdd_batch.run_state import RunLockedError, run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(RunLockedError), run_lock(tmp_path):
+            pass
+    with run_lock(tmp_path):  # released after the first holder left
+        pass
