@@ -1,11 +1,12 @@
 """Read tasks (Ray CPU workers): decode, window and slice one series into model-ready rows.
 
 Each input row is a work unit (one series, as ``SeriesRef`` JSON). Output rows are slices
-(``kind="slice"``) streamed in blocks of at most ``rows_per_block`` (a large series becomes
-several slice-range blocks that the actor pool scores in parallel), or one marker row for a
-series that failed to read (``kind="error"``) or gave no slice (``kind="empty"``). Every row
-carries ``n_rows``: how many rows its series produces, so the driver knows when a series is
-complete before committing it.
+(``kind="slice"``) streamed while the series is sliced, in blocks of at most ``rows_per_block``
+(a large series becomes several slice-range blocks that the actor pool scores in parallel and
+that never sit in memory all at once), then one marker row: ``kind="end"`` with ``n_rows`` =
+the number of slices and the series' warnings, ``kind="empty"`` when it gave no slice, or
+``kind="error"`` when it failed to read. The driver commits a series only once its end marker
+and all ``n_rows`` slices have arrived.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pdd_batch.volume import SeriesReadError, load_series
 
 log = logging.getLogger(__name__)
 
-KIND_SLICE, KIND_ERROR, KIND_EMPTY = "slice", "error", "empty"
+KIND_SLICE, KIND_END, KIND_ERROR, KIND_EMPTY = "slice", "end", "error", "empty"
 MAX_REASON_CHARS = 300
 # Errors a damaged or unsupported input can raise while decoding; programming errors
 # (TypeError, AttributeError, NameError, ...) are not caught and fail the task loudly.
@@ -50,7 +51,7 @@ def scrub_reason(text: str) -> str:
     return text[:MAX_REASON_CHARS]
 
 
-def _marker(ref: SeriesRef, kind: str, reason: str, size: int) -> dict[str, Any]:
+def _marker(ref: SeriesRef, kind: str, reason: str, size: int, n_rows: int = 0) -> dict[str, Any]:
     return {
         "kind": [kind],
         "series_key": [ref.series_key],
@@ -59,13 +60,13 @@ def _marker(ref: SeriesRef, kind: str, reason: str, size: int) -> dict[str, Any]
         "volume_index": np.array([-1], dtype=np.int32),
         "slice_index": np.array([-1], dtype=np.int32),
         "source_file": [""],
-        "n_rows": np.array([1], dtype=np.int32),
+        "n_rows": np.array([n_rows], dtype=np.int32),
         "reason": [reason],
         "image": np.zeros((1, size, size), dtype=np.float32),
     }
 
 
-def _block(ref: SeriesRef, slices: list, n_rows: int, warnings: str) -> dict[str, Any]:
+def _block(ref: SeriesRef, slices: list) -> dict[str, Any]:
     n = len(slices)
     return {
         "kind": [KIND_SLICE] * n,
@@ -75,8 +76,8 @@ def _block(ref: SeriesRef, slices: list, n_rows: int, warnings: str) -> dict[str
         "volume_index": np.array([s.volume_index for s in slices], dtype=np.int32),
         "slice_index": np.array([s.slice_index for s in slices], dtype=np.int32),
         "source_file": [s.source_file for s in slices],
-        "n_rows": np.full(n, n_rows, dtype=np.int32),
-        "reason": [warnings] * n,
+        "n_rows": np.zeros(n, dtype=np.int32),  # the total comes with the end marker
+        "reason": [""] * n,
         "image": np.stack([s.image for s in slices]).astype(np.float32, copy=False),  # (N, S, S)
     }
 
@@ -106,21 +107,30 @@ def read_series(
     ``crash_once_marker`` (tests only) kills the worker after its first block has been yielded,
     so Ray must retry the task and the driver must drop the repeated rows.
     """
+    n = 0
     try:
         series = load_series(archive_root, ref)
-        slices = list(iter_model_slices(series, spec))
+        block: list = []
+        for model_slice in iter_model_slices(series, spec):
+            block.append(model_slice)
+            n += 1
+            if len(block) == rows_per_block:
+                yield _block(ref, block)
+                block = []
+                crash_once(crash_once_marker)
+        if block:
+            yield _block(ref, block)
+            crash_once(crash_once_marker)
     except READ_ERRORS as exc:
         reason = scrub_reason(f"{type(exc).__name__}: {exc}")
-        log.warning("series %s: read failed (%s)", ref.series_key, reason)
+        log.warning("series %s: read failed after %d slices (%s)", ref.series_key, n, reason)
         yield _marker(ref, KIND_ERROR, reason, spec.image_size)
         return
     warnings = scrub_reason("; ".join(series.warnings)) if series.warnings else ""
-    if not slices:
+    if n == 0:
         yield _marker(ref, KIND_EMPTY, warnings or "no slice in this series", spec.image_size)
-        return
-    for start in range(0, len(slices), rows_per_block):
-        yield _block(ref, slices[start : start + rows_per_block], len(slices), warnings)
-        crash_once(crash_once_marker)
+    else:
+        yield _marker(ref, KIND_END, warnings, spec.image_size, n_rows=n)
 
 
 class ReadSeries:

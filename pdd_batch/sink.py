@@ -2,7 +2,8 @@
 
 Rows arrive from the actor pool in any order, a series possibly spread over several blocks.
 ``SliceSink`` keeps a series' rows (deduplicated by ``slice_key``, so a retried block can never
-duplicate a slice) until all ``n_rows`` have arrived, then buffers the complete series; when the
+duplicate a slice) until its end marker and all the ``n_rows`` slices it announces have
+arrived, then buffers the complete series; when the
 buffer holds ``rows_per_file`` slices or ``flush_seconds`` have passed it writes one part file
 atomically and only then records its series as done in the run state.
 """
@@ -24,7 +25,7 @@ from pdd_batch.writer import rows_to_table, write_table_atomic
 
 log = logging.getLogger(__name__)
 
-KIND_SLICE, KIND_ERROR, KIND_EMPTY = "slice", "error", "empty"
+KIND_SLICE, KIND_END, KIND_ERROR, KIND_EMPTY = "slice", "end", "error", "empty"
 NO_SLICE_REASON = "no slice was taken from this file"
 
 
@@ -142,8 +143,6 @@ class SliceSink:
                 self._open.pop(key, None)
                 continue
             entry = self._open.setdefault(key, _Series())
-            entry.expected = int(batch["n_rows"][i])
-            entry.warnings = str(batch["reason"][i])
             if kind == KIND_SLICE:
                 row = self._row(batch, i)
                 if row["slice_key"] in entry.rows:
@@ -151,7 +150,12 @@ class SliceSink:
                 else:
                     entry.rows[row["slice_key"]] = row
                     self.stats.slices_received += 1
-            if kind == KIND_EMPTY or len(entry.rows) >= entry.expected:
+            elif kind in (KIND_END, KIND_EMPTY):
+                entry.expected = int(batch["n_rows"][i])
+                entry.warnings = str(batch["reason"][i])
+            else:
+                raise ValueError(f"unknown row kind {kind!r} for series {key}")
+            if entry.expected is not None and len(entry.rows) >= entry.expected:
                 self._complete.add(key)
                 self._ready.append(key)
                 self._ready_rows += len(entry.rows)

@@ -52,6 +52,10 @@ def make_archive(root: Path, n_ct: int = 2, slices: int = 5) -> Path:
     """DICOM CT series, an enhanced MR, 3D and 4D NIfTI, and bad inputs of every kind."""
     for i in range(n_ct):
         write_ct_series(root / f"ct{i}", n_slices=slices, rows=32, cols=32, seed=100 + i)
+    # a duplicate position and a scout: files of a good series that give no slice of their own
+    write_ct_series(
+        root / "ctdup", n_slices=4, rows=32, cols=32, seed=150, duplicate_at=1, add_scout=True
+    )
     write_multiframe(root / "mr" / "enhanced.dcm", n_frames=4, rows=24, cols=24, seed=7)
     write_nifti(root / "nifti" / "vol3d.nii.gz", shape=(20, 16, 4))
     write_nifti(root / "nifti" / "vol4d.nii", shape=(16, 16, 3, 2))
