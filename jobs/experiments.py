@@ -191,17 +191,30 @@ def _git_commit() -> str | None:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| variant | seeds | AUROC mean ± sd | AP | F1-max | train s/run |",
-        "|---|---|---|---|---|---|",
+        "| data | variant | px | epochs | seeds | AUROC mean ± sd (per seed) | AP | F1-max | "
+        "val-syn AUROC | train s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for v in dict.fromkeys(r["variant"] for r in rows if "auroc" in r):
-        rs = [r for r in rows if r["variant"] == v and "auroc" in r]
+    runs = [r for r in rows if "auroc" in r]
+    keys = dict.fromkeys((r["dataset"], r["variant"], r["image_size"], r["epochs"]) for r in runs)
+    for key in keys:
+        rs = [r for r in runs if (r["dataset"], r["variant"], r["image_size"], r["epochs"]) == key]
         a = np.array([r["auroc"] for r in rs])
+        each = ", ".join(f"{v:.3f}" for v in a)
+        val = [r["val_synthetic_auroc"] for r in rs if "val_synthetic_auroc" in r]
         lines.append(
-            f"| {v} | {len(rs)} | {a.mean():.3f} ± {a.std():.3f} | "
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {len(rs)} | "
+            f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f} ({each}) | "
             f"{np.mean([r['ap'] for r in rs]):.3f} | {np.mean([r['f1_max'] for r in rs]):.3f} | "
+            f"{f'{np.mean(val):.3f}' if val else '-'} | "
             f"{np.mean([r['train_wall_s'] for r in rs]):.0f} |"
         )
+    for r in rows:
+        if r.get("variant") == "floors":
+            lines.append(
+                f"| {r['dataset']} | floor: mean intensity / image size | | | | "
+                f"{r['mean_intensity_auroc']:.3f} / {r['image_size_auroc']:.3f} | | | | |"
+            )
     return "\n".join(lines)
 
 
@@ -231,6 +244,10 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
         import sys
 
         argv = sys.argv[1:]
+    if argv and argv[0] == "table":  # table RESULTS.jsonl...: markdown summary of result files
+        rows = [json.loads(line) for f in argv[1:] for line in Path(f).read_text().splitlines()]
+        emit(_table(rows))
+        return 0
     if argv and argv[0] == "valsyn":  # valsyn DATA CHECKPOINT...
         torch.set_num_threads(1)
         for row in val_synthetic_of_checkpoints(Path(argv[1]), [Path(a) for a in argv[2:]]):
