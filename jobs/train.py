@@ -244,6 +244,19 @@ def _epoch(model: nn.Module, opt: Any, bank: Any, gen: torch.Generator, run: Tra
     return total / max(seen, 1)
 
 
+def _training_images(
+    items: Sequence[ImageItem] | Path, spec: PreprocessSpec, run: TrainConfig
+) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    if isinstance(items, (str, Path)):
+        images, names, errors = archive_images(Path(items), spec, run)
+    else:
+        images, kept, errors = load_images(select_training_items(items, run), spec)
+        names = [str(it.path) for it in kept]
+    if len(names) < 2:
+        raise TrainError(f"need at least 2 readable normal training images, found {len(names)}")
+    return images, names, errors
+
+
 def train_model(
     items: Sequence[ImageItem] | Path,
     out_dir: Path,
@@ -281,25 +294,18 @@ def train_model(
     if hasattr(model_config, "head_seed") and model is None:
         model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
     spec = PreprocessSpec(image_size=int(model_config.image_size))
-    if isinstance(items, (str, Path)):
-        images, names, errors = archive_images(Path(items), spec, run)
-    else:
-        images, kept, errors = load_images(select_training_items(items, run), spec)
-        names = [str(it.path) for it in kept]
-    if len(names) < 2:
-        raise TrainError(f"need at least 2 readable normal training images, found {len(names)}")
+    images, names, errors = _training_images(items, spec, run)
     gen = _seed_everything(run.seed)
     device = _device()
     model = (model if model is not None else build(model_config)).to(device)
     if progress is not None:
         progress(TrainProgress(0, run.epochs, 0, 0, float("nan"), run.lr, phase="features"))
+    cache = feature_cache if feature_cache is not None else {}
     key = (teacher_key(model_config), tuple(names))
-    bank = feature_cache.get(key) if feature_cache is not None else None
-    if bank is None:
+    if key not in cache:
         x = torch.from_numpy(images).unsqueeze(1).to(device)  # (N, 1, S, S)
-        bank = feature_bank(model, x, run.feature_batch)
-        if feature_cache is not None:
-            feature_cache[key] = bank
+        cache[key] = feature_bank(model, x, run.feature_batch)
+    bank = cache[key]
     opt = make_optimizer(model.trainable_parameters(), run.lr, run.betas)
     sched = make_scheduler(opt, run.t_max, run.eta_min)
     start, losses = 0, []
