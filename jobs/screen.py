@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,39 +219,48 @@ def run_screen(cfg: RunConfig, progress: ProgressFn | None = None) -> ScreenResu
         return _run_locked(cfg, progress)
 
 
-def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
+@dataclass
+class _Run:
+    """What one run carries from preparation to the final manifest."""
+
+    cfg: RunConfig
+    state: RunState
+    model: ModelInfo
+    disc: Discovery
+    pending: list[SeriesRef]
+    sink: SliceSink
+    progress: ProgressFn | None
+    t_start: float
+    timings: dict[str, float] = field(default_factory=dict)
+    cluster: ClusterInfo | None = None
+
+
+def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
+    """State reconciled, model bound, archive discovered, work planned, sink ready."""
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    state = RunState.load(out)
+    state = RunState.load(cfg.out_dir)
     state.reconcile()
-    t = time.perf_counter()
     model = resolve_model(cfg.model_path)
-    timings["model_meta_s"] = time.perf_counter() - t
     state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force)
     t = time.perf_counter()
     disc = discover(cfg.archive, open_archives=cfg.open_archives)
-    timings["discover_s"] = time.perf_counter() - t
+    discover_s = time.perf_counter() - t
     _emit(progress, "discover", len(disc.files), len(disc.files), note=f"{len(disc.series)} series")
     pending, fingerprints = _plan_work(cfg, disc, state)
-    meta = {
-        "archive_root": disc.root,
-        "model_id": model.model_id,
-        "checkpoint_hash": model.checkpoint_hash,
-    }
-    base_extra = {"run_config": cfg.to_dict(), "started_unix": time.time()}
-    running = InputCounts.from_outcomes({})
     write_manifest(
-        out,
+        cfg.out_dir,
         build_manifest(
             run_id=cfg.run_id,
             status=STATUS_RUNNING,
-            counts=running,
-            archive_root=meta["archive_root"],
+            counts=InputCounts.from_outcomes({}),
+            archive_root=disc.root,
             model_id=model.model_id,
             checkpoint_hash=model.checkpoint_hash,
-            extra=base_extra,
+            extra={
+                "run_config": cfg.to_dict(),
+                "series_seen": len(disc.series),
+                "series_pending": len(pending),
+            },
         ),
     )
     prov = Provenance(
@@ -277,44 +286,67 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
         flush_seconds=cfg.flush_seconds,
         on_commit=on_commit,
     )
-    status, error, cluster = STATUS_COMPLETE, None, None
-    if not pending:
+    run = _Run(cfg, state, model, disc, pending, sink, progress, t_start)
+    run.timings["discover_s"] = discover_s
+    return run
+
+
+def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
+    run = _prepare(cfg, progress)
+    if not run.pending:
         for stage in ("series", "slices", "commit"):
             _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")
+    status, error = STATUS_COMPLETE, None
     t = time.perf_counter()
     try:
-        if pending:
-            with connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as cluster:
+        if run.pending:
+            with connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as run.cluster:
                 plan = plan_actors(
-                    cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
+                    run.cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
                 )
-                ds = build_dataset(pending, disc.root, model, plan)
-                _stream(ds, sink, pending, progress)
+                ds = build_dataset(run.pending, run.disc.root, run.model, plan)
+                _stream(ds, run.sink, run.pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
         status, error = STATUS_FAILED, f"{type(exc).__name__}: {exc}"[:500]
-        sink.close()
+        run.sink.close()
         raise
     finally:
-        timings["pipeline_s"] = time.perf_counter() - t
-        result = _finalise(
-            cfg, disc, state, sink, status, error, timings, t_start, model, cluster, progress
-        )
+        run.timings["pipeline_s"] = time.perf_counter() - t
+        result = _finalise(run, status, error)
     return result
 
 
-def _finalise(
-    cfg: RunConfig,
-    disc: Discovery,
-    state: RunState,
-    sink: SliceSink,
-    status: str,
-    error: str | None,
-    timings: dict[str, float],
-    t_start: float,
-    model: ModelInfo,
-    cluster: ClusterInfo | None,
-    progress: ProgressFn | None,
-) -> ScreenResult:
+def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
+    stats, state = run.sink.stats, run.state
+    keys = {r.series_key for r in run.disc.series}
+    cluster = run.cluster
+    return {
+        "run_config": run.cfg.to_dict(),
+        "timings": {k: round(v, 3) for k, v in run.timings.items()},
+        "series_seen": len(keys),
+        "series_screened_this_run": stats.series_committed,
+        "series_reused": len(keys & set(state.series)) - stats.series_committed,
+        "series_failed": len(run.sink.failed),
+        "slices_written_this_run": stats.slices_written,
+        "slices_total": sum(state.part_rows().values()),
+        "studies": n_study,
+        "error_rows": n_err,
+        "slices_per_s": round(stats.slices_written / max(run.timings["pipeline_s"], 1e-9), 2),
+        "parts": len(state.parts),
+        "actors": {
+            "processes": len(stats.actor_peak_rss_mb),
+            "peak_rss_mb": round(max(stats.actor_peak_rss_mb.values(), default=0.0), 1),
+        },
+        "cluster": None
+        if cluster is None
+        else {"mode": cluster.mode, "nodes": cluster.nodes, "resources": cluster.resources},
+        "threshold": run.model.threshold,
+    }
+
+
+def _finalise(run: _Run, status: str, error: str | None) -> ScreenResult:
+    """Compact parts, rewrite studies and errors, account for every input, write the manifest."""
+    cfg, state, disc, sink = run.cfg, run.state, run.disc, run.sink
     t = time.perf_counter()
     state.compact(cfg.max_part_files, cfg.rows_per_file * 4, _part_names(cfg.run_id + "-c"))
     n_study = write_studies(state, topk=cfg.topk, run_id=cfg.run_id)
@@ -326,30 +358,9 @@ def _finalise(
     counts = InputCounts.from_outcomes(outcomes)
     if status == STATUS_COMPLETE and counts.inputs_lost:
         status = STATUS_INCOMPLETE
-    timings["finalise_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_start
-    extra = {
-        "run_config": cfg.to_dict(),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "series_seen": len(disc.series),
-        "series_screened_this_run": sink.stats.series_committed,
-        "series_reused": len(keys & set(state.series)) - sink.stats.series_committed,
-        "series_failed": len(sink.failed),
-        "slices_written_this_run": sink.stats.slices_written,
-        "slices_total": sum(state.part_rows().values()),
-        "studies": n_study,
-        "error_rows": n_err,
-        "slices_per_s": round(sink.stats.slices_written / max(timings["pipeline_s"], 1e-9), 2),
-        "parts": len(state.parts),
-        "actors": {
-            "processes": len(sink.stats.actor_peak_rss_mb),
-            "peak_rss_mb": round(max(sink.stats.actor_peak_rss_mb.values(), default=0.0), 1),
-        },
-        "cluster": None
-        if cluster is None
-        else {"mode": cluster.mode, "nodes": cluster.nodes, "resources": cluster.resources},
-        "threshold": model.threshold,
-    }
+    run.timings["finalise_s"] = time.perf_counter() - t
+    run.timings["total_s"] = time.perf_counter() - run.t_start
+    extra = _run_summary(run, n_study, n_err)
     if error:
         extra["error"] = error
     manifest = build_manifest(
@@ -357,10 +368,10 @@ def _finalise(
         status=status,
         archive_root=disc.root,
         counts=counts,
-        model_id=model.model_id,
-        checkpoint_hash=model.checkpoint_hash,
+        model_id=run.model.model_id,
+        checkpoint_hash=run.model.checkpoint_hash,
         extra=extra,
     )
     write_manifest(cfg.out_dir, manifest)
-    _emit(progress, "finalise", 1, 1, note=status)
+    _emit(run.progress, "finalise", 1, 1, note=status)
     return ScreenResult(cfg.out_dir, status, exit_code_for(status), manifest)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -36,7 +36,8 @@ class LiveView:
         )
         self.tasks = {k: self.progress.add_task(v, total=None, note="") for k, v in STAGES.items()}
 
-    def __call__(self, event) -> None:  # event: jobs.screen.ProgressEvent
+    def __call__(self, event: Any) -> None:
+        """Apply one ``jobs.screen.ProgressEvent`` (not imported here: jobs loads Ray)."""
         task = self.tasks.get(event.stage)
         if task is None:
             return
