@@ -1,0 +1,65 @@
+"""Run config validation, stable sharding, series fingerprints and safe error reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.read_task import scrub_reason
+from jobs.screen import series_fingerprint, stable_shard
+from pdd_batch.config import RunConfig, RunConfigError
+from pdd_batch.discovery import SeriesRef
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("batch_size", 0),
+        ("num_actors", -1),
+        ("rows_per_file", 0),
+        ("flush_seconds", 0.0),
+        ("topk", 0),
+        ("run_id", "a/b"),
+    ],
+)
+def test_bad_options_raise_naming_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(RunConfigError, match=key):
+        RunConfig(archive=tmp_path, out_dir=tmp_path / "o", **{key: value})
+
+
+def test_address_falls_back_to_ray_address(tmp_path: Path, monkeypatch) -> None:
+    cfg = RunConfig(archive=tmp_path, out_dir=tmp_path / "o")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cfg.resolved_address is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cfg.resolved_address == "10.0.0.1:6379"
+    assert cfg.with_updates(address="head:6379").resolved_address == "head:6379"
+    assert RunConfig(archive=tmp_path, out_dir=tmp_path).run_id != cfg.run_id
+
+
+def test_shards_are_stable_and_spread() -> None:
+    keys = [f"{i:016x}" for i in range(400)]
+    shards = [stable_shard(k, 8) for k in keys]
+    assert shards == [stable_shard(k, 8) for k in keys]  # no per-process salt, unlike hash()
+    assert stable_shard("abc", 8) == int("ba7816bf8f01", 16) % 8  # sha256("abc") prefix
+    assert min(shards.count(s) for s in range(8)) > 20
+
+
+def test_fingerprint_changes_with_the_files_of_a_series(tmp_path: Path) -> None:
+    (tmp_path / "a.dcm").write_bytes(b"12")
+    (tmp_path / "b.dcm").write_bytes(b"34")
+    ref = SeriesRef("s", "st", "dicom", "CT", ("a.dcm", "b.dcm"))
+    fp = series_fingerprint(tmp_path, ref)
+    assert fp == series_fingerprint(
+        tmp_path, SeriesRef("s", "st", "dicom", "CT", ("b.dcm", "a.dcm"))
+    )
+    (tmp_path / "b.dcm").write_bytes(b"345")
+    assert series_fingerprint(tmp_path, ref) != fp
+    assert series_fingerprint(tmp_path, SeriesRef("s", "st", "dicom", "CT", ("a.dcm",))) != fp
+
+
+def test_error_reasons_carry_no_uids_and_stay_short() -> None:
+    text = "ValueError: bad frame in 1.2.840.113619.2.55.3.604688119\n  at  offset 12" + "x" * 999
+    out = scrub_reason(text)
+    assert "1.2.840" not in out and "<uid>" in out and "\n" not in out and len(out) <= 300
