@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.read_task import crash_once
 from model.checkpoint import load_checkpoint
 from pdd_batch.heatmap import encode_png
 
@@ -58,15 +59,8 @@ class SlicePredictor:
         log.info("model %s loaded on %s in %.1fs", loaded.model_id, device, self.load_seconds)
 
     def _maybe_crash(self) -> None:
-        if not self.crash_once_marker or self.batches < 2:
-            return
-        try:
-            fd = os.open(self.crash_once_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        log.warning("fault injection: actor exits mid-run")
-        os._exit(1)
+        if self.batches >= 2:
+            crash_once(self.crash_once_marker)
 
     @torch.inference_mode()
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,10 +99,3 @@ class SlicePredictor:
             actor_peak_rss_mb=np.full(n, rss, dtype=np.float32),
         )
         return out
-
-
-def predict_images(loaded_model: Any, images: np.ndarray) -> np.ndarray:
-    """Scores of (N, S, S) images with an in-process model (reference path for tests/bench)."""
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
-        return loaded_model.predict(x).scores.float().numpy()
