@@ -23,6 +23,7 @@ from jobs.cluster import ClusterInfo, connect
 from jobs.predictor import SlicePredictor
 from jobs.read_task import read_series_fn
 from jobs.resources import ActorPlan, plan_actors
+from pdd_batch.archive_io import split_member
 from pdd_batch.config import RunConfig
 from pdd_batch.discovery import Discovery, SeriesRef, discover
 from pdd_batch.manifest import (
@@ -109,13 +110,17 @@ def stable_shard(series_key: str, n_shards: int) -> int:
 
 
 def series_fingerprint(root: Path, ref: SeriesRef) -> str:
-    """Digest of a series' files (relative paths and sizes): changes when its inputs change."""
+    """Digest of a series' files (relative paths and sizes): changes when its inputs change.
+
+    Members of .zip/.tar files count with the size of the archive file that holds them.
+    """
     h = hashlib.sha256()
     for rel in sorted(ref.files):
+        container, member = split_member(rel)  # a .zip/.tar member: the size of its container
         try:
-            size = (root / rel).stat().st_size
+            size = (root / (container if member else rel)).stat().st_size
         except OSError:
-            size = -1  # a member of a .zip/.tar: the path alone
+            size = -1
         h.update(f"{rel}\0{size}\n".encode())
     return h.hexdigest()[:32]
 

@@ -63,3 +63,11 @@ def test_error_reasons_carry_no_uids_and_stay_short() -> None:
     text = "ValueError: bad frame in 1.2.840.113619.2.55.3.604688119\n  at  offset 12" + "x" * 999
     out = scrub_reason(text)
     assert "1.2.840" not in out and "<uid>" in out and "\n" not in out and len(out) <= 300
+
+
+def test_fingerprint_of_archive_members_follows_the_archive_file(tmp_path: Path) -> None:
+    (tmp_path / "s.zip").write_bytes(b"PK" + b"0" * 10)
+    ref = SeriesRef("s", "st", "dicom", "CT", ("s.zip!a.dcm", "s.zip!b.dcm"))
+    fp = series_fingerprint(tmp_path, ref)
+    (tmp_path / "s.zip").write_bytes(b"PK" + b"0" * 11)
+    assert series_fingerprint(tmp_path, ref) != fp
