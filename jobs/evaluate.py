@@ -72,7 +72,7 @@ def _load_batch(batch: Sequence[ImageItem], spec: PreprocessSpec, errors: list[d
             kept.append(it)
         except (PreprocessError, OSError) as exc:
             errors.append({"file": it.rel, "stage": "load", "reason": str(exc)})
-            log.warning("skipping unreadable image %s", it.rel)
+            log.warning("skipping an unreadable image (listed in the error records)")
     return arrays, kept, stats
 
 
@@ -228,7 +228,7 @@ def evaluate_checkpoint(
         images=res.top_images,
         maps=res.top_maps,
         image_index=res.top_index,
-        names=[Path(res.items[i].rel).name for i in res.top_index],
+        names=[f"scores.csv row {i + 1}" for i in res.top_index],  # no file names: may hold IDs
         title=title,
         threshold=calib.get("threshold"),
     )

@@ -108,7 +108,7 @@ def load_images(
             kept.append(it)
         except PreprocessError as exc:
             errors.append({"file": it.rel, "stage": "load", "reason": str(exc)})
-            log.warning("skipping unreadable image %s", it.rel)
+            log.warning("skipping an unreadable image (listed in the error records)")
     size = spec.image_size
     stack = np.stack(arrays) if arrays else np.zeros((0, size, size), np.float32)
     return stack, kept, errors
@@ -141,7 +141,7 @@ def archive_images(
                 names.append(f"{ref.series_key}:{sl.volume_index}:{sl.slice_index}")
         except SeriesReadError as exc:
             errors.append({"file": ref.files[0], "stage": "read", "reason": str(exc)})
-            log.warning("skipping unreadable series %s", ref.series_key)
+            log.warning("skipping an unreadable series (listed in the error records)")
     if run.max_images is not None and len(arrays) > run.max_images:
         rng = np.random.default_rng(run.seed)
         keep = sorted(rng.choice(len(arrays), size=run.max_images, replace=False).tolist())
