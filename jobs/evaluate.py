@@ -63,7 +63,9 @@ def original_stats(path: Path) -> tuple[float, int]:
     return float(grey.mean()), h * w
 
 
-def _load_batch(batch: Sequence[ImageItem], spec: PreprocessSpec, errors: list[dict[str, str]]):
+def _load_batch(
+    batch: Sequence[ImageItem], spec: PreprocessSpec, errors: list[dict[str, str]]
+) -> tuple[list[np.ndarray], list[ImageItem], list[tuple[float, int]]]:
     arrays, kept, stats = [], [], []
     for it in batch:
         try:
