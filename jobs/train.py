@@ -202,7 +202,7 @@ def _save_resume(path: Path, model: nn.Module, opt: Any, sched: Any, gen: torch.
 
 def _load_resume(path: Path, model: nn.Module, opt: Any, sched: Any, gen: torch.Generator,
                  run: TrainConfig) -> tuple[int, list[float]]:  # fmt: skip
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     saved = state["run"]
     for key in ("batch_size", "lr", "t_max", "eta_min", "seed", "max_images"):
         if saved.get(key) != asdict(run).get(key):

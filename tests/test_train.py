@@ -80,7 +80,7 @@ def test_resume_continues_the_schedule(dataset: Path, tmp_path: Path) -> None:
 
     with pytest.raises(_Interrupt):
         train_model(items, tmp_path / "part", cfg, _run(), progress=stop_after_two)
-    state = torch.load(tmp_path / "part" / "resume.pt", weights_only=False)
+    state = torch.load(tmp_path / "part" / "resume.pt", weights_only=True)
     assert state["epoch"] == 2 and state["scheduler"]["last_epoch"] == 2
     resumed = train_model(items, tmp_path / "part", cfg, _run(), resume=True)
     assert resumed.epoch_losses == pytest.approx(full.epoch_losses, rel=1e-5)
