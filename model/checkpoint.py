@@ -247,6 +247,7 @@ def load_checkpoint(
         raise CheckpointError(f"{folder / CONFIG_FILE}: bad model_config: {exc}") from exc
     config = _with_teacher_weights(config, teacher_weights or {})
     model = build_model(config)
+    _check_teacher_inputs(model, meta.get("teachers") or {}, folder)
     _load_strict(model, load_file(str(weights)), weights)
     model.to(device).eval()
     return LoadedModel(
@@ -258,6 +259,26 @@ def load_checkpoint(
         model_id=meta["model_id"],
         meta=meta,
     )
+
+
+def _check_teacher_inputs(model: nn.Module, recorded: dict[str, Any], folder: Path) -> None:
+    """Each teacher must see its input normalised as when the checkpoint was trained.
+
+    The weights hash cannot catch a change in how a teacher converts its input (e.g. the
+    EfficientNet-Lite0 package weights' (x - 0.5) / 0.5), yet such a change moves every score.
+    """
+    for name, teacher in teacher_modules(model).items():
+        then = recorded.get(name, {})
+        for key in ("input_mean", "input_std"):
+            if key not in then:
+                continue  # older checkpoints did not record it
+            now = [float(v) for v in teacher.provenance[key]]
+            if not torch.allclose(torch.tensor(now), torch.tensor(then[key], dtype=torch.float32)):
+                raise CheckpointError(
+                    f"{folder / CONFIG_FILE}: teacher '{name}' was trained with {key} "
+                    f"{then[key]}, but this code feeds it {now}; retrain or use the code version "
+                    "the checkpoint records"
+                )
 
 
 def _load_strict(model: nn.Module, state: dict[str, Tensor], origin: Path) -> None:

@@ -398,6 +398,10 @@ def _build_cnn(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
         prov["file_sha256"] = file_sha256(cached) if cached else None
         return backbone, prov
     if spec.source == "random":
+        # timm zero-initialises the last BN of every ResNet block (a from-scratch training
+        # trick); in a frozen random teacher that leaves every residual branch dead.
+        if spec.arch in timm.list_models(module="resnet"):
+            kwargs["zero_init_last"] = False
         backbone = _seeded_build(
             int(spec.seed),  # type: ignore[arg-type]
             timm.create_model,

@@ -211,3 +211,12 @@ def test_model_package_re_exports_the_public_api() -> None:
     assert set(model.__all__) <= set(dir(model))
     with pytest.raises(AttributeError):
         _ = model.no_such_name
+
+
+def test_changed_teacher_input_normalisation_is_refused(tmp_path) -> None:
+    out = save_checkpoint(_trained(), tmp_path, preprocessing=PRE)
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    meta["teachers"]["teacher_cnn"]["input_mean"] = [0.5, 0.5, 0.5]  # as if trained that way
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="teacher_cnn.*input_mean"):
+        load_checkpoint(out)

@@ -88,6 +88,14 @@ def test_random_teacher_is_seeded_and_leaves_global_rng_alone() -> None:
     assert a.provenance["weights"] == "random:seed=0"
 
 
+def test_random_resnet_teacher_has_live_residual_branches() -> None:
+    """timm zero-inits each block's last BN; a random teacher must not keep that."""
+    teacher = build_teacher(SPECS["resnet18_random"])
+    last_bn = [k for k in teacher.state_dict() if k.endswith("bn2.weight") and ".layer" in k]
+    assert last_bn, "expected ResNet blocks"
+    assert all(teacher.state_dict()[k].abs().sum() > 0 for k in last_bn)
+
+
 def _timm_full_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
     import timm
 
