@@ -1,1 +1,4 @@
-"""The Typer command-line interface. Heavy imports (torch, Ray, jobs, model) stay inside commands."""
+"""The Typer command-line interface.
+
+Heavy imports (torch, Ray, jobs, model) stay inside the command functions.
+"""
