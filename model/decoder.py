@@ -72,3 +72,17 @@ def make_stage(c_in: int, c_out: int, blocks: int = 2) -> nn.Sequential:
     for _ in range(blocks - 1):
         layers.append(DeBottleneck(c_out, width, c_out, stride=1, upsample=None))
     return nn.Sequential(*layers)
+
+
+def init_distillation_weights(module: nn.Module) -> None:
+    """RD4AD's (and PDD's) init: Kaiming-normal (fan_out, relu) for Conv2d, BN weight 1 / bias 0.
+
+    As in RD4AD and the reference, the test is ``isinstance(m, nn.Conv2d)``, so the
+    ConvTranspose2d layers keep PyTorch's default initialisation.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

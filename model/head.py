@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.adapters import ChannelAdapter
-from model.decoder import make_stage
+from model.decoder import init_distillation_weights, make_stage
 from model.outputs import HeadOutput
 from model.prior import ManifoldPrior
 
@@ -73,17 +73,8 @@ class PDDHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_out, relu) for Conv2d, BN weight 1 / bias 0.
-
-        As in RD4AD and the reference, the test is ``isinstance(m, nn.Conv2d)``, so the
-        ConvTranspose2d layers keep PyTorch's default initialisation.
-        """
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        """The reference's init (``model.decoder.init_distillation_weights``)."""
+        init_distillation_weights(self)
 
     def _check_inputs(self, cnn_feats: Sequence[Tensor], mamba_feats: Sequence[Tensor]) -> None:
         if len(cnn_feats) != 4 or len(mamba_feats) != 4:

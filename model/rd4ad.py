@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from model.anomaly_map import anomaly_map
 from model.config import ModelConfig, register_config
-from model.decoder import make_stage
+from model.decoder import init_distillation_weights, make_stage
 from model.loss import cosine_sum
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
 from model.teachers import Teacher, TeacherSpec, build_teacher
@@ -94,12 +94,7 @@ class RD4ADHead(nn.Module):
         self.layer1 = make_stage(c4, c3, blocks_per_stage)
         self.layer2 = make_stage(c3, c2, blocks_per_stage)
         self.layer3 = make_stage(c2, c1, blocks_per_stage)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_distillation_weights(self)
 
     def forward(self, cnn_feats: Sequence[Tensor]) -> HeadOutput:
         """Teacher levels 1–4 (level 4 unused, as in RD4AD) → HeadOutput(t, s, s)."""
