@@ -66,7 +66,10 @@ def read_dataset(reader: MemberReader, rel: str) -> Dataset:
 
 
 def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
-    """All frames of a file in modality units (HU for CT), MONOCHROME1 inverted.
+    """All frames of a file in modality units (HU for CT), MONOCHROME1 inverted (except CT).
+
+    CT values are the Modality LUT output (stored * slope + intercept) whatever the photometric
+    interpretation: MONOCHROME1 only says how to display them, and the CT window maps HU itself.
 
     Returns:
         float32 (F, H, W).
@@ -86,7 +89,7 @@ def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
             raise
         raise SeriesReadError(f"{header.file}: cannot decode pixels (codec panic)") from exc
     out = stored.astype(np.float32)
-    if header.photometric == "MONOCHROME1":
+    if header.photometric == "MONOCHROME1" and header.modality != "CT":
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
         if int(ds.get("PixelRepresentation", 0)) == 1:
             lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1

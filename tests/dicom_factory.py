@@ -132,7 +132,7 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, transfer_syntax: str) -> None:
 def _to_stored(values: np.ndarray, modality: str, monochrome1: bool) -> np.ndarray:
     intercept = CT_INTERCEPT if modality == "CT" else 0.0
     stored = np.rint(values - intercept)
-    if monochrome1:
+    if monochrome1 and modality != "CT":  # CT HU come from the modality LUT, never inverted
         stored = (2**BITS_STORED - 1) - stored
     if stored.min() < 0 or stored.max() >= 2**BITS_STORED:
         raise ValueError("write: synthetic values do not fit in 12 bits")

@@ -16,6 +16,7 @@ from dicom_factory import (
     write_multiframe,
     write_xray,
 )
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from pdd_batch.discovery import discover
@@ -215,3 +216,18 @@ def test_real_ge_fmri_is_split_into_ten_volumes() -> None:
     assert (ref.n_slices, ref.n_volumes, ref.shape) == (150, 10, (15, 64, 64))
     loaded = load_series(result.root, ref)
     assert [v.data.shape for v in loaded.volumes] == [(15, 64, 64)] * 10
+
+
+def test_monochrome1_ct_keeps_the_modality_lut_hu(tmp_path: Path) -> None:
+    # MONOCHROME1 is a display instruction: CT HU are stored * slope + intercept whatever the
+    # photometric interpretation (PS3.3 C.11.1), so inverting before rescale flips the HU scale.
+    paths = write_ct_series(tmp_path, n_slices=3)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(p)
+    (vol,) = _load_only(tmp_path).volumes
+    for z, rel in enumerate(vol.source_files):
+        ds = pydicom.dcmread(tmp_path / rel)
+        hu = apply_modality_lut(ds.pixel_array, ds)  # independent decode
+        np.testing.assert_allclose(vol.data[z], hu, atol=1e-3)
