@@ -25,7 +25,7 @@ class Volume:
     """One 3D volume (a 2D image is a 1-slice volume).
 
     Attributes:
-        data: float32 (Z, H, W) in modality units (HU for CT; MONOCHROME1 already inverted).
+        data: float32 (Z, H, W) in modality units (HU for CT; MONOCHROME1 inverted, except CT).
         source_files: per slice, the archive-relative file it came from.
         frames: per slice, the frame index inside that file (0 for single-frame files).
         spacing: (slice, row, column) spacing in mm; slice spacing 0.0 when unknown.
