@@ -2,7 +2,8 @@
 
 DICOM, applied recursively to every nested sequence item:
 
-* private tags, curves (50xx) and overlay data/comments (60xx,3000/4000) are removed;
+* private tags, curves (50xx) and overlay data/comments (60xx,3000/4000) are removed; the file
+  meta keeps only its standard elements (no AE titles, addresses or private information);
 * attributes of the basic profile table below are removed (X) or emptied (Z);
 * every UID (VR UI) that is not a registry UID (``1.2.840.10008.*``) is replaced by
   ``2.25.<int>`` derived with a keyed hash, so the same original UID gets the same new UID in
@@ -48,6 +49,13 @@ KEEP_UIDS = frozenset(
     "SOPClassUID ReferencedSOPClassUID MediaStorageSOPClassUID TransferSyntaxUID "
     "ImplementationClassUID CodingSchemeUID ContextGroupExtensionCreatorUID "
     "RelatedGeneralSOPClassUID OriginalSpecializedSOPClassUID".split()
+)
+# File meta elements that identify nothing; the rest (AE titles, presentation addresses,
+# PrivateInformationCreatorUID/PrivateInformation) is removed.
+META_KEEP = frozenset(
+    "FileMetaInformationGroupLength FileMetaInformationVersion MediaStorageSOPClassUID "
+    "MediaStorageSOPInstanceUID TransferSyntaxUID ImplementationClassUID "
+    "ImplementationVersionName".split()
 )
 TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
             "UI", "UR", "UT"}  # fmt: skip
@@ -100,6 +108,13 @@ SeriesDescription ServiceEpisodeDescription ServiceEpisodeID SmokingStatus
 SourceApplicationEntityTitle SpecialNeeds StationName StudyComments StudyDescription StudyIDIssuer
 TextComments TextString TopicAuthor TopicKeywords TopicSubject TopicTitle
 VerifyingObserverIdentificationCodeSequence VerifyingOrganization VisitComments
+AcquisitionProtocolDescription AdmittingDate AdmittingTime Arbitrary ClinicalTrialSubjectID
+ClinicalTrialSubjectReadingID CommentsOnThePerformedProcedureStep
+ConfidentialityConstraintOnPatientDataDescription EthnicGroup EthnicGroupCodeSequence
+InsurancePlanIdentification IssuerOfPatientIDQualifiersSequence LastMenstrualDate MAC
+ModifiedImageDescription PatientInstitutionResidence PatientPrimaryLanguageModifierCodeSequence
+PatientSexNeutered PatientTelecomInformation PersonIdentificationCodeSequence
+ReasonForTheRequestedProcedure ReferencedPatientPhotoSequence
 """.split()
 )
 
@@ -167,12 +182,19 @@ class Deidentifier:
         _mark(ds, offset is not None)
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
-            if "SOPInstanceUID" in ds:
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            for tag in list(meta.keys()):
-                if meta[tag].keyword == "SourceApplicationEntityTitle":
-                    del meta[tag]
+            self._deidentify_meta(ds, meta)
         return ds
+
+    def _deidentify_meta(self, ds: Dataset, meta: Dataset) -> None:
+        """Keep only the standard file meta elements (AE titles, addresses and private
+        information go); the instance UID follows the dataset's (or is replaced itself)."""
+        for tag in list(meta.keys()):
+            if meta[tag].keyword not in META_KEEP:
+                del meta[tag]
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        elif "MediaStorageSOPInstanceUID" in meta:
+            meta.MediaStorageSOPInstanceUID = self.new_uid(str(meta.MediaStorageSOPInstanceUID))
 
     def _record(self, ds: Dataset, study_uid: str, pid: str, offset: int | None) -> None:
         new_study = self.new_uid(study_uid)

@@ -186,3 +186,56 @@ def test_real_dicom_every_transfer_syntax(tmp_path: Path) -> None:
         assert not [e for e in back.iterall() if e.tag.is_private], f.name
         leaks = [v for v in originals if len(v) >= 4 and v.encode() in raw]
         assert not leaks, f.name
+
+
+# Basic-profile (PS3.15 Table E.1-1) attributes outside the first table: values that identify
+# the patient but share no text with the name/ID, so the final safety scan cannot catch them.
+PROFILE_EXTRA = {
+    "EthnicGroup": "ETHNIC-TOKEN",
+    "InsurancePlanIdentification": "INSURANCE-778899",
+    "PatientInstitutionResidence": "Ward 7 Northwing",
+    "ReasonForTheRequestedProcedure": "fall at 12 Elm Street",
+    "PatientTelecomInformation": "tel 555 0199",
+    "ClinicalTrialSubjectID": "SUBJ-0042",
+    "CommentsOnThePerformedProcedureStep": "patient anxious, daughter present",
+    "AdmittingTime": "101500",
+}
+
+
+def test_profile_attributes_beyond_the_first_table_removed(series) -> None:
+    _, paths, _ = series
+    ds = pydicom.dcmread(paths[0])
+    for kw, value in PROFILE_EXTRA.items():
+        setattr(ds, kw, value)
+    person = Dataset()
+    person.CodeValue, person.CodingSchemeDesignator = "STAFF-6543", "L"
+    ds.PersonIdentificationCodeSequence = [person]
+    out = Deidentifier().deidentify(ds)
+    for kw in [*PROFILE_EXTRA, "PersonIdentificationCodeSequence"]:
+        assert kw not in out, f"{kw} survived de-identification"
+
+
+def test_file_meta_keeps_only_standard_non_identifying_elements(series) -> None:
+    ident, paths, uids = series
+    ds = pydicom.dcmread(paths[0])
+    meta = ds.file_meta
+    meta.SourceApplicationEntityTitle = "SRC_AE"
+    meta.SendingApplicationEntityTitle = "SEND_AE"
+    meta.ReceivingApplicationEntityTitle = "RECV_AE"
+    meta.PrivateInformationCreatorUID = "1.2.3.4.9999"
+    meta.PrivateInformation = f"{ident.private_text} {ident.name}".encode()
+    original_meta_uid = meta.MediaStorageSOPInstanceUID
+    del ds.SOPInstanceUID  # a broken file: the meta holds the only instance UID
+    out = Deidentifier().deidentify(ds)
+    kept = {e.keyword for e in out.file_meta}
+    assert kept <= {
+        "FileMetaInformationGroupLength", "FileMetaInformationVersion", "MediaStorageSOPClassUID",
+        "MediaStorageSOPInstanceUID", "TransferSyntaxUID", "ImplementationClassUID",
+        "ImplementationVersionName",
+    }  # fmt: skip
+    buf = io.BytesIO()
+    out.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue()
+    for s in [*ident.strings(), *uids, original_meta_uid, "1.2.3.4.9999", "SRC_AE", "SEND_AE"]:
+        assert s.encode() not in raw, "an identifier survived in the file meta"
+    assert NEW_UID.match(out.file_meta.MediaStorageSOPInstanceUID)
