@@ -174,6 +174,7 @@ def read_nifti_info(root: Path, rel: str, raw: bytes | None = None) -> NiftiInfo
     img, source = open_nifti(root, rel, raw)
     try:
         spatial, n_volumes = _spatial_shape(img)
+        _check_dtype(img)
         _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
         ornt = _orientation(img)
         zooms_stored = (tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0,) * 3)[:3]
@@ -193,6 +194,12 @@ def read_nifti_info(root: Path, rel: str, raw: bytes | None = None) -> NiftiInfo
         orientation="".join(nib.aff2axcodes(img.affine)),
         dtype=dtype,
     )
+
+
+def _check_dtype(img: nib.spatialimages.SpatialImage) -> None:
+    """Reject voxel types with no grey value (RGB/RGBA records); complex data gives magnitude."""
+    if img.get_data_dtype().fields is not None:
+        raise NiftiReadError(f"unsupported data type {img.get_data_dtype()} (colour voxels)")
 
 
 def _orientation(img: nib.spatialimages.SpatialImage) -> np.ndarray:
@@ -223,6 +230,8 @@ def _read_voxels(img: nib.spatialimages.SpatialImage, rel: str, t: int | None) -
             raw = img.dataobj[...]
         else:
             raw = img.dataobj[:, :, :, t]
+        if np.iscomplexobj(raw):
+            raw = np.abs(raw)  # complex MR: the magnitude image
         return np.asarray(raw, dtype=np.float32)
     except (*NIB_ERRORS, MemoryError) as exc:
         raise SeriesReadError(f"{rel}: cannot read voxel data ({type(exc).__name__})") from exc
@@ -238,6 +247,7 @@ def load_nifti_series(root: Path, ref: SeriesRef) -> LoadedSeries:
     try:
         img, source = open_nifti(root, rel)
         spatial, n_volumes = _spatial_shape(img)
+        _check_dtype(img)
         _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
         ornt = _orientation(img)
     except NiftiReadError as exc:

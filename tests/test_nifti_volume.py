@@ -143,3 +143,21 @@ def test_real_dcm2niix_reference_niftis_are_series_too() -> None:
     assert len(result.series) == 9
     assert all(s.kind == "nifti" and s.n_slices == 35 and s.modality == "MR" for s in result.series)
     assert result.counts() == {"seen": 18, "used": 9, "skipped": 9, "failed": 0}
+
+
+def test_rgb_nifti_is_reported_not_crashing(tmp_path: Path) -> None:
+    rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
+    result = discover(tmp_path)
+    assert result.series == []
+    (record,) = [r for r in result.files if r.status == "failed"]
+    assert "data type" in record.reason
+
+
+def test_complex_nifti_gives_magnitude(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    values = (rng.normal(size=(4, 5, 6)) + 1j * rng.normal(size=(4, 5, 6))).astype(np.complex64)
+    nib.save(nib.Nifti1Image(values, np.eye(4)), tmp_path / "c.nii")
+    _, loaded = _load(tmp_path / "c.nii")
+    expected = np.abs(values).transpose(2, 1, 0)  # RAS affine: (Z, H, W) = (S, A, R)
+    np.testing.assert_allclose(loaded.volumes[0].data, expected, rtol=1e-6)
