@@ -35,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 import pdd_batch
 from pdd_batch.archive_io import MemberReader, split_member
 from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_data
+from pdd_batch.dicom_headers import quiet_pydicom
 from pdd_batch.overlay import display_scale, model_input_slices, overlay_png
 from pdd_batch.results import RunResults
 from pdd_batch.secondary_capture import ScStudy, derived_uid, write_sc_series
@@ -241,16 +242,18 @@ def _copy_one(data: bytes, dst: Path, item: StudyExport, deid: Deidentifier | No
     if item.kind == "nifti":
         dst.write_bytes(data if deid is None else deidentify_nifti_data(data, dst.name))
         return
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=deid is None)
-    if deid is None:
-        dst.write_bytes(data)
-    else:
-        deid.deidentify(ds)
-        ds.save_as(dst, enforce_file_format=True)
-    item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
-    item.new_patient_id = str(ds.get("PatientID", ""))
-    item.study.setdefault("_study_date", str(ds.get("StudyDate", "")))
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+    with quiet_pydicom():  # its warnings quote malformed values (UIDs, dates) into the logs
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=deid is None)
+        if deid is None:
+            dst.write_bytes(data)
+        else:
+            deid.deidentify(ds)
+            ds.save_as(dst, enforce_file_format=True)
+        item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
+        item.new_patient_id = str(ds.get("PatientID", ""))
+        item.study.setdefault("_study_date", str(ds.get("StudyDate", "")))
+        burned_in = str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
+    if burned_in:
         item.study["_burned_in"] = True
 
 

@@ -263,3 +263,32 @@ def test_burned_in_annotation_is_warned_about(tmp_path: Path) -> None:
     assert [w["study"] for w in s.warnings] == ["S001"]
     doc = json.loads((tmp_path / "out" / "export.json").read_text())
     assert "BurnedInAnnotation" in doc["warnings"][0]["warning"]
+
+
+def test_malformed_values_are_not_quoted_in_logs_or_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom quotes invalid values ("Invalid value for VR UI: '...'") in warnings and logs:
+    an archive's malformed UIDs and dates must not reach them during an export."""
+    import logging
+    import warnings
+
+    from pydicom.dataelem import DataElement
+
+    run = build_run(tmp_path, with_nifti=False)
+    bad_uid, bad_date = "1.2.826.0.042.20210405.777", "2021.04.05"  # leading zero; dotted date
+    for paths in run.files.values():
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds[0x00200052] = DataElement(0x00200052, "UI", bad_uid)  # FrameOfReferenceUID
+            ds[0x00080021] = DataElement(0x00080021, "DA", bad_date)  # SeriesDate
+            ds.save_as(p)
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # only what the export says
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = export_run(open_run(run.run_dir), tmp_path / "out", ExportOptions())
+    assert summary.n_files > 0 and not summary.errors
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    for text in said:
+        assert bad_uid not in text and bad_date not in text, text
