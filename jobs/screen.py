@@ -247,6 +247,7 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
     state.reconcile()
     model = resolve_model(cfg.model_path)
     state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force)
+    state.bind_threshold(model.threshold)
     t = time.perf_counter()
     disc = discover(cfg.archive, open_archives=cfg.open_archives)
     discover_s = time.perf_counter() - t

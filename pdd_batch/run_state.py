@@ -9,7 +9,8 @@ rewritten atomically naming it. So:
 * a crash between the two steps leaves an orphan part that no state names; ``reconcile`` deletes
   it when the next run starts, and that run screens those series again (no gaps, no duplicates);
 * a later run with the same checkpoint hash skips done series whose files are unchanged;
-  a different checkpoint hash, ``--force`` or changed files replace the earlier rows.
+  a different checkpoint hash, ``--force`` or changed files replace the earlier rows;
+* a changed threshold (recalibration keeps the checkpoint hash) re-flags every committed row.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class RunState:
         self.out_dir = Path(out_dir)
         self.checkpoint_hash: str | None = data.get("checkpoint_hash")
         self.model_id: str | None = data.get("model_id")
+        # The threshold the committed rows were flagged with (recalibration keeps the hash).
+        self.threshold: float | None = data.get("threshold")
+        self._threshold_bound = "threshold" in data
         self.parts: list[str] = list(data.get("parts", []))
         self.series: dict[str, SeriesRecord] = {
             k: SeriesRecord.from_dict(v) for k, v in data.get("series", {}).items()
@@ -136,6 +140,7 @@ class RunState:
             "version": STATE_VERSION,
             "checkpoint_hash": self.checkpoint_hash,
             "model_id": self.model_id,
+            "threshold": self.threshold,
             "parts": self.parts,
             "series": {k: asdict(v) for k, v in sorted(self.series.items())},
         }
@@ -191,6 +196,40 @@ class RunState:
         self.checkpoint_hash, self.model_id = checkpoint_hash, model_id
         self.save()
         return dropped
+
+    def bind_threshold(self, threshold: float | None) -> int:
+        """Re-flag every committed row when the model's threshold changed (a recalibration keeps
+        the checkpoint hash, so its earlier rows are reused): ``threshold`` and
+        ``flagged = score > threshold`` are rewritten in place, part by part (each atomically).
+
+        Returns:
+            how many parts were rewritten.
+        """
+        if self._threshold_bound and self.threshold == threshold:
+            return 0
+        for name in self.parts:
+            path = self.slices_dir / name
+            table = pq.read_table(path)
+            n = table.num_rows
+            thr_field = table.schema.field("threshold")
+            if threshold is None:
+                flagged = pa.array([False] * n, type=pa.bool_())
+            else:
+                flagged = pc.greater(pc.cast(table["score"], pa.float64()), threshold)
+            table = table.set_column(
+                table.schema.get_field_index("threshold"),
+                thr_field,
+                pa.array([threshold] * n, type=thr_field.type),
+            )
+            table = table.set_column(
+                table.schema.get_field_index("flagged"), table.schema.field("flagged"), flagged
+            )
+            write_table_atomic(table, path)
+        if self.parts:
+            log.info("re-flagged %d part files for a changed threshold", len(self.parts))
+        self.threshold, self._threshold_bound = threshold, True
+        self.save()
+        return len(self.parts)
 
     def is_done(self, series_key: str, fingerprint: str) -> bool:
         """Whether a series was screened by the bound model from the same files."""
