@@ -23,6 +23,7 @@ from pdd_batch.dicom_headers import (
     header_from_dataset,
     quiet_pydicom,
 )
+from pdd_batch.keys import series_key
 from pdd_batch.stack_plan import StackPlan, plan_stacks
 from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
 
@@ -101,13 +102,24 @@ def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
     return out * slopes + inters
 
 
-def _choose_stack(stacks: list[StackPlan], ref: SeriesRef) -> tuple[StackPlan, list[str]]:
+def _choose_stack(
+    stacks: list[StackPlan], ref: SeriesRef, headers: dict[str, DicomHeader]
+) -> tuple[StackPlan, list[str]]:
+    """The stack discovery named ``ref``: discovery keys stack ``part`` of a series as
+    ``series_key(study, series, part)``; files holding several stacks (one multi-frame file with
+    a 3-plane survey) are in every part's ref, so the part is found by its key."""
     if not stacks:
         raise SeriesReadError(f"series {ref.series_key}: no image frames")
+    chosen = stacks[0]
+    h = next(iter(headers.values()))
+    for part, plan in enumerate(stacks):
+        if series_key(h.study_uid, h.series_uid, part) == ref.series_key:
+            chosen = plan
+            break
     notes = []
     if len(stacks) > 1:
         notes.append(f"{len(stacks) - 1} further stack(s) in these files not decoded here")
-    return stacks[0], notes
+    return chosen, notes
 
 
 def _fill_volumes(
@@ -158,7 +170,7 @@ def load_dicom_series(root: Path, ref: SeriesRef) -> LoadedSeries:
     datasets, headers = _read_files(root, ref)
     frames = [f for h in headers.values() for f in h.frames]
     stacks, scouts = plan_stacks(frames)
-    plan, notes = _choose_stack(stacks, ref)
+    plan, notes = _choose_stack(stacks, ref, headers)
     arrays = _fill_volumes(plan, datasets, headers)
     directions = None if plan.directions is None else np.asarray(plan.directions, dtype=np.float64)
     volumes = [

@@ -231,3 +231,27 @@ def test_monochrome1_ct_keeps_the_modality_lut_hu(tmp_path: Path) -> None:
         ds = pydicom.dcmread(tmp_path / rel)
         hu = apply_modality_lut(ds.pixel_array, ds)  # independent decode
         np.testing.assert_allclose(vol.data[z], hu, atol=1e-3)
+
+
+def test_two_stacks_in_one_multiframe_file_each_decoded_once(tmp_path: Path) -> None:
+    # A 3-plane survey stored as one enhanced file: discovery makes one series per stack, and each
+    # must decode its own frames (not the first stack again).
+    path = write_multiframe(tmp_path / "enh.dcm", n_frames=6, modality="MR")
+    ds = pydicom.dcmread(path)
+    for i in range(3, 6):
+        orient = pydicom.Dataset()
+        orient.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # sagittal
+        group = ds.PerFrameFunctionalGroupsSequence[i]
+        group.PlaneOrientationSequence = pydicom.Sequence([orient])
+        group.PlanePositionSequence[0].ImagePositionPatient = [4.0 * i, -12.0, 20.0]
+    ds.save_as(path)
+    result = discover(tmp_path)
+    assert len(result.series) == 2
+    decoded = [load_series(result.root, ref).volumes[0] for ref in result.series]
+    assert sorted(f for vol in decoded for f in vol.frames) == list(range(6))
+    for ref, vol in zip(result.series, decoded, strict=True):
+        assert ref.orientation.split()[0] in ("axial", "sagittal")
+        assert vol.directions is not None
+        normal = vol.directions[0]
+        axis = "sagittal" if abs(normal[0]) > 0.9 else "axial"
+        assert ref.orientation.startswith(axis)
