@@ -105,17 +105,21 @@ def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
 def _choose_stack(
     stacks: list[StackPlan], ref: SeriesRef, headers: dict[str, DicomHeader]
 ) -> tuple[StackPlan, list[str]]:
-    """The stack discovery named ``ref``: discovery keys stack ``part`` of a series as
-    ``series_key(study, series, part)``; files holding several stacks (one multi-frame file with
-    a 3-plane survey) are in every part's ref, so the part is found by its key."""
+    """The stack discovery described in ``ref``. A file holding several stacks (a 3-plane survey in
+    one multi-frame file) is in every stack's ref: the stack is found by its geometry, then by the
+    part number in its key (``series_key(study, series, part)``)."""
     if not stacks:
         raise SeriesReadError(f"series {ref.series_key}: no image frames")
-    chosen = stacks[0]
+    fits = [
+        (part, p)
+        for part, p in enumerate(stacks)
+        if p.orientation == ref.orientation
+        and tuple(p.shape) == tuple(ref.shape)
+        and len(p.volumes) == ref.n_volumes
+    ]
     h = next(iter(headers.values()))
-    for part, plan in enumerate(stacks):
-        if series_key(h.study_uid, h.series_uid, part) == ref.series_key:
-            chosen = plan
-            break
+    keyed = [p for part, p in fits if series_key(h.study_uid, h.series_uid, part) == ref.series_key]
+    chosen = keyed[0] if keyed else fits[0][1] if fits else stacks[0]
     notes = []
     if len(stacks) > 1:
         notes.append(f"{len(stacks) - 1} further stack(s) in these files not decoded here")

@@ -255,3 +255,34 @@ def test_two_stacks_in_one_multiframe_file_each_decoded_once(tmp_path: Path) -> 
         normal = vol.directions[0]
         axis = "sagittal" if abs(normal[0]) > 0.9 else "axial"
         assert ref.orientation.startswith(axis)
+
+
+def test_shared_survey_file_with_more_files_of_one_stack(tmp_path: Path) -> None:
+    # The survey file's sagittal stack continues in single-frame files of the same series, so
+    # discovery's part numbers differ from those of a worker that sees only the survey file.
+    path = write_multiframe(tmp_path / "enh.dcm", n_frames=6, modality="MR")
+    ds = pydicom.dcmread(path)
+    sag = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+    for i in range(3, 6):
+        orient = pydicom.Dataset()
+        orient.ImageOrientationPatient = sag
+        group = ds.PerFrameFunctionalGroupsSequence[i]
+        group.PlaneOrientationSequence = pydicom.Sequence([orient])
+        group.PlanePositionSequence[0].ImagePositionPatient = [4.0 * i, -12.0, 20.0]
+    ds.save_as(path)
+    for i in range(6, 9):
+        one = pydicom.dcmread(path)
+        one.SOPInstanceUID = pydicom.uid.generate_uid()
+        del one.PerFrameFunctionalGroupsSequence, one.SharedFunctionalGroupsSequence
+        one.NumberOfFrames = 1
+        one.ImageOrientationPatient, one.ImagePositionPatient = sag, [4.0 * i, -12.0, 20.0]
+        one.PixelSpacing = [1.5, 1.5]
+        one.PixelData = ds.pixel_array[5].tobytes()
+        one.save_as(tmp_path / f"sag{i}.dcm")
+    result = discover(tmp_path)
+    assert sorted(s.orientation for s in result.series) == ["axial", "sagittal"]
+    for ref in result.series:
+        vol = load_series(result.root, ref).volumes[0]
+        assert vol.data.shape[0] == ref.shape[0]
+        normal = vol.directions[0]
+        assert ref.orientation == ("sagittal" if abs(normal[0]) > 0.9 else "axial")
