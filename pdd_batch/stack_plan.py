@@ -108,6 +108,22 @@ def _cluster_positions(dist: np.ndarray) -> np.ndarray:
     return ids
 
 
+def _drop_copies(frames: list[FrameInfo], excluded: list[tuple[FrameInfo, str]]) -> list[FrameInfo]:
+    """Frames at one position without copies: a frame of another file with the same
+    InstanceNumber, time and frame index is the same image stored twice (a copied folder),
+    not a time point."""
+    kept: list[FrameInfo] = []
+    seen: dict[tuple, str] = {}
+    for f in frames:
+        key = (f.temporal, f.instance, f.frame)
+        if f.instance > 0 and seen.get(key, f.file) != f.file:
+            excluded.append((f, "duplicate slice position (another instance kept)"))
+            continue
+        seen.setdefault(key, f.file)
+        kept.append(f)
+    return kept
+
+
 def _split_positions(
     frames: Sequence[FrameInfo], ids: np.ndarray
 ) -> tuple[list[list[FrameInfo]], list[tuple[FrameInfo, str]], list[str]]:
@@ -116,11 +132,14 @@ def _split_positions(
     for f, i in zip(frames, ids, strict=True):
         by_pos[int(i)].append(f)
     positions = sorted(by_pos)
+    excluded: list[tuple[FrameInfo, str]] = []
     for p in positions:
         by_pos[p].sort(key=_time_key)
-    counts = {len(by_pos[p]) for p in positions}
-    excluded: list[tuple[FrameInfo, str]] = []
+        by_pos[p] = _drop_copies(by_pos[p], excluded)
     warnings: list[str] = []
+    if excluded:
+        warnings.append(f"{len(excluded)} duplicate-position instance(s) excluded")
+    counts = {len(by_pos[p]) for p in positions}
     if len(counts) == 1:
         n_t = counts.pop()
         volumes = [[by_pos[p][t] for p in positions] for t in range(n_t)]
@@ -131,6 +150,7 @@ def _split_positions(
         excluded.extend(
             (f, "duplicate slice position (another instance kept)") for f in by_pos[p][1:]
         )
+    warnings = [w for w in warnings if "duplicate" not in w]
     warnings.append(f"{len(excluded)} duplicate-position instance(s) excluded")
     return [[by_pos[p][0] for p in positions]], excluded, warnings
 

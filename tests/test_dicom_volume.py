@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,15 @@ def test_shared_survey_file_with_more_files_of_one_stack(tmp_path: Path) -> None
         assert vol.data.shape[0] == ref.shape[0]
         normal = vol.directions[0]
         assert ref.orientation == ("sagittal" if abs(normal[0]) > 0.9 else "axial")
+
+
+def test_copied_series_is_not_a_second_time_point(tmp_path: Path) -> None:
+    # The same series twice in an archive (a copied folder): every position holds two files with
+    # the same InstanceNumber and time; that is a duplicate, not a 4D series of two volumes.
+    write_ct_series(tmp_path / "a", n_slices=5)
+    shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
+    loaded = _load_only(tmp_path)
+    assert len(loaded.volumes) == 1 and loaded.n_slices == 5
+    np.testing.assert_array_equal(loaded.volumes[0].data, _expected(5))
+    assert not any(w.startswith("4D") for w in loaded.warnings)
+    assert any("duplicate" in w for w in loaded.warnings)
