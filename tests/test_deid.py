@@ -199,6 +199,10 @@ PROFILE_EXTRA = {
     "ClinicalTrialSubjectID": "SUBJ-0042",
     "CommentsOnThePerformedProcedureStep": "patient anxious, daughter present",
     "AdmittingTime": "101500",
+    "PatientBirthDateInAlternativeCalendar": "1327/06/15",
+    "PatientDeathDateInAlternativeCalendar": "1399/01/02",
+    "PersonTelecomInformation": "tel 555 0142",
+    "OrderCallbackTelecomInformation": "tel 555 0177",
 }
 
 
