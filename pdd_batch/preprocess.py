@@ -122,10 +122,18 @@ def fit_to_square(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_image_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
-    """Read a PNG/JPEG (any mode, RGBA too) as grayscale model input, float32 (S, S) in [0, 1]."""
+    """Read a PNG/JPEG (any mode, RGBA too) as grayscale model input, float32 (S, S) in [0, 1].
+
+    16-bit greyscale PNGs (PIL modes "I;16*"/"I") are scaled from their full 16-bit range;
+    ``convert("L")`` would clip them at 255.
+    """
     try:
         with Image.open(path) as im:
-            gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            if im.mode.startswith("I;16") or im.mode == "I":
+                wide = np.asarray(im, dtype=np.float32) / 65535.0
+                gray = np.clip(wide, 0.0, 1.0)
+            else:
+                gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except (OSError, ValueError) as exc:
         raise PreprocessError(f"{path.name}: cannot read image ({exc})") from exc
     return fit_to_square(gray, spec.image_size)

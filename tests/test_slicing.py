@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 from conftest import shared_path
 from dicom_factory import slice_values, write_ct_series, write_xray
+from PIL import Image
 
 from pdd_batch.discovery import discover
-from pdd_batch.preprocess import WINDOW_PRESETS, PreprocessSpec, fit_to_square, window_ct
+from pdd_batch.preprocess import (
+    WINDOW_PRESETS,
+    PreprocessSpec,
+    fit_to_square,
+    load_image_file,
+    window_ct,
+)
 from pdd_batch.slicing import ModelSlice, iter_model_slices
 from pdd_batch.volume import LoadedSeries, load_series
 
@@ -136,3 +143,14 @@ def test_real_head_ct_streams_109_windowed_slices() -> None:
         assert 0.0 <= float(s.image.min()) and float(s.image.max()) <= 1.0
         n += 1
     assert n == 109
+
+
+def test_sixteen_bit_png_keeps_its_grey_levels(tmp_path: Path) -> None:
+    # PIL's convert("L") clips 16-bit values at 255: a 16-bit PNG came out almost all white.
+    values = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    Image.fromarray((values >> 8).astype(np.uint8)).save(tmp_path / "g8.png")
+    spec = PreprocessSpec(image_size=64)
+    wide = load_image_file(tmp_path / "g16.png", spec)
+    np.testing.assert_allclose(wide, values / 65535.0, atol=1e-6)
+    np.testing.assert_allclose(wide, load_image_file(tmp_path / "g8.png", spec), atol=1 / 255)
