@@ -6,7 +6,9 @@ Each input row is a work unit (one series, as ``SeriesRef`` JSON). Output rows a
 that never sit in memory all at once), then one marker row: ``kind="end"`` with ``n_rows`` =
 the number of slices and the series' warnings, ``kind="empty"`` when it gave no slice, or
 ``kind="error"`` when it failed to read. The driver commits a series only once its end marker
-and all ``n_rows`` slices have arrived.
+and all ``n_rows`` slices have arrived. The end marker's ``used_files`` (JSON list; "" on other
+rows) names every file whose pixels went into the series' volumes: a slice reformatted to another
+axis mixes all of them, though its ``source_file`` can name only one.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def scrub_reason(text: str) -> str:
     return text[:MAX_REASON_CHARS]
 
 
-def _marker(ref: SeriesRef, kind: str, reason: str, size: int, n_rows: int = 0) -> dict[str, Any]:
+def _marker(
+    ref: SeriesRef, kind: str, reason: str, size: int, n_rows: int = 0, used_files: str = ""
+) -> dict[str, Any]:
     return {
         "kind": [kind],
         "series_key": [ref.series_key],
@@ -62,6 +66,7 @@ def _marker(ref: SeriesRef, kind: str, reason: str, size: int, n_rows: int = 0) 
         "source_file": [""],
         "n_rows": np.array([n_rows], dtype=np.int32),
         "reason": [reason],
+        "used_files": [used_files],
         "image": np.zeros((1, size, size), dtype=np.float32),
     }
 
@@ -78,6 +83,7 @@ def _block(ref: SeriesRef, slices: list) -> dict[str, Any]:
         "source_file": [s.source_file for s in slices],
         "n_rows": np.zeros(n, dtype=np.int32),  # the total comes with the end marker
         "reason": [""] * n,
+        "used_files": [""] * n,
         "image": np.stack([s.image for s in slices]).astype(np.float32, copy=False),  # (N, S, S)
     }
 
@@ -130,7 +136,8 @@ def read_series(
     if n == 0:
         yield _marker(ref, KIND_EMPTY, warnings or "no slice in this series", spec.image_size)
     else:
-        yield _marker(ref, KIND_END, warnings, spec.image_size, n_rows=n)
+        used = sorted({f for volume in series.volumes for f in volume.source_files})
+        yield _marker(ref, KIND_END, warnings, spec.image_size, n, json.dumps(used))
 
 
 class ReadSeries:

@@ -10,6 +10,7 @@ atomically and only then records its series as done in the run state.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +52,7 @@ class _Series:
     expected: int | None = None
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: str = ""
+    used_files: frozenset[str] = frozenset()  # from the end marker (reformatted slices)
 
 
 @dataclass
@@ -153,6 +155,8 @@ class SliceSink:
             elif kind in (KIND_END, KIND_EMPTY):
                 entry.expected = int(batch["n_rows"][i])
                 entry.warnings = str(batch["reason"][i])
+                if "used_files" in batch and str(batch["used_files"][i]):
+                    entry.used_files = frozenset(json.loads(str(batch["used_files"][i])))
             else:
                 raise ValueError(f"unknown row kind {kind!r} for series {key}")
             if entry.expected is not None and len(entry.rows) >= entry.expected:
@@ -166,7 +170,7 @@ class SliceSink:
 
     def _record(self, key: str, part: str, n: int) -> SeriesRecord:
         ref, entry = self.series[key], self._open[key]
-        used = {r["source_file"] for r in entry.rows.values()}
+        used = {r["source_file"] for r in entry.rows.values()} | entry.used_files
         reason = entry.warnings if entry.warnings and not entry.rows else NO_SLICE_REASON
         if entry.warnings and entry.rows:
             reason = f"{NO_SLICE_REASON} ({entry.warnings})"
