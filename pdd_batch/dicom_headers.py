@@ -58,6 +58,19 @@ NON_IMAGE_MODALITIES: dict[str, str] = {
 SUPPORTED_MODALITIES = frozenset(
     {"CT", "MR", "PT", "CR", "DX", "DR", "MG", "XA", "RF", "NM", "OT", "IO", "PX", "RG"}
 )
+# Defined terms quoted in skip reasons; any other value (free text in a misfilled header could be
+# a name) is not echoed.
+OTHER_MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CFM DG DMS ECG EEG EMG EOG EPS ES FID GM HC HD IOL IVOCT IVUS KER LEN "
+    "LS M3D OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS PLAN POS RESP RTDOSE RTIMAGE RTINTENT RTPLAN "
+    "RTRAD RTRECORD RTSEGANN RWV SM SMR SRF STAIN TEXTUREMAP TG US VA XAPROTOCOL XC AS CD CF CP "
+    "CS DD DF DM DS EC FA FS LP MA MS OPR ST VF".split()
+)
+KNOWN_MODALITIES = SUPPORTED_MODALITIES | set(NON_IMAGE_MODALITIES) | OTHER_MODALITIES
+KNOWN_PHOTOMETRIC = frozenset(
+    "MONOCHROME1 MONOCHROME2 RGB HSV ARGB CMYK YBR_FULL YBR_FULL_422 YBR_PARTIAL_422 "
+    "YBR_PARTIAL_420 YBR_ICT YBR_RCT XYB".split()
+) | {"PALETTE COLOR"}
 
 
 NOT_DICOM = "not a DICOM file (no DICM preamble)"
@@ -427,7 +440,9 @@ def skip_reason(header: DicomHeader) -> str | None:
     if not header.has_image:
         return "DICOM object without image pixels"
     if header.modality not in SUPPORTED_MODALITIES:
-        return f"unsupported modality {header.modality or '(none)'}"
+        shown = header.modality if header.modality in KNOWN_MODALITIES else "(not a defined term)"
+        return f"unsupported modality {shown if header.modality else '(none)'}"
     if header.samples_per_pixel != 1 or not header.photometric.startswith("MONOCHROME"):
-        return f"colour image ({header.photometric or 'unknown'}) not supported"
+        shown = header.photometric if header.photometric in KNOWN_PHOTOMETRIC else "unknown"
+        return f"colour image ({shown}) not supported"
     return None
