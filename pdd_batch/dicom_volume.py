@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
 
 from pdd_batch.archive_io import ArchiveReadError, MemberReader
 from pdd_batch.dicom_headers import (
@@ -89,8 +90,20 @@ def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
         if type(exc).__name__ != "PanicException":
             raise
         raise SeriesReadError(f"{header.file}: cannot decode pixels (codec panic)") from exc
+    return _modality_values(ds, header, stored)
+
+
+def _modality_values(ds: Dataset, header: DicomHeader, stored: np.ndarray) -> np.ndarray:
+    """Stored values (F, H, W) through the Modality LUT (rescale or LUT sequence) as float32."""
+    invert = header.photometric == "MONOCHROME1" and header.modality != "CT"
+    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
+        try:
+            out = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        except PYDICOM_READ_ERRORS as exc:
+            raise SeriesReadError(f"{header.file}: bad Modality LUT ({_short(exc)})") from exc
+        return -out if invert else out  # negated: a monotonic flip, like the stored inversion
     out = stored.astype(np.float32)
-    if header.photometric == "MONOCHROME1" and header.modality != "CT":
+    if invert:
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
         if int(ds.get("PixelRepresentation", 0)) == 1:
             lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1

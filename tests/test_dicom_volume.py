@@ -299,3 +299,20 @@ def test_copied_series_is_not_a_second_time_point(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.volumes[0].data, _expected(5))
     assert not any(w.startswith("4D") for w in loaded.warnings)
     assert any("duplicate" in w for w in loaded.warnings)
+
+
+def test_modality_lut_sequence_is_applied(tmp_path: Path) -> None:
+    # A Modality LUT Sequence replaces RescaleSlope/Intercept (PS3.3 C.11.1): a non-linear LUT.
+    path = write_xray(tmp_path / "dx.dcm")
+    ds = pydicom.dcmread(path)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "OD"
+    item["LUTData"] = pydicom.DataElement(
+        0x00283006, "OW", (np.sqrt(np.arange(4096)) * 1000).astype(np.uint16).tobytes()
+    )
+    ds.ModalityLUTSequence = pydicom.Sequence([item])
+    ds.save_as(path)
+    (vol,) = _load_only(tmp_path).volumes
+    ds = pydicom.dcmread(path)
+    np.testing.assert_allclose(vol.data[0], apply_modality_lut(ds.pixel_array, ds), atol=1e-3)
