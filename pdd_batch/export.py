@@ -307,6 +307,7 @@ def _write_sc(out_dir: Path, item: StudyExport, sc_items, deidentified: bool) ->
         patient_name=item.new_patient_id or item.export_id,
         study_date=item.study.get("_study_date", "") if item.kind == "dicom" else "",
         deidentified=deidentified,
+        burned_in=bool(item.study.get("_burned_in")),
     )
     paths = write_sc_series(sc_items, study, out_dir / item.export_id / "secondary_capture",
                             series_seed=item.export_id)  # fmt: skip

@@ -29,6 +29,8 @@ class ScStudy:
         patient_name: PatientName (pseudonym when de-identified).
         study_date: StudyDate (shifted when de-identified), may be ''.
         deidentified: whether to mark the instances PatientIdentityRemoved=YES.
+        burned_in: the source pixels declare burned-in text (BurnedInAnnotation=YES); the
+            overlays blend those pixels, so they carry it too.
     """
 
     study_uid: str
@@ -36,6 +38,7 @@ class ScStudy:
     patient_name: str
     study_date: str = ""
     deidentified: bool = True
+    burned_in: bool = False
 
 
 def derived_uid(*parts: str) -> str:
@@ -75,7 +78,7 @@ def sc_dataset(rgb: np.ndarray, study: ScStudy, series_uid: str, number: int, co
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "PDD anomaly map blended over the model-input slice"
     ds.ImageComments = comment
-    ds.BurnedInAnnotation = "NO"
+    ds.BurnedInAnnotation = "YES" if study.burned_in else "NO"
     if study.deidentified:
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = "pdd-batch export (derived from de-identified data)"

@@ -38,3 +38,29 @@ def test_free_text_modality_or_photometric_not_quoted_in_skip_reasons(tmp_path: 
         assert reason, path  # both are still skipped, with a reason
         for part in NAME.upper().split():
             assert part not in reason.upper(), reason
+
+
+def test_secondary_capture_inherits_burned_in_annotation(tmp_path: Path) -> None:
+    """The overlays blend the source pixels: where the source declares burned-in text, the SC
+    series must not claim BurnedInAnnotation=NO (pixel scrubbers trust that flag)."""
+    from run_factory import build_run
+
+    from pdd_batch.export import ExportOptions, export_run
+    from pdd_batch.results import open_run
+
+    run = build_run(tmp_path, with_nifti=False)
+    for src in run.files[run.study_keys[0]]:
+        ds = pydicom.dcmread(src)
+        ds.BurnedInAnnotation = "YES"
+        ds.save_as(src)
+    options = ExportOptions(top=2, secondary_capture=True)
+    summary = export_run(open_run(run.run_dir), tmp_path / "out", options)
+    flags = {
+        s.export_id: {str(pydicom.dcmread(tmp_path / "out" / p).BurnedInAnnotation)
+                      for p in s.secondary_capture}
+        for s in summary.studies
+    }  # fmt: skip
+    burned = next(s.export_id for s in summary.studies if s.study["study_key"] == run.study_keys[0])
+    assert all(flags.values())
+    for export_id, values in flags.items():
+        assert values == ({"YES"} if export_id == burned else {"NO"}), export_id
