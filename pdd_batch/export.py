@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
 
 import pdd_batch
 from pdd_batch.archive_io import MemberReader, split_member
@@ -38,7 +40,7 @@ from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_data
 from pdd_batch.dicom_headers import quiet_pydicom
 from pdd_batch.overlay import display_scale, model_input_slices, overlay_png
 from pdd_batch.results import RunResults
-from pdd_batch.secondary_capture import ScStudy, derived_uid, write_sc_series
+from pdd_batch.secondary_capture import ScStudy, write_sc_series
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +302,14 @@ def _export_overlays(root, rows, out_dir, item: StudyExport, scale, options, sum
 
 
 def _write_sc(out_dir: Path, item: StudyExport, sc_items, deidentified: bool) -> None:
-    study_uid = item.new_study_uid or derived_uid("pdd-study", item.export_id)
+    # No study UID / patient ID of its own (NIfTI kept identified, or no source file copied):
+    # random ones, never ones derived from the rank alone, which every export shares.
+    study_uid = item.new_study_uid or generate_uid()
+    patient_id = item.new_patient_id or f"{item.export_id}-{secrets.token_hex(6).upper()}"
     study = ScStudy(
         study_uid=study_uid,
-        patient_id=item.new_patient_id or item.export_id,
-        patient_name=item.new_patient_id or item.export_id,
+        patient_id=patient_id,
+        patient_name=patient_id,
         study_date=item.study.get("_study_date", "") if item.kind == "dicom" else "",
         deidentified=deidentified,
         burned_in=bool(item.study.get("_burned_in")),

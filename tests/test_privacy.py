@@ -64,3 +64,27 @@ def test_secondary_capture_inherits_burned_in_annotation(tmp_path: Path) -> None
     assert all(flags.values())
     for export_id, values in flags.items():
         assert values == ({"YES"} if export_id == burned else {"NO"}), export_id
+
+
+def test_secondary_capture_uids_never_shared_between_exports(tmp_path: Path) -> None:
+    """Without a study UID of its own (NIfTI kept identified), the SC series must not get a UID
+    derived from the export rank alone: S002 of every export would be one study in a PACS,
+    filing one patient's overlays under another's."""
+    from run_factory import build_run
+
+    from pdd_batch.export import ExportOptions, export_run
+    from pdd_batch.results import open_run
+
+    options = ExportOptions(deidentify=False, secondary_capture=True)
+    study_uids = []
+    for name in ("a", "b"):
+        run = build_run(tmp_path / name)
+        summary = export_run(open_run(run.run_dir), tmp_path / name / "out", options)
+        (nifti,) = [s for s in summary.studies if s.kind == "nifti"]
+        assert nifti.secondary_capture
+        sc = [pydicom.dcmread(tmp_path / name / "out" / p) for p in nifti.secondary_capture]
+        ids = {(str(ds.StudyInstanceUID), str(ds.PatientID)) for ds in sc}
+        assert len(ids) == 1
+        study_uids.append(ids.pop())
+    assert study_uids[0][0] != study_uids[1][0]  # study
+    assert study_uids[0][1] != study_uids[1][1]  # patient: PACS merge patients by PatientID
