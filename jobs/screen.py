@@ -110,18 +110,20 @@ def stable_shard(series_key: str, n_shards: int) -> int:
 
 
 def series_fingerprint(root: Path, ref: SeriesRef) -> str:
-    """Digest of a series' files (relative paths and sizes): changes when its inputs change.
+    """Digest of a series' files (relative paths, sizes and modification times): changes when
+    its inputs change, a same-size rewrite included.
 
-    Members of .zip/.tar files count with the size of the archive file that holds them.
+    Members of .zip/.tar files count with the size and time of the archive file that holds them.
     """
     h = hashlib.sha256()
     for rel in sorted(ref.files):
-        container, member = split_member(rel)  # a .zip/.tar member: the size of its container
+        container, member = split_member(rel)  # a .zip/.tar member: its container's stat
         try:
-            size = (root / (container if member else rel)).stat().st_size
+            st = (root / (container if member else rel)).stat()
+            size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
-            size = -1
-        h.update(f"{rel}\0{size}\n".encode())
+            size, mtime = -1, -1
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:32]
 
 

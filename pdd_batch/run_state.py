@@ -72,7 +72,7 @@ class SeriesRecord:
     Attributes:
         part: the ``slices/`` file holding its rows.
         n_slices: rows it contributed.
-        fingerprint: digest of its input files (paths and sizes) when it was screened.
+        fingerprint: digest of its input files (paths, sizes, mtimes) when it was screened.
         study_key: its study (for rollups without reading every part).
         dropped: ``[file, reason]`` for each of its files that gave no slice.
     """

@@ -71,3 +71,17 @@ def test_fingerprint_of_archive_members_follows_the_archive_file(tmp_path: Path)
     fp = series_fingerprint(tmp_path, ref)
     (tmp_path / "s.zip").write_bytes(b"PK" + b"0" * 11)
     assert series_fingerprint(tmp_path, ref) != fp
+
+
+def test_fingerprint_changes_when_a_file_is_rewritten_at_the_same_size(tmp_path: Path) -> None:
+    """A corrected file of the same length (edited header value, fixed pixels) is a change."""
+    import os
+
+    path = tmp_path / "a.dcm"
+    path.write_bytes(b"1234")
+    ref = SeriesRef("s", "st", "dicom", "CT", ("a.dcm",))
+    fp = series_fingerprint(tmp_path, ref)
+    before = path.stat().st_mtime_ns
+    path.write_bytes(b"9999")
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # a later write, whatever the clock tick
+    assert series_fingerprint(tmp_path, ref) != fp
