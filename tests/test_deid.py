@@ -214,8 +214,14 @@ def test_profile_attributes_beyond_the_first_table_removed(series) -> None:
     person = Dataset()
     person.CodeValue, person.CodingSchemeDesignator = "STAFF-6543", "L"
     ds.PersonIdentificationCodeSequence = [person]
+    groups = []
+    for kw in ("SourcePatientGroupIdentificationSequence", "GroupOfPatientsIdentificationSequence"):
+        other = Dataset()
+        other.PatientID = "OTHER-PATIENT-777"  # another patient's ID: the final scan misses it
+        setattr(ds, kw, [other])
+        groups.append(kw)
     out = Deidentifier().deidentify(ds)
-    for kw in [*PROFILE_EXTRA, "PersonIdentificationCodeSequence"]:
+    for kw in [*PROFILE_EXTRA, "PersonIdentificationCodeSequence", *groups]:
         assert kw not in out, f"{kw} survived de-identification"
 
 
