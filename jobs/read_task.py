@@ -129,7 +129,10 @@ def read_series(
             crash_once(crash_once_marker)
     except READ_ERRORS as exc:
         reason = scrub_reason(f"{type(exc).__name__}: {exc}")
-        log.warning("series %s: read failed after %d slices (%s)", ref.series_key, n, reason)
+        # the reason names the file (it may carry patient ids): the error row keeps it, logs not
+        log.warning(
+            "series %s: read failed after %d slices (%s)", ref.series_key, n, type(exc).__name__
+        )
         yield _marker(ref, KIND_ERROR, reason, spec.image_size)
         return
     warnings = scrub_reason("; ".join(series.warnings)) if series.warnings else ""

@@ -85,3 +85,22 @@ def test_fingerprint_changes_when_a_file_is_rewritten_at_the_same_size(tmp_path:
     path.write_bytes(b"9999")
     os.utime(path, ns=(before + 10**9, before + 10**9))  # a later write, whatever the clock tick
     assert series_fingerprint(tmp_path, ref) != fp
+
+
+def test_read_failure_log_names_no_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """File names may carry patient ids: the worker's log line holds none (the error row does)."""
+    import logging
+
+    from dicom_factory import truncate_file, write_ct_series
+
+    from jobs.read_task import KIND_ERROR, read_series
+    from pdd_batch.discovery import discover
+    from pdd_batch.preprocess import PreprocessSpec
+
+    files = write_ct_series(tmp_path / "DOE_JOHN_12345", n_slices=1, rows=32, cols=32, seed=9)
+    truncate_file(files[0], keep_fraction=0.75)
+    (ref,) = discover(tmp_path).series
+    with caplog.at_level(logging.WARNING, logger="jobs.read_task"):
+        blocks = list(read_series(tmp_path, ref, PreprocessSpec(image_size=32), 8))
+    assert blocks[-1]["kind"] == [KIND_ERROR] and "DOE_JOHN" in blocks[-1]["reason"][0]
+    assert caplog.records and not any("DOE_JOHN" in r.getMessage() for r in caplog.records)
