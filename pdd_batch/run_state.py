@@ -136,14 +136,16 @@ class RunState:
         return cls(out_dir, data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "version": STATE_VERSION,
             "checkpoint_hash": self.checkpoint_hash,
             "model_id": self.model_id,
-            "threshold": self.threshold,
             "parts": self.parts,
             "series": {k: asdict(v) for k, v in sorted(self.series.items())},
         }
+        if self._threshold_bound:  # absent: rows flagged with an unknown threshold
+            out["threshold"] = self.threshold
+        return out
 
     def save(self) -> None:
         """Rewrite the state atomically."""
@@ -207,6 +209,9 @@ class RunState:
         """
         if self._threshold_bound and self.threshold == threshold:
             return 0
+        if self.parts and self._threshold_bound:  # a crash mid-way must not look bound
+            self._threshold_bound = False
+            self.save()
         for name in self.parts:
             path = self.slices_dir / name
             table = pq.read_table(path)

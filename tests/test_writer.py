@@ -127,6 +127,19 @@ def test_orphan_part_from_a_crash_is_removed_and_its_series_not_done(tmp_path: P
     assert sorted(p.name for p in resumed.slices_dir.iterdir()) == ["a.parquet"]
 
 
+def test_changed_threshold_reflags_committed_rows(tmp_path: Path) -> None:
+    state = RunState.load(tmp_path)
+    state.bind_model("h1", "m", force=False)
+    _commit(state, "a.parquet", {"s1": 4})  # rows flagged without a threshold
+    assert state.bind_threshold(1.0) == 1
+    t = pq.read_table(state.slices_dir / "a.parquet").to_pandas()
+    assert (t["threshold"] == 1.0).all() and list(t["flagged"]) == list(t["score"] > 1.0)
+    assert RunState.load(tmp_path).bind_threshold(1.0) == 0  # bound: nothing to rewrite
+    assert RunState.load(tmp_path).bind_threshold(None) == 1  # calibration removed
+    t = pq.read_table(state.slices_dir / "a.parquet").to_pandas()
+    assert t["threshold"].isna().all() and not t["flagged"].any()
+
+
 def test_commit_refuses_a_part_not_on_disk(tmp_path: Path) -> None:
     state = RunState.load(tmp_path)
     with pytest.raises(RunStateError, match="not on disk"):
