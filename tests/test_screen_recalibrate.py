@@ -1,6 +1,6 @@
 """A checkpoint recalibrated between two runs into the same folder (same weights, so the same
 checkpoint hash): every slice row, old and new, must carry the new threshold and ``flagged`` by
-``score > threshold``, and the study rollup must decide with it."""
+``score > threshold``, and the study rollup (over both runs' series) must decide with it."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def test_recalibrated_model_reflags_earlier_rows(tmp_path: Path) -> None:
     from model.checkpoint import set_calibration
 
     archive, out = tmp_path / "archive", tmp_path / "out"
-    write_ct_series(archive / "a", n_slices=3, rows=32, cols=32, seed=1)
+    study = "1.2.826.0.1.3680043.8.498.1"  # both series of one study, screened in two runs
+    write_ct_series(archive / "a", n_slices=3, rows=32, cols=32, seed=1, study_uid=study)
     ckpt = make_checkpoint(tmp_path / "ckpt")  # uncalibrated
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -38,7 +39,7 @@ def test_recalibrated_model_reflags_earlier_rows(tmp_path: Path) -> None:
         threshold = float(np.median(first["score"]))
         calib = {"method": "fpr", "fpr": 0.5, "threshold": threshold, "n_normals": 3}
         set_calibration(ckpt, {**calib, "split": "val", "data": "synthetic"})
-        write_ct_series(archive / "b", n_slices=3, rows=32, cols=32, seed=2)
+        write_ct_series(archive / "b", n_slices=3, rows=32, cols=32, seed=2, study_uid=study)
         _run(archive, out, ckpt)
     finally:
         ray.shutdown()
@@ -47,6 +48,8 @@ def test_recalibrated_model_reflags_earlier_rows(tmp_path: Path) -> None:
     assert (rows["threshold"] == threshold).all()
     assert (rows["flagged"] == (rows["score"] > threshold)).all()
     studies = pq.read_table(out / "studies").to_pandas()
+    assert len(studies) == 1 and studies["n_series"][0] == 2 and studies["n_slices"][0] == 6
+    assert studies["topk_mean"][0] == pytest.approx(rows["score"].nlargest(5).mean(), rel=1e-6)
     assert "uncalibrated" not in set(studies["decision"])
     for _, st in studies.iterrows():
         mine = rows[rows["study_key"] == st["study_key"]]
