@@ -126,8 +126,11 @@ def _dicom_slice(path: Path, spec: PreprocessSpec) -> np.ndarray:
     values = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
     if values.ndim != 2:
         raise OverlayError(f"source pixels have shape {values.shape}, expected (H, W)")
-    img = _to_unit(values, str(ds.get("Modality", "")), spec)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    modality = str(ds.get("Modality", ""))
+    img = _to_unit(values, modality, spec)
+    # As the screening reader: CT stays in HU (the window fixes its display); other
+    # MONOCHROME1 images are inverted (symmetric percentiles make the order irrelevant).
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" and modality.upper() != "CT":
         img = 1.0 - img
     return fit_to_square(img, spec.image_size)
 

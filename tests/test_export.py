@@ -228,6 +228,29 @@ def test_overlay_base_matches_the_screening_reader(tmp_path: Path) -> None:
             assert np.abs(via_reader[(0, r["slice_index"])] - direct).max() < 1e-5
 
 
+@pytest.mark.parametrize("modality", ["CT"])
+def test_overlay_base_of_monochrome1_matches_the_screening_reader(tmp_path: Path, modality) -> None:
+    """MONOCHROME1 CT keeps its HU window, not inverted (the fallback normalises MR per slice,
+    the series reader per volume, so only CT is compared)."""
+    from dicom_factory import write_ct_series
+
+    from pdd_batch import overlay
+    from pdd_batch.discovery import discover
+    from pdd_batch.preprocess import PreprocessSpec
+    from pdd_batch.slicing import iter_model_slices
+    from pdd_batch.volume import load_series
+
+    write_ct_series(
+        tmp_path / "s", n_slices=4, rows=32, cols=32, modality=modality, monochrome1=True
+    )
+    found = discover(tmp_path / "s")
+    spec = PreprocessSpec(image_size=32)
+    (ref,) = found.series
+    for sl in iter_model_slices(load_series(found.root, ref), spec):
+        direct = overlay._dicom_slice(found.root / sl.source_file, spec)
+        assert np.abs(sl.image - direct).max() < 1e-4, (modality, sl.slice_index)
+
+
 def test_sources_inside_a_zip_archive(tmp_path: Path) -> None:
     import zipfile
 
