@@ -21,7 +21,7 @@ import ray
 
 from jobs.cluster import ClusterInfo, connect
 from jobs.predictor import SlicePredictor
-from jobs.read_task import read_series_fn
+from jobs.read_task import read_series_fn, scrub_reason
 from jobs.resources import ActorPlan, plan_actors
 from pdd_batch.archive_io import split_member
 from pdd_batch.config import RunConfig
@@ -315,7 +315,7 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
                 ds = build_dataset(run.pending, run.disc.root, run.model, plan)
                 _stream(ds, run.sink, run.pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
-        status, error = STATUS_FAILED, f"{type(exc).__name__}: {exc}"[:500]
+        status, error = STATUS_FAILED, scrub_reason(f"{type(exc).__name__}: {exc}")
         run.sink.close()
         raise
     finally:

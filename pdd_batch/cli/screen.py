@@ -104,7 +104,11 @@ def screen_command(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=EXIT_LOCKED) from exc
     except Exception as exc:  # the run failed: say why, show what was committed, exit 2
-        console.print(f"[red]screening run failed: {type(exc).__name__}: {exc}[/]")
+        from jobs.read_task import scrub_reason  # UIDs masked, one line, bounded
+
+        console.print(
+            f"[red]screening run failed: {scrub_reason(f'{type(exc).__name__}: {exc}')}[/]"
+        )
         logging.getLogger(__name__).debug("run failed", exc_info=True)
         if (out / "manifest.json").is_file():
             render_summary(console, out)
