@@ -13,6 +13,7 @@ Contents (deterministic: the same bytes on every build, so reruns are incrementa
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,9 @@ UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's documented example root
 
 class SampleError(RuntimeError):
     """A file the sample archive needs is not installed."""
+
+
+SAMPLE_MTIME_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z, the same on every rebuild
 
 
 def _nibabel_data_dir() -> Path:
@@ -133,5 +137,7 @@ def build_sample_archive(dest: Path) -> Path:
     files += write_synthetic_ct_study(dest / "generated" / "ct_normal", "normal", lesion=False)
     files += write_synthetic_ct_study(dest / "generated" / "ct_lesion", "lesion", lesion=True)
     files += _write_broken(dest)
+    for path in files:  # deterministic content, deterministic times: reruns stay incremental
+        os.utime(path, ns=(SAMPLE_MTIME_NS, SAMPLE_MTIME_NS))
     log.info("sample archive: %d files", len(files))
     return dest

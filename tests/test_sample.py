@@ -41,3 +41,16 @@ def test_rebuild_replaces_the_folder(tmp_path: Path) -> None:
     (a / "stray.txt").write_text("x")
     build_sample_archive(a)
     assert not (a / "stray.txt").exists()
+
+
+def test_rebuilt_sample_keeps_every_series_fingerprint(tmp_path: Path) -> None:
+    """`screen --sample` rebuilds the archive each time; its reruns must stay incremental."""
+    from jobs.screen import series_fingerprint
+    from pdd_batch.discovery import discover
+
+    def prints() -> dict[str, str]:
+        found = discover(build_sample_archive(tmp_path / "s"))
+        return {ref.series_key: series_fingerprint(found.root, ref) for ref in found.series}
+
+    first = prints()
+    assert first and prints() == first
