@@ -40,6 +40,11 @@ _WRN_RANDOM = {
     "cnn_source": "random",
     "cnn_seed": 0,
 }
+_ASTRA = {
+    "cnn_name": "resnet152_ct_astra",
+    "cnn_arch": "resnet152",
+    "cnn_source": "astra_pkg",
+}
 _VMAMBA_T_RANDOM = {"mamba_name": "vmamba_tiny_v0", "mamba_arch": "vmamba_tiny_v0"}
 
 # name -> (config name, overrides); image_size is added per run.
@@ -50,6 +55,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pdd-lite0-vmambaT": ("lite0", dict(_VMAMBA_T_RANDOM)),
     "pdd-wrn50rand-vmambaT": ("lite0", {**_WRN_RANDOM, **_VMAMBA_T_RANDOM}),
     "rd4ad-wrn50rand": ("rd4ad", dict(_WRN_RANDOM)),
+    # EfficientNet-Lite0 fed the (x - 0.5) / 0.5 of the TF weights it was ported from, instead
+    # of the ImageNet mean/std of its package's documented usage (the configs' choice).
+    "pdd-lite0-tfnorm": ("lite0", {"cnn_input_norm": None}),
+    "rd4ad-lite0-tfnorm": ("rd4ad", {"cnn_input_norm": None}),
+    # CT-pretrained ResNet-152 (astra I3ResNet-152 collapsed to 2-D; pip extra "astra").
+    "pdd-astra": ("astra", {}),
+    "rd4ad-astra": ("rd4ad", _ASTRA),
 }
 
 

