@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from jobs.evaluate import original_stats
 from jobs.train import TrainConfig, build, load_images, teacher_key, train_model
@@ -225,6 +226,20 @@ def floors_row(args: argparse.Namespace, test: list[ImageItem]) -> dict[str, Any
     }
 
 
+def _stretch_to_square(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) in [0, 1] → (S, S) by a bilinear resize that ignores the aspect ratio."""
+    resized = Image.fromarray(img.astype(np.float32)).resize((size, size), Image.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _use_stretch_resize() -> None:
+    """Swap the preprocessing's pad-to-square for a stretch in THIS process (an experiment that
+    selection round 3 rejected; the product always pads)."""
+    import pdd_batch.preprocess as preprocess
+
+    preprocess.fit_to_square = _stretch_to_square
+
+
 def _git_commit() -> str | None:
     import subprocess
 
@@ -312,7 +327,13 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
         "--track-every", type=int, default=0,
         help="also score the test set every N epochs (reported only, never used to choose)",
     )  # fmt: skip
+    p.add_argument(
+        "--stretch", action="store_true",
+        help="experiment only: stretch-resize images instead of padding them to a square",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.stretch:
+        _use_stretch_resize()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
