@@ -20,7 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from model.anomaly_map import anomaly_map
-from model.config import LITE0_TEACHER, ModelConfig, register_config
+from model.config import (
+    LITE0_IMAGE_SIZE,
+    LITE0_TEACHER,
+    ModelConfig,
+    register_config,
+)
 from model.decoder import init_distillation_weights, make_stage
 from model.loss import cosine_sum
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
@@ -195,7 +200,7 @@ def rd4ad_config() -> ModelConfig:
         name="rd4ad",
         cnn_teacher=LITE0_TEACHER,
         mamba_teacher=None,
-        image_size=256,
+        image_size=LITE0_IMAGE_SIZE,
         arch="rd4ad",
         loss_form="paper",
     )

@@ -58,6 +58,10 @@ def train_command(
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     image_size: Annotated[int | None, typer.Option(help="Input side S (multiple of 32).")] = None,
+    map_sigma: Annotated[
+        float | None,
+        typer.Option(help="Anomaly-map blur in pixels (lesion-scale dependent; default: config)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     seed: Annotated[int, typer.Option(help="Seeds head init and shuffling.")] = 0,
     max_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
@@ -91,6 +95,8 @@ def train_command(
     overrides = parse_teacher_weights(console, teacher_weights or [])
     if image_size is not None:
         overrides["image_size"] = image_size
+    if map_sigma is not None:
+        overrides["map_sigma"] = map_sigma
     try:
         cfg = get_config(config, **overrides)
         run = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, max_images=max_images)
