@@ -96,9 +96,11 @@ def test_cli_train_calibrate_evaluate(dataset: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     ck = tmp_path / "ck"
     r = runner.invoke(app, ["train", str(dataset), "--config", "test", "--epochs", "3",
-                            "--batch-size", "4", "--out", str(ck)])  # fmt: skip
+                            "--batch-size", "4", "--map-sigma", "2.5",
+                            "--out", str(ck)])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "12 images" in r.output and (ck / "model.safetensors").is_file()
+    assert json.loads((ck / "config.json").read_text())["model_config"]["map_sigma"] == 2.5
     split = tmp_path / "split.csv"
     rows = ["path,label,split"]
     for p in sorted((dataset / "normal").glob("[0-9]*.png")):
