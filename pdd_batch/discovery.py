@@ -146,16 +146,41 @@ class _Collector:
 
 
 def _walk(root: Path, col: _Collector) -> Iterator[Path]:
-    """Files under root, in a stable (sorted) order; unreadable folders are recorded as failed."""
+    """Files under root, in a stable (sorted) order; unreadable folders are recorded as failed.
+
+    Links to folders are followed (archives on shared storage are often assembled from links);
+    a folder reached a second time (a link loop or two links to one folder) is recorded as
+    skipped instead of being read twice.
+    """
 
     def on_error(exc: OSError) -> None:
         where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "."
         col.record(where + "/", "failed", f"cannot list folder ({type(exc).__name__})")
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
-        dirnames.sort()
+    seen = {_folder_id(root)}  # folders read or queued to be read
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            sub = Path(dirpath) / name
+            try:
+                fid = _folder_id(sub)
+            except OSError:
+                kept.append(name)  # os.walk reports it through on_error
+                continue
+            if fid in seen:
+                rel = sub.relative_to(root).as_posix()
+                col.record(rel + "/", "skipped", "folder already read through another path (link)")
+                continue
+            seen.add(fid)
+            kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             yield Path(dirpath) / name
+
+
+def _folder_id(path: Path) -> tuple[int, int]:
+    st = path.stat()  # follows links
+    return st.st_dev, st.st_ino
 
 
 def _classify(col: _Collector, rel: str, source: BinarySource, raw: bytes | None) -> None:

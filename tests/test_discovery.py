@@ -332,3 +332,24 @@ def test_long_headers_are_read_on(tmp_path: Path) -> None:
     assert fast is not None and fast == full
     header = read_header(file_source(path), path.name)
     assert header.frames[0].position == full.frames[0].position and header.has_image
+
+
+def test_links_to_folders_are_followed_once(tmp_path: Path) -> None:
+    """Archives assembled from links: a linked folder is read, a loop or a second link to the
+    same folder is recorded as skipped, and nothing is read twice."""
+    elsewhere = tmp_path / "elsewhere"
+    write_ct_series(elsewhere / "series", n_slices=4, seed=11)
+    root = tmp_path / "archive"
+    write_ct_series(root / "local", n_slices=3, seed=12)
+    (root / "a_link").symlink_to(elsewhere / "series", target_is_directory=True)
+    (root / "b_second_link").symlink_to(elsewhere / "series", target_is_directory=True)
+    (root / "local" / "loop").symlink_to(root, target_is_directory=True)
+    result = discover(root)
+    assert sorted(s.n_slices for s in result.series) == [3, 4]
+    by_path = {r.path: r for r in result.files}
+    assert {p for p in by_path if p.startswith("a_link/")} and not any(
+        p.startswith("b_second_link/") and not p.endswith("/") for p in by_path
+    )
+    for folder in ("b_second_link/", "local/loop/"):
+        assert by_path[folder].status == "skipped" and "already read" in by_path[folder].reason
+    assert result.counts()["used"] == 7
