@@ -180,7 +180,7 @@ def _astra() -> ModelConfig:
         mamba_teacher=TeacherSpec(
             "vmamba_small_fixture", "mamba", "random", "vmamba_small_fixture", seed=1
         ),
-        image_size=256,
+        image_size=LITE0_IMAGE_SIZE,  # measured at 128 px like lite0
     )
 
 
