@@ -57,9 +57,10 @@ def astra_package_file() -> Path:
         raise AstraWeightsError(f"astra weights unavailable: {exc}") from exc
 
 
-def astra_package_state() -> dict[str, Tensor]:
-    """The package's I3ResNet-152 collapsed to a 2-D, timm/torchvision-named ResNet-152 state."""
-    path = astra_package_file()
+def astra_package_state(path: Path | None = None) -> dict[str, Tensor]:
+    """The package's I3ResNet-152 (``path``: its joined file, found when not given) collapsed to a
+    2-D, timm/torchvision-named ResNet-152 state."""
+    path = path or astra_package_file()
     raw = torch.load(path, map_location="cpu", weights_only=True)
     state = raw.get("state_dict") if isinstance(raw, dict) else None
     if not isinstance(state, dict) or "conv1.weight" not in state:

