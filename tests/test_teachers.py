@@ -32,6 +32,13 @@ SPECS = {
     "efficientnet_lite0_pkg": TeacherSpec(
         "efficientnet_lite0", "cnn", "efficientnet_lite0_pkg", "efficientnet_lite0"
     ),
+    "efficientnet_lite0_pkg_expansion": TeacherSpec(
+        "efficientnet_lite0",
+        "cnn",
+        "efficientnet_lite0_pkg",
+        "efficientnet_lite0",
+        feature_location="expansion",
+    ),
     "vmamba_small_random": TeacherSpec(
         "vmamba_small_fixture", "mamba", "random", "vmamba_small_fixture", seed=1
     ),
@@ -276,6 +283,33 @@ def test_spec_round_trip_and_validation() -> None:
         TeacherSpec("x", "cnn", "file", "resnet18")
     with pytest.raises(ValueError, match="unknown"):
         TeacherSpec.from_dict({**spec.to_dict(), "colour": "red"})
+
+
+def test_expansion_levels_are_the_projection_inputs_of_the_same_weights() -> None:
+    """feature_location="expansion": each level is the post-ReLU6 input of the projection conv of
+    the level's last block, from the very weights the block-output teacher uses."""
+    plain = build_teacher(SPECS["efficientnet_lite0_pkg"])
+    wide = build_teacher(SPECS["efficientnet_lite0_pkg_expansion"])
+    assert wide.provenance["state_sha256"] == plain.provenance["state_sha256"]
+    x = torch.rand(2, 3, 64, 64)
+    captured: list[torch.Tensor] = []
+    blocks = plain.backbone.blocks
+    last = [blocks[i][-1] for i in (1, 2, 4, 6)]  # the stride-4/8/16/32 stages' last blocks
+    hooks = [b.conv_pwl.register_forward_pre_hook(lambda m, a: captured.append(a[0])) for b in last]
+    with torch.no_grad():
+        block_out = plain(x)
+        expanded = wide(x)
+    for h in hooks:
+        h.remove()
+    assert [f.shape[1] for f in expanded] == [6 * f.shape[1] for f in block_out[:3]] + [1152]
+    for got, want in zip(expanded, captured, strict=True):
+        assert got.min() >= 0 and got.max() <= 6  # ReLU6
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="feature_location"):
+        TeacherSpec("x", "cnn", "random", "resnet18", seed=0, feature_location="middle")
+    old = {k: v for k, v in SPECS["efficientnet_lite0_pkg"].to_dict().items()}
+    del old["feature_location"]  # checkpoints written before the field existed
+    assert TeacherSpec.from_dict(old) == SPECS["efficientnet_lite0_pkg"]
 
 
 @pytest.mark.realdata
