@@ -190,14 +190,16 @@ def run_one(
     test: list[ImageItem],
     desc: str,
     cache: dict[Any, Any],
+    tag: str = "",
 ) -> dict[str, Any]:
-    """Train one variant with one seed, score the test set, return the result row."""
+    """Train one variant with one seed, score the test set, return the result row (``tag`` names
+    a re-drawn split, e.g. ``"-resplit_r2"``)."""
     cfg = variant_config(variant, args.image_size)
     run = TrainConfig(
         epochs=args.epochs, seed=seed, max_images=args.max_train, batch_size=args.batch_size
     )
     label = variant if args.batch_size == 16 else f"{variant}-bs{args.batch_size}"
-    out_dir = args.out / f"{args.dataset}_{label}{getattr(args, 'tag', '')}_s{seed}"
+    out_dir = args.out / f"{args.dataset}_{label}{tag}_s{seed}"
     bank, labels = _test_bank(cfg, test, cache)
     if hasattr(cfg, "head_seed"):  # as train_model does when it builds the model itself
         cfg = replace(cfg, head_seed=seed)
@@ -239,8 +241,8 @@ def run_one(
         "checkpoint": str(out_dir),
         "git_commit": _git_commit(),
     }
-    if getattr(args, "tag", ""):
-        row["dataset"], row["split_tag"] = f"{args.dataset}{args.tag.split('_r')[0]}", args.tag
+    if tag:
+        row["dataset"], row["split_tag"] = f"{args.dataset}{tag.split('_r')[0]}", tag
     if trajectory:
         row["test_auroc_by_epoch"] = {int(t["epoch"]): round(t["auroc"], 4) for t in trajectory}
     return row
@@ -402,6 +404,25 @@ def _cv_main(
     return 0
 
 
+def _run_variants(
+    args: argparse.Namespace, train_items: list[ImageItem], test: list[ImageItem], desc: str,
+    cache: dict[Any, Any], fh: Any, emit: Callable[[str], None], tag: str = "",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every variant × seed on one train/test split; rows are appended to ``fh`` as they come."""
+    rows = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            row = run_one(variant, seed, args, train_items, test, desc, cache, tag)
+            rows.append(row)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            emit(json.dumps(row))
+        rep = teacher_key(variant_config(variant, args.image_size))
+        for key in [k for k in cache if rep in k[:2]]:
+            del cache[key]  # free the teacher features of a finished variant
+    return rows
+
+
 def _resplit_main(
     args: argparse.Namespace, cache: dict[Any, Any], emit: Callable[[str], None]
 ) -> int:
@@ -410,16 +431,8 @@ def _resplit_main(
     with (args.out / "results.jsonl").open("a") as fh:
         for split in args.resplits:
             train_items, test, desc = headct_resplit_items(args.data, split)
-            args.tag = f"-resplit_r{split}"
-            for variant in args.variants:
-                for seed in args.seeds:
-                    row = run_one(variant, seed, args, train_items, test, desc, cache)
-                    rows.append(row)
-                    fh.write(json.dumps(row) + "\n")
-                    fh.flush()
-                    emit(json.dumps(row))
-            for key in [k for k in cache if k[0] == "test" or isinstance(k[1], tuple)]:
-                del cache[key]  # the next split has other images
+            tag = f"-resplit_r{split}"
+            rows += _run_variants(args, train_items, test, desc, cache, fh, emit, tag)
     emit(_table(rows))
     return 0
 
@@ -489,16 +502,7 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     emit(json.dumps(rows[0]))
     with (args.out / "results.jsonl").open("a") as fh:
         fh.write(json.dumps(rows[0]) + "\n")
-        for variant in args.variants:
-            for seed in args.seeds:
-                row = run_one(variant, seed, args, train_items, test, desc, cache)
-                rows.append(row)
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                emit(json.dumps(row))
-            rep = teacher_key(variant_config(variant, args.image_size))
-            for key in [k for k in cache if rep in k[:2]]:
-                del cache[key]  # free the teacher features of a finished variant
+        rows += _run_variants(args, train_items, test, desc, cache, fh, emit)
     emit(_table(rows))
     return 0
 

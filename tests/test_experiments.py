@@ -15,7 +15,7 @@ def _headct_like(root: Path, normals: int = 12, abnormal: int = 5) -> None:
     for kind, n, label in (("normal", normals, 0), ("abnormal", abnormal, 1)):
         (root / kind).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(root / kind / f"{i:03d}.png")
+            Image.fromarray(np.full((8, 8), (10 * i) % 256, np.uint8)).save(root / kind / f"{i:03d}.png")
             split = "test" if label or i >= normals - 3 else ("val" if i == 0 else "train")
             rows.append(f"{kind}/{i:03d}.png,{label},{split}")
     (root / "split.csv").write_text("\n".join(rows) + "\n")
@@ -47,3 +47,24 @@ def test_synthetic_lesions_brighten_only_tissue() -> None:
     assert changed.any(axis=(1, 2)).all()  # every copy got a lesion
     assert not changed[:, images[0] == 0].any()  # never on the background
     assert out.max() <= 0.95 + 1e-6
+
+
+def test_resplit_command_trains_and_scores_every_draw(tmp_path: Path) -> None:
+    """`python -m jobs.experiments headct --resplits …` end to end: one row per draw, each
+    trained on 70 normals and tested on the rest + every abnormal image (1 epoch, real Lite0)."""
+    import json
+
+    from jobs.experiments import main
+
+    _headct_like(tmp_path / "data", normals=72, abnormal=3)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    argv = ["headct", "--data", str(tmp_path / "data"), "--out", str(out), "--epochs", "1",
+            "--seeds", "0", "--variants", "rd4ad-lite0", "--resplits", "0", "1"]  # fmt: skip
+    assert main(argv, emit=lines.append) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["split_tag"] for r in rows] == ["-resplit_r0", "-resplit_r1"]
+    for r in rows:
+        assert (r["n_train"], r["n_test_normal"], r["n_test_anomalous"]) == (70, 2, 3)
+        assert 0.0 <= r["auroc"] <= 1.0 and (out / Path(r["checkpoint"]).name).is_dir()
+    assert "headct-resplit" in lines[-1]  # the summary table
