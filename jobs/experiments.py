@@ -182,6 +182,11 @@ def _test_bank(cfg: ModelConfig, test: list[ImageItem], cache: dict[Any, Any]) -
     return cache[key]
 
 
+def _label(variant: str, args: argparse.Namespace) -> str:
+    """The variant's name in result rows and folders (a non-default batch size is appended)."""
+    return variant if args.batch_size == 16 else f"{variant}-bs{args.batch_size}"
+
+
 def run_one(
     variant: str,
     seed: int,
@@ -190,15 +195,16 @@ def run_one(
     test: list[ImageItem],
     desc: str,
     cache: dict[Any, Any],
-    tag: str = "",
+    draw: int | None = None,
 ) -> dict[str, Any]:
-    """Train one variant with one seed, score the test set, return the result row (``tag`` names
-    a re-drawn split, e.g. ``"-resplit_r2"``)."""
+    """Train one variant with one seed, score the test set, return the result row (``draw``:
+    the id of a random re-split, ``headct_resplit_items``; None for the data set's own split)."""
     cfg = variant_config(variant, args.image_size)
     run = TrainConfig(
         epochs=args.epochs, seed=seed, max_images=args.max_train, batch_size=args.batch_size
     )
-    label = variant if args.batch_size == 16 else f"{variant}-bs{args.batch_size}"
+    label = _label(variant, args)
+    tag = "" if draw is None else f"-resplit_r{draw}"
     out_dir = args.out / f"{args.dataset}_{label}{tag}_s{seed}"
     bank, labels = _test_bank(cfg, test, cache)
     if hasattr(cfg, "head_seed"):  # as train_model does when it builds the model itself
@@ -241,8 +247,8 @@ def run_one(
         "checkpoint": str(out_dir),
         "git_commit": _git_commit(),
     }
-    if tag:
-        row["dataset"], row["split_tag"] = f"{args.dataset}{tag.split('_r')[0]}", tag
+    if draw is not None:
+        row["dataset"], row["split_tag"] = f"{args.dataset}-resplit", tag
     if trajectory:
         row["test_auroc_by_epoch"] = {int(t["epoch"]): round(t["auroc"], 4) for t in trajectory}
     return row
@@ -282,7 +288,7 @@ def cv_one(
         held_set = set(held.tolist())
         fit = [it for i, it in enumerate(normals) if i not in held_set]
         res = train_model(
-            fit, args.out / f"{args.dataset}_{variant}_s{seed}_cv{k}", cfg,
+            fit, args.out / f"{args.dataset}_{_label(variant, args)}_s{seed}_cv{k}", cfg,
             TrainConfig(epochs=args.epochs, seed=seed, batch_size=args.batch_size),
             data_description=desc, feature_cache=cache,
         )  # fmt: skip
@@ -294,8 +300,9 @@ def cv_one(
         scores = predict_from_features(res.model, bank, cfg.image_size).scores.numpy()
         aurocs.append(image_metrics(labels, scores)["auroc"])
     return {
-        "dataset": args.dataset, "variant": variant, "seed": seed, "epochs": args.epochs,
-        "image_size": cfg.image_size, "stretch": bool(args.stretch), "cv_folds": args.cv_folds,
+        "dataset": args.dataset, "variant": _label(variant, args), "seed": seed,
+        "epochs": args.epochs, "batch_size": args.batch_size, "image_size": cfg.image_size,
+        "stretch": bool(args.stretch), "cv_folds": args.cv_folds,
         "cv_valsyn_auroc": float(np.mean(aurocs)), "cv_fold_aurocs": [round(a, 4) for a in aurocs],
         "git_commit": _git_commit(),
     }  # fmt: skip
@@ -406,13 +413,13 @@ def _cv_main(
 
 def _run_variants(
     args: argparse.Namespace, train_items: list[ImageItem], test: list[ImageItem], desc: str,
-    cache: dict[Any, Any], fh: Any, emit: Callable[[str], None], tag: str = "",
+    cache: dict[Any, Any], fh: Any, emit: Callable[[str], None], draw: int | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every variant × seed on one train/test split; rows are appended to ``fh`` as they come."""
     rows = []
     for variant in args.variants:
         for seed in args.seeds:
-            row = run_one(variant, seed, args, train_items, test, desc, cache, tag)
+            row = run_one(variant, seed, args, train_items, test, desc, cache, draw)
             rows.append(row)
             fh.write(json.dumps(row) + "\n")
             fh.flush()
@@ -429,10 +436,9 @@ def _resplit_main(
     """Every variant × seed on each of the ``args.resplits`` random re-draws of the normals."""
     rows = []
     with (args.out / "results.jsonl").open("a") as fh:
-        for split in args.resplits:
-            train_items, test, desc = headct_resplit_items(args.data, split)
-            tag = f"-resplit_r{split}"
-            rows += _run_variants(args, train_items, test, desc, cache, fh, emit, tag)
+        for draw in args.resplits:
+            train_items, test, desc = headct_resplit_items(args.data, draw)
+            rows += _run_variants(args, train_items, test, desc, cache, fh, emit, draw)
     emit(_table(rows))
     return 0
 

@@ -15,7 +15,8 @@ def _headct_like(root: Path, normals: int = 12, abnormal: int = 5) -> None:
     for kind, n, label in (("normal", normals, 0), ("abnormal", abnormal, 1)):
         (root / kind).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(np.full((8, 8), (10 * i) % 256, np.uint8)).save(root / kind / f"{i:03d}.png")
+            pixels = np.full((8, 8), (10 * i) % 256, np.uint8)
+            Image.fromarray(pixels).save(root / kind / f"{i:03d}.png")
             split = "test" if label or i >= normals - 3 else ("val" if i == 0 else "train")
             rows.append(f"{kind}/{i:03d}.png,{label},{split}")
     (root / "split.csv").write_text("\n".join(rows) + "\n")
