@@ -26,7 +26,7 @@ from torch import nn
 from jobs.train import ray_address, run_remote
 from pdd_batch.calibration import calibration_record
 from pdd_batch.datasets import ImageItem, describe, image_size_of
-from pdd_batch.metrics import aupro, floor_auroc, image_metrics, pixel_auroc
+from pdd_batch.metrics import aupro, auroc_ci, floor_auroc, image_metrics, pixel_auroc
 from pdd_batch.plots import evaluation_figure
 from pdd_batch.preprocess import PreprocessError, PreprocessSpec, load_image_file
 
@@ -139,6 +139,7 @@ def metrics_of(res: ScoreResult) -> dict[str, Any]:
     if len(set(labels.tolist())) < 2:
         raise EvaluationError("evaluation needs both normal and anomalous images")
     out: dict[str, Any] = image_metrics(labels, res.scores)
+    out["auroc_ci95"] = list(auroc_ci(labels, res.scores, level=0.95))
     out["floors"] = {
         "mean_intensity_auroc": floor_auroc(labels, res.mean_intensity),
         "image_size_auroc": floor_auroc(labels, res.pixel_count),

@@ -8,7 +8,9 @@ import pytest
 from pdd_batch.calibration import CalibrationError, calibration_record, threshold_at_fpr
 from pdd_batch.metrics import (
     MetricError,
+    _auroc_by_pairs,
     aupro,
+    auroc_ci,
     f1_max,
     floor_auroc,
     image_metrics,
@@ -32,6 +34,36 @@ def test_perfect_and_inverted_scores() -> None:
     assert image_metrics(y, [5, 4, 3, 2, 1])["auroc"] == 0.0
     assert floor_auroc(y, [5, 4, 3, 2, 1]) == 1.0
     assert f1_max(y, [0.5] * 5) == pytest.approx(2 * 0.4 / 1.4)  # all flagged: P=0.4, R=1
+
+
+def test_pairwise_auroc_equals_sklearn_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(40), np.ones(25)]
+    s = rng.integers(0, 6, size=y.size).astype(float) + y  # many ties
+    got = _auroc_by_pairs(s[y == 1], s[y == 0])
+    assert got == pytest.approx(roc_auc_score(y, s))
+
+
+def test_auroc_interval_is_seeded_contains_the_estimate_and_shrinks_with_data() -> None:
+    rng = np.random.default_rng(1)
+
+    def sample(n_normal: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.r_[np.zeros(n_normal), np.ones(100)]
+        return y, np.r_[rng.normal(0, 1, n_normal), rng.normal(1.5, 1, 100)]
+
+    y, s = sample(30)
+    lo, hi = auroc_ci(y, s)
+    assert lo < image_metrics(y, s)["auroc"] < hi
+    assert auroc_ci(y, s) == (lo, hi)  # seeded
+    assert auroc_ci(y, s, seed=1) != (lo, hi)
+    y_big, s_big = sample(1000)
+    lo_big, hi_big = auroc_ci(y_big, s_big)
+    assert hi_big - lo_big < 0.8 * (hi - lo)  # ~30 → ~1000 normals: a clearly narrower interval
+    assert auroc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == (1.0, 1.0)  # separated in every resample
+    with pytest.raises(MetricError, match="both"):
+        auroc_ci([0, 0], [0.1, 0.2])
 
 
 def test_metric_errors() -> None:

@@ -118,6 +118,8 @@ def test_cli_train_calibrate_evaluate(dataset: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert all(0.0 <= m[k] <= 1.0 for k in ("auroc", "ap", "f1_max"))
+    lo, hi = m["auroc_ci95"]
+    assert lo <= m["auroc"] <= hi and "AUROC 95% CI" in r.output
     assert m["n_normal"] == 6 and m["n_anomalous"] == 4
     assert m["at_threshold"]["threshold"] == calib["threshold"]
     assert (tmp_path / "ev" / "evaluation.png").stat().st_size > 1000

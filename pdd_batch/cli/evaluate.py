@@ -55,8 +55,10 @@ def evaluate_command(
     for col in ("metric", "model", "floor: mean intensity", "floor: image size"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     fl = m["floors"]
+    lo, hi = m["auroc_ci95"]
     table.add_row("AUROC", f"{m['auroc']:.3f}", f"{fl['mean_intensity_auroc']:.3f}",
                   f"{fl['image_size_auroc']:.3f}")  # fmt: skip
+    table.add_row("AUROC 95% CI", f"{lo:.3f}–{hi:.3f}", "", "")
     table.add_row("AP", f"{m['ap']:.3f}", "", "")
     table.add_row("F1-max", f"{m['f1_max']:.3f}", "", "")
     for key, name in (("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO (FPR<=0.3)")):
