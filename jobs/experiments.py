@@ -9,6 +9,10 @@ Every run trains with ``jobs.train.train_model`` (the code behind ``pdd-batch tr
 ``train`` images and reports the LAST epoch on ``test``; nothing is selected on ``test``. Teacher
 features of the training and test images are computed once per variant and reused across seeds.
 Each result is appended to ``OUT/results.jsonl``; a markdown table is printed at the end.
+
+Other modes: ``--resplits 0 1 …`` (HeadCT: random 70/30+100 re-draws of the normals, to measure how
+much the 30 test normals move the AUROC), ``--cv-folds K`` (cross-fitted synthetic-lesion
+validation, no test image read), ``valsyn DATA CK…`` and ``table FILES…``.
 """
 
 from __future__ import annotations
