@@ -52,11 +52,16 @@ def image_metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, f
     }
 
 
-def _auroc_by_pairs(anomalous: np.ndarray, normal: np.ndarray, axis: int = -1) -> np.ndarray:
-    """AUROC = P(anomalous score > normal score) + ½ P(tie), over resample axes (vectorised)."""
-    a = np.moveaxis(anomalous, axis, -1)[..., :, None]  # (..., n1, 1)
-    n = np.moveaxis(normal, axis, -1)[..., None, :]  # (..., 1, n0)
-    return (a > n).mean(axis=(-2, -1)) + 0.5 * (a == n).mean(axis=(-2, -1))
+def _auroc_by_ranks(anomalous: np.ndarray, normal: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mann–Whitney AUROC (ties count ½) along ``axis``, for every other (resample) index at once:
+    (rank sum of the anomalous scores − n1(n1 + 1)/2) / (n1 · n0), O(n log n) per resample."""
+    from scipy.stats import rankdata
+
+    a = np.moveaxis(np.asarray(anomalous, dtype=np.float64), axis, -1)  # (..., n1)
+    n = np.moveaxis(np.asarray(normal, dtype=np.float64), axis, -1)  # (..., n0)
+    n1, n0 = a.shape[-1], n.shape[-1]
+    ranks = rankdata(np.concatenate([a, n], axis=-1), axis=-1)  # (..., n1 + n0), ties averaged
+    return (ranks[..., :n1].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 def auroc_ci(
@@ -73,10 +78,9 @@ def auroc_ci(
     from scipy.stats import bootstrap
 
     y, s = _check(np.asarray(labels), np.asarray(scores), "AUROC interval")
-    anomalous, normal = s[y == 1], s[y == 0]
-    per_batch = max(1, int(2e7 // (anomalous.size * normal.size)))  # ≤ 20 M pairs in memory
+    per_batch = max(1, int(2e7 // y.size))  # ≤ 20 M scores per vectorised call
     res = bootstrap(
-        (anomalous, normal), _auroc_by_pairs, vectorized=True, n_resamples=n_resamples,
+        (s[y == 1], s[y == 0]), _auroc_by_ranks, vectorized=True, n_resamples=n_resamples,
         batch=per_batch, confidence_level=level, method="percentile",
         rng=np.random.default_rng(seed),
     )  # fmt: skip

@@ -8,7 +8,7 @@ import pytest
 from pdd_batch.calibration import CalibrationError, calibration_record, threshold_at_fpr
 from pdd_batch.metrics import (
     MetricError,
-    _auroc_by_pairs,
+    _auroc_by_ranks,
     aupro,
     auroc_ci,
     f1_max,
@@ -36,14 +36,16 @@ def test_perfect_and_inverted_scores() -> None:
     assert f1_max(y, [0.5] * 5) == pytest.approx(2 * 0.4 / 1.4)  # all flagged: P=0.4, R=1
 
 
-def test_pairwise_auroc_equals_sklearn_with_ties() -> None:
+def test_rank_auroc_equals_sklearn_with_ties() -> None:
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(40), np.ones(25)]
     s = rng.integers(0, 6, size=y.size).astype(float) + y  # many ties
-    got = _auroc_by_pairs(s[y == 1], s[y == 0])
+    got = _auroc_by_ranks(s[y == 1], s[y == 0])
     assert got == pytest.approx(roc_auc_score(y, s))
+    stacked = _auroc_by_ranks(np.stack([s[y == 1], -s[y == 1]]), np.stack([s[y == 0], s[y == 0]]))
+    assert stacked == pytest.approx([roc_auc_score(y, s), roc_auc_score(y, np.where(y, -s, s))])
 
 
 def test_auroc_interval_is_seeded_contains_the_estimate_and_shrinks_with_data() -> None:
