@@ -113,7 +113,7 @@ def headct_items(data: Path) -> tuple[list[ImageItem], list[ImageItem], str]:
 
 
 def headct_resplit_items(
-    data: Path, split: int, n_train: int = 70
+    data: Path, draw: int, n_train: int = 70
 ) -> tuple[list[ImageItem], list[ImageItem], str]:
     """A random re-draw of HeadCT's normals (``n_train`` to train, the rest + all 100 abnormal to
     test), the "70/30+100" protocol of the quick measurement quoted in the issue. Diagnostic only:
@@ -121,11 +121,11 @@ def headct_resplit_items(
     items = list_images(data, data / "split.csv")
     normals = sorted((it for it in items if it.label == 0), key=lambda it: str(it.path))
     abnormal = [it for it in items if it.label == 1]
-    order = np.random.default_rng(1000 + split).permutation(len(normals))
+    order = np.random.default_rng(1000 + draw).permutation(len(normals))
     train = [replace(normals[i], split="train") for i in order[:n_train]]
     test = [replace(normals[i], split="test") for i in order[n_train:]]
     test += [replace(it, split="test") for it in abnormal]
-    return train + test, test, f"HeadCT random re-split {split} ({n_train} train normals)"
+    return train + test, test, f"HeadCT random re-split {draw} ({n_train} train normals)"
 
 
 def chest_items(

@@ -24,7 +24,7 @@ def _headct_like(root: Path, normals: int = 12, abnormal: int = 5) -> None:
 
 def test_resplit_redraws_every_normal_and_keeps_every_abnormal(tmp_path: Path) -> None:
     _headct_like(tmp_path)
-    items, test, desc = headct_resplit_items(tmp_path, split=0, n_train=8)
+    items, test, desc = headct_resplit_items(tmp_path, draw=0, n_train=8)
     train = [it for it in items if it.split == "train"]
     assert len(train) == 8 and all(it.label == 0 for it in train)
     abnormal = sorted(it.rel for it in test if it.label == 1)
@@ -33,9 +33,9 @@ def test_resplit_redraws_every_normal_and_keeps_every_abnormal(tmp_path: Path) -
     assert len(test_normals) == 4 and not test_normals & {it.rel for it in train}
     assert {it.rel for it in items if it.label == 0} == {f"normal/{i:03d}.png" for i in range(12)}
     assert "re-split 0" in desc
-    again, _, _ = headct_resplit_items(tmp_path, split=0, n_train=8)
+    again, _, _ = headct_resplit_items(tmp_path, draw=0, n_train=8)
     assert [(it.rel, it.split) for it in again] == [(it.rel, it.split) for it in items]
-    other, _, _ = headct_resplit_items(tmp_path, split=1, n_train=8)
+    other, _, _ = headct_resplit_items(tmp_path, draw=1, n_train=8)
     assert {it.rel for it in other if it.split == "train"} != {it.rel for it in train}
 
 
