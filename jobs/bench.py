@@ -35,7 +35,21 @@ SLICES_PER_SERIES = 16
 SOURCE_SIZE = 256
 
 
-def _checkpoint(model_path: Path | None, tmp: Path) -> Path:
+def _paper_checkpoint(tmp: Path) -> Path:
+    """A checkpoint of the paper architecture with seeded random weights (shapes and cost of
+    the paper's model; its scores mean nothing)."""
+    from model.bench import paper_architecture_config
+    from model.checkpoint import save_checkpoint
+    from model.pdd import build_model
+
+    config = paper_architecture_config()
+    spec = PreprocessSpec(image_size=config.image_size)
+    return save_checkpoint(build_model(config), tmp / "paper", preprocessing=spec.to_dict())
+
+
+def _checkpoint(model_path: Path | None, tmp: Path, paper: bool = False) -> Path:
+    if paper:
+        return _paper_checkpoint(tmp)
     if model_path is not None:
         return model_path
     try:
@@ -76,6 +90,7 @@ def model_only_rate(
     threads: int,
     device: str = "cpu",
     seconds: float = 6.0,
+    precision: str = "fp32",
 ) -> float:
     """Slices/s of ``model.predict`` alone on preprocessed (N, S, S) images, on ``device``.
 
@@ -90,11 +105,11 @@ def model_only_rate(
     batches = [x[i : i + batch] for i in range(0, len(x), batch)]  # (B, 1, S, S) each
     with torch.inference_mode():
         for b in batches[:3]:
-            model.predict(b.to(device)).scores.cpu()
+            model.predict(b.to(device), precision=precision).scores.cpu()
         done, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             for b in batches:
-                out = model.predict(b.to(device))
+                out = model.predict(b.to(device), precision=precision)
                 out.maps.cpu(), out.scores.cpu()
                 done += len(b)
         return done / (time.perf_counter() - t0)
@@ -119,9 +134,14 @@ class _Clock:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
-def _e2e(archive: Path, out: Path, ckpt: Path, actors: int, batch: int) -> dict:
+def _e2e(archive: Path, out: Path, ckpt: Path, actors: int, batch: int, precision: str) -> dict:
     cfg = RunConfig(
-        archive=archive, out_dir=out, model_path=ckpt, num_actors=actors, batch_size=batch
+        archive=archive,
+        out_dir=out,
+        model_path=ckpt,
+        num_actors=actors,
+        batch_size=batch,
+        precision=precision,
     )
     clock = _Clock()
     t0 = clock.start
@@ -139,17 +159,30 @@ def _e2e(archive: Path, out: Path, ckpt: Path, actors: int, batch: int) -> dict:
 
 
 def run_pipeline_benchmark(
-    print_fn: Callable[[str], None], model_path: Path | None = None
+    print_fn: Callable[[str], None],
+    model_path: Path | None = None,
+    *,
+    paper: bool = False,
+    precision: str = "fp32",
+    batch_size: int | None = None,
+    target_seconds: float = TARGET_SECONDS,
 ) -> float:
     """Run the benchmark, print the figures; returns the pipeline efficiency.
 
     The efficiency uses the steady-state end-to-end rate (first slice to last slice at the
     driver): actor start-up and model loading are a fixed cost per run, printed separately.
+
+    Args:
+        model_path: checkpoint to run (default: the embedded model).
+        paper: run the paper architecture with seeded random weights instead (GPU figures).
+        precision: "fp32" or "bf16" forward (``model.precision``).
+        batch_size: slices per model call (default: by device, ``jobs.resources``).
+        target_seconds: model work per end-to-end run, which sizes the synthetic archive.
     """
     logging.getLogger("ray").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="pdd-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        ckpt = _checkpoint(model_path, tmp)
+        ckpt = _checkpoint(model_path, tmp, paper=paper)
         info = resolve_model(ckpt)
         spec = PreprocessSpec.from_dict(json.loads(info.preprocessing))
         probe = _archive(tmp / "probe", 1)
@@ -159,17 +192,17 @@ def run_pipeline_benchmark(
         ).astype(np.float32)
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
         try:
-            plan = plan_actors(ray.cluster_resources(), num_actors=1)
+            plan = plan_actors(ray.cluster_resources(), num_actors=1, batch_size=batch_size)
             print_fn(
-                f"model: {info.model_id} on {plan.device}, batch {plan.batch_size}, "
+                f"model: {info.model_id} on {plan.device} ({precision}), batch {plan.batch_size}, "
                 f"{plan.torch_threads} torch thread(s) per actor, "
                 f"{ray.cluster_resources().get('CPU', 0):g} CPUs"
             )
             model_rate = model_only_rate(
-                ckpt, images, plan.batch_size, plan.torch_threads, plan.device
+                ckpt, images, plan.batch_size, plan.torch_threads, plan.device, precision=precision
             )
             print_fn(f"model-only: {model_rate:.2f} slices/s")
-            n_series = max(2, int(model_rate * TARGET_SECONDS / SLICES_PER_SERIES))
+            n_series = max(2, int(model_rate * target_seconds / SLICES_PER_SERIES))
             archive = _archive(tmp / "archive", n_series)
             runs = {}
             for actors in (1, 2):
@@ -178,7 +211,7 @@ def run_pipeline_benchmark(
                 except ResourceError as exc:
                     print_fn(f"end-to-end, {actors} actors: skipped ({exc})")
                     continue
-                r = _e2e(archive, tmp / f"out{actors}", ckpt, actors, plan.batch_size)
+                r = _e2e(archive, tmp / f"out{actors}", ckpt, actors, plan.batch_size, precision)
                 runs[actors] = r
                 print_fn(
                     f"end-to-end, {actors} actor(s): {r['steady']:.2f} slices/s steady "

@@ -32,6 +32,7 @@ def build_parser(prog: str = "python -m jobs.entry_screen") -> argparse.Argument
     p.add_argument("--rows-per-file", type=int, default=4096)
     p.add_argument("--flush-seconds", type=float, default=30.0)
     p.add_argument("--open-archives", action="store_true")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     return p
 
 
@@ -48,6 +49,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         rows_per_file=args.rows_per_file,
         flush_seconds=args.flush_seconds,
         open_archives=args.open_archives,
+        precision=args.precision,
     )
 
 

@@ -1,9 +1,12 @@
-"""The scoring actor: one PDD model per actor, weights loaded once in the constructor.
+"""The scoring actor (one PDD model per actor, weights loaded once) and the heatmap encoder.
 
-Called by Ray Data on batches of read-task rows (numpy columns); slice rows are scored in one
-``model.predict`` call and get ``score``, ``heatmap_png`` and ``heatmap_max``; marker rows
-(failed/empty series) pass through unscored. The image column is dropped so the rows that travel
-on to the driver are small.
+``SlicePredictor`` is called by Ray Data on batches of read-task rows (numpy columns); slice rows
+are scored in one ``model.predict`` call and get ``score``, ``heatmap_max`` and the quantised map
+``heatmap_u8``; marker rows (failed/empty series) pass through unscored. The image column is
+dropped. ``encode_heatmaps_fn``, a CPU stage after the actors, turns ``heatmap_u8`` into
+``heatmap_png``: PNG encoding costs ≈ 5 ms of CPU per 256² map, which on a GPU actor's one CPU
+capped the pipeline at ≈ 125 slices/s (H200, docs/benchmarks.md); as read tasks do, it runs on
+every free CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from jobs.read_task import crash_once
 from model.checkpoint import load_checkpoint
+from model.precision import check_precision
 from pdd_batch.heatmap import encode_png
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ class SlicePredictor:
         checkpoint: checkpoint folder (``model.checkpoint`` format).
         device: ``"cuda"`` or ``"cpu"``.
         torch_threads: intra-op threads on CPU (the CPUs reserved for this actor).
+        precision: ``"fp32"`` or ``"bf16"`` for the network forward (``model.precision``).
         crash_once_marker: fault injection for tests: when set, the actor process exits hard on
             its second batch unless this file exists (creating it first), so Ray must restart the
             actor and retry the batch. Never set in production.
@@ -45,18 +50,26 @@ class SlicePredictor:
         device: str = "cpu",
         torch_threads: int = 1,
         crash_once_marker: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         t0 = time.perf_counter()
         if device == "cpu":
             torch.set_num_threads(max(1, int(torch_threads)))
         self.device = torch.device(device)
+        self.precision = check_precision(precision)
         loaded = load_checkpoint(Path(checkpoint), device=str(self.device))
         self.model = loaded.model.eval()
         self.checkpoint_hash = loaded.checkpoint_hash
         self.crash_once_marker = crash_once_marker
         self.batches = 0
         self.load_seconds = time.perf_counter() - t0
-        log.info("model %s loaded on %s in %.1fs", loaded.model_id, device, self.load_seconds)
+        log.info(
+            "model %s loaded on %s (%s) in %.1fs",
+            loaded.model_id,
+            device,
+            self.precision,
+            self.load_seconds,
+        )
 
     def _maybe_crash(self) -> None:
         if self.batches >= 2:
@@ -67,7 +80,7 @@ class SlicePredictor:
         """(N, S, S) float32 in [0, 1] -> scores (N,), uint8 maps (N, H, W), map maxima (N,)."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         x = x.unsqueeze(1).to(self.device, non_blocking=True)  # (N, 1, S, S)
-        out = self.model.predict(x)
+        out = self.model.predict(x, precision=self.precision)
         maps = torch.clamp(torch.nan_to_num(out.maps.float(), nan=0.0), min=0.0)  # (N, H, W)
         peak = maps.flatten(1).amax(dim=1)  # (N,)
         scale = torch.where(peak > 0, 255.0 / peak, torch.zeros_like(peak))
@@ -82,16 +95,12 @@ class SlicePredictor:
         n = len(kind)
         scores = np.full(n, np.nan, dtype=np.float32)
         peaks = np.zeros(n, dtype=np.float32)
-        pngs = np.array([b""] * n, dtype=object)
+        maps = np.zeros((n, *batch["image"].shape[1:]), dtype=np.uint8)  # (N, S, S)
         if is_slice.any():
             s, q, p = self.score(batch["image"][is_slice])
-            idx = np.flatnonzero(is_slice)
-            scores[idx] = s
-            peaks[idx] = p
-            for j, i in enumerate(idx):
-                pngs[i] = encode_png(q[j])
+            scores[is_slice], maps[is_slice], peaks[is_slice] = s, q, p
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(score=scores, heatmap_png=pngs, heatmap_max=peaks)
+        out.update(score=scores, heatmap_u8=maps, heatmap_max=peaks)
         # Peak resident memory of this actor process (MiB; Linux reports KiB), for the manifest.
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         out.update(
@@ -99,3 +108,15 @@ class SlicePredictor:
             actor_peak_rss_mb=np.full(n, rss, dtype=np.float32),
         )
         return out
+
+
+def encode_heatmaps_fn(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Ray Data CPU stage: ``heatmap_u8`` (N, S, S) -> ``heatmap_png`` (b"" for marker rows)."""
+    is_slice = np.asarray(batch["kind"]) == KIND_SLICE
+    maps = batch["heatmap_u8"]
+    pngs = np.array(
+        [encode_png(m) if ok else b"" for m, ok in zip(maps, is_slice, strict=True)], dtype=object
+    )
+    out = {k: v for k, v in batch.items() if k != "heatmap_u8"}
+    out["heatmap_png"] = pngs
+    return out

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from jobs.cluster import ClusterInfo, connect
-from jobs.predictor import SlicePredictor
+from jobs.predictor import SlicePredictor, encode_heatmaps_fn
 from jobs.read_task import read_series_fn, scrub_reason
 from jobs.resources import ActorPlan, plan_actors
 from pdd_batch.archive_io import split_member
@@ -140,9 +140,15 @@ def _emit(progress: ProgressFn | None, *args: Any, **kwargs: Any) -> None:
 
 
 def build_dataset(
-    units: list[SeriesRef], root: Path, model: ModelInfo, plan: ActorPlan
+    units: list[SeriesRef],
+    root: Path,
+    model: ModelInfo,
+    plan: ActorPlan,
+    precision: str = "fp32",
 ) -> ray.data.Dataset:
-    """The Ray Data graph: work units -> read tasks -> actor pool (numpy rows).
+    """The Ray Data graph: work units -> read tasks -> actor pool -> PNG encoding (numpy rows).
+
+    ``precision`` is the actors' forward precision ("fp32" | "bf16", ``model.precision``).
 
     Fault tolerance comes from Ray Data's defaults, which this graph relies on (passing them as
     ``ray_remote_args`` is deprecated in Ray 2.60): pool actors get ``max_restarts=-1`` and
@@ -169,12 +175,13 @@ def build_dataset(
         batch_format="numpy",
         num_cpus=plan.read_cpus,
     )
-    return ds.map_batches(
+    scored = ds.map_batches(
         SlicePredictor,
         fn_constructor_kwargs={
             "checkpoint": str(model.path.resolve()),
             "device": plan.device,
             "torch_threads": plan.torch_threads,
+            "precision": precision,
             "crash_once_marker": os.environ.get(CRASH_ONCE_ENV) or None,
         },
         batch_size=plan.batch_size,
@@ -184,6 +191,8 @@ def build_dataset(
         num_gpus=plan.num_gpus,
         memory=plan.memory,
     )
+    # PNG encoding off the model actors, on any free CPU (it capped GPU actors, see predictor)
+    return scored.map_batches(encode_heatmaps_fn, batch_format="numpy", num_cpus=plan.read_cpus)
 
 
 def _stream(
@@ -312,7 +321,9 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
                 plan = plan_actors(
                     run.cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
                 )
-                ds = build_dataset(run.pending, run.disc.root, run.model, plan)
+                ds = build_dataset(
+                    run.pending, run.disc.root, run.model, plan, precision=cfg.precision
+                )
                 _stream(ds, run.sink, run.pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
         status, error = STATUS_FAILED, scrub_reason(f"{type(exc).__name__}: {exc}")

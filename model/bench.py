@@ -14,14 +14,19 @@ enough to use several threads, which the reference's small ops are not.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from model.scan import (
+    BACKEND_ENV,
     DEFAULT_CHUNK,
+    TORCH_BACKEND,
     scan_backend,
     selective_scan,
     selective_scan_reference,
@@ -108,6 +113,138 @@ def run_scan_benchmark(
     speedup = ref[1] / fast[1] if one_thread else ref[0] / fast[0]
     print_fn(f"scan speedup: {speedup:.1f}")
     return speedup
+
+
+def paper_architecture_config() -> Any:
+    """The paper config with seeded random teachers: the paper's shapes and cost, no weights
+    needed (throughput does not depend on the weights' values)."""
+    from model.config import get_config
+
+    return get_config("paper", cnn_source="random", cnn_seed=0, mamba_source="random", mamba_seed=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_rate(
+    model: torch.nn.Module,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    seconds: float,
+) -> tuple[float, torch.Tensor]:
+    """Slices/s of ``model.predict`` on (batch, 1, S, S) inputs already on ``device``.
+
+    Two warm-up calls, then calls until ``seconds`` have passed (at least three); returns the
+    rate and the scores of the first call.
+    """
+    size = int(model.config.image_size)
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        first = model.predict(x, precision=precision).scores.float().cpu()
+        model.predict(x, precision=precision)
+        _sync(device)
+        calls, t0 = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - t0 < seconds:
+            model.predict(x, precision=precision)
+            calls += 1
+        _sync(device)
+        return calls * batch / (time.perf_counter() - t0), first
+
+
+def run_forward_benchmark(
+    print_fn: Callable[[str], object] = print,
+    batch: int = 32,
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    device: str | None = None,
+    seconds: float = 5.0,
+    config: Any = None,
+    model_path: Any = None,
+) -> dict[str, float]:
+    """Forward (predict) throughput per precision; returns slices/s by precision.
+
+    The model is the checkpoint at ``model_path`` if given, else ``config`` built with its
+    teachers (default: the paper architecture, ``paper_architecture_config``). Also prints
+    the largest relative score difference of each precision from the first one, and the scan
+    backend in use. On CUDA, TF32 matrix products stay off (PyTorch's default).
+    """
+    from model.pdd import build_model
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model_path is not None:
+        from model.checkpoint import load_checkpoint
+
+        model = load_checkpoint(model_path, device=str(dev)).model.eval()
+        config = model.config
+    else:
+        config = config or paper_architecture_config()
+        model = build_model(config).to(dev).eval()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print_fn(
+        f"config {config.name} ({config.cnn_teacher.name} + "
+        f"{config.mamba_teacher.name if config.mamba_teacher else 'no mamba'}, "
+        f"{config.image_size} px), batch {batch}, on {name}, scan backend {scan_backend(dev)}"
+    )
+    rates, base = {}, None
+    for precision in precisions:
+        rate, scores = forward_rate(model, batch, dev, precision, seconds)
+        rates[precision] = rate
+        base = scores if base is None else base
+        diff = float((scores - base).abs().max() / base.abs().max())
+        print_fn(f"forward {precision}: {rate:.1f} slices/s (max score diff vs first {diff:.1e})")
+    return rates
+
+
+def run_kernel_check(print_fn: Callable[[str], object] = print, batch: int = 32) -> float:
+    """CUDA: mamba-ssm's kernel and the torch scan against the sequential reference, and their
+    times at the VMamba-T stage-1 size; returns the kernel's max abs difference (fp32)."""
+    dev = torch.device("cuda")
+    args = {k: v.to(dev) for k, v in stage1_scan_inputs().items()}  # u (1, 768, 4096)
+    with torch.no_grad():
+        ref = selective_scan_reference(**{k: v.double() for k, v in args.items()}).float()
+        kernel = selective_scan(**args)
+        with _scan_backend_env(TORCH_BACKEND):
+            torch_scan = selective_scan(**args)
+        low = {k: (v.bfloat16() if k in ("u", "delta", "B", "C") else v) for k, v in args.items()}
+        kernel_bf16 = selective_scan(**low)
+    scale = float(ref.abs().max())
+    print_fn(f"scan backend on cuda: {scan_backend(dev)}; |y| max {scale:.3g}")
+    err = float((kernel - ref).abs().max())
+    print_fn(f"kernel fp32 vs float64 reference: max abs {err:.2e}")
+    for label, y in (("torch scan (cuda)", torch_scan), ("kernel bf16 inputs", kernel_bf16)):
+        print_fn(f"{label} vs reference: max abs {float((y - ref).abs().max()):.2e}")
+    # the same image repeated: u, delta (batch, 768, 4096), B, C (batch, 4, 16, 4096)
+    big = {
+        k: v.expand(batch, *v.shape[1:]).contiguous() if v.dim() > 2 else v for k, v in args.items()
+    }
+    for label, backend in (("kernel", None), ("torch scan", TORCH_BACKEND)):
+        with torch.no_grad(), _scan_backend_env(backend):
+            selective_scan(**big)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                selective_scan(**big)
+            _sync(dev)
+        ms = (time.perf_counter() - t0) / 5 * 1e3
+        print_fn(f"{label}: {ms:.2f} ms per scan of u {tuple(big['u'].shape)}")
+    return err
+
+
+@contextlib.contextmanager
+def _scan_backend_env(value: str | None) -> Iterator[None]:
+    """Run the block with ``PDD_SCAN_BACKEND=value`` (``None``: as it is)."""
+    saved = os.environ.get(BACKEND_ENV)
+    if value is not None:
+        os.environ[BACKEND_ENV] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = saved
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from model.config import VMAMBA_WEIGHTS_ENV, ConfigError, ModelConfig
 from model.head import PDDHead
 from model.loss import pdd_loss
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
+from model.precision import autocast
 from model.teachers import Teacher, TeacherWeightsError, build_teacher
 
 log = logging.getLogger(__name__)
@@ -104,15 +105,18 @@ class PDD(nn.Module):
         return pdd_loss(self(x), form=self.config.loss_form)
 
     @torch.no_grad()
-    def predict(self, x: Tensor) -> AnomalyOutput:
+    def predict(self, x: Tensor, precision: str = "fp32") -> AnomalyOutput:
         """Anomaly maps (B, S, S) and scores (B,), computed in eval mode.
 
+        ``precision`` ("fp32" | "bf16") applies to the network forward only (model.precision).
         The previous train/eval mode is restored afterwards.
         """
         was_training = self.training
         self.eval()
         try:
-            return anomaly_map(self(x), int(x.shape[-1]), sigma=self.config.map_sigma)
+            with autocast(x.device, precision):
+                out = self(x)
+            return anomaly_map(out, int(x.shape[-1]), sigma=self.config.map_sigma)
         finally:
             self.train(was_training)
 

@@ -29,6 +29,7 @@ from model.config import (
 from model.decoder import init_distillation_weights, make_stage
 from model.loss import cosine_sum
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
+from model.precision import autocast
 from model.teachers import Teacher, build_teacher
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,12 +170,14 @@ class RD4AD(nn.Module):
         return AnomalyOutput(maps=res.maps / 2, scores=res.scores / 2)
 
     @torch.no_grad()
-    def predict(self, x: Tensor) -> AnomalyOutput:
-        """Anomaly maps (B, S, S) and scores (B,) in eval mode."""
+    def predict(self, x: Tensor, precision: str = "fp32") -> AnomalyOutput:
+        """Anomaly maps (B, S, S) and scores (B,) in eval mode; ``precision`` as in PDD.predict."""
         was_training = self.training
         self.eval()
         try:
-            return self.anomaly_from_output(self(x), x.shape[-1])
+            with autocast(x.device, precision):
+                out = self(x)
+            return self.anomaly_from_output(out, x.shape[-1])
         finally:
             self.train(was_training)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 CUDA_BACKEND = "mamba_ssm-cuda"
 TORCH_BACKEND = "torch"
+BACKEND_ENV = "PDD_SCAN_BACKEND"
 DEFAULT_CHUNK = 24  # positions per chunk of the torch scan; CPU time is flat for 16-64 (bench)
 _MAX_CHUNK_DECAY = 60.0  # largest log-growth inside one chunk: exp(60) ~ 1e26 fits fp32
 
@@ -51,11 +53,23 @@ def _cuda_kernel() -> Callable[..., torch.Tensor] | None:
     return selective_scan_fn
 
 
+def _backend_choice() -> str:
+    """``PDD_SCAN_BACKEND``: "auto" (default; the kernel on CUDA when installed) or "torch"."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", TORCH_BACKEND):
+        raise ValueError(f"{BACKEND_ENV} must be 'auto' or 'torch', got {choice!r}")
+    return choice
+
+
 def scan_backend(device: torch.device | str) -> str:
-    """Which implementation ``selective_scan`` uses for tensors on ``device``."""
-    if torch.device(device).type == "cuda" and _cuda_kernel() is not None:
-        return CUDA_BACKEND
-    return TORCH_BACKEND
+    """Which implementation ``selective_scan`` uses for tensors on ``device``.
+
+    ``PDD_SCAN_BACKEND=torch`` forces the torch scan everywhere (to compare with the kernel, or
+    to work around a kernel problem).
+    """
+    if torch.device(device).type != "cuda" or _backend_choice() == TORCH_BACKEND:
+        return TORCH_BACKEND
+    return CUDA_BACKEND if _cuda_kernel() is not None else TORCH_BACKEND
 
 
 def _check_shapes(u, delta, A, B, C, D, delta_bias) -> tuple[int, int, int, int, int]:
@@ -222,6 +236,17 @@ def _torch_scan(
     return y.view(bt, kd, length)
 
 
+def _cuda_scan(u, delta, A, B, C, D, delta_bias, delta_softplus) -> torch.Tensor:
+    """mamba-ssm's kernel, with the dtypes it requires: ``delta``, ``B``, ``C`` in ``u``'s
+    dtype (fp32, or bf16/fp16 under autocast), ``A``, ``D``, ``delta_bias`` in float32."""
+    kernel = _cuda_kernel()
+    delta, B, C = delta.to(u.dtype), B.to(u.dtype), C.to(u.dtype)
+    D = None if D is None else D.float()
+    delta_bias = None if delta_bias is None else delta_bias.float()
+    y = kernel(u, delta, A.float(), B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return y.float()
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -235,6 +260,8 @@ def selective_scan(
 ) -> torch.Tensor:
     """Selective scan: mamba-ssm's CUDA kernel on CUDA when installed, else the torch scan.
 
+    float64 inputs (precision tests) always take the torch scan; see ``scan_backend``.
+
     Args: see the module docstring for the layout; ``A`` must be <= 0 (decaying states).
         chunk: positions per chunk of the torch scan (ignored by the CUDA kernel).
 
@@ -245,10 +272,8 @@ def selective_scan(
         ScanShapeError: the tensors do not have the documented layout.
     """
     bt, kd, length, k, n = _check_shapes(u, delta, A, B, C, D, delta_bias)
-    if scan_backend(u.device) == CUDA_BACKEND:
-        kernel = _cuda_kernel()
-        y = kernel(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
-        return y.float()
+    if scan_backend(u.device) == CUDA_BACKEND and u.dtype != torch.float64:
+        return _cuda_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if bool((A > 0).any()):

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+PRECISIONS = ("fp32", "bf16")
+
 
 class RunConfigError(ValueError):
     """A run option that cannot be used; the message names the key."""
@@ -43,6 +45,8 @@ class RunConfig:
         topk: k of the study ``topk_mean``.
         open_archives: also look inside .zip/.tar files during discovery.
         run_id: identifier written on every row.
+        precision: model arithmetic, ``"fp32"`` (default) or ``"bf16"`` (autocast; for GPUs,
+            where it is faster; anomaly maps and scores are still computed in float32).
     """
 
     archive: Path
@@ -59,6 +63,7 @@ class RunConfig:
     topk: int = 5
     open_archives: bool = False
     run_id: str = field(default_factory=new_run_id)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "archive", Path(self.archive))
@@ -77,6 +82,8 @@ class RunConfig:
             raise RunConfigError(f"max_part_files must be >= 1, got {self.max_part_files}")
         if self.topk < 1:
             raise RunConfigError(f"topk must be >= 1, got {self.topk}")
+        if self.precision not in PRECISIONS:
+            raise RunConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.run_id or "/" in self.run_id:
             raise RunConfigError(f"run_id must be a name without '/', got {self.run_id!r}")
 

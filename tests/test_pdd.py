@@ -100,6 +100,19 @@ def test_predict_is_eval_no_grad_and_restores_mode(pdd: PDD) -> None:
     torch.testing.assert_close(pdd.predict(x).maps, res.maps)  # eval BN both times
 
 
+def test_bf16_predict_runs_the_network_in_bf16_and_scores_in_float32(pdd: PDD) -> None:
+    """bf16 autocast (CPU here, CUDA in production) moves scores by well under a percent;
+    maps stay float32; an unknown precision is refused by name."""
+    x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    full = pdd.predict(x)
+    low = pdd.predict(x, precision="bf16")
+    assert low.maps.dtype == torch.float32 and low.scores.dtype == torch.float32
+    assert not torch.equal(low.scores, full.scores)  # the forward really ran in bf16
+    torch.testing.assert_close(low.scores, full.scores, rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        pdd.predict(x, precision="fp16")
+
+
 def test_forward_from_cached_features_equals_forward(pdd: PDD) -> None:
     pdd.eval()
     x = torch.rand(2, 1, 64, 64)

@@ -174,6 +174,15 @@ def test_backend_is_torch_on_cpu() -> None:
         assert scan_backend("cuda") == CUDA_BACKEND
 
 
+def test_backend_env_forces_the_torch_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDD_SCAN_BACKEND", "torch")
+    assert scan_backend("cuda") == TORCH_BACKEND
+    monkeypatch.setenv("PDD_SCAN_BACKEND", "kernel")
+    with pytest.raises(ValueError, match="PDD_SCAN_BACKEND must be 'auto' or 'torch'"):
+        scan_backend("cuda")
+    assert scan_backend("cpu") == TORCH_BACKEND  # CPU never consults the choice
+
+
 def test_import_does_not_probe_mamba_ssm() -> None:
     code = "import json, sys, model.scan, model.vmamba; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run(
@@ -197,6 +206,20 @@ def test_cuda_matches_reference() -> None:
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_cuda_bf16_inputs_match_reference() -> None:
+    """Under bf16 autocast the scan receives bf16 u/delta/B/C and fp32 A/D: both backends
+    accept the mix and stay close to the fp32 reference on the bf16-rounded inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = make_inputs(2, 4, 8, 16, 300)
+    low = {k: (v.bfloat16() if k in ("u", "delta", "B", "C") else v) for k, v in x.items()}
+    ref = selective_scan_reference(**{k: v.float() for k, v in low.items()})
+    got = selective_scan(**{k: v.cuda() for k, v in low.items()}).cpu()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)  # kernel output is bf16-rounded
+
+
 def test_scan_benchmark_smoke() -> None:
     from model.bench import run_scan_benchmark
 
@@ -206,3 +229,36 @@ def test_scan_benchmark_smoke() -> None:
     assert speedup > 0 and any(line.startswith("max abs difference") for line in lines)
     diff = next(line for line in lines if line.startswith("max abs difference"))
     assert float(diff.split(": ")[1]) <= 1e-5
+
+
+def test_forward_benchmark_smoke() -> None:
+    from model.bench import run_forward_benchmark
+    from model.config import get_config
+
+    lines: list[str] = []
+    rates = run_forward_benchmark(
+        print_fn=lines.append, batch=2, device="cpu", seconds=0.01, config=get_config("test")
+    )
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+    assert lines[0].startswith("config test") and "scan backend torch" in lines[0]
+    bf16 = next(line for line in lines if line.startswith("forward bf16"))
+    assert float(bf16.split("vs first ")[1].rstrip(")")) < 0.05  # bf16 scores near fp32's
+
+
+def test_mamba_forward_only_binding_drops_the_backward(tmp_path) -> None:
+    """tools/build_mamba_fwd.py cuts mamba-ssm's backward out of its binding source."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        from build_mamba_fwd import forward_only_binding
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "selective_scan.cpp").write_text(
+        "#include <x>\nstd::vector<at::Tensor>\nselective_scan_fwd(int u) { return {}; }\n"
+        "std::vector<at::Tensor>\nselective_scan_bwd(int u) { return {}; }\n"
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
+        '    m.def("fwd", &selective_scan_fwd, "Selective scan forward");\n'
+        '    m.def("bwd", &selective_scan_bwd, "Selective scan backward");\n}\n'
+    )
+    text = forward_only_binding(tmp_path).read_text()
+    assert "selective_scan_fwd(int u)" in text and '"fwd"' in text
+    assert "selective_scan_bwd" not in text and '"bwd"' not in text

@@ -21,6 +21,7 @@ from pdd_batch.discovery import SeriesRef
         ("flush_seconds", 0.0),
         ("topk", 0),
         ("run_id", "a/b"),
+        ("precision", "fp16"),
     ],
 )
 def test_bad_options_raise_naming_the_key(tmp_path: Path, key: str, value: object) -> None:
@@ -104,3 +105,14 @@ def test_read_failure_log_names_no_file(tmp_path: Path, caplog: pytest.LogCaptur
         blocks = list(read_series(tmp_path, ref, PreprocessSpec(image_size=32), 8))
     assert blocks[-1]["kind"] == [KIND_ERROR] and "DOE_JOHN" in blocks[-1]["reason"][0]
     assert caplog.records and not any("DOE_JOHN" in r.getMessage() for r in caplog.records)
+
+
+def test_precision_reaches_the_job_entry_point(tmp_path: Path) -> None:
+    from jobs.entry_screen import build_parser, config_from_args
+
+    args = build_parser().parse_args([str(tmp_path), "--out", str(tmp_path / "o")])
+    assert config_from_args(args).precision == "fp32"
+    args = build_parser().parse_args(
+        [str(tmp_path), "--out", str(tmp_path / "o"), "--precision", "bf16"]
+    )
+    assert config_from_args(args).precision == "bf16"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True)
@@ -16,11 +19,72 @@ def bench_scan() -> None:
 
 
 @bench_app.command("pipeline")
-def bench_pipeline() -> None:
+def bench_pipeline(
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
+    ] = None,
+    paper: Annotated[
+        bool, typer.Option(help="The paper architecture, seeded random weights (GPU figures).")
+    ] = False,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Slices per model call.")] = None,
+    seconds: Annotated[
+        float, typer.Option(min=1.0, help="Model work per end-to-end run (sizes the archive).")
+    ] = 20.0,
+) -> None:
     """Model-only vs end-to-end screening throughput; last line `pipeline efficiency: X.XX`."""
     from jobs.bench import run_pipeline_benchmark
 
-    run_pipeline_benchmark(print_fn=typer.echo)
+    run_pipeline_benchmark(
+        print_fn=typer.echo,
+        model_path=model,
+        paper=paper,
+        precision=_precision(precision),
+        batch_size=batch_size,
+        target_seconds=seconds,
+    )
+
+
+@bench_app.command("forward")
+def bench_forward(
+    batch: Annotated[int, typer.Option(min=1, help="Slices per call.")] = 32,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if any).")] = None,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Timed seconds per precision.")] = 5.0,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint folder (default: the paper architecture, random weights)."),
+    ] = None,
+    default_model: Annotated[bool, typer.Option(help="The embedded default model.")] = False,
+) -> None:
+    """Forward throughput in fp32 and bf16 (slices/s), by default of the paper architecture."""
+    from model.bench import run_forward_benchmark
+
+    if default_model:
+        from model.default import default_model_path
+
+        model = default_model_path()
+    run_forward_benchmark(
+        print_fn=typer.echo, batch=batch, device=device, seconds=seconds, model_path=model
+    )
+
+
+@bench_app.command("kernel")
+def bench_kernel() -> None:
+    """CUDA only: mamba-ssm's scan kernel and the torch scan vs the reference, and their times."""
+    import torch
+
+    if not torch.cuda.is_available():
+        typer.echo("no CUDA device: the kernel check needs one")
+        raise typer.Exit(code=2)
+    from model.bench import run_kernel_check
+
+    run_kernel_check(print_fn=typer.echo)
+
+
+def _precision(value: str) -> str:
+    if value not in ("fp32", "bf16"):
+        raise typer.BadParameter(f"precision must be fp32 or bf16, got {value!r}")
+    return value
 
 
 @bench_app.command("ingest")

@@ -63,6 +63,9 @@ def screen_command(
     num_actors: Annotated[int | None, typer.Option(min=1, help="Model actors.")] = None,
     num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs of a local cluster.")] = None,
     open_archives: Annotated[bool, typer.Option(help="Look inside .zip/.tar files.")] = False,
+    precision: Annotated[
+        str, typer.Option(help="Model arithmetic: fp32, or bf16 (faster on GPUs).")
+    ] = "fp32",
     sample: Annotated[bool, typer.Option(help="Screen the bundled sample archive.")] = False,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
@@ -92,6 +95,7 @@ def screen_command(
             num_actors=num_actors,
             num_cpus=num_cpus,
             open_archives=open_archives,
+            precision=precision,
         )
     except RunConfigError as exc:
         console.print(f"[red]{exc}[/]")
