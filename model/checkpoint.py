@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Seeded teachers up to this size are stored beside the head (``<teacher>.safetensors``): a seed
+# does not reproduce the same weights on every torch version (torch 2.11 on an H200 drew other
+# weights for the default model's VMamba seed than torch 2.14 here). Larger seeded teachers
+# (random ResNets of the experiments) stay referenced by seed and hash only.
+STORED_SEEDED_MAX_BYTES = 8 * 1024**2
 
 
 class CheckpointError(RuntimeError):
@@ -163,6 +168,8 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for name, stored in _store_seeded_teachers(model, out).items():
+        teachers[name] = {**teachers[name], "stored_copy": stored}
     meta = {
         "format_version": FORMAT_VERSION,
         "model_config": config.to_dict(),
@@ -177,6 +184,51 @@ def save_checkpoint(
     _write_json_atomic(out / CONFIG_FILE, meta)
     log.info("saved checkpoint %s", meta["model_id"])
     return out
+
+
+def _store_seeded_teachers(model: nn.Module, out: Path) -> dict[str, dict[str, str]]:
+    """Write each small seeded teacher's weights to ``out/<name>.safetensors``.
+
+    Returns ``{teacher name: {"file": file name, "sha256": file hash}}`` for ``config.json``.
+    """
+    stored = {}
+    for name, teacher in teacher_modules(model).items():
+        if teacher.spec.source != "random":
+            continue
+        state = {
+            k: v.detach().to("cpu").contiguous() for k, v in teacher.backbone.state_dict().items()
+        }
+        if sum(v.numel() * v.element_size() for v in state.values()) > STORED_SEEDED_MAX_BYTES:
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        os.close(fd)
+        try:
+            save_file(state, tmp)
+            digest = file_sha256(tmp)
+            os.replace(tmp, out / f"{name}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        stored[name] = {"file": f"{name}.safetensors", "sha256": digest}
+    return stored
+
+
+def _stored_teachers(folder: Path, recorded: dict[str, Any]) -> dict[str, Path]:
+    """The stored copies of seeded teachers a checkpoint records, by role, each verified."""
+    stored = {}
+    for info in recorded.values():
+        copy = info.get("stored_copy") if isinstance(info, dict) else None
+        if not copy:
+            continue
+        path = folder / copy["file"]
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint teacher copy missing: {path}")
+        if file_sha256(path) != copy["sha256"]:
+            raise CheckpointError(
+                f"{path}: sha256 differs from {CONFIG_FILE} (corrupt or replaced)"
+            )
+        stored[info["kind"]] = path
+    return stored
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -246,7 +298,7 @@ def load_checkpoint(
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{folder / CONFIG_FILE}: bad model_config: {exc}") from exc
     config = _with_teacher_weights(config, teacher_weights or {})
-    model = build_model(config)
+    model = build_model(config, _stored_teachers(folder, meta.get("teachers") or {}))
     _check_teacher_inputs(model, meta.get("teachers") or {}, folder)
     _load_strict(model, load_file(str(weights)), weights)
     model.to(device).eval()

@@ -136,10 +136,12 @@ def _check_teacher_geometry(cnn: Teacher, mamba: Teacher) -> None:
         )
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig, stored_teachers: dict[str, Path] | None = None) -> nn.Module:
     """Build the model a config describes, teachers loaded strictly, on CPU.
 
     ``arch="pdd"`` gives ``PDD``; ``arch="rd4ad"`` dispatches to ``model.rd4ad.build_rd4ad``.
+    ``stored_teachers`` maps a role ("cnn" | "mamba") to the stored copy of a seeded teacher
+    (``build_teacher``; written by ``model.checkpoint.save_checkpoint``).
 
     Raises:
         ConfigError: unknown arch, or teachers whose geometry PDD cannot fuse.
@@ -150,7 +152,7 @@ def build_model(config: ModelConfig) -> nn.Module:
             from model.rd4ad import build_rd4ad
         except ImportError as exc:
             raise ConfigError(f"arch 'rd4ad' is not available: {exc}") from exc
-        return build_rd4ad(config)
+        return build_rd4ad(config, stored_teachers)
     if config.arch != "pdd":
         raise ConfigError(f"arch must be 'pdd' or 'rd4ad', got {config.arch!r}")
     if config.mamba_teacher is None:
@@ -161,6 +163,11 @@ def build_model(config: ModelConfig) -> nn.Module:
                 f"teacher '{spec.name}' weights file not found: {spec.weights}"
                 + (f" (set ${VMAMBA_WEIGHTS_ENV})" if spec.kind == "mamba" else "")
             )
-    model = PDD(config, build_teacher(config.cnn_teacher), build_teacher(config.mamba_teacher))
+    stored = stored_teachers or {}
+    model = PDD(
+        config,
+        build_teacher(config.cnn_teacher, stored.get("cnn")),
+        build_teacher(config.mamba_teacher, stored.get("mamba")),
+    )
     log.info("built PDD '%s' (%d px)", config.name, config.image_size)
     return model

@@ -15,6 +15,7 @@ student stages c4→c3→c2→c1. With wide_resnet50_2 these are RD4AD's 3072 �
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -186,9 +187,12 @@ class RD4AD(nn.Module):
         return self.head.parameters()
 
 
-def build_rd4ad(config: ModelConfig) -> RD4AD:
-    """Build RD4AD from a ``ModelConfig`` (its CNN teacher; a mamba teacher, if any, is unused)."""
-    teacher = build_teacher(config.cnn_teacher)
+def build_rd4ad(config: ModelConfig, stored_teachers: dict[str, Path] | None = None) -> RD4AD:
+    """Build RD4AD from a ``ModelConfig`` (its CNN teacher; a mamba teacher, if any, is unused).
+
+    ``stored_teachers``: as in ``model.pdd.build_model`` (only "cnn" is used).
+    """
+    teacher = build_teacher(config.cnn_teacher, (stored_teachers or {}).get("cnn"))
     with torch.random.fork_rng(devices=[]):  # seeded head init; the caller's RNG is untouched
         torch.manual_seed(int(getattr(config, "head_seed", 0)))
         return RD4AD(config, teacher, config.blocks_per_stage)

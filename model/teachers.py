@@ -509,14 +509,25 @@ def _declared_feature_info(backbone: nn.Module, kind: str) -> list[dict[str, int
     return [{"num_chs": d["num_chs"], "reduction": d["reduction"]} for d in info]
 
 
-def build_teacher(spec: TeacherSpec) -> Teacher:
+def build_teacher(spec: TeacherSpec, stored_copy: Path | None = None) -> Teacher:
     """Build a frozen teacher on CPU, loading its weights strictly.
+
+    Args:
+        spec: what the teacher is and where its weights come from.
+        stored_copy: for a seeded (``source="random"``) teacher, a safetensors file holding the
+            weights the seed produced when the model was trained. Seeded initialisation is not
+            reproducible across torch versions (torch 2.11 drew other weights for the default's
+            seed than 2.14), so checkpoints keep a copy of small seeded teachers (``model.
+            checkpoint``); the copy replaces the seeded weights, and the recorded hash still
+            has to match.
 
     Raises:
         TeacherWeightsError: weights missing, unreadable, mismatched, or (when ``spec.sha256``
             is set) not the recorded ones. Never falls back to random weights.
     """
     backbone, prov = _build_cnn(spec) if spec.kind == "cnn" else _build_mamba(spec)
+    if stored_copy is not None:
+        prov = _load_stored_copy(spec, backbone, Path(stored_copy))
     digest = state_sha256(backbone.state_dict())
     if spec.sha256 is not None and spec.sha256 != digest:
         raise TeacherWeightsError(
@@ -537,6 +548,27 @@ def build_teacher(spec: TeacherSpec) -> Teacher:
         raise ValueError(f"teacher '{spec.name}' declares {len(info)} levels, not 4")
     log.info("teacher %s (%s, %s) ready", spec.name, spec.arch, spec.source)
     return Teacher(spec, backbone, info, provenance, input_norm=norm)
+
+
+def _load_stored_copy(spec: TeacherSpec, backbone: nn.Module, path: Path) -> dict[str, Any]:
+    """Load a seeded teacher's stored weights into ``backbone`` strictly; returns provenance."""
+    if spec.source != "random":
+        raise TeacherWeightsError(
+            f"teacher '{spec.name}': a stored copy is only used for seeded teachers, "
+            f"not source {spec.source!r}"
+        )
+    from safetensors.torch import load_file
+
+    try:
+        backbone.load_state_dict(load_file(str(path)), strict=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable or mismatched, re-raised with the file
+        raise TeacherWeightsError(
+            f"teacher '{spec.name}': cannot load its stored copy {path.name}: {exc}"
+        ) from exc
+    return {
+        "weights": f"random:seed={spec.seed} (stored copy {path.name})",
+        "file_sha256": file_sha256(path),
+    }
 
 
 def _input_norm(spec: TeacherSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:

