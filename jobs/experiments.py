@@ -187,8 +187,10 @@ def _test_bank(cfg: ModelConfig, test: list[ImageItem], cache: dict[Any, Any]) -
 
 
 def _label(variant: str, args: argparse.Namespace) -> str:
-    """The variant's name in result rows and folders (a non-default batch size is appended)."""
-    return variant if args.batch_size == 16 else f"{variant}-bs{args.batch_size}"
+    """The variant's name in result rows and folders (a non-default batch size and augmentation
+    are appended)."""
+    label = variant if args.batch_size == 16 else f"{variant}-bs{args.batch_size}"
+    return label if args.augment_views <= 1 else f"{label}-aug{args.augment_views}"
 
 
 def run_one(
@@ -205,7 +207,11 @@ def run_one(
     the id of a random re-split, ``headct_resplit_items``; None for the data set's own split)."""
     cfg = variant_config(variant, args.image_size)
     run = TrainConfig(
-        epochs=args.epochs, seed=seed, max_images=args.max_train, batch_size=args.batch_size
+        epochs=args.epochs,
+        seed=seed,
+        max_images=args.max_train,
+        batch_size=args.batch_size,
+        augment_views=args.augment_views,
     )
     label = _label(variant, args)
     tag = "" if draw is None else f"-resplit_r{draw}"
@@ -238,6 +244,7 @@ def run_one(
         "seed": seed,
         "epochs": res.epochs_run,
         "batch_size": args.batch_size,
+        "augment_views": args.augment_views,
         "image_size": cfg.image_size,
         "n_train": res.n_images,
         "n_test_normal": int((labels == 0).sum()),
@@ -293,7 +300,8 @@ def cv_one(
         fit = [it for i, it in enumerate(normals) if i not in held_set]
         res = train_model(
             fit, args.out / f"{args.dataset}_{_label(variant, args)}_s{seed}_cv{k}", cfg,
-            TrainConfig(epochs=args.epochs, seed=seed, batch_size=args.batch_size),
+            TrainConfig(epochs=args.epochs, seed=seed, batch_size=args.batch_size,
+                        augment_views=args.augment_views),
             data_description=desc, feature_cache=cache,
         )  # fmt: skip
         spec = PreprocessSpec(image_size=cfg.image_size)
@@ -473,6 +481,9 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16, help="training batch (PDD_SPEC: 16)")
+    p.add_argument(
+        "--augment-views", type=int, default=0, help="K cached augmented views per image (0: none)"
+    )
     p.add_argument("--max-train", type=int, default=None, help="cap on training normals")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -5,9 +5,12 @@ has one) when an address is given (``--address`` or ``RAY_ADDRESS``), else in-pr
 goes through a callback (the CLI draws the bar); nothing here prints.
 
 Recipe (PDD_SPEC §4): Adam 2e-3, betas (0.5, 0.999); CosineAnnealingLR(T_max=40, eta_min=2e-4)
-stepped per epoch; 100 epochs; batch 16; no augmentation. The frozen teachers see each image once
-(``model.train_step.feature_bank``). After every epoch ``OUT/resume.pt`` holds the head, optimiser,
-scheduler and shuffling RNG, so ``resume=True`` continues exactly where a killed run stopped.
+stepped per epoch; 100 epochs; batch 16; no augmentation by default. The frozen teachers see each
+image once (``model.train_step.feature_bank``). With ``augment_views=K`` each image gets K fixed,
+seeded views (the original and K − 1 random flips/rotations/shifts/scalings), all K cached, and
+every epoch each image contributes one view drawn at random. After every epoch ``OUT/resume.pt``
+holds the head, optimiser, scheduler and shuffling RNG, so ``resume=True`` continues exactly where
+a killed run stopped.
 """
 
 from __future__ import annotations
@@ -57,8 +60,11 @@ class TrainConfig:
     seed: int = 0
     max_images: int | None = None  # cap on training images (seeded choice); None = all
     feature_batch: int = 16
+    augment_views: int = 0  # K > 1: K cached views per image (view 0 = original); 0/1 = none
 
     def __post_init__(self) -> None:
+        if self.augment_views < 0:
+            raise TrainError(f"TrainConfig.augment_views must be >= 0, got {self.augment_views}")
         for key in ("epochs", "batch_size", "t_max", "feature_batch"):
             if int(getattr(self, key)) < 1:
                 raise TrainError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
@@ -221,14 +227,47 @@ def _load_resume(path: Path, model: nn.Module, opt: Any, sched: Any, gen: torch.
     return int(state["epoch"]), list(state["losses"])
 
 
+AUGMENT_DEGREES = 10.0
+AUGMENT_TRANSLATE = 0.05
+AUGMENT_SCALE = (0.9, 1.1)
+
+
+def augmented_views(images: np.ndarray, views: int, seed: int) -> np.ndarray:
+    """(N, S, S) images -> (N * views, S, S), image-major: row i * views + v is view v of image i.
+
+    View 0 is the image itself; the others are a random horizontal flip (p = 0.5) followed by a
+    random affine map (rotation ±10°, shift ±5 %, scale 0.9–1.1, zero fill) from torchvision,
+    seeded so a run's views are reproducible.
+    """
+    from torchvision.transforms import v2
+
+    augment = v2.Compose(
+        [
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomAffine(AUGMENT_DEGREES, (AUGMENT_TRANSLATE,) * 2, AUGMENT_SCALE, fill=0.0),
+        ]
+    )
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)  # (N,1,S,S)
+    out = x.repeat_interleave(views, dim=0)  # (N * views, 1, S, S)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for row in range(out.shape[0]):
+            if row % views:
+                out[row] = augment(out[row])
+    return out[:, 0].numpy()
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _epoch(model: nn.Module, opt: Any, bank: Any, gen: torch.Generator, run: TrainConfig,
            epoch: int, progress: ProgressFn | None, lr: float) -> float:  # fmt: skip
-    n = bank[0][0].shape[0]
+    views = max(run.augment_views, 1)
+    n = bank[0][0].shape[0] // views  # images; the bank holds `views` rows per image
     perm = torch.randperm(n, generator=gen)
+    if views > 1:  # one random view of each image this epoch
+        perm = perm * views + torch.randint(views, (n,), generator=gen)
     steps = (n + run.batch_size - 1) // run.batch_size
     total, seen = 0.0, 0
     model.train()
@@ -301,9 +340,13 @@ def train_model(
     if progress is not None:
         progress(TrainProgress(0, run.epochs, 0, 0, float("nan"), run.lr, phase="features"))
     cache = feature_cache if feature_cache is not None else {}
-    key = (teacher_key(model_config), tuple(names))
+    key: tuple[Any, ...] = (teacher_key(model_config), tuple(names))
+    if run.augment_views > 1:  # the views depend on the seed
+        key = (*key, run.augment_views, run.seed)
     if key not in cache:
-        x = torch.from_numpy(images).unsqueeze(1).to(device)  # (N, 1, S, S)
+        if run.augment_views > 1:
+            images = augmented_views(images, run.augment_views, run.seed)  # (N * K, S, S)
+        x = torch.from_numpy(images).unsqueeze(1).to(device)  # (N or N * K, 1, S, S)
         cache[key] = feature_bank(model, x, run.feature_batch)
     bank = cache[key]
     opt = make_optimizer(model.trainable_parameters(), run.lr, run.betas)

@@ -64,6 +64,32 @@ def test_training_loss_falls_and_checkpoint_scores(dataset: Path, tmp_path: Path
         train_model([it for it in items if it.label == 1], tmp_path / "x", get_config("test"))
 
 
+def test_augmented_views_are_seeded_and_keep_the_original_first() -> None:
+    from jobs.train import augmented_views
+
+    rng = np.random.default_rng(1)
+    images = rng.random((3, 32, 32), dtype=np.float32)  # (N, S, S)
+    views = augmented_views(images, 4, seed=7)  # (N * 4, S, S), image-major
+    assert views.shape == (12, 32, 32) and views.dtype == np.float32
+    np.testing.assert_array_equal(views[::4], images)  # view 0 of each image is the image
+    assert all(not np.array_equal(views[i], images[i // 4]) for i in range(12) if i % 4)
+    np.testing.assert_array_equal(views, augmented_views(images, 4, seed=7))
+    assert not np.array_equal(views, augmented_views(images, 4, seed=8))
+
+
+def test_training_with_augmented_views_is_reproducible(dataset: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    items = list_images(dataset)
+    run = TrainConfig(epochs=3, batch_size=4, seed=3, t_max=3, augment_views=3)
+    a = train_model(items, tmp_path / "a", get_config("test"), run)
+    b = train_model(items, tmp_path / "b", get_config("test"), run)
+    plain = train_model(items, tmp_path / "c", get_config("test"), _run())
+    assert a.epoch_losses == b.epoch_losses and a.epoch_losses != plain.epoch_losses[:3]
+    assert load_checkpoint(tmp_path / "a").meta["training"]["run"]["augment_views"] == 3
+    with pytest.raises(TrainError, match="augment_views"):
+        TrainConfig(augment_views=-1)
+
+
 class _Interrupt(Exception):
     pass
 

@@ -65,6 +65,12 @@ def train_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     seed: Annotated[int, typer.Option(help="Seeds head init and shuffling.")] = 0,
     max_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
+    augment_views: Annotated[
+        int,
+        typer.Option(
+            min=0, help="K seeded views per image (flip/rotate/shift/scale; 0: no augmentation)."
+        ),
+    ] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pt.")] = False,
     archive: Annotated[
         bool, typer.Option(help="DATA is an archive of normal DICOM/NIfTI studies (all slices).")
@@ -99,7 +105,13 @@ def train_command(
         overrides["map_sigma"] = map_sigma
     try:
         cfg = get_config(config, **overrides)
-        run = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, max_images=max_images)
+        run = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            max_images=max_images,
+            augment_views=augment_views,
+        )
     except (ConfigError, TrainError) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
