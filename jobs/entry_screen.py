@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from jobs.screen import ProgressEvent, run_screen
-from pdd_batch.config import RunConfig
+from pdd_batch.config import PRECISIONS, RunConfig
 
 log = logging.getLogger("pdd_batch.screen")
 
@@ -32,7 +32,7 @@ def build_parser(prog: str = "python -m jobs.entry_screen") -> argparse.Argument
     p.add_argument("--rows-per-file", type=int, default=4096)
     p.add_argument("--flush-seconds", type=float, default=30.0)
     p.add_argument("--open-archives", action="store_true")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     return p
 
 

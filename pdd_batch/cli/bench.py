@@ -82,8 +82,10 @@ def bench_kernel() -> None:
 
 
 def _precision(value: str) -> str:
-    if value not in ("fp32", "bf16"):
-        raise typer.BadParameter(f"precision must be fp32 or bf16, got {value!r}")
+    from pdd_batch.config import PRECISIONS
+
+    if value not in PRECISIONS:
+        raise typer.BadParameter(f"precision must be one of {PRECISIONS}, got {value!r}")
     return value
 
 
