@@ -18,8 +18,9 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -232,19 +233,11 @@ def run_kernel_check(print_fn: Callable[[str], object] = print, batch: int = 32)
     return err
 
 
-@contextlib.contextmanager
-def _scan_backend_env(value: str | None) -> Iterator[None]:
-    """Run the block with ``PDD_SCAN_BACKEND=value`` (``None``: as it is)."""
-    saved = os.environ.get(BACKEND_ENV)
-    if value is not None:
-        os.environ[BACKEND_ENV] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = saved
+def _scan_backend_env(value: str | None) -> contextlib.AbstractContextManager:
+    """Run the block with ``PDD_SCAN_BACKEND=value`` (``None``: as it is); restored after."""
+    if value is None:
+        return contextlib.nullcontext()
+    return mock.patch.dict(os.environ, {BACKEND_ENV: value})
 
 
 if __name__ == "__main__":

@@ -134,6 +134,22 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def _save_safetensors_atomic(
+    state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> str:
+    """Write ``state`` to a temp file beside ``path``, rename it over ``path``; its sha256."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
 def save_checkpoint(
     model: nn.Module,
     out_dir: str | Path,
@@ -159,15 +175,9 @@ def save_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config, teachers = _config_with_teacher_hashes(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=out)
-    os.close(fd)
-    try:
-        save_file(trainable_state(model), tmp, metadata={"format_version": str(FORMAT_VERSION)})
-        checkpoint_hash = file_sha256(tmp)
-        os.replace(tmp, out / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    checkpoint_hash = _save_safetensors_atomic(
+        trainable_state(model), out / WEIGHTS_FILE, {"format_version": str(FORMAT_VERSION)}
+    )
     for name, stored in _store_seeded_teachers(model, out).items():
         teachers[name] = {**teachers[name], "stored_copy": stored}
     meta = {
@@ -200,15 +210,7 @@ def _store_seeded_teachers(model: nn.Module, out: Path) -> dict[str, dict[str, s
         }
         if sum(v.numel() * v.element_size() for v in state.values()) > STORED_SEEDED_MAX_BYTES:
             continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        os.close(fd)
-        try:
-            save_file(state, tmp)
-            digest = file_sha256(tmp)
-            os.replace(tmp, out / f"{name}.safetensors")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        digest = _save_safetensors_atomic(state, out / f"{name}.safetensors")
         stored[name] = {"file": f"{name}.safetensors", "sha256": digest}
     return stored
 
