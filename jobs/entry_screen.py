@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from jobs.screen import ProgressEvent, run_screen
-from pdd_batch.config import PRECISIONS, RunConfig
+from pdd_batch.config import PRECISIONS, RunConfig, parse_teacher_weights
 
 log = logging.getLogger("pdd_batch.screen")
 
@@ -33,6 +33,10 @@ def build_parser(prog: str = "python -m jobs.entry_screen") -> argparse.Argument
     p.add_argument("--flush-seconds", type=float, default=30.0)
     p.add_argument("--open-archives", action="store_true")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument(
+        "--teacher-weights", action="append", default=[], metavar="ROLE=PATH",
+        help="where the checkpoint's teacher weight files are now (repeatable; sha256 checked)",
+    )  # fmt: skip
     return p
 
 
@@ -50,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         flush_seconds=args.flush_seconds,
         open_archives=args.open_archives,
         precision=args.precision,
+        teacher_weights=parse_teacher_weights(args.teacher_weights),
     )
 
 

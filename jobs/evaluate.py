@@ -152,8 +152,10 @@ def metrics_of(res: ScoreResult) -> dict[str, Any]:
     return out
 
 
-def load_model(model_dir: Path | None) -> Any:
-    """``load_checkpoint`` of ``model_dir``, or of the embedded default when None."""
+def load_model(model_dir: Path | None, teacher_weights: dict[str, str] | None = None) -> Any:
+    """``load_checkpoint`` of ``model_dir``, or of the embedded default when None.
+
+    ``teacher_weights``: new locations of file-sourced teacher weights by role, if they moved."""
     from model.checkpoint import load_checkpoint
 
     if model_dir is None:
@@ -161,7 +163,7 @@ def load_model(model_dir: Path | None) -> Any:
 
         model_dir = default_model_path()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_checkpoint(Path(model_dir), device=device)
+    return load_checkpoint(Path(model_dir), device=device, teacher_weights=teacher_weights)
 
 
 def _write_scores(path: Path, res: ScoreResult) -> None:
@@ -179,6 +181,7 @@ def evaluate_checkpoint(
     *,
     progress: ProgressFn | None = None,
     data_description: str = "",
+    teacher_weights: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (default: the embedded model) and write the report files.
 
@@ -190,7 +193,7 @@ def evaluate_checkpoint(
         EvaluationError: no readable images, or only one class.
     """
     t0 = time.perf_counter()
-    loaded = load_model(model_dir)
+    loaded = load_model(model_dir, teacher_weights)
     spec = PreprocessSpec.from_dict(loaded.preprocessing)
     want_maps = any(it.mask is not None for it in items)
     res = score_items(loaded.model, items, spec, keep_maps=want_maps, progress=progress)
@@ -246,6 +249,7 @@ def calibrate_checkpoint(
     split: str = "val",
     data_description: str = "",
     progress: ProgressFn | None = None,
+    teacher_weights: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score the normal images of ``items`` and store a threshold at ``fpr`` in the checkpoint.
 
@@ -257,7 +261,7 @@ def calibrate_checkpoint(
     normals = [it for it in items if it.label == 0]
     if not normals:
         raise EvaluationError("calibration needs normal images (label 0); none were given")
-    loaded = load_model(model_dir)
+    loaded = load_model(model_dir, teacher_weights)
     spec = PreprocessSpec.from_dict(loaded.preprocessing)
     res = score_items(loaded.model, normals, spec, progress=progress)
     record = calibration_record(res.scores, fpr, split=split, data=data_description)
@@ -274,10 +278,11 @@ def run_evaluation(
     progress: ProgressFn | None = None,
     address: str | None = None,
     data_description: str = "",
+    teacher_weights: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``evaluate_checkpoint`` in-process, or as one Ray actor at ``address``/``RAY_ADDRESS``."""
     addr = ray_address(address)
-    kwargs = {"data_description": data_description}
+    kwargs = {"data_description": data_description, "teacher_weights": teacher_weights}
     if addr is None:
         return evaluate_checkpoint(items, out_dir, model_dir, progress=progress, **kwargs)
     report = None if progress is None else (lambda p: progress(*p))
@@ -296,10 +301,12 @@ def run_calibration(
     progress: ProgressFn | None = None,
     address: str | None = None,
     data_description: str = "",
+    teacher_weights: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``calibrate_checkpoint`` in-process, or as one Ray actor at ``address``/``RAY_ADDRESS``."""
     addr = ray_address(address)
-    kwargs = {"split": split, "data_description": data_description}
+    kwargs = {"split": split, "data_description": data_description,
+              "teacher_weights": teacher_weights}  # fmt: skip
     if addr is None:
         return calibrate_checkpoint(items, model_dir, fpr, progress=progress, **kwargs)
     report = None if progress is None else (lambda p: progress(*p))

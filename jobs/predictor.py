@@ -39,6 +39,8 @@ class SlicePredictor:
         device: ``"cuda"`` or ``"cpu"``.
         torch_threads: intra-op threads on CPU (the CPUs reserved for this actor).
         precision: ``"fp32"`` or ``"bf16"`` for the network forward (``model.precision``).
+        teacher_weights: where the checkpoint's file-sourced teacher weights are now, by role
+            (``{"cnn": PATH}``; ``None``: where it recorded them); sha256 still verified.
         crash_once_marker: fault injection for tests: when set, the actor process exits hard on
             its second batch unless this file exists (creating it first), so Ray must restart the
             actor and retry the batch. Never set in production.
@@ -51,13 +53,16 @@ class SlicePredictor:
         torch_threads: int = 1,
         crash_once_marker: str | None = None,
         precision: str = "fp32",
+        teacher_weights: dict[str, str] | None = None,
     ) -> None:
         t0 = time.perf_counter()
         if device == "cpu":
             torch.set_num_threads(max(1, int(torch_threads)))
         self.device = torch.device(device)
         self.precision = check_precision(precision)
-        loaded = load_checkpoint(Path(checkpoint), device=str(self.device))
+        loaded = load_checkpoint(
+            Path(checkpoint), device=str(self.device), teacher_weights=teacher_weights
+        )
         self.model = loaded.model.eval()
         self.checkpoint_hash = loaded.checkpoint_hash
         self.crash_once_marker = crash_once_marker

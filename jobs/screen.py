@@ -145,10 +145,12 @@ def build_dataset(
     model: ModelInfo,
     plan: ActorPlan,
     precision: str = "fp32",
+    teacher_weights: dict[str, str] | None = None,
 ) -> ray.data.Dataset:
     """The Ray Data graph: work units -> read tasks -> actor pool -> PNG encoding (numpy rows).
 
-    ``precision`` is the actors' forward precision ("fp32" | "bf16", ``model.precision``).
+    ``precision`` is the actors' forward precision ("fp32" | "bf16", ``model.precision``);
+    ``teacher_weights`` where the checkpoint's teacher weight files are now, by role (optional).
 
     Fault tolerance comes from Ray Data's defaults, which this graph relies on (passing them as
     ``ray_remote_args`` is deprecated in Ray 2.60): pool actors get ``max_restarts=-1`` and
@@ -182,6 +184,7 @@ def build_dataset(
             "device": plan.device,
             "torch_threads": plan.torch_threads,
             "precision": precision,
+            "teacher_weights": teacher_weights or None,
             "crash_once_marker": os.environ.get(CRASH_ONCE_ENV) or None,
         },
         batch_size=plan.batch_size,
@@ -322,7 +325,12 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
                     run.cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
                 )
                 ds = build_dataset(
-                    run.pending, run.disc.root, run.model, plan, precision=cfg.precision
+                    run.pending,
+                    run.disc.root,
+                    run.model,
+                    plan,
+                    precision=cfg.precision,
+                    teacher_weights=cfg.teacher_weights,
                 )
                 _stream(ds, run.sink, run.pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise

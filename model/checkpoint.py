@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from model.config import ConfigError, ModelConfig
-from model.teachers import Teacher, file_sha256
+from model.teachers import Teacher, TeacherWeightsError, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,32 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def _with_teacher_weights(config: ModelConfig, teacher_weights: dict[str, str]) -> ModelConfig:
+    """The config with moved teacher weight files pointed to; each role must be file-sourced."""
     changes = {}
     for role, path in teacher_weights.items():
         key = f"{role}_teacher"
         spec = getattr(config, key, None)
         if spec is None:
             raise ConfigError(f"teacher_weights: config has no {key}")
+        if spec.source != "file":
+            raise TeacherWeightsError(
+                f"the {role} teacher of this checkpoint does not come from a file (source "
+                f"{spec.source!r}), so there is no weight file to point to"
+            )
         changes[key] = replace(spec, weights=str(path))
     return replace(config, **changes)
+
+
+def _check_teacher_files(config: ModelConfig) -> None:
+    """A file-sourced teacher whose file is gone: say what to do (before any work is done)."""
+    for role in ("cnn", "mamba"):
+        spec = getattr(config, f"{role}_teacher", None)
+        if spec is not None and spec.source == "file" and not Path(str(spec.weights)).is_file():
+            raise TeacherWeightsError(
+                f"the {role} teacher's weights are not at {spec.weights} (the checkpoint refers "
+                f"to them by path and sha256): put the file back there, or give where it is "
+                f"now with --teacher-weights {role}=PATH"
+            )
 
 
 def load_checkpoint(
@@ -300,6 +318,7 @@ def load_checkpoint(
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{folder / CONFIG_FILE}: bad model_config: {exc}") from exc
     config = _with_teacher_weights(config, teacher_weights or {})
+    _check_teacher_files(config)
     model = build_model(config, _stored_teachers(folder, meta.get("teachers") or {}))
     _check_teacher_inputs(model, meta.get("teachers") or {}, folder)
     _load_strict(model, load_file(str(weights)), weights)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16")
+TEACHER_ROLES = ("cnn", "mamba")
 
 
 class RunConfigError(ValueError):
@@ -47,6 +48,9 @@ class RunConfig:
         run_id: identifier written on every row.
         precision: model arithmetic, ``"fp32"`` (default) or ``"bf16"`` (autocast; for GPUs,
             where it is faster; anomaly maps and scores are still computed in float32).
+        teacher_weights: new locations of a checkpoint's file-sourced teacher weights by role
+            (``{"cnn": PATH}``) when they are not where the checkpoint was trained; each file's
+            sha256 is still checked against the checkpoint's record.
     """
 
     archive: Path
@@ -64,6 +68,7 @@ class RunConfig:
     open_archives: bool = False
     run_id: str = field(default_factory=new_run_id)
     precision: str = "fp32"
+    teacher_weights: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "archive", Path(self.archive))
@@ -84,8 +89,19 @@ class RunConfig:
             raise RunConfigError(f"topk must be >= 1, got {self.topk}")
         if self.precision not in PRECISIONS:
             raise RunConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self._check_teacher_weights()
         if not self.run_id or "/" in self.run_id:
             raise RunConfigError(f"run_id must be a name without '/', got {self.run_id!r}")
+
+    def _check_teacher_weights(self) -> None:
+        """Roles known, paths absolute (actors may run in another working directory)."""
+        weights = dict(self.teacher_weights or {})
+        for role, path in weights.items():
+            if role not in TEACHER_ROLES or not str(path):
+                raise RunConfigError(f"teacher_weights wants roles {TEACHER_ROLES} with a path, "
+                                     f"got {role!r}: {path!r}")  # fmt: skip
+            weights[role] = str(Path(path).expanduser().resolve())
+        object.__setattr__(self, "teacher_weights", weights)
 
     @property
     def resolved_address(self) -> str | None:
@@ -102,3 +118,20 @@ class RunConfig:
         for key in ("archive", "out_dir", "model_path"):
             d[key] = None if d[key] is None else str(d[key])
         return d
+
+
+def parse_teacher_weights(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["cnn=PATH", "mamba=PATH"]`` (the ``--teacher-weights`` options) → ``{role: PATH}``.
+
+    Raises:
+        RunConfigError: a pair that is not ``ROLE=PATH`` with ROLE in ``TEACHER_ROLES``.
+    """
+    out: dict[str, str] = {}
+    for pair in pairs:
+        role, sep, path = pair.partition("=")
+        if not sep or role not in TEACHER_ROLES or not path:
+            raise RunConfigError(
+                f"--teacher-weights wants ROLE=PATH with ROLE in {TEACHER_ROLES}, got {pair!r}"
+            )
+        out[role] = str(Path(path).expanduser().resolve())
+    return out

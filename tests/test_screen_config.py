@@ -116,3 +116,24 @@ def test_precision_reaches_the_job_entry_point(tmp_path: Path) -> None:
         [str(tmp_path), "--out", str(tmp_path / "o"), "--precision", "bf16"]
     )
     assert config_from_args(args).precision == "bf16"
+
+
+def test_teacher_weights_reach_the_job_entry_point_as_absolute_paths(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from jobs.entry_screen import build_parser, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    base = [str(tmp_path), "--out", str(tmp_path / "o")]
+    assert config_from_args(build_parser().parse_args(base)).teacher_weights == {}
+    args = build_parser().parse_args(
+        [*base, "--teacher-weights", "cnn=w/cnn.pth", "--teacher-weights", "mamba=/m.pth"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.teacher_weights == {"cnn": str(tmp_path / "w" / "cnn.pth"), "mamba": "/m.pth"}
+    assert cfg.to_dict()["teacher_weights"] == cfg.teacher_weights  # recorded in the manifest
+    for bad in ("head=/x.pth", "cnn=", "cnn"):
+        with pytest.raises(RunConfigError, match="ROLE=PATH"):
+            config_from_args(build_parser().parse_args([*base, "--teacher-weights", bad]))
+    with pytest.raises(RunConfigError, match="teacher_weights"):
+        RunConfig(archive=tmp_path, out_dir=tmp_path, teacher_weights={"head": "/x.pth"})

@@ -227,3 +227,54 @@ def test_train_from_an_archive_of_normal_studies(tmp_path: Path) -> None:
     meta = load_checkpoint(tmp_path / "ck").meta["training"]
     assert meta["n_images"] == 10 and meta["epochs_run"] == 2
     assert meta["n_failed"] == 1 and "1 skipped" in r.output
+
+
+def test_cli_trains_and_screens_with_site_supplied_teacher_weights(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """The path a site with the paper's weights takes (`train --teacher-weights cnn=… mamba=…`),
+    on the test config's architectures: the files' weights are the teachers, the checkpoint
+    records them by sha256, and a moved file is refused until pointed to."""
+    import timm
+    from safetensors.torch import save_file
+
+    from jobs.predictor import SlicePredictor
+    from model.teachers import TeacherSpec, build_teacher, file_sha256
+
+    torch.manual_seed(11)
+    cnn_state = timm.create_model("resnet18", pretrained=False).state_dict()  # classifier too
+    torch.save({"state_dict": cnn_state}, tmp_path / "cnn.pth")
+    mamba_spec = TeacherSpec("vm", "mamba", "random", "vmamba_small_fixture", seed=5)
+    mamba_state = build_teacher(mamba_spec).backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in mamba_state.items()}, str(tmp_path / "vm.safetensors"))
+    ck, runner = tmp_path / "ck", CliRunner()
+    cnn_arg, mamba_arg = f"cnn={tmp_path / 'cnn.pth'}", f"mamba={tmp_path / 'vm.safetensors'}"
+    weights = ["--teacher-weights", cnn_arg, "--teacher-weights", mamba_arg]
+    r = runner.invoke(app, ["train", str(dataset), "--config", "test", "--epochs", "1",
+                            "--batch-size", "4", "--out", str(ck), *weights])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((ck / "config.json").read_text())["teachers"]
+    assert recorded["teacher_cnn"]["file_sha256"] == file_sha256(tmp_path / "cnn.pth")
+    assert recorded["teacher_mamba"]["file_sha256"] == file_sha256(tmp_path / "vm.safetensors")
+    assert not list(ck.glob("teacher_*.safetensors"))  # file teachers are referenced, not copied
+    loaded = load_checkpoint(ck).model
+    got_cnn = loaded.teacher_cnn.backbone.state_dict()
+    assert all(torch.equal(v, cnn_state[k]) for k, v in got_cnn.items())
+    got_mamba = loaded.teacher_mamba.backbone.state_dict()
+    assert all(torch.equal(v, mamba_state[k]) for k, v in got_mamba.items())
+
+    (tmp_path / "cnn.pth").rename(tmp_path / "moved.pth")
+    evaluate = ["evaluate", str(dataset), "--model", str(ck), "--out", str(tmp_path / "ev")]
+    r = runner.invoke(app, evaluate)
+    assert r.exit_code == 1 and "--teacher-weights cnn=PATH" in r.output.replace("\n", "")
+    r = runner.invoke(app, [*evaluate, "--teacher-weights", f"cnn={tmp_path / 'moved.pth'}"])
+    assert r.exit_code == 0, r.output
+    # screening actors take the new place too (RunConfig.teacher_weights → the actor's load)
+    actor = SlicePredictor(str(ck), teacher_weights={"cnn": str(tmp_path / "moved.pth")})
+    assert actor.checkpoint_hash == json.loads((ck / "config.json").read_text())["checkpoint_hash"]
+    # a different file under the recorded name is refused by its sha256
+    torch.save({"state_dict": {k: v + 1 for k, v in cnn_state.items()}}, tmp_path / "cnn.pth")
+    r = runner.invoke(app, evaluate)
+    assert r.exit_code == 1 and "sha256" in r.output
+    r = runner.invoke(app, [*evaluate, "--teacher-weights", "tail=x.pth"])
+    assert r.exit_code == 2 and "ROLE=PATH" in r.output

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pdd_batch.cli.train import load_items
+from pdd_batch.cli.train import TeacherWeightsOption, load_items, teacher_weight_paths
 
 
 def calibrate_command(
@@ -23,6 +23,7 @@ def calibrate_command(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
     ] = None,
+    teacher_weights: TeacherWeightsOption = None,
 ) -> None:
     """Store the threshold that flags at most FPR of DATA's normal images (score > threshold)."""
     from rich.progress import Progress
@@ -36,6 +37,7 @@ def calibrate_command(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if split is None and (split_file is not None or Path(data).suffix.lower() == ".csv"):
         split = "val"
+    moved = teacher_weight_paths(console, teacher_weights)
     items, desc = load_items(console, data, split_file, split)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring normals", total=sum(it.label == 0 for it in items))
@@ -43,7 +45,7 @@ def calibrate_command(
             rec = run_calibration(
                 items, model, fpr, split=split or "all",
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                address=address, data_description=desc,
+                address=address, data_description=desc, teacher_weights=moved,
             )  # fmt: skip
         except (EvaluationError, CalibrationError, CheckpointError, TeacherWeightsError) as exc:
             console.print(f"[red]calibration failed: {exc}[/]")

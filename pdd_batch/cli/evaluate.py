@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pdd_batch.cli.train import load_items
+from pdd_batch.cli.train import TeacherWeightsOption, load_items, teacher_weight_paths
 
 
 def evaluate_command(
@@ -26,6 +26,7 @@ def evaluate_command(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
     ] = None,
+    teacher_weights: TeacherWeightsOption = None,
 ) -> None:
     """Image AUROC, AP and F1-max (pixel AUROC/AUPRO with masks) beside trivial floors."""
     from rich.progress import Progress
@@ -38,6 +39,7 @@ def evaluate_command(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if split is None and (split_file is not None or Path(data).suffix.lower() == ".csv"):
         split = "test"
+    moved = teacher_weight_paths(console, teacher_weights)
     items, desc = load_items(console, data, split_file, split)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring", total=len(items))
@@ -45,7 +47,7 @@ def evaluate_command(
             m = run_evaluation(
                 items, out, model,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                address=address, data_description=desc,
+                address=address, data_description=desc, teacher_weights=moved,
             )  # fmt: skip
         except (EvaluationError, CheckpointError, TeacherWeightsError, FileNotFoundError) as exc:
             console.print(f"[red]evaluation failed: {exc}[/]")

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pdd_batch.cli.train import TeacherWeightsOption
+
 SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
 EXIT_LOCKED = 3  # another run holds the folder (same code as jobs.nightly)
 
@@ -67,11 +69,12 @@ def screen_command(
         str, typer.Option(help="Model arithmetic: fp32, or bf16 (faster on GPUs).")
     ] = "fp32",
     sample: Annotated[bool, typer.Option(help="Screen the bundled sample archive.")] = False,
+    teacher_weights: TeacherWeightsOption = None,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
-    from pdd_batch.config import RunConfig, RunConfigError
+    from pdd_batch.config import RunConfig, RunConfigError, parse_teacher_weights
     from pdd_batch.run_state import RunLockedError
 
     console = Console(stderr=False)
@@ -96,6 +99,7 @@ def screen_command(
             num_cpus=num_cpus,
             open_archives=open_archives,
             precision=precision,
+            teacher_weights=parse_teacher_weights(teacher_weights or []),
         )
     except RunConfigError as exc:
         console.print(f"[red]{exc}[/]")

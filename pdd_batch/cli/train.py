@@ -9,9 +9,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pdd_batch.config import RunConfigError, parse_teacher_weights
 from pdd_batch.datasets import DatasetError, ImageItem, describe, list_images
 
-TEACHER_ROLES = ("cnn", "mamba")
+TeacherWeightsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--teacher-weights",
+        help="ROLE=PATH local teacher weights, ROLE cnn or mamba (repeatable); for a trained "
+        "checkpoint, where its weight files are now (their sha256 is still checked).",
+    ),
+]
 
 
 def load_items(
@@ -29,17 +37,21 @@ def load_items(
     return items, source
 
 
-def parse_teacher_weights(console: Console, pairs: list[str]) -> dict[str, str]:
-    """``["cnn=PATH", ...]`` → get_config overrides (``cnn_source="file"``, ``cnn_weights``)."""
+def teacher_weight_paths(console: Console, pairs: list[str] | None) -> dict[str, str]:
+    """``--teacher-weights`` pairs → ``{role: absolute path}``; exit 2 on a malformed pair."""
+    try:
+        return parse_teacher_weights(pairs or [])
+    except RunConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+
+
+def teacher_overrides(console: Console, pairs: list[str] | None) -> dict[str, str]:
+    """``--teacher-weights`` pairs → get_config overrides (``cnn_source="file"``, ...)."""
     overrides: dict[str, str] = {}
-    for pair in pairs:
-        role, sep, path = pair.partition("=")
-        if not sep or role not in TEACHER_ROLES or not path:
-            console.print(f"[red]--teacher-weights wants ROLE=PATH with ROLE in {TEACHER_ROLES}, "
-                          f"got {pair!r}[/]")  # fmt: skip
-            raise typer.Exit(code=2)
+    for role, path in teacher_weight_paths(console, pairs).items():
         overrides[f"{role}_source"] = "file"
-        overrides[f"{role}_weights"] = str(Path(path).expanduser().resolve())
+        overrides[f"{role}_weights"] = path
     return overrides
 
 
@@ -52,10 +64,7 @@ def train_command(
     config: Annotated[
         str, typer.Option(help="Model config (lite0, rd4ad, astra, paper, test).")
     ] = "lite0",
-    teacher_weights: Annotated[
-        list[str] | None,
-        typer.Option(help="ROLE=PATH local teacher weights, ROLE cnn or mamba (repeatable)."),
-    ] = None,
+    teacher_weights: TeacherWeightsOption = None,
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     image_size: Annotated[int | None, typer.Option(help="Input side S (multiple of 32).")] = None,
     map_sigma: Annotated[
@@ -98,7 +107,7 @@ def train_command(
         items, desc = data, f"archive {data.name} (all slices)"
     else:
         items, desc = load_items(console, data, split_file, "train" if split_file else None)
-    overrides = parse_teacher_weights(console, teacher_weights or [])
+    overrides = teacher_overrides(console, teacher_weights)
     if image_size is not None:
         overrides["image_size"] = image_size
     if map_sigma is not None:
