@@ -110,19 +110,23 @@ def _split_metrics(
 
 
 def ceiling(
-    data: Path, levels: Sequence[int], image_size: int, variant: str, resplits: Sequence[int],
-    emit: Callable[[str], None] = print,
+    data: Path, levels: Sequence[int], image_size: int, variants: Sequence[str],
+    resplits: Sequence[int], emit: Callable[[str], None] = print,
 ) -> list[dict[str, object]]:  # fmt: skip
-    """The nearest-neighbour AUROC of ``variant``'s CNN teacher on the fixed split and re-draws."""
+    """The nearest-neighbour AUROC of the CNN teachers of ``variants`` (their patch features
+    concatenated) on the fixed split and the re-draws."""
     items, test, _ = headct_items(data)
     everyone = sorted({(it.label, str(it.path)): it for it in items}.values(),
                       key=lambda it: (it.label, str(it.path)))  # fmt: skip
     images, kept, errors = load_images(everyone, PreprocessSpec(image_size=image_size))
     if errors:
         raise RuntimeError(f"unreadable images: {errors[:3]}")
-    model = build(variant_config(variant, image_size)).eval()
-    cnn, _ = feature_bank(model, torch.from_numpy(images).unsqueeze(1))  # levels (N, C_l, h, w)
-    feats = patch_features(cnn, levels)  # (N, P, C)
+    per_teacher = []
+    for variant in variants:
+        model = build(variant_config(variant, image_size)).eval()
+        cnn, _ = feature_bank(model, torch.from_numpy(images).unsqueeze(1))  # (N, C_l, h, w)
+        per_teacher.append(patch_features(cnn, levels))  # (N, P, C_t)
+    feats = torch.cat(per_teacher, dim=2)  # (N, P, ΣC_t)
     keys = [f"{it.label}:{it.path}" for it in kept]
     normal_rows = [i for i, it in enumerate(kept) if it.label == 0]
     dist = nearest_patch_distances(feats, feats[normal_rows])  # (N, P, N_normal)
@@ -131,7 +135,7 @@ def ceiling(
     splits += [(f"re-draw {d}", *headct_resplit_items(data, d)[:2]) for d in resplits]
     for name, split_items, split_test in splits:
         m = _split_metrics(split_items, split_test, keys, dist)
-        row = {"split": name, "variant": variant, "levels": list(levels),
+        row = {"split": name, "variants": list(variants), "levels": list(levels),
                "image_size": image_size, **m}  # fmt: skip
         emit(json.dumps(row))
         rows.append(row)
@@ -144,12 +148,15 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p.add_argument("--data", type=Path, required=True, help="HeadCT folder with split.csv")
     p.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--variant", default="pdd-lite0", help="whose CNN teacher (jobs.experiments)")
+    p.add_argument(
+        "--variants", nargs="+", default=["pdd-lite0"],
+        help="whose CNN teachers (jobs.experiments variants; several: features concatenated)",
+    )  # fmt: skip
     p.add_argument("--resplits", type=int, nargs="*", default=[])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = ceiling(args.data, args.levels, args.image_size, args.variant, args.resplits, emit)
+    rows = ceiling(args.data, args.levels, args.image_size, args.variants, args.resplits, emit)
     draws = [float(r["auroc"]) for r in rows[1:]]  # type: ignore[arg-type]
     if draws:
         sd = float(np.std(draws, ddof=1)) if len(draws) > 1 else 0.0
