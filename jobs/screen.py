@@ -84,14 +84,19 @@ class ModelInfo:
     threshold: float | None
 
 
-def resolve_model(path: Path | None) -> ModelInfo:
-    """Read the checkpoint's metadata on the driver (each actor loads and verifies the weights)."""
-    from model.checkpoint import read_meta
+def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = None) -> ModelInfo:
+    """Read the checkpoint's metadata on the driver (each actor loads and verifies the weights).
+
+    Teacher weight files it refers to must exist here (on a cluster: the same path on every
+    node, i.e. shared storage), so a moved file fails the run at once with what to do.
+    """
+    from model.checkpoint import check_teacher_files, read_meta
 
     if path is None:
         from model.default import default_model_path
 
         path = default_model_path()
+    check_teacher_files(Path(path), teacher_weights)
     meta = read_meta(Path(path))
     calib = meta.get("calibration") or {}
     threshold = calib.get("threshold")
@@ -259,7 +264,7 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
     t_start = time.perf_counter()
     state = RunState.load(cfg.out_dir)
     state.reconcile()
-    model = resolve_model(cfg.model_path)
+    model = resolve_model(cfg.model_path, cfg.teacher_weights)
     state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force)
     state.bind_threshold(model.threshold)
     t = time.perf_counter()

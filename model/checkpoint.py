@@ -282,6 +282,22 @@ def _check_teacher_files(config: ModelConfig) -> None:
             )
 
 
+def check_teacher_files(path: str | Path, teacher_weights: dict[str, str] | None = None) -> None:
+    """Fail early, before any cluster work, when a file-sourced teacher's weights are not where
+    the checkpoint (or ``teacher_weights``) says; cheap: reads ``config.json`` only.
+
+    Raises:
+        CheckpointError: unreadable checkpoint metadata.
+        TeacherWeightsError: a weight file is missing (the message says how to point to it).
+    """
+    meta = read_meta(_checkpoint_dir(path))
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: bad model_config: {exc}") from exc
+    _check_teacher_files(_with_teacher_weights(config, teacher_weights or {}))
+
+
 def load_checkpoint(
     path: str | Path,
     device: str | torch.device = "cpu",

@@ -137,3 +137,21 @@ def test_teacher_weights_reach_the_job_entry_point_as_absolute_paths(
             config_from_args(build_parser().parse_args([*base, "--teacher-weights", bad]))
     with pytest.raises(RunConfigError, match="teacher_weights"):
         RunConfig(archive=tmp_path, out_dir=tmp_path, teacher_weights={"head": "/x.pth"})
+
+
+def test_failure_reason_names_the_error_an_actor_died_of() -> None:
+    from pdd_batch.cli.screen import failure_reason
+
+    class ActorDiedError(RuntimeError):
+        pass
+
+    ray_text = (  # the shape of Ray's text for an actor that raised in its constructor
+        "The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker"
+        "(MapBatches(SlicePredictor)).__init__()\x1b[39m (pid=1, ip=10.0.0.1)\n"
+        '  File "/x/jobs/predictor.py", line 60, in __init__\n    loaded = load_checkpoint(\n'
+        "model.teachers.TeacherWeightsError: the cnn teacher's weights are not at /w/cnn.pth"
+    )
+    assert failure_reason(ActorDiedError(ray_text)) == (
+        "TeacherWeightsError: the cnn teacher's weights are not at /w/cnn.pth"
+    )
+    assert failure_reason(ValueError("no traceback here")) == "ValueError: no traceback here"

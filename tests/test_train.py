@@ -269,6 +269,12 @@ def test_cli_trains_and_screens_with_site_supplied_teacher_weights(
     assert r.exit_code == 1 and "--teacher-weights cnn=PATH" in r.output.replace("\n", "")
     r = runner.invoke(app, [*evaluate, "--teacher-weights", f"cnn={tmp_path / 'moved.pth'}"])
     assert r.exit_code == 0, r.output
+    # screening checks the files on the driver, before a cluster starts: one clear line, exit 2
+    r = runner.invoke(
+        app, ["screen", "--sample", "--out", str(tmp_path / "run"), "--model", str(ck)]
+    )
+    assert r.exit_code == 2 and "TeacherWeightsError" in r.output
+    assert "--teacher-weights cnn=PATH" in r.output.replace("\n", "")
     # screening actors take the new place too (RunConfig.teacher_weights → the actor's load)
     actor = SlicePredictor(str(ck), teacher_weights={"cnn": str(tmp_path / "moved.pth")})
     assert actor.checkpoint_hash == json.loads((ck / "config.json").read_text())["checkpoint_hash"]
