@@ -198,6 +198,51 @@ def run_forward_benchmark(
     return rates
 
 
+def run_train_benchmark(
+    print_fn: Callable[[str], object] = print,
+    images: int = 60,
+    epochs: int = 100,
+    batch: int = 16,
+    steps: int = 3,
+    config: Any = None,
+) -> dict[str, float]:
+    """What one ``pdd-batch train`` run of ``config`` costs on this machine (default: the paper
+    architecture, 256 px, seeded random weights: the cost does not depend on the weights).
+
+    Times the teacher features of one batch (computed once per training image) and ``steps``
+    head steps (Adam, PDD_SPEC §4) after one warm-up step, and prints the estimate for
+    ``images`` training images and ``epochs`` epochs. Returns the measured figures.
+    """
+    from model.pdd import build_model
+    from model.train_step import feature_bank, train_step
+
+    config = config or paper_architecture_config()
+    torch.manual_seed(0)
+    model = build_model(config)
+    size = int(config.image_size)
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    bank = feature_bank(model, x, batch_size=batch)
+    feature_s = (time.perf_counter() - t0) / batch
+    head = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(head, lr=2e-3, betas=(0.5, 0.999))
+    model.train()
+    train_step(model, opt, bank)  # warm-up
+    step_s, _, _ = _median_seconds(lambda: train_step(model, opt, bank).total, steps)
+    steps_per_epoch = -(-images // batch)
+    total_s = feature_s * images + step_s * steps_per_epoch * epochs
+    print_fn(
+        f"config {config.name} ({config.cnn_teacher.name} + "
+        f"{config.mamba_teacher.name if config.mamba_teacher else 'no mamba'}, {size} px), "
+        f"head {sum(p.numel() for p in head) / 1e6:.1f} M parameters, torch threads "
+        f"{torch.get_num_threads()}, scan backend {scan_backend('cpu')}"
+    )
+    print_fn(f"teacher features: {feature_s:.2f} s/image (once per training image)")
+    print_fn(f"head step, batch {batch}: {step_s:.2f} s (median of {steps})")
+    print_fn(f"estimated train run, {images} images x {epochs} epochs: {total_s / 60:.1f} min")
+    return {"feature_s_per_image": feature_s, "step_s": step_s, "estimate_s": total_s}
+
+
 def run_kernel_check(print_fn: Callable[[str], object] = print, batch: int = 32) -> float:
     """CUDA: mamba-ssm's kernel and the torch scan against the sequential reference, and their
     times at the VMamba-T stage-1 size; returns the kernel's max abs difference (fp32)."""

@@ -275,3 +275,18 @@ def test_mamba_forward_only_binding_drops_the_backward(tmp_path) -> None:
     text = forward_only_binding(tmp_path).read_text()
     assert "selective_scan_fwd(int u)" in text and '"fwd"' in text
     assert "selective_scan_bwd" not in text and '"bwd"' not in text
+
+
+def test_train_benchmark_smoke_and_its_estimate_adds_up() -> None:
+    from model.bench import run_train_benchmark
+    from model.config import get_config
+
+    lines: list[str] = []
+    got = run_train_benchmark(
+        print_fn=lines.append, images=10, epochs=2, batch=4, steps=1, config=get_config("test")
+    )
+    assert got["feature_s_per_image"] > 0 and got["step_s"] > 0
+    # 10 images: features once each; ceil(10 / 4) = 3 steps per epoch, 2 epochs
+    expected = got["feature_s_per_image"] * 10 + got["step_s"] * 3 * 2
+    assert abs(got["estimate_s"] - expected) < 1e-9
+    assert lines[0].startswith("config test") and lines[-1].startswith("estimated train run")

@@ -68,6 +68,19 @@ def bench_forward(
     )
 
 
+@bench_app.command("train")
+def bench_train(
+    images: Annotated[int, typer.Option(min=1, help="Training images of the estimated run.")] = 60,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the estimated run.")] = 100,
+    batch: Annotated[int, typer.Option(min=1, help="Training batch (PDD_SPEC: 16).")] = 16,
+    steps: Annotated[int, typer.Option(min=1, help="Timed head steps.")] = 3,
+) -> None:
+    """CPU cost of training the paper architecture (256 px): features, head step, run estimate."""
+    from model.bench import run_train_benchmark
+
+    run_train_benchmark(print_fn=typer.echo, images=images, epochs=epochs, batch=batch, steps=steps)
+
+
 @bench_app.command("kernel")
 def bench_kernel() -> None:
     """CUDA only: mamba-ssm's scan kernel and the torch scan vs the reference, and their times."""
