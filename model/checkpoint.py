@@ -270,6 +270,14 @@ def _with_teacher_weights(config: ModelConfig, teacher_weights: dict[str, str]) 
     return replace(config, **changes)
 
 
+def _model_config(meta: dict[str, Any], folder: Path) -> ModelConfig:
+    """The ``ModelConfig`` recorded in a checkpoint's ``config.json``."""
+    try:
+        return ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: bad model_config: {exc}") from exc
+
+
 def _check_teacher_files(config: ModelConfig) -> None:
     """A file-sourced teacher whose file is gone: say what to do (before any work is done)."""
     for role in ("cnn", "mamba"):
@@ -290,11 +298,8 @@ def check_teacher_files(path: str | Path, teacher_weights: dict[str, str] | None
         CheckpointError: unreadable checkpoint metadata.
         TeacherWeightsError: a weight file is missing (the message says how to point to it).
     """
-    meta = read_meta(_checkpoint_dir(path))
-    try:
-        config = ModelConfig.from_dict(meta["model_config"])
-    except (KeyError, ConfigError) as exc:
-        raise CheckpointError(f"{path}: bad model_config: {exc}") from exc
+    folder = _checkpoint_dir(path)
+    config = _model_config(read_meta(folder), folder)
     _check_teacher_files(_with_teacher_weights(config, teacher_weights or {}))
 
 
@@ -329,11 +334,7 @@ def load_checkpoint(
             f"{weights}: sha256 {actual[:16]}… differs from checkpoint_hash "
             f"{str(meta.get('checkpoint_hash'))[:16]}… in {CONFIG_FILE} (corrupt or replaced)"
         )
-    try:
-        config = ModelConfig.from_dict(meta["model_config"])
-    except (KeyError, ConfigError) as exc:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: bad model_config: {exc}") from exc
-    config = _with_teacher_weights(config, teacher_weights or {})
+    config = _with_teacher_weights(_model_config(meta, folder), teacher_weights or {})
     _check_teacher_files(config)
     model = build_model(config, _stored_teachers(folder, meta.get("teachers") or {}))
     _check_teacher_inputs(model, meta.get("teachers") or {}, folder)
