@@ -205,9 +205,11 @@ def run_train_benchmark(
     batch: int = 16,
     steps: int = 3,
     config: Any = None,
+    device: str | None = None,
 ) -> dict[str, float]:
     """What one ``pdd-batch train`` run of ``config`` costs on this machine (default: the paper
-    architecture, 256 px, seeded random weights: the cost does not depend on the weights).
+    architecture, 256 px, seeded random weights: the cost does not depend on the weights), on
+    ``device`` (default: CUDA when there is one, else CPU).
 
     Times the teacher features of one batch (computed once per training image) and ``steps``
     head steps (Adam, PDD_SPEC §4) after one warm-up step, and prints the estimate for
@@ -216,26 +218,36 @@ def run_train_benchmark(
     from model.pdd import build_model
     from model.train_step import feature_bank, train_step
 
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = config or paper_architecture_config()
     torch.manual_seed(0)
-    model = build_model(config)
+    model = build_model(config).to(dev)
     size = int(config.image_size)
-    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
+    feature_bank(model, x[:1], batch_size=1)  # warm-up (CUDA context, kernels)
+    _sync(dev)
     t0 = time.perf_counter()
     bank = feature_bank(model, x, batch_size=batch)
+    _sync(dev)
     feature_s = (time.perf_counter() - t0) / batch
     head = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(head, lr=2e-3, betas=(0.5, 0.999))
     model.train()
-    train_step(model, opt, bank)  # warm-up
-    step_s, _, _ = _median_seconds(lambda: train_step(model, opt, bank).total, steps)
+
+    def step() -> torch.Tensor:
+        loss = train_step(model, opt, bank).total
+        _sync(dev)
+        return loss
+
+    step()  # warm-up
+    step_s, _, _ = _median_seconds(step, steps)
     steps_per_epoch = -(-images // batch)
     total_s = feature_s * images + step_s * steps_per_epoch * epochs
     print_fn(
         f"config {config.name} ({config.cnn_teacher.name} + "
         f"{config.mamba_teacher.name if config.mamba_teacher else 'no mamba'}, {size} px), "
-        f"head {sum(p.numel() for p in head) / 1e6:.1f} M parameters, torch threads "
-        f"{torch.get_num_threads()}, scan backend {scan_backend('cpu')}"
+        f"head {sum(p.numel() for p in head) / 1e6:.1f} M parameters, on {dev.type}, torch "
+        f"threads {torch.get_num_threads()}, scan backend {scan_backend(dev)}"
     )
     print_fn(f"teacher features: {feature_s:.2f} s/image (once per training image)")
     print_fn(f"head step, batch {batch}: {step_s:.2f} s (median of {steps})")

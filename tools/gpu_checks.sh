@@ -5,7 +5,7 @@
 # background, measure the paper architecture's forward with the torch scan meanwhile, then the
 # GPU tests (kernel parity), the kernel check, the forward with the kernel, and the pipeline.
 # Arguments name a subset of the steps after the build: tests kernel forward pipeline
-# pipeline_fp32 profile forward_default (default: tests kernel forward pipeline).
+# pipeline_fp32 profile forward_default train (default: tests kernel forward pipeline).
 #
 # .device/ is made by tools/prepare_device_carry.sh (none of it is committed): whl/ (pydicom,
 # nibabel, jsonschema and its three dependencies, for Python 3.12), whl_default/ (the
@@ -54,6 +54,9 @@ forward_default() {  # the embedded default model (needs the EfficientNet-Lite0 
     | tee "$OUT"/forward_default.log
 }
 profile() { timeout 90 python3 tools/profile_forward.py 32 bf16 2>&1 | tee "$OUT"/profile.log; }
+train() {  # what one training run of the paper configuration costs on the GPU
+  timeout 120 python3 -m pdd_batch bench train --steps 5 2>&1 | tee "$OUT"/train.log
+}
 
 STEPS=${*:-tests kernel forward pipeline}
 step "build mamba-ssm forward kernel (background)"

@@ -74,11 +74,14 @@ def bench_train(
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of the estimated run.")] = 100,
     batch: Annotated[int, typer.Option(min=1, help="Training batch (PDD_SPEC: 16).")] = 16,
     steps: Annotated[int, typer.Option(min=1, help="Timed head steps.")] = 3,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if any).")] = None,
 ) -> None:
-    """CPU cost of training the paper architecture (256 px): features, head step, run estimate."""
+    """Cost of training the paper architecture (256 px): features, head step, run estimate."""
     from model.bench import run_train_benchmark
 
-    run_train_benchmark(print_fn=typer.echo, images=images, epochs=epochs, batch=batch, steps=steps)
+    run_train_benchmark(
+        print_fn=typer.echo, images=images, epochs=epochs, batch=batch, steps=steps, device=device
+    )
 
 
 @bench_app.command("kernel")
