@@ -216,7 +216,7 @@ def run_train_benchmark(
     ``images`` training images and ``epochs`` epochs. Returns the measured figures.
     """
     from model.pdd import build_model
-    from model.train_step import feature_bank, train_step
+    from model.train_step import feature_bank, make_optimizer, train_step
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = config or paper_architecture_config()
@@ -230,8 +230,7 @@ def run_train_benchmark(
     bank = feature_bank(model, x, batch_size=batch)
     _sync(dev)
     feature_s = (time.perf_counter() - t0) / batch
-    head = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(head, lr=2e-3, betas=(0.5, 0.999))
+    opt = make_optimizer(model.trainable_parameters())  # PDD_SPEC §4 defaults
     model.train()
 
     def step() -> torch.Tensor:
@@ -246,8 +245,8 @@ def run_train_benchmark(
     print_fn(
         f"config {config.name} ({config.cnn_teacher.name} + "
         f"{config.mamba_teacher.name if config.mamba_teacher else 'no mamba'}, {size} px), "
-        f"head {sum(p.numel() for p in head) / 1e6:.1f} M parameters, on {dev.type}, torch "
-        f"threads {torch.get_num_threads()}, scan backend {scan_backend(dev)}"
+        f"head {sum(p.numel() for p in model.trainable_parameters()) / 1e6:.1f} M parameters, "
+        f"on {dev.type}, torch threads {torch.get_num_threads()}, scan backend {scan_backend(dev)}"
     )
     print_fn(f"teacher features: {feature_s:.2f} s/image (once per training image)")
     print_fn(f"head step, batch {batch}: {step_s:.2f} s (median of {steps})")
