@@ -47,6 +47,25 @@ READ_ERRORS = (
 _UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a run failed, safe to store and show (``scrub_reason``): ``Name: message`` of the
+    innermost error quoted in ``exc``'s text, else of ``exc`` itself.
+
+    Ray reports an actor that died in its constructor as ``ActorDiedError`` whose text quotes the
+    actor's own traceback; its last ``SomeError: message`` line is what the user must read.
+    """
+    text = _ANSI.sub("", str(exc))
+    quoted = _ERROR_LINE.findall(text)
+    if quoted:
+        name, message = quoted[-1]
+        return scrub_reason(f"{name}: {message}")
+    return scrub_reason(f"{type(exc).__name__}: {text}")
+
+
 def scrub_reason(text: str) -> str:
     """An error reason safe to store: UIDs masked, one line, bounded length."""
     text = _UID_RE.sub("<uid>", " ".join(str(text).split()))

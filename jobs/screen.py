@@ -21,7 +21,7 @@ import ray
 
 from jobs.cluster import ClusterInfo, connect
 from jobs.predictor import SlicePredictor, encode_heatmaps_fn
-from jobs.read_task import read_series_fn, scrub_reason
+from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
 from pdd_batch.archive_io import split_member
 from pdd_batch.config import RunConfig
@@ -339,7 +339,7 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
                 )
                 _stream(ds, run.sink, run.pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
-        status, error = STATUS_FAILED, scrub_reason(f"{type(exc).__name__}: {exc}")
+        status, error = STATUS_FAILED, failure_reason(exc)
         run.sink.close()
         raise
     finally:

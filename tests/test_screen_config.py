@@ -140,7 +140,7 @@ def test_teacher_weights_reach_the_job_entry_point_as_absolute_paths(
 
 
 def test_failure_reason_names_the_error_an_actor_died_of() -> None:
-    from pdd_batch.cli.screen import failure_reason
+    from jobs.read_task import failure_reason
 
     class ActorDiedError(RuntimeError):
         pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,24 +11,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pdd_batch.cli.train import TeacherWeightsOption
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """``Name: message`` of the innermost error quoted in ``exc``'s text, else of ``exc`` itself.
-
-    Ray reports an actor that died in its constructor as ``ActorDiedError`` whose text quotes the
-    actor's own traceback; its last ``SomeError: message`` line is what the user must read.
-    """
-    text = _ANSI.sub("", str(exc))
-    quoted = _ERROR_LINE.findall(text)
-    if quoted:
-        name, message = quoted[-1]
-        return f"{name}: {message}"
-    return f"{type(exc).__name__}: {text}"
-
 
 SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
 EXIT_LOCKED = 3  # another run holds the folder (same code as jobs.nightly)
@@ -131,9 +112,9 @@ def screen_command(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=EXIT_LOCKED) from exc
     except Exception as exc:  # the run failed: say why, show what was committed, exit 2
-        from jobs.read_task import scrub_reason  # UIDs masked, one line, bounded
+        from jobs.read_task import failure_reason  # UIDs masked, one line, bounded
 
-        console.print(f"[red]screening run failed: {scrub_reason(failure_reason(exc))}[/]")
+        console.print(f"[red]screening run failed: {failure_reason(exc)}[/]")
         logging.getLogger(__name__).debug("run failed", exc_info=True)
         if (out / "manifest.json").is_file():
             render_summary(console, out)
