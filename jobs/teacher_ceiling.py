@@ -96,15 +96,16 @@ def knn_scores(distances: Tensor, train: Sequence[int]) -> np.ndarray:
 
 
 def _split_metrics(
-    items: list[ImageItem], test: list[ImageItem], keys: list[str], dist: Tensor
-) -> dict[str, float]:
-    """AUROC/AP/F1-max of one split, scored from the shared distance table."""
-    row = {k: i for i, k in enumerate(keys)}
-    normals = [k for k in keys if k.startswith("0:")]
-    bank_index = {k: i for i, k in enumerate(normals)}
-    train = [bank_index[f"0:{it.path}"] for it in items if it.split == "train" and it.label == 0]
+    items: list[ImageItem], test: list[ImageItem], row_of: dict[tuple[int, str], int],
+    bank_of: dict[str, int], dist: Tensor,
+) -> dict[str, float]:  # fmt: skip
+    """AUROC/AP/F1-max of one split, scored from the shared distance table.
+
+    ``row_of``: (label, path) → row of ``dist``; ``bank_of``: a normal's path → its bank column.
+    """
+    train = [bank_of[str(it.path)] for it in items if it.split == "train" and it.label == 0]
     scores = knn_scores(dist, train)
-    picked = np.array([scores[row[f"{it.label}:{it.path}"]] for it in test])
+    picked = np.array([scores[row_of[(it.label, str(it.path))]] for it in test])
     labels = np.array([it.label for it in test])
     return image_metrics(labels, picked)
 
@@ -127,14 +128,15 @@ def ceiling(
         cnn, _ = feature_bank(model, torch.from_numpy(images).unsqueeze(1))  # (N, C_l, h, w)
         per_teacher.append(patch_features(cnn, levels))  # (N, P, C_t)
     feats = torch.cat(per_teacher, dim=2)  # (N, P, ΣC_t)
-    keys = [f"{it.label}:{it.path}" for it in kept]
+    row_of = {(it.label, str(it.path)): i for i, it in enumerate(kept)}
     normal_rows = [i for i, it in enumerate(kept) if it.label == 0]
+    bank_of = {str(kept[i].path): col for col, i in enumerate(normal_rows)}
     dist = nearest_patch_distances(feats, feats[normal_rows])  # (N, P, N_normal)
     rows: list[dict[str, object]] = []
     splits = [("split.csv", items, test)]
     splits += [(f"re-draw {d}", *headct_resplit_items(data, d)[:2]) for d in resplits]
     for name, split_items, split_test in splits:
-        m = _split_metrics(split_items, split_test, keys, dist)
+        m = _split_metrics(split_items, split_test, row_of, bank_of, dist)
         row = {"split": name, "variants": list(variants), "levels": list(levels),
                "image_size": image_size, **m}  # fmt: skip
         emit(json.dumps(row))
