@@ -89,19 +89,10 @@ class RunConfig:
             raise RunConfigError(f"topk must be >= 1, got {self.topk}")
         if self.precision not in PRECISIONS:
             raise RunConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        self._check_teacher_weights()
+        # roles known, paths absolute (actors may run in another working directory)
+        object.__setattr__(self, "teacher_weights", resolve_teacher_weights(self.teacher_weights))
         if not self.run_id or "/" in self.run_id:
             raise RunConfigError(f"run_id must be a name without '/', got {self.run_id!r}")
-
-    def _check_teacher_weights(self) -> None:
-        """Roles known, paths absolute (actors may run in another working directory)."""
-        weights = dict(self.teacher_weights or {})
-        for role, path in weights.items():
-            if role not in TEACHER_ROLES or not str(path):
-                raise RunConfigError(f"teacher_weights wants roles {TEACHER_ROLES} with a path, "
-                                     f"got {role!r}: {path!r}")  # fmt: skip
-            weights[role] = str(Path(path).expanduser().resolve())
-        object.__setattr__(self, "teacher_weights", weights)
 
     @property
     def resolved_address(self) -> str | None:
@@ -120,18 +111,33 @@ class RunConfig:
         return d
 
 
+def resolve_teacher_weights(weights: dict[str, str] | None) -> dict[str, str]:
+    """``{role: path}`` checked (roles in ``TEACHER_ROLES``, non-empty paths), paths absolute.
+
+    Raises:
+        RunConfigError: an unknown role or an empty path.
+    """
+    out: dict[str, str] = {}
+    for role, path in (weights or {}).items():
+        if role not in TEACHER_ROLES or not str(path):
+            raise RunConfigError(
+                f"teacher_weights (--teacher-weights ROLE=PATH) wants ROLE in {TEACHER_ROLES} "
+                f"and a path, got {role!r}: {path!r}"
+            )
+        out[role] = str(Path(path).expanduser().resolve())
+    return out
+
+
 def parse_teacher_weights(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     """``["cnn=PATH", "mamba=PATH"]`` (the ``--teacher-weights`` options) → ``{role: PATH}``.
 
     Raises:
         RunConfigError: a pair that is not ``ROLE=PATH`` with ROLE in ``TEACHER_ROLES``.
     """
-    out: dict[str, str] = {}
+    weights: dict[str, str] = {}
     for pair in pairs:
         role, sep, path = pair.partition("=")
-        if not sep or role not in TEACHER_ROLES or not path:
-            raise RunConfigError(
-                f"--teacher-weights wants ROLE=PATH with ROLE in {TEACHER_ROLES}, got {pair!r}"
-            )
-        out[role] = str(Path(path).expanduser().resolve())
-    return out
+        if not sep:
+            raise RunConfigError(f"--teacher-weights wants ROLE=PATH, got {pair!r}")
+        weights[role] = path
+    return resolve_teacher_weights(weights)
