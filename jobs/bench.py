@@ -21,12 +21,12 @@ import torch
 
 from jobs.resources import ResourceError, plan_actors
 from jobs.screen import ProgressEvent, resolve_model, run_screen
-from pdd_batch.config import RunConfig
-from pdd_batch.discovery import discover
-from pdd_batch.preprocess import PreprocessSpec
-from pdd_batch.sample import write_synthetic_ct_study
-from pdd_batch.slicing import iter_model_slices
-from pdd_batch.volume import load_series
+from pdd_batch.ingest.discovery import discover
+from pdd_batch.ingest.preprocess import PreprocessSpec
+from pdd_batch.ingest.sample import write_synthetic_ct_study
+from pdd_batch.ingest.slicing import iter_model_slices
+from pdd_batch.ingest.volume import load_series
+from pdd_batch.runs.config import RunConfig
 
 log = logging.getLogger(__name__)
 

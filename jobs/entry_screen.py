@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from jobs.screen import ProgressEvent, run_screen
-from pdd_batch.config import PRECISIONS, RunConfig, parse_teacher_weights
+from pdd_batch.runs.config import PRECISIONS, RunConfig, parse_teacher_weights
 
 log = logging.getLogger("pdd_batch.screen")
 

@@ -24,11 +24,11 @@ from PIL import Image
 from torch import nn
 
 from jobs.train import ray_address, run_remote
-from pdd_batch.calibration import calibration_record
-from pdd_batch.datasets import ImageItem, describe, image_size_of
-from pdd_batch.metrics import aupro, auroc_ci, floor_auroc, image_metrics, pixel_auroc
-from pdd_batch.plots import evaluation_figure
-from pdd_batch.preprocess import PreprocessError, PreprocessSpec, load_image_file
+from pdd_batch.evaluation.calibration import calibration_record
+from pdd_batch.evaluation.datasets import ImageItem, describe, image_size_of
+from pdd_batch.evaluation.metrics import aupro, auroc_ci, floor_auroc, image_metrics, pixel_auroc
+from pdd_batch.evaluation.plots import evaluation_figure
+from pdd_batch.ingest.preprocess import PreprocessError, PreprocessSpec, load_image_file
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import sys
 
 from jobs.entry_screen import build_parser, config_from_args
 from jobs.entry_screen import main as screen_main
-from pdd_batch.run_state import RunLockedError
+from pdd_batch.runs.state import RunLockedError
 
 log = logging.getLogger("pdd_batch.nightly")
 

@@ -24,7 +24,7 @@ import torch
 from jobs.read_task import crash_once
 from model.checkpoint import load_checkpoint
 from model.precision import check_precision
-from pdd_batch.heatmap import encode_png
+from pdd_batch.runs.heatmap import encode_png
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from pdd_batch.discovery import SeriesRef
-from pdd_batch.preprocess import PreprocessError, PreprocessSpec
-from pdd_batch.slicing import iter_model_slices
-from pdd_batch.volume import SeriesReadError, load_series
+from pdd_batch.ingest.discovery import SeriesRef
+from pdd_batch.ingest.preprocess import PreprocessError, PreprocessSpec
+from pdd_batch.ingest.reasons import scrub_reason
+from pdd_batch.ingest.slicing import iter_model_slices
+from pdd_batch.ingest.volume import SeriesReadError, load_series
 
 log = logging.getLogger(__name__)
 
 KIND_SLICE, KIND_END, KIND_ERROR, KIND_EMPTY = "slice", "end", "error", "empty"
-MAX_REASON_CHARS = 300
 # Errors a damaged or unsupported input can raise while decoding; programming errors
 # (TypeError, AttributeError, NameError, ...) are not caught and fail the task loudly.
 READ_ERRORS = (
@@ -44,9 +44,6 @@ READ_ERRORS = (
     MemoryError,
     EOFError,
 )
-_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
 
@@ -62,14 +59,8 @@ def failure_reason(exc: BaseException) -> str:
     quoted = _ERROR_LINE.findall(text)
     if quoted:
         name, message = quoted[-1]
-        return scrub_reason(f"{name}: {message}")
-    return scrub_reason(f"{type(exc).__name__}: {text}")
-
-
-def scrub_reason(text: str) -> str:
-    """An error reason safe to store: UIDs masked, one line, bounded length."""
-    text = _UID_RE.sub("<uid>", " ".join(str(text).split()))
-    return text[:MAX_REASON_CHARS]
+        return scrub_reason(f"{name}: {message}", keep_paths=True)
+    return scrub_reason(f"{type(exc).__name__}: {text}", keep_paths=True)
 
 
 def _marker(

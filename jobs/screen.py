@@ -1,6 +1,7 @@
 """The screening job: discovery on the driver -> series work units sharded by a stable hash ->
 Ray CPU read tasks (decode, window, slice) -> actor pool holding the PDD model -> streaming,
-atomic Parquet writes with per-series commits (see ``pdd_batch.sink`` and ``pdd_batch.run_state``).
+atomic Parquet writes with per-series commits (see ``pdd_batch.runs.sink`` and
+``pdd_batch.runs.state``).
 
 Progress goes to an optional callback (``ProgressEvent``); nothing here prints.
 """
@@ -23,10 +24,10 @@ from jobs.cluster import ClusterInfo, connect
 from jobs.predictor import SlicePredictor, encode_heatmaps_fn
 from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
-from pdd_batch.archive_io import split_member
-from pdd_batch.config import RunConfig
-from pdd_batch.discovery import Discovery, SeriesRef, discover
-from pdd_batch.manifest import (
+from pdd_batch.ingest.archive_io import split_member
+from pdd_batch.ingest.discovery import Discovery, SeriesRef, discover
+from pdd_batch.runs.config import RunConfig
+from pdd_batch.runs.manifest import (
     STATUS_COMPLETE,
     STATUS_FAILED,
     STATUS_INCOMPLETE,
@@ -38,9 +39,9 @@ from pdd_batch.manifest import (
     file_outcomes,
     write_manifest,
 )
-from pdd_batch.run_state import RunState, run_lock
-from pdd_batch.run_tables import write_errors, write_studies
-from pdd_batch.sink import Provenance, SinkStats, SliceSink
+from pdd_batch.runs.sink import Provenance, SinkStats, SliceSink
+from pdd_batch.runs.state import RunState, run_lock
+from pdd_batch.runs.tables import write_errors, write_studies
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from model.train_step import (
     train_step,
     trainable_state,
 )
-from pdd_batch.datasets import ImageItem
-from pdd_batch.preprocess import PreprocessError, PreprocessSpec, load_image_file
+from pdd_batch.evaluation.datasets import ImageItem
+from pdd_batch.ingest.preprocess import PreprocessError, PreprocessSpec, load_image_file
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,9 @@ def archive_images(
     Returns:
         (images (N, S, S) float32 in [0, 1], names "series_key:volume:slice", errors).
     """
-    from pdd_batch.discovery import discover
-    from pdd_batch.slicing import iter_model_slices
-    from pdd_batch.volume import SeriesReadError, load_series
+    from pdd_batch.ingest.discovery import discover
+    from pdd_batch.ingest.slicing import iter_model_slices
+    from pdd_batch.ingest.volume import SeriesReadError, load_series
 
     found = discover(Path(archive))
     arrays, names = [], []
@@ -307,6 +307,7 @@ def train_model(
     model: nn.Module | None = None,
     data_description: str = "",
     feature_cache: dict[Any, Any] | None = None,
+    resize: str = "pad",
 ) -> TrainResult:
     """Train on the normal ``train`` images of ``items``; write a checkpoint to ``out_dir``.
 
@@ -321,6 +322,7 @@ def train_model(
         model: an already-built model for ``model_config`` (experiments reuse teachers).
         data_description: short, identifier-free text stored in the checkpoint.
         feature_cache: dict reused across runs to skip recomputing the same teacher features.
+        resize: ``PreprocessSpec.resize`` ("pad", the product; "stretch" for experiments).
 
     Raises:
         TrainError: no usable training image, or a resume state from a different run.
@@ -332,7 +334,7 @@ def train_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model_config, "head_seed") and model is None:
         model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
-    spec = PreprocessSpec(image_size=int(model_config.image_size))
+    spec = PreprocessSpec(image_size=int(model_config.image_size), resize=resize)
     images, names, errors = _training_images(items, spec, run)
     gen = _seed_everything(run.seed)
     device = _device()
@@ -340,29 +342,8 @@ def train_model(
     if progress is not None:
         progress(TrainProgress(0, run.epochs, 0, 0, float("nan"), run.lr, phase="features"))
     cache = feature_cache if feature_cache is not None else {}
-    key: tuple[Any, ...] = (teacher_key(model_config), tuple(names))
-    if run.augment_views > 1:  # the views depend on the seed
-        key = (*key, run.augment_views, run.seed)
-    if key not in cache:
-        if run.augment_views > 1:
-            images = augmented_views(images, run.augment_views, run.seed)  # (N * K, S, S)
-        x = torch.from_numpy(images).unsqueeze(1).to(device)  # (N or N * K, 1, S, S)
-        cache[key] = feature_bank(model, x, run.feature_batch)
-    bank = cache[key]
-    opt = make_optimizer(model.trainable_parameters(), run.lr, run.betas)
-    sched = make_scheduler(opt, run.t_max, run.eta_min)
-    start, losses = 0, []
-    resume_path = out_dir / RESUME_FILE
-    if resume and resume_path.exists():
-        start, losses = _load_resume(resume_path, model, opt, sched, gen, run)
-        log.info("resuming after epoch %d of %d", start, run.epochs)
-    for epoch in range(start + 1, run.epochs + 1):
-        lr = opt.param_groups[0]["lr"]
-        losses.append(_epoch(model, opt, bank, gen, run, epoch, progress, lr))
-        sched.step()
-        _save_resume(resume_path, model, opt, sched, gen, epoch, losses, run)
-        if progress is not None:
-            progress(TrainProgress(epoch, run.epochs, 0, 0, losses[-1], lr))
+    bank = _cached_bank(cache, model, model_config, images, names, run, device)
+    losses = _epochs(model, bank, gen, run, out_dir / RESUME_FILE, resume, progress)
     model.eval()
     training = {
         "data": data_description,
@@ -382,6 +363,55 @@ def train_model(
         progress(TrainProgress(run.epochs, run.epochs, 0, 0, last, run.lr, phase="done"))
     wall = time.perf_counter() - t0
     return TrainResult(Path(ckpt), len(losses), losses, len(names), errors, wall, model)
+
+
+def _cached_bank(
+    cache: dict[Any, Any],
+    model: nn.Module,
+    model_config: Any,
+    images: np.ndarray,
+    names: list[str],
+    run: TrainConfig,
+    device: torch.device,
+) -> Any:
+    """The teacher features of ``images`` (N, S, S) (with ``run.augment_views`` > 1: of their
+    N * K seeded views), computed once per teachers + images (+ views and seed) in ``cache``."""
+    key: tuple[Any, ...] = (teacher_key(model_config), tuple(names))
+    if run.augment_views > 1:  # the views depend on the seed
+        key = (*key, run.augment_views, run.seed)
+    if key not in cache:
+        if run.augment_views > 1:
+            images = augmented_views(images, run.augment_views, run.seed)  # (N * K, S, S)
+        x = torch.from_numpy(images).unsqueeze(1).to(device)  # (N or N * K, 1, S, S)
+        cache[key] = feature_bank(model, x, run.feature_batch)
+    return cache[key]
+
+
+def _epochs(
+    model: nn.Module,
+    bank: Any,
+    gen: torch.Generator,
+    run: TrainConfig,
+    resume_path: Path,
+    resume: bool,
+    progress: ProgressFn | None,
+) -> list[float]:
+    """Train the head for ``run.epochs`` (continuing from ``resume_path`` when asked), saving the
+    resume state after every epoch; returns the mean loss of every epoch run."""
+    opt = make_optimizer(model.trainable_parameters(), run.lr, run.betas)
+    sched = make_scheduler(opt, run.t_max, run.eta_min)
+    start, losses = 0, []
+    if resume and resume_path.exists():
+        start, losses = _load_resume(resume_path, model, opt, sched, gen, run)
+        log.info("resuming after epoch %d of %d", start, run.epochs)
+    for epoch in range(start + 1, run.epochs + 1):
+        lr = opt.param_groups[0]["lr"]
+        losses.append(_epoch(model, opt, bank, gen, run, epoch, progress, lr))
+        sched.step()
+        _save_resume(resume_path, model, opt, sched, gen, epoch, losses, run)
+        if progress is not None:
+            progress(TrainProgress(epoch, run.epochs, 0, 0, losses[-1], lr))
+    return losses
 
 
 def ray_address(address: str | None) -> str | None:

@@ -2,7 +2,7 @@
 
 Input is float32 (B, 1|3, S, S) in [0, 1]; grey images are replicated to 3 channels and the
 ImageNet mean/std normalisation happens inside, so every caller feeds the same [0, 1] slices
-that ``pdd_batch.preprocess`` produces.
+that ``pdd_batch.ingest.preprocess`` produces.
 """
 
 from __future__ import annotations

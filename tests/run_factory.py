@@ -2,7 +2,7 @@
 
 Writes identifiable DICOM series (names, IDs, dates, UIDs, nested sequences, private tags) and a
 NIfTI volume with pydicom/nibabel into an archive folder, then the Parquet outputs of a run over
-them using the ``pdd_batch.schema`` contracts directly, with heatmaps that have a hot spot at a
+them using the ``pdd_batch.runs.schema`` contracts directly, with heatmaps that have a hot spot at a
 known place. Used until ``pdd-batch screen`` can produce the same folder end to end.
 """
 
@@ -23,8 +23,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pdd_batch.preprocess import PreprocessSpec
-from pdd_batch.schema import ERRORS_SCHEMA, SCHEMA_VERSION, SLICES_SCHEMA, STUDIES_SCHEMA
+from pdd_batch.ingest.preprocess import PreprocessSpec
+from pdd_batch.runs.schema import ERRORS_SCHEMA, SCHEMA_VERSION, SLICES_SCHEMA, STUDIES_SCHEMA
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 IMAGE_SIZE = 64

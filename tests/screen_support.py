@@ -18,10 +18,10 @@ from dicom_factory import (
     write_text,
 )
 
-from pdd_batch.discovery import discover
-from pdd_batch.preprocess import PreprocessSpec
-from pdd_batch.slicing import iter_model_slices
-from pdd_batch.volume import load_series
+from pdd_batch.ingest.discovery import discover
+from pdd_batch.ingest.preprocess import PreprocessSpec
+from pdd_batch.ingest.slicing import iter_model_slices
+from pdd_batch.ingest.volume import load_series
 
 IMAGE_SIZE = 64
 

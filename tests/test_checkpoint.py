@@ -21,7 +21,7 @@ from model.checkpoint import (
 from model.config import get_config
 from model.pdd import build_model
 from model.teachers import TeacherWeightsError
-from pdd_batch.preprocess import PreprocessSpec
+from pdd_batch.ingest.preprocess import PreprocessSpec
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdd_batch.datasets import (
+from pdd_batch.evaluation.datasets import (
     DatasetError,
     ImageItem,
     describe,

@@ -1,4 +1,4 @@
-"""De-identification (`pdd_batch.deid`): PS3.15 basic profile on DICOM, NIfTI header text."""
+"""De-identification (`pdd_batch.review.deid`): PS3.15 basic profile on DICOM, NIfTI header text."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import pytest
 from pydicom.dataset import Dataset
 from run_factory import Identity, ct_pixels, write_ct_slice, write_nifti
 
-from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_bytes, deidentify_nifti_file
+from pdd_batch.review.deid import (
+    Deidentifier,
+    DeidError,
+    deidentify_nifti_bytes,
+    deidentify_nifti_file,
+)
 
 NEW_UID = re.compile(r"^2\.25\.\d{1,39}$")
 

@@ -20,8 +20,8 @@ from dicom_factory import (
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from pdd_batch.discovery import discover
-from pdd_batch.volume import LoadedSeries, SeriesReadError, load_series
+from pdd_batch.ingest.discovery import discover
+from pdd_batch.ingest.volume import LoadedSeries, SeriesReadError, load_series
 
 
 def _load_only(root: Path) -> LoadedSeries:

@@ -28,9 +28,15 @@ from dicom_factory import (
     write_zero_byte,
 )
 
-from pdd_batch.discovery import Discovery, DiscoveryError, SeriesRef, discover, discovery_report
-from pdd_batch.keys import series_key, study_key
-from pdd_batch.volume import load_series
+from pdd_batch.ingest.discovery import (
+    Discovery,
+    DiscoveryError,
+    SeriesRef,
+    discover,
+    discovery_report,
+)
+from pdd_batch.ingest.keys import series_key, study_key
+from pdd_batch.ingest.volume import load_series
 
 
 def _uids(paths: list[Path]) -> set[str]:
@@ -252,13 +258,13 @@ def test_series_uid_reused_across_studies_stays_apart(tmp_path: Path) -> None:
 
 
 def _fast_and_full(path: Path):
-    from pdd_batch.dicom_headers import (
+    from pdd_batch.ingest.dicom_headers import (
         SCAN_TAGS,
         header_from_dataset,
         header_from_raw,
         quiet_pydicom,
     )
-    from pdd_batch.dicom_tag_scan import scan_header
+    from pdd_batch.ingest.dicom_tag_scan import scan_header
 
     data = path.read_bytes()
     raw = scan_header(data, SCAN_TAGS, complete=True)
@@ -307,7 +313,7 @@ def test_fast_header_scan_matches_pydicom_on_real_files() -> None:
 
 
 def test_progress_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pdd_batch.discovery as discovery
+    import pdd_batch.ingest.discovery as discovery
 
     monkeypatch.setattr(discovery, "PROGRESS_EVERY", 2)
     write_ct_series(tmp_path, n_slices=5)
@@ -317,9 +323,9 @@ def test_progress_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_long_headers_are_read_on(tmp_path: Path) -> None:
-    from pdd_batch.archive_io import file_source
-    from pdd_batch.dicom_headers import SCAN_TAGS, read_header
-    from pdd_batch.dicom_tag_scan import HeaderIncomplete, scan_header
+    from pdd_batch.ingest.archive_io import file_source
+    from pdd_batch.ingest.dicom_headers import SCAN_TAGS, read_header
+    from pdd_batch.ingest.dicom_tag_scan import HeaderIncomplete, scan_header
 
     (path,) = write_ct_series(tmp_path, n_slices=1)
     ds = pydicom.dcmread(path)

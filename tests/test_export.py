@@ -19,8 +19,8 @@ from run_factory import build_run
 from typer.testing import CliRunner
 
 from pdd_batch.cli.app import app
-from pdd_batch.export import ExportError, ExportOptions, export_run
-from pdd_batch.results import open_run
+from pdd_batch.review.export import ExportError, ExportOptions, export_run
+from pdd_batch.runs.results import open_run
 
 NEW_UID = re.compile(r"^2\.25\.\d{1,39}$")
 
@@ -209,8 +209,8 @@ def test_export_command(tmp_path: Path) -> None:
 def test_overlay_base_matches_the_screening_reader(tmp_path: Path) -> None:
     """The direct file reader used as a fallback rebuilds the same model input as the series
     reader that screening uses (where that reader is present in this build)."""
-    pytest.importorskip("pdd_batch.slicing")
-    from pdd_batch import overlay
+    pytest.importorskip("pdd_batch.ingest.slicing")
+    from pdd_batch.review import overlay
 
     run = build_run(tmp_path)
     res = open_run(run.run_dir)
@@ -234,11 +234,11 @@ def test_overlay_base_of_monochrome1_matches_the_screening_reader(tmp_path: Path
     the series reader per volume, so only CT is compared)."""
     from dicom_factory import write_ct_series
 
-    from pdd_batch import overlay
-    from pdd_batch.discovery import discover
-    from pdd_batch.preprocess import PreprocessSpec
-    from pdd_batch.slicing import iter_model_slices
-    from pdd_batch.volume import load_series
+    from pdd_batch.ingest.discovery import discover
+    from pdd_batch.ingest.preprocess import PreprocessSpec
+    from pdd_batch.ingest.slicing import iter_model_slices
+    from pdd_batch.ingest.volume import load_series
+    from pdd_batch.review import overlay
 
     write_ct_series(
         tmp_path / "s", n_slices=4, rows=32, cols=32, modality=modality, monochrome1=True

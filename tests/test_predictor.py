@@ -10,7 +10,7 @@ from screen_support import IMAGE_SIZE, make_checkpoint
 
 from jobs.predictor import SlicePredictor, encode_heatmaps_fn
 from model.checkpoint import load_checkpoint
-from pdd_batch.heatmap import decode_heatmap
+from pdd_batch.runs.heatmap import decode_heatmap
 
 
 @pytest.fixture(scope="module")

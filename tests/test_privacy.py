@@ -8,7 +8,7 @@ import pydicom
 from dicom_factory import write_ct_series
 from pydicom.dataelem import DataElement
 
-from pdd_batch.discovery import discover
+from pdd_batch.ingest.discovery import discover
 
 NAME = "Leakyname Johanna"
 
@@ -45,8 +45,8 @@ def test_secondary_capture_inherits_burned_in_annotation(tmp_path: Path) -> None
     series must not claim BurnedInAnnotation=NO (pixel scrubbers trust that flag)."""
     from run_factory import build_run
 
-    from pdd_batch.export import ExportOptions, export_run
-    from pdd_batch.results import open_run
+    from pdd_batch.review.export import ExportOptions, export_run
+    from pdd_batch.runs.results import open_run
 
     run = build_run(tmp_path, with_nifti=False)
     for src in run.files[run.study_keys[0]]:
@@ -72,8 +72,8 @@ def test_secondary_capture_uids_never_shared_between_exports(tmp_path: Path) -> 
     filing one patient's overlays under another's."""
     from run_factory import build_run
 
-    from pdd_batch.export import ExportOptions, export_run
-    from pdd_batch.results import open_run
+    from pdd_batch.review.export import ExportOptions, export_run
+    from pdd_batch.runs.results import open_run
 
     options = ExportOptions(deidentify=False, secondary_capture=True)
     study_uids = []

@@ -16,8 +16,8 @@ from run_factory import build_run
 from typer.testing import CliRunner
 
 from pdd_batch.cli.app import app
-from pdd_batch.report import build_report, markdown_to_html, svg_histogram, write_report
-from pdd_batch.results import open_run
+from pdd_batch.review.report import build_report, markdown_to_html, svg_histogram, write_report
+from pdd_batch.runs.results import open_run
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -141,7 +141,7 @@ def _test_checkpoint(out: Path) -> Path:
     from model.checkpoint import save_checkpoint
     from model.config import get_config
     from model.pdd import build_model
-    from pdd_batch.preprocess import PreprocessSpec
+    from pdd_batch.ingest.preprocess import PreprocessSpec
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import pydicom
 
-from pdd_batch.sample import build_sample_archive
+from pdd_batch.ingest.sample import build_sample_archive
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -46,7 +46,7 @@ def test_rebuild_replaces_the_folder(tmp_path: Path) -> None:
 def test_rebuilt_sample_keeps_every_series_fingerprint(tmp_path: Path) -> None:
     """`screen --sample` rebuilds the archive each time; its reruns must stay incremental."""
     from jobs.screen import series_fingerprint
-    from pdd_batch.discovery import discover
+    from pdd_batch.ingest.discovery import discover
 
     def prints() -> dict[str, str]:
         found = discover(build_sample_archive(tmp_path / "s"))

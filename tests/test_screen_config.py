@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.read_task import scrub_reason
 from jobs.screen import series_fingerprint, stable_shard
-from pdd_batch.config import RunConfig, RunConfigError
-from pdd_batch.discovery import SeriesRef
+from pdd_batch.ingest.discovery import SeriesRef
+from pdd_batch.ingest.reasons import scrub_reason
+from pdd_batch.runs.config import RunConfig, RunConfigError
 
 
 @pytest.mark.parametrize(
@@ -95,8 +95,8 @@ def test_read_failure_log_names_no_file(tmp_path: Path, caplog: pytest.LogCaptur
     from dicom_factory import truncate_file, write_ct_series
 
     from jobs.read_task import KIND_ERROR, read_series
-    from pdd_batch.discovery import discover
-    from pdd_batch.preprocess import PreprocessSpec
+    from pdd_batch.ingest.discovery import discover
+    from pdd_batch.ingest.preprocess import PreprocessSpec
 
     files = write_ct_series(tmp_path / "DOE_JOHN_12345", n_slices=1, rows=32, cols=32, seed=9)
     truncate_file(files[0], keep_fraction=0.75)

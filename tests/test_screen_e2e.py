@@ -19,8 +19,8 @@ import ray
 from screen_support import IMAGE_SIZE, direct_scores, make_archive, make_checkpoint
 
 from jobs.screen import CRASH_ONCE_ENV, CRASH_ONCE_READ_ENV, run_screen
-from pdd_batch.config import RunConfig
-from pdd_batch.heatmap import decode_heatmap
+from pdd_batch.runs.config import RunConfig
+from pdd_batch.runs.heatmap import decode_heatmap
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pdd_batch.run_state import run_lock
+from pdd_batch.runs.state import run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 

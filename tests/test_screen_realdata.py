@@ -15,7 +15,7 @@ from conftest import shared_path
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
-from pdd_batch.config import RunConfig
+from pdd_batch.runs.config import RunConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.realdata]
 N_CT = 24

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pdd_batch.discovery import SeriesRef
-from pdd_batch.run_state import RunState
-from pdd_batch.sink import NO_SLICE_REASON, Provenance, SliceSink
+from pdd_batch.ingest.discovery import SeriesRef
+from pdd_batch.runs.sink import NO_SLICE_REASON, Provenance, SliceSink
+from pdd_batch.runs.state import RunState
 
 
 def _ref(key: str, n_files: int) -> SeriesRef:

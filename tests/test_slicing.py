@@ -12,16 +12,16 @@ from conftest import shared_path
 from dicom_factory import slice_values, write_ct_series, write_xray
 from PIL import Image
 
-from pdd_batch.discovery import discover
-from pdd_batch.preprocess import (
+from pdd_batch.ingest.discovery import discover
+from pdd_batch.ingest.preprocess import (
     WINDOW_PRESETS,
     PreprocessSpec,
     fit_to_square,
     load_image_file,
     window_ct,
 )
-from pdd_batch.slicing import ModelSlice, iter_model_slices
-from pdd_batch.volume import LoadedSeries, load_series
+from pdd_batch.ingest.slicing import ModelSlice, iter_model_slices
+from pdd_batch.ingest.volume import LoadedSeries, load_series
 
 
 def _load(root: Path) -> LoadedSeries:

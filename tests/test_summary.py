@@ -1,4 +1,4 @@
-"""The run reader (`pdd_batch.results`) and the rich summary (`summary_view`, `summary`)."""
+"""The run reader (`pdd_batch.runs.results`) and the rich summary (`summary_view`, `summary`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from pdd_batch.cli.app import app
 from pdd_batch.cli.summary_view import render_summary
-from pdd_batch.results import ResultsError, open_run
-from pdd_batch.schema import ERRORS_SCHEMA, SLICES_SCHEMA
+from pdd_batch.runs.results import ResultsError, open_run
+from pdd_batch.runs.schema import ERRORS_SCHEMA, SLICES_SCHEMA
 
 
 @pytest.fixture(scope="module")

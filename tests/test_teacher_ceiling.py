@@ -9,7 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs.teacher_ceiling import knn_scores, main, nearest_patch_distances, patch_features
+from tools.experiments.teacher_ceiling import (
+    knn_scores,
+    main,
+    nearest_patch_distances,
+    patch_features,
+)
 
 
 def test_nearest_patch_distances_match_brute_force_in_any_chunking() -> None:

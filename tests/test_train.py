@@ -16,7 +16,7 @@ from jobs.train import TrainConfig, TrainError, train_model
 from model.checkpoint import load_checkpoint
 from model.config import get_config
 from pdd_batch.cli.app import app
-from pdd_batch.datasets import list_images
+from pdd_batch.evaluation.datasets import list_images
 from tests.conftest import REPO_ROOT
 
 

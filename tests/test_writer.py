@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pdd_batch.heatmap import decode_heatmap, encode_heatmap
-from pdd_batch.manifest import (
+from pdd_batch.runs.heatmap import decode_heatmap, encode_heatmap
+from pdd_batch.runs.manifest import (
     FAILED,
     LOST,
     SCORED,
@@ -23,9 +23,9 @@ from pdd_batch.manifest import (
     exit_code_for,
     write_manifest,
 )
-from pdd_batch.run_state import RunState, RunStateError, SeriesRecord
-from pdd_batch.schema import ERRORS_SCHEMA, SLICES_SCHEMA
-from pdd_batch.writer import (
+from pdd_batch.runs.schema import ERRORS_SCHEMA, SLICES_SCHEMA
+from pdd_batch.runs.state import RunState, RunStateError, SeriesRecord
+from pdd_batch.runs.writer import (
     WriteError,
     remove_temp_files,
     rows_to_table,
@@ -219,7 +219,7 @@ def test_heatmap_png_round_trip_within_one_quantisation_step() -> None:
 
 
 def test_run_folder_lock_is_exclusive_and_released(tmp_path: Path) -> None:
-    from pdd_batch.run_state import RunLockedError, run_lock
+    from pdd_batch.runs.state import RunLockedError, run_lock
 
     with run_lock(tmp_path):
         with pytest.raises(RunLockedError), run_lock(tmp_path):

@@ -98,7 +98,7 @@ def bench_kernel() -> None:
 
 
 def _precision(value: str) -> str:
-    from pdd_batch.config import PRECISIONS
+    from pdd_batch.runs.config import PRECISIONS
 
     if value not in PRECISIONS:
         raise typer.BadParameter(f"precision must be one of {PRECISIONS}, got {value!r}")
@@ -108,6 +108,6 @@ def _precision(value: str) -> str:
 @bench_app.command("ingest")
 def bench_ingest() -> None:
     """Discovery headers/s and decode+window+resize slices/s."""
-    from pdd_batch.bench_ingest import run_ingest_benchmark
+    from pdd_batch.ingest.bench import run_ingest_benchmark
 
     run_ingest_benchmark(print_fn=typer.echo)

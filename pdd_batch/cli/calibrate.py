@@ -9,20 +9,24 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pdd_batch.cli.train import TeacherWeightsOption, load_items, teacher_weight_paths
+from pdd_batch.cli.options import (
+    AddressOption,
+    SplitFileOption,
+    TeacherWeightsOption,
+    load_items,
+    teacher_weight_paths,
+)
 
 
 def calibrate_command(
     data: Annotated[Path, typer.Argument(help="Image folder or split CSV with normal images.")],
     model: Annotated[Path, typer.Option(help="Checkpoint folder to calibrate (rewritten).")],
     fpr: Annotated[float, typer.Option(help="Target false-positive rate on normals.")] = 0.05,
-    split_file: Annotated[Path | None, typer.Option(help="CSV path,label,split.")] = None,
+    split_file: SplitFileOption = None,
     split: Annotated[
         str | None, typer.Option(help="Split to use (default: val with a split file).")
     ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
-    ] = None,
+    address: AddressOption = None,
     teacher_weights: TeacherWeightsOption = None,
 ) -> None:
     """Store the threshold that flags at most FPR of DATA's normal images (score > threshold)."""
@@ -31,7 +35,7 @@ def calibrate_command(
     from jobs.evaluate import EvaluationError, run_calibration
     from model.checkpoint import CheckpointError
     from model.teachers import TeacherWeightsError
-    from pdd_batch.calibration import CalibrationError
+    from pdd_batch.evaluation.calibration import CalibrationError
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

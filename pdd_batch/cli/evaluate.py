@@ -10,22 +10,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pdd_batch.cli.train import TeacherWeightsOption, load_items, teacher_weight_paths
+from pdd_batch.cli.options import (
+    AddressOption,
+    ModelOption,
+    SplitFileOption,
+    TeacherWeightsOption,
+    load_items,
+    teacher_weight_paths,
+)
 
 
 def evaluate_command(
     data: Annotated[Path, typer.Argument(help="Labelled image folder or split CSV.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json and PNG.")],
-    split_file: Annotated[Path | None, typer.Option(help="CSV path,label,split.")] = None,
+    split_file: SplitFileOption = None,
     split: Annotated[
         str | None, typer.Option(help="Split to evaluate (default: test with a split file).")
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
-    ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
-    ] = None,
+    model: ModelOption = None,
+    address: AddressOption = None,
     teacher_weights: TeacherWeightsOption = None,
 ) -> None:
     """Image AUROC, AP and F1-max (pixel AUROC/AUPRO with masks) beside trivial floors."""

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pdd_batch.export import ExportError, ExportOptions, export_run
-from pdd_batch.results import ResultsError, open_run
+from pdd_batch.review.export import ExportError, ExportOptions, export_run
+from pdd_batch.runs.results import ResultsError, open_run
 
 
 def export_command(

@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pdd_batch.keys import short_key
+from pdd_batch.ingest.keys import short_key
 
 if TYPE_CHECKING:
-    from pdd_batch.discovery import Discovery
+    from pdd_batch.ingest.discovery import Discovery
 
 MAX_ERRORS_SHOWN = 25
 MIN_WIDTH = 160
@@ -88,7 +88,7 @@ def inspect_command(
 ) -> None:
     """List studies and series (modality, slices, spacing, orientation, syntax, warnings)."""
     # pydicom/nibabel load here, not at `pdd-batch --help`.
-    from pdd_batch.discovery import DiscoveryError, discover, discovery_report
+    from pdd_batch.ingest.discovery import DiscoveryError, discover, discovery_report
 
     try:
         result = discover(archive, open_archives=open_archives)

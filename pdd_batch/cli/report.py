@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pdd_batch.report import write_report
-from pdd_batch.results import ResultsError, RunResults, open_run
+from pdd_batch.review.report import write_report
+from pdd_batch.runs.results import ResultsError, RunResults, open_run
 
 
 def _model_dir(results: RunResults, model: Path | None) -> Path | None:

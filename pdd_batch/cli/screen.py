@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pdd_batch.cli.train import TeacherWeightsOption
+from pdd_batch.cli.options import ModelOption, TeacherWeightsOption
 
 SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
 EXIT_LOCKED = 3  # another run holds the folder (same code as jobs.nightly)
@@ -54,9 +54,7 @@ def screen_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for the results.")] = Path(
         "screen-out"
     ),
-    model: Annotated[
-        Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
-    ] = None,
+    model: ModelOption = None,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (else RAY_ADDRESS, else local).")
     ] = None,
@@ -74,13 +72,13 @@ def screen_command(
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
-    from pdd_batch.config import RunConfig, RunConfigError, parse_teacher_weights
-    from pdd_batch.run_state import RunLockedError
+    from pdd_batch.runs.config import RunConfig, RunConfigError, parse_teacher_weights
+    from pdd_batch.runs.state import RunLockedError
 
     console = Console(stderr=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if sample:
-        from pdd_batch.sample import build_sample_archive
+        from pdd_batch.ingest.sample import build_sample_archive
 
         archive = build_sample_archive(out / SAMPLE_FOLDER)
         console.print(f"sample archive built in {archive}")

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from pdd_batch.cli.summary_view import render_summary
-from pdd_batch.results import ResultsError
+from pdd_batch.runs.results import ResultsError
 
 
 def summary_command(

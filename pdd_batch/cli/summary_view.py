@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from pdd_batch.results import RunResults, open_run
+from pdd_batch.runs.results import RunResults, open_run
 
 MAX_ROWS = 20
 OK_STATUSES = ("complete", "completed", "done", "ok", "success", "succeeded", "finished")

@@ -4,55 +4,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from pdd_batch.config import RunConfigError, parse_teacher_weights
-from pdd_batch.datasets import DatasetError, ImageItem, describe, list_images
+from pdd_batch.cli.options import (
+    AddressOption,
+    TeacherWeightsOption,
+    load_items,
+    teacher_overrides,
+)
+from pdd_batch.evaluation.datasets import ImageItem
 
-TeacherWeightsOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--teacher-weights",
-        help="ROLE=PATH local teacher weights, ROLE cnn or mamba (repeatable); for a trained "
-        "checkpoint, where its weight files are now (their sha256 is still checked).",
-    ),
-]
-
-
-def load_items(
-    console: Console, data: Path, split_file: Path | None, split: str | None
-) -> tuple[list[ImageItem], str]:
-    """List DATA's images (exit 2 with a clear message on a bad layout) and describe them."""
-    try:
-        items = list_images(data, split_file, split)
-    except DatasetError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(code=2) from exc
-    counts = ", ".join(f"{k} {v}" for k, v in describe(items).items())
-    console.print(f"{data.name}: {counts}")
-    source = f"{data.name}" + (f" ({split_file.name}, split {split})" if split_file else "")
-    return items, source
-
-
-def teacher_weight_paths(console: Console, pairs: list[str] | None) -> dict[str, str]:
-    """``--teacher-weights`` pairs → ``{role: absolute path}``; exit 2 on a malformed pair."""
-    try:
-        return parse_teacher_weights(pairs or [])
-    except RunConfigError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(code=2) from exc
-
-
-def teacher_overrides(console: Console, pairs: list[str] | None) -> dict[str, str]:
-    """``--teacher-weights`` pairs → get_config overrides (``cnn_source="file"``, ...)."""
-    overrides: dict[str, str] = {}
-    for role, path in teacher_weight_paths(console, pairs).items():
-        overrides[f"{role}_source"] = "file"
-        overrides[f"{role}_weights"] = path
-    return overrides
+if TYPE_CHECKING:  # jobs and model load torch: imported only inside the command
+    from jobs.train import TrainConfig, TrainProgress, TrainResult
+    from model.config import ModelConfig
 
 
 def train_command(
@@ -84,29 +51,18 @@ def train_command(
     archive: Annotated[
         bool, typer.Option(help="DATA is an archive of normal DICOM/NIfTI studies (all slices).")
     ] = False,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
-    ] = None,
+    address: AddressOption = None,
 ) -> None:
     """Train on the normal images of DATA (the `train` split when a split file is given).
 
     With --archive, DATA is a folder of normal studies read exactly as `screen` reads them.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from jobs.train import TrainConfig, TrainError, run_training
+    from jobs.train import TrainConfig, TrainError
     from model.config import ConfigError, get_config
-    from model.teachers import TeacherWeightsError
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if archive:
-        if not data.exists():
-            console.print(f"[red]archive not found: {data}[/]")
-            raise typer.Exit(code=2)
-        items, desc = data, f"archive {data.name} (all slices)"
-    else:
-        items, desc = load_items(console, data, split_file, "train" if split_file else None)
+    items, desc = _training_data(console, data, split_file, archive)
     overrides = teacher_overrides(console, teacher_weights)
     if image_size is not None:
         overrides["image_size"] = image_size
@@ -124,28 +80,9 @@ def train_command(
     except (ConfigError, TrainError) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}  loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
+    result = _train_with_progress(
+        console, items, out, cfg, run, resume=resume, address=address, desc=desc
     )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("teacher features", total=epochs, epoch=0, epochs=epochs, loss="-")
-
-        def report(p) -> None:  # p: jobs.train.TrainProgress
-            if p.phase == "features":
-                return
-            done = p.epoch - 1 + (p.step / p.steps_per_epoch if p.step else 1.0)
-            bar.update(task, description="training", completed=done, epoch=p.epoch,
-                       loss=f"{p.loss:.4f}")  # fmt: skip
-
-        try:
-            result = run_training(items, out, cfg, run, resume=resume, progress=report,
-                                  address=address, data_description=desc)  # fmt: skip
-        except (TrainError, TeacherWeightsError, ConfigError) as exc:
-            console.print(f"[red]training failed: {exc}[/]")
-            raise typer.Exit(code=1) from exc
     for err in result.errors:
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
     console.print(
@@ -154,3 +91,59 @@ def train_command(
         f"{result.epochs_run} epochs, final loss {result.epoch_losses[-1]:.4f}, "
         f"{result.wall_s:.0f} s -> {result.checkpoint}"
     )
+
+
+def _training_data(
+    console: Console, data: Path, split_file: Path | None, archive: bool
+) -> tuple[list[ImageItem] | Path, str]:
+    """DATA as training input: an archive folder, or the listed images (exit 2 when absent)."""
+    if not archive:
+        return load_items(console, data, split_file, "train" if split_file else None)
+    if not data.exists():
+        console.print(f"[red]archive not found: {data}[/]")
+        raise typer.Exit(code=2)
+    return data, f"archive {data.name} (all slices)"
+
+
+def _train_with_progress(
+    console: Console,
+    items: list[ImageItem] | Path,
+    out: Path,
+    cfg: ModelConfig,
+    run: TrainConfig,
+    *,
+    resume: bool,
+    address: str | None,
+    desc: str,
+) -> TrainResult:
+    """``jobs.train.run_training`` under a progress bar; exit 1 with the reason when it fails."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jobs.train import TrainError, run_training
+    from model.config import ConfigError
+    from model.teachers import TeacherWeightsError
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(
+            "teacher features", total=run.epochs, epoch=0, epochs=run.epochs, loss="-"
+        )
+
+        def report(p: TrainProgress) -> None:
+            if p.phase == "features":
+                return
+            done = p.epoch - 1 + (p.step / p.steps_per_epoch if p.step else 1.0)
+            bar.update(task, description="training", completed=done, epoch=p.epoch,
+                       loss=f"{p.loss:.4f}")  # fmt: skip
+
+        try:
+            return run_training(items, out, cfg, run, resume=resume, progress=report,
+                                address=address, data_description=desc)  # fmt: skip
+        except (TrainError, TeacherWeightsError, ConfigError) as exc:
+            console.print(f"[red]training failed: {exc}[/]")
+            raise typer.Exit(code=1) from exc

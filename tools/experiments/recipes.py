@@ -2,7 +2,7 @@
 
 Run as a command (not a test), e.g.::
 
-    nice -n 10 python -m jobs.experiments headct --data ../shared/data/headct \
+    nice -n 10 python -m tools.experiments.recipes headct --data ../shared/data/headct \
         --variants pdd-lite0 rd4ad-lite0 --seeds 0 1 2 --epochs 100 --image-size 128 --out runs/exp
 
 Every run trains with ``jobs.train.train_model`` (the code behind ``pdd-batch train``) on the normal
@@ -28,17 +28,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from jobs.evaluate import original_stats
 from jobs.train import TrainConfig, build, load_images, teacher_key, train_model
 from model.config import ModelConfig, get_config
 from model.train_step import feature_bank, predict_from_features
-from pdd_batch.datasets import ImageItem, describe, list_images, patient_split, write_split_csv
-from pdd_batch.metrics import floor_auroc, image_metrics
-from pdd_batch.preprocess import PreprocessSpec
+from pdd_batch.evaluation.datasets import (
+    ImageItem,
+    describe,
+    list_images,
+    patient_split,
+    write_split_csv,
+)
+from pdd_batch.evaluation.metrics import floor_auroc, image_metrics
+from pdd_batch.ingest.preprocess import PreprocessSpec
 
-log = logging.getLogger("jobs.experiments")
+log = logging.getLogger("tools.experiments.recipes")
 
 _WRN_RANDOM = {
     "cnn_name": "wide_resnet50_2",
@@ -161,22 +166,31 @@ def synthetic_lesions(images: np.ndarray, per_image: int = 3, seed: int = 0) -> 
     return np.stack(out).astype(np.float32)
 
 
-def _val_bank(cfg: ModelConfig, val: list[ImageItem], cache: dict[Any, Any]) -> Any:
-    key = ("val", teacher_key(cfg))
+def _spec(cfg: ModelConfig, args: argparse.Namespace) -> PreprocessSpec:
+    """The preprocessing of a run: the product's pad-to-square, or ``--stretch`` (an experiment
+    that selection round 3 rejected)."""
+    return PreprocessSpec(image_size=cfg.image_size, resize="stretch" if args.stretch else "pad")
+
+
+def _val_bank(
+    cfg: ModelConfig, val: list[ImageItem], cache: dict[Any, Any], spec: PreprocessSpec
+) -> Any:
+    key = ("val", teacher_key(cfg), spec.resize)
     if key not in cache:
         model = build(cfg)
-        images, _, _ = load_images(val, PreprocessSpec(image_size=cfg.image_size))
+        images, _, _ = load_images(val, spec)
         both = np.concatenate([images, synthetic_lesions(images)])
         labels = np.r_[np.zeros(len(images)), np.ones(len(both) - len(images))]
         cache[key] = (feature_bank(model, torch.from_numpy(both).unsqueeze(1)), labels)
     return cache[key]
 
 
-def _test_bank(cfg: ModelConfig, test: list[ImageItem], cache: dict[Any, Any]) -> Any:
-    key = ("test", teacher_key(cfg), tuple(str(it.path) for it in test))
+def _test_bank(
+    cfg: ModelConfig, test: list[ImageItem], cache: dict[Any, Any], spec: PreprocessSpec
+) -> Any:
+    key = ("test", teacher_key(cfg), spec.resize, tuple(str(it.path) for it in test))
     if key not in cache:
         model = build(cfg)
-        spec = PreprocessSpec(image_size=cfg.image_size)
         images, kept, errors = load_images(test, spec)
         if errors:
             raise RuntimeError(f"unreadable test images: {errors[:3]}")
@@ -216,7 +230,8 @@ def run_one(
     label = _label(variant, args)
     tag = "" if draw is None else f"-resplit_r{draw}"
     out_dir = args.out / f"{args.dataset}_{label}{tag}_s{seed}"
-    bank, labels = _test_bank(cfg, test, cache)
+    spec = _spec(cfg, args)
+    bank, labels = _test_bank(cfg, test, cache, spec)
     if hasattr(cfg, "head_seed"):  # as train_model does when it builds the model itself
         cfg = replace(cfg, head_seed=seed)
     model = build(cfg)
@@ -227,7 +242,7 @@ def run_one(
     t0 = time.perf_counter()
     res = train_model(
         train_items, out_dir, cfg, run, data_description=desc, feature_cache=cache,
-        model=model, progress=progress,
+        model=model, progress=progress, resize=spec.resize,
     )  # fmt: skip
     train_s = time.perf_counter() - t0 - sum(t["eval_s"] for t in trajectory)
     t1 = time.perf_counter()
@@ -235,7 +250,7 @@ def run_one(
     val = [it for it in train_items if it.split == "val" and it.label == 0]
     val_metrics = {}
     if val:
-        vbank, vlabels = _val_bank(cfg, val, cache)
+        vbank, vlabels = _val_bank(cfg, val, cache, spec)
         vscores = predict_from_features(res.model, vbank, cfg.image_size).scores.numpy()
         val_metrics = {"val_synthetic_auroc": image_metrics(vlabels, vscores)["auroc"]}
     row = {
@@ -292,6 +307,7 @@ def cv_one(
     normals and its synthetic-lesion copies; the row holds the fold AUROCs and their mean. No
     test image is read."""
     cfg = variant_config(variant, args.image_size)
+    spec = _spec(cfg, args)
     normals = [it for it in train_items if it.split == "train" and it.label == 0]
     folds = np.array_split(np.random.default_rng(seed).permutation(len(normals)), args.cv_folds)
     aurocs = []
@@ -302,9 +318,8 @@ def cv_one(
             fit, args.out / f"{args.dataset}_{_label(variant, args)}_s{seed}_cv{k}", cfg,
             TrainConfig(epochs=args.epochs, seed=seed, batch_size=args.batch_size,
                         augment_views=args.augment_views),
-            data_description=desc, feature_cache=cache,
+            data_description=desc, feature_cache=cache, resize=spec.resize,
         )  # fmt: skip
-        spec = PreprocessSpec(image_size=cfg.image_size)
         images, _, _ = load_images([normals[i] for i in held], spec)  # (n, S, S)
         both = np.concatenate([images, synthetic_lesions(images, seed=100 * seed + k)])
         labels = np.r_[np.zeros(len(images)), np.ones(len(both) - len(images))]
@@ -330,20 +345,6 @@ def floors_row(args: argparse.Namespace, test: list[ImageItem]) -> dict[str, Any
         "mean_intensity_auroc": floor_auroc(labels, stats[:, 0]),
         "image_size_auroc": floor_auroc(labels, stats[:, 1]),
     }
-
-
-def _stretch_to_square(img: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) in [0, 1] → (S, S) by a bilinear resize that ignores the aspect ratio."""
-    resized = Image.fromarray(img.astype(np.float32)).resize((size, size), Image.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-
-
-def _use_stretch_resize() -> None:
-    """Swap the preprocessing's pad-to-square for a stretch in THIS process (an experiment that
-    selection round 3 rejected; the product always pads)."""
-    import pdd_batch.preprocess as preprocess
-
-    preprocess.fit_to_square = _stretch_to_square
 
 
 def _git_commit() -> str | None:
@@ -456,7 +457,7 @@ def _resplit_main(
 
 
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
-    """Command-line entry point (``python -m jobs.experiments``)."""
+    """Command-line entry point (``python -m tools.experiments.recipes``)."""
     if argv is None:
         import sys
 
@@ -472,7 +473,9 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
         for row in val_synthetic_of_checkpoints(Path(argv[1]), cks, sigma):
             emit(json.dumps(row))
         return 0
-    p = argparse.ArgumentParser(prog="python -m jobs.experiments", description="PDD vs RD4AD")
+    p = argparse.ArgumentParser(
+        prog="python -m tools.experiments.recipes", description="PDD vs RD4AD"
+    )
     p.add_argument("dataset", choices=("headct", "chest"))
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -505,8 +508,6 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
         help="instead of train/test runs: cross-fitted val-syn over K folds of the train normals",
     )  # fmt: skip
     args = p.parse_args(argv)
-    if args.stretch:
-        _use_stretch_resize()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

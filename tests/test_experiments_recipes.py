@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jobs.experiments import headct_resplit_items, synthetic_lesions
+from tools.experiments.recipes import headct_resplit_items, synthetic_lesions
 
 
 def _headct_like(root: Path, normals: int = 12, abnormal: int = 5) -> None:
@@ -51,11 +51,11 @@ def test_synthetic_lesions_brighten_only_tissue() -> None:
 
 
 def test_resplit_command_trains_and_scores_every_draw(tmp_path: Path) -> None:
-    """`python -m jobs.experiments headct --resplits …` end to end: one row per draw, each
+    """`python -m tools.experiments.recipes headct --resplits …` end to end: one row per draw, each
     trained on 70 normals and tested on the rest + every abnormal image (1 epoch, real Lite0)."""
     import json
 
-    from jobs.experiments import main
+    from tools.experiments.recipes import main
 
     _headct_like(tmp_path / "data", normals=72, abnormal=3)
     out = tmp_path / "out"

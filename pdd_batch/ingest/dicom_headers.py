@@ -21,8 +21,8 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from pdd_batch.archive_io import BinarySource
-from pdd_batch.dicom_tag_scan import (
+from pdd_batch.ingest.archive_io import BinarySource
+from pdd_batch.ingest.dicom_tag_scan import (
     MEDIA_SOP_CLASS,
     TRANSFER_SYNTAX,
     HeaderIncomplete,

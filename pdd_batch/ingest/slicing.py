@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pdd_batch.preprocess import WINDOW_PRESETS, PreprocessSpec, fit_to_square, window_ct
-from pdd_batch.volume import LoadedSeries, Volume
+from pdd_batch.ingest.preprocess import WINDOW_PRESETS, PreprocessSpec, to_model_square, window_ct
+from pdd_batch.ingest.volume import LoadedSeries, Volume
 
 log = logging.getLogger(__name__)
 MIN_REFORMAT_SLICES = 16
@@ -187,6 +187,6 @@ def iter_model_slices(series: LoadedSeries, spec: PreprocessSpec) -> Iterator[Mo
                 volume_index=v_index,
                 slice_index=s_index,
                 source_file=source,
-                image=fit_to_square(img, spec.image_size),
+                image=to_model_square(img, spec),
                 window=window,
             )

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from pdd_batch.discovery import SeriesRef
-from pdd_batch.run_state import RunState, SeriesRecord
-from pdd_batch.schema import SLICES_SCHEMA
-from pdd_batch.writer import rows_to_table, write_table_atomic
+from pdd_batch.ingest.discovery import SeriesRef
+from pdd_batch.runs.state import RunState, SeriesRecord
+from pdd_batch.runs.schema import SLICES_SCHEMA
+from pdd_batch.runs.writer import rows_to_table, write_table_atomic
 
 log = logging.getLogger(__name__)
 

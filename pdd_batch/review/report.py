@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 import pdd_batch
-from pdd_batch.overlay import display_scale, model_input_slices, overlay_png
-from pdd_batch.results import RunResults
+from pdd_batch.review.overlay import display_scale, model_input_slices, overlay_png
+from pdd_batch.runs.results import RunResults
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Reader of a finished (or running) screening run folder: ``open_run(run_dir) -> RunResults``.
 
 A run folder holds the Parquet datasets ``slices/``, ``studies/``, ``errors/`` (schemas in
-``pdd_batch.schema``) and ``manifest.json``. Every consumer of screening output (summary, export,
+``pdd_batch.runs.schema``) and ``manifest.json``. Every consumer of screening output (summary, export,
 report) reads it through this module, so schema details live in one place.
 """
 
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pdd_batch.schema import TABLES
+from pdd_batch.runs.schema import TABLES
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ features, not the distillation, set the limit.
 
 Run as a command (not a test)::
 
-    python -m jobs.teacher_ceiling --data ../shared/data/headct --levels 0 1 2 \
+    python -m tools.experiments.teacher_ceiling --data ../shared/data/headct --levels 0 1 2 \
         --resplits 0 1 2 3 4 5 6 7 8 9
 
 Distances are computed once per (query image, normal image) pair, so the fixed split and every
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from jobs.experiments import headct_items, headct_resplit_items, variant_config
 from jobs.train import build, load_images
 from model.train_step import feature_bank
-from pdd_batch.datasets import ImageItem
-from pdd_batch.metrics import image_metrics
-from pdd_batch.preprocess import PreprocessSpec
+from pdd_batch.evaluation.datasets import ImageItem
+from pdd_batch.evaluation.metrics import image_metrics
+from pdd_batch.ingest.preprocess import PreprocessSpec
+from tools.experiments.recipes import headct_items, headct_resplit_items, variant_config
 
 
 def patch_features(cnn_levels: Sequence[Tensor], levels: Sequence[int]) -> Tensor:
@@ -145,14 +145,16 @@ def ceiling(
 
 
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
-    """Command-line entry point (``python -m jobs.teacher_ceiling``)."""
-    p = argparse.ArgumentParser(prog="python -m jobs.teacher_ceiling", description=__doc__)
+    """Command-line entry point (``python -m tools.experiments.teacher_ceiling``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m tools.experiments.teacher_ceiling", description=__doc__
+    )
     p.add_argument("--data", type=Path, required=True, help="HeadCT folder with split.csv")
     p.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument(
         "--variants", nargs="+", default=["pdd-lite0"],
-        help="whose CNN teachers (jobs.experiments variants; several: features concatenated)",
+        help="whose CNN teachers (recipes variants; several: features concatenated)",
     )  # fmt: skip
     p.add_argument("--resplits", type=int, nargs="*", default=[])
     p.add_argument("--threads", type=int, default=2)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pdd_batch
-from pdd_batch.schema import SCHEMA_VERSION
-from pdd_batch.writer import write_json_atomic
+from pdd_batch.runs.schema import SCHEMA_VERSION
+from pdd_batch.runs.writer import write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 

@@ -8,48 +8,26 @@ from ``stack_plan.plan_stacks`` on the decoded files' own headers.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from pdd_batch.archive_io import ArchiveReadError, MemberReader
-from pdd_batch.dicom_headers import (
+from pdd_batch.ingest.archive_io import ArchiveReadError, MemberReader
+from pdd_batch.ingest.dicom_headers import (
     PYDICOM_READ_ERRORS,
     DicomHeader,
     header_from_dataset,
     quiet_pydicom,
 )
-from pdd_batch.keys import series_key
-from pdd_batch.stack_plan import StackPlan, plan_stacks
-from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
-
-if TYPE_CHECKING:
-    from pdd_batch.discovery import SeriesRef
+from pdd_batch.ingest.keys import series_key
+from pdd_batch.ingest.reasons import exception_reason
+from pdd_batch.ingest.series import LoadedSeries, SeriesReadError, SeriesRef, Volume
+from pdd_batch.ingest.stack_plan import StackPlan, plan_stacks
 
 log = logging.getLogger(__name__)
-MAX_REASON = 160
-ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")
-BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
-UID_LIKE = re.compile(r"\b\d+(?:\.\d+){4,}\b")
-DICOM_ROOT = "1.2.840.10008."  # standard UIDs (SOP classes, transfer syntaxes) are not identifying
-
-
-def _short(exc: BaseException) -> str:
-    """Exception type and a short message, with absolute paths and instance UIDs masked.
-
-    pydicom's messages name tags, lengths and transfer syntaxes; the masks are a safety net.
-    """
-    text = " ".join(str(exc).split())
-    text = BYTES_LITERAL.sub("<bytes>", text)  # raw element values: could be anything
-    text = ABS_PATH.sub("<path>", text)
-    text = UID_LIKE.sub(lambda m: m[0] if m[0].startswith(DICOM_ROOT) else "<uid>", text)
-    text = text[:MAX_REASON]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def read_dataset(reader: MemberReader, rel: str) -> Dataset:
@@ -83,7 +61,9 @@ def decode_frames(ds: Dataset, header: DicomHeader) -> np.ndarray:
     try:
         stored = ds.pixel_array.reshape(n, rows, cols)  # (F, H, W)
     except (*PYDICOM_READ_ERRORS, RuntimeError, MemoryError) as exc:
-        raise SeriesReadError(f"{header.file}: cannot decode pixels ({_short(exc)})") from exc
+        raise SeriesReadError(
+            f"{header.file}: cannot decode pixels ({exception_reason(exc)})"
+        ) from exc
     except BaseException as exc:
         # The Rust codecs of pylibjpeg-rle raise pyo3's PanicException (a BaseException) on
         # corrupt data; it must fail this series, not the worker.
@@ -100,7 +80,9 @@ def _modality_values(ds: Dataset, header: DicomHeader, stored: np.ndarray) -> np
         try:
             out = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
         except PYDICOM_READ_ERRORS as exc:
-            raise SeriesReadError(f"{header.file}: bad Modality LUT ({_short(exc)})") from exc
+            raise SeriesReadError(
+                f"{header.file}: bad Modality LUT ({exception_reason(exc)})"
+            ) from exc
         return -out if invert else out  # negated: a monotonic flip, like the stored inversion
     out = stored.astype(np.float32)
     if invert:

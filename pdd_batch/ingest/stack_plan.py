@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pdd_batch.dicom_headers import FrameInfo
+from pdd_batch.ingest.dicom_headers import FrameInfo
 
 MIN_STACK = 3  # a different-orientation group smaller than this is a scout
 POSITION_TOL_MM = 0.01  # positions closer than this along the normal are the same slice

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pdd_batch.schema import SCHEMA_VERSION
+from pdd_batch.runs.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,8 @@ class PreprocessSpec:
         ct_window: CT preset name from ``WINDOW_PRESETS`` used for CT series.
         percentiles: (low, high) percentiles for MR / X-ray / other modalities.
         axis: slicing axis for volumes ("axial", "coronal" or "sagittal").
+        resize: how an image becomes square: "pad" (the product: zero-pad, then resize) or
+            "stretch" (an experiment selection round 3 rejected; kept so its runs reproduce).
     """
 
     image_size: int = 256
@@ -45,6 +47,7 @@ class PreprocessSpec:
     percentiles: tuple[float, float] = (0.5, 99.5)
     axis: str = "axial"
     extra: dict[str, Any] = field(default_factory=dict)
+    resize: str = "pad"
 
     def __post_init__(self) -> None:
         if not 16 <= int(self.image_size) <= 4096:
@@ -65,15 +68,21 @@ class PreprocessSpec:
             raise PreprocessError(
                 f"preprocessing.axis must be axial/coronal/sagittal, got {self.axis!r}"
             )
+        if self.resize not in RESIZES:
+            raise PreprocessError(
+                f"preprocessing.resize must be one of {sorted(RESIZES)}, got {self.resize!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["percentiles"] = list(self.percentiles)
+        if self.resize == "pad":
+            del d["resize"]  # the default is implied, so checkpoints written before stay identical
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        known = {"image_size", "ct_window", "percentiles", "axis", "extra"}
+        known = {"image_size", "ct_window", "percentiles", "axis", "extra", "resize"}
         unknown = set(d) - known
         if unknown:
             raise PreprocessError(f"unknown preprocessing keys: {sorted(unknown)}")
@@ -121,6 +130,22 @@ def fit_to_square(img: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
+def stretch_to_square(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) in [0, 1] -> (S, S) by a bilinear resize that ignores the aspect ratio."""
+    if img.ndim != 2:
+        raise PreprocessError(f"stretch_to_square expects a (H, W) image, got shape {img.shape}")
+    resized = Image.fromarray(img.astype(np.float32)).resize((size, size), Image.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+RESIZES = {"pad": fit_to_square, "stretch": stretch_to_square}
+
+
+def to_model_square(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(H, W) in [0, 1] -> (S, S) model input, the way ``spec.resize`` says."""
+    return RESIZES[spec.resize](img, spec.image_size)
+
+
 def load_image_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
     """Read a PNG/JPEG (any mode, RGBA too) as grayscale model input, float32 (S, S) in [0, 1].
 
@@ -136,4 +161,4 @@ def load_image_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
                 gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except (OSError, ValueError) as exc:
         raise PreprocessError(f"{path.name}: cannot read image ({exc})") from exc
-    return fit_to_square(gray, spec.image_size)
+    return to_model_square(gray, spec)

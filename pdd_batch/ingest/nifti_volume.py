@@ -15,7 +15,6 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -24,11 +23,8 @@ from nibabel.orientations import OrientationError, apply_orientation, inv_ornt_a
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 from nibabel.wrapstruct import WrapStructError
 
-from pdd_batch.archive_io import ArchiveReadError, MemberReader, split_member
-from pdd_batch.volume import LoadedSeries, SeriesReadError, Volume
-
-if TYPE_CHECKING:
-    from pdd_batch.discovery import SeriesRef
+from pdd_batch.ingest.archive_io import ArchiveReadError, MemberReader, split_member
+from pdd_batch.ingest.series import LoadedSeries, SeriesReadError, SeriesRef, Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -18,11 +18,11 @@ import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pdd_batch.archive_io import (
+from pdd_batch.ingest.archive_io import (
     ArchiveReadError,
     BinarySource,
     bytes_source,
@@ -31,7 +31,7 @@ from pdd_batch.archive_io import (
     iter_archive_members,
     join_member,
 )
-from pdd_batch.dicom_headers import (
+from pdd_batch.ingest.dicom_headers import (
     NOT_DICOM,
     DicomHeader,
     DicomHeaderError,
@@ -40,96 +40,18 @@ from pdd_batch.dicom_headers import (
     skip_reason,
     transfer_syntax_name,
 )
-from pdd_batch.keys import hash_key, series_key, study_key
-from pdd_batch.nifti_volume import NiftiReadError, is_nifti_name, read_nifti_info
-from pdd_batch.stack_plan import StackPlan, plan_stacks
+from pdd_batch.ingest.keys import hash_key, series_key, study_key
+from pdd_batch.ingest.nifti_volume import NiftiReadError, is_nifti_name, read_nifti_info
+from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
+from pdd_batch.ingest.stack_plan import StackPlan, plan_stacks
 
 log = logging.getLogger(__name__)
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
-STATUSES = ("used", "skipped", "failed")
 PROGRESS_EVERY = 1000
 
 
 class DiscoveryError(OSError):
     """The archive root itself cannot be read."""
-
-
-@dataclass(frozen=True)
-class SeriesRef:
-    """One series to decode: what a worker needs, and header facts for reports. No identifiers.
-
-    Attributes:
-        series_key, study_key: truncated SHA-256 of the UIDs (NIfTI: of the relative path/folder).
-        kind: "dicom" or "nifti".
-        modality: DICOM Modality (NIfTI: from a BIDS/dcm2niix sidecar .json, else "OT").
-        files: relative posix paths (``archive!member`` inside archives), in slice order.
-        n_slices: slices over all volumes (4D: slices per volume x volumes).
-        n_volumes: volumes (time points) in the series.
-        shape: (slices per volume, rows, cols) before any reformatting.
-        spacing: (slice, row, col) mm; slice spacing 0.0 when unknown or single slice.
-        orientation: "axial"/"coronal"/"sagittal"[" oblique"] or "2D".
-        transfer_syntaxes: transfer syntax names (NIfTI: "NIfTI <dtype>").
-        warnings: geometry and content findings (gaps, tilt, 4D, duplicates, scouts).
-        n_gaps: missing slices detected between positions (not filled).
-        tilt_deg: gantry tilt / shear angle in degrees (0 when none).
-    """
-
-    series_key: str
-    study_key: str
-    kind: str
-    modality: str
-    files: tuple[str, ...]
-    n_slices: int = 0
-    n_volumes: int = 1
-    shape: tuple[int, ...] = ()
-    spacing: tuple[float, ...] = ()
-    orientation: str = ""
-    transfer_syntaxes: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    n_gaps: int = 0
-    tilt_deg: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SeriesRef:
-        """Inverse of ``to_dict``; unknown keys are an error naming them."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"SeriesRef: unknown keys {sorted(unknown)}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """The fate of one file seen: status "used" / "skipped" / "failed", with the reason."""
-
-    path: str
-    status: str
-    reason: str = ""
-    series_key: str | None = None
-
-
-@dataclass
-class Discovery:
-    """What ``discover`` found: series to decode and one record per file seen."""
-
-    root: Path
-    series: list[SeriesRef] = field(default_factory=list)
-    files: list[FileRecord] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        """{"seen", "used", "skipped", "failed"}; seen = used + skipped + failed."""
-        c = Counter(r.status for r in self.files)
-        return {"seen": len(self.files), **{s: c.get(s, 0) for s in STATUSES}}
-
-    def errors(self) -> list[FileRecord]:
-        """Records of skipped and failed files."""
-        return [r for r in self.files if r.status != "used"]
 
 
 @dataclass

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pdd_batch.heatmap import decode_heatmap
-from pdd_batch.preprocess import WINDOW_PRESETS, PreprocessSpec, fit_to_square, window_ct
+from pdd_batch.ingest.preprocess import WINDOW_PRESETS, PreprocessSpec, to_model_square, window_ct
+from pdd_batch.runs.heatmap import decode_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def spec_from_json(text: str | None) -> PreprocessSpec:
 def _to_unit(values: np.ndarray, modality: str, spec: PreprocessSpec) -> np.ndarray:
     if modality.upper() == "CT":
         return window_ct(values, *WINDOW_PRESETS[spec.ct_window])
-    from pdd_batch.preprocess import normalise_percentile
+    from pdd_batch.ingest.preprocess import normalise_percentile
 
     return normalise_percentile(values, *spec.percentiles)
 
@@ -132,7 +132,7 @@ def _dicom_slice(path: Path, spec: PreprocessSpec) -> np.ndarray:
     # MONOCHROME1 images are inverted (symmetric percentiles make the order irrelevant).
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" and modality.upper() != "CT":
         img = 1.0 - img
-    return fit_to_square(img, spec.image_size)
+    return to_model_square(img, spec)
 
 
 def _nifti_slice(path: Path, volume_index: int, slice_index: int, spec: PreprocessSpec):
@@ -145,14 +145,14 @@ def _nifti_slice(path: Path, volume_index: int, slice_index: int, spec: Preproce
         raise OverlayError(f"slice {slice_index} is outside a volume of shape {vol.shape}")
     norm = _to_unit(vol, "MR", spec)
     axial = np.flipud(norm[:, :, slice_index].T)  # rows anterior -> posterior, columns R -> L
-    return fit_to_square(np.ascontiguousarray(axial), spec.image_size)
+    return to_model_square(np.ascontiguousarray(axial), spec)
 
 
 def _via_series_reader(root: Path, rows: Sequence[dict], wanted: set, spec: PreprocessSpec) -> dict:
     """Model-input slices rebuilt by the screening readers themselves (exact geometry)."""
-    from pdd_batch.discovery import SeriesRef  # lazily: absent in builds without ingestion
-    from pdd_batch.slicing import iter_model_slices
-    from pdd_batch.volume import load_series
+    from pdd_batch.ingest.discovery import SeriesRef  # lazily: absent in builds without ingestion
+    from pdd_batch.ingest.slicing import iter_model_slices
+    from pdd_batch.ingest.volume import load_series
 
     first = rows[0]
     ordered = sorted(rows, key=lambda r: (r["volume_index"], r["slice_index"]))

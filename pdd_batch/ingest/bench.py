@@ -19,10 +19,10 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from pdd_batch.discovery import discover
-from pdd_batch.preprocess import PreprocessSpec
-from pdd_batch.slicing import iter_model_slices
-from pdd_batch.volume import load_series
+from pdd_batch.ingest.discovery import discover
+from pdd_batch.ingest.preprocess import PreprocessSpec
+from pdd_batch.ingest.slicing import iter_model_slices
+from pdd_batch.ingest.volume import load_series
 
 HEAD_CT = ("data", "dicom", "cq500_ct1_head_ct")
 DISCOVERY_GOAL = 2000.0  # files/s, warm cache
@@ -30,7 +30,7 @@ REPEATS = 5
 
 
 def _shared_root() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared"
+    default = Path(__file__).resolve().parents[3] / "shared"
     return Path(os.environ.get("PDD_SHARED", default))
 
 

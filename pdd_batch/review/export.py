@@ -35,12 +35,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 import pdd_batch
-from pdd_batch.archive_io import MemberReader, split_member
-from pdd_batch.deid import Deidentifier, DeidError, deidentify_nifti_data
-from pdd_batch.dicom_headers import quiet_pydicom
-from pdd_batch.overlay import display_scale, model_input_slices, overlay_png
-from pdd_batch.results import RunResults
-from pdd_batch.secondary_capture import ScStudy, write_sc_series
+from pdd_batch.ingest.archive_io import MemberReader, split_member
+from pdd_batch.ingest.dicom_headers import quiet_pydicom
+from pdd_batch.ingest.reasons import exception_reason
+from pdd_batch.review.deid import Deidentifier, DeidError, deidentify_nifti_data
+from pdd_batch.review.overlay import display_scale, model_input_slices, overlay_png
+from pdd_batch.review.secondary_capture import ScStudy, write_sc_series
+from pdd_batch.runs.results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def _reason(exc: Exception) -> str:
         return f"cannot read source file ({type(exc).__name__})"
     if isinstance(exc, InvalidDicomError):
         return "source file is not valid DICOM"
-    return f"{type(exc).__name__}: {str(exc).split(':')[-1].strip()[:120]}"
+    return exception_reason(exc, limit=120)
 
 
 def _read_source(reader: MemberReader, root: Path, rel: str) -> bytes:

@@ -12,11 +12,11 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from pdd_batch.discovery import Discovery
-from pdd_batch.manifest import LOST, SCORED, SKIPPED
-from pdd_batch.run_state import RunState
-from pdd_batch.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
-from pdd_batch.writer import read_parts, rows_to_table, write_table_atomic
+from pdd_batch.ingest.discovery import Discovery
+from pdd_batch.runs.manifest import LOST, SCORED, SKIPPED
+from pdd_batch.runs.state import RunState
+from pdd_batch.runs.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
+from pdd_batch.runs.writer import read_parts, rows_to_table, write_table_atomic
 
 STUDIES_FILE = "studies.parquet"
 ERRORS_FILE = "errors.parquet"

@@ -1,0 +1,61 @@
+"""Options and helpers several commands share (one definition, one help text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pdd_batch.evaluation.datasets import DatasetError, ImageItem, describe, list_images
+from pdd_batch.runs.config import RunConfigError, parse_teacher_weights
+
+AddressOption = Annotated[
+    str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
+]
+ModelOption = Annotated[
+    Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
+]
+SplitFileOption = Annotated[Path | None, typer.Option(help="CSV path,label,split.")]
+TeacherWeightsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--teacher-weights",
+        help="ROLE=PATH local teacher weights, ROLE cnn or mamba (repeatable); for a trained "
+        "checkpoint, where its weight files are now (their sha256 is still checked).",
+    ),
+]
+
+
+def load_items(
+    console: Console, data: Path, split_file: Path | None, split: str | None
+) -> tuple[list[ImageItem], str]:
+    """List DATA's images (exit 2 with a clear message on a bad layout) and describe them."""
+    try:
+        items = list_images(data, split_file, split)
+    except DatasetError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    counts = ", ".join(f"{k} {v}" for k, v in describe(items).items())
+    console.print(f"{data.name}: {counts}")
+    source = f"{data.name}" + (f" ({split_file.name}, split {split})" if split_file else "")
+    return items, source
+
+
+def teacher_weight_paths(console: Console, pairs: list[str] | None) -> dict[str, str]:
+    """``--teacher-weights`` pairs → ``{role: absolute path}``; exit 2 on a malformed pair."""
+    try:
+        return parse_teacher_weights(pairs or [])
+    except RunConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+
+
+def teacher_overrides(console: Console, pairs: list[str] | None) -> dict[str, str]:
+    """``--teacher-weights`` pairs → get_config overrides (``cnn_source="file"``, ...)."""
+    overrides: dict[str, str] = {}
+    for role, path in teacher_weight_paths(console, pairs).items():
+        overrides[f"{role}_source"] = "file"
+        overrides[f"{role}_weights"] = path
+    return overrides

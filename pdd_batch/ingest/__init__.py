@@ -1,0 +1,1 @@
+"""Ingestion: archive discovery, DICOM/NIfTI readers, slicing and windowing."""

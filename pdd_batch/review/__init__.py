@@ -1,0 +1,1 @@
+"""Review: report, export, de-identification, overlays."""
