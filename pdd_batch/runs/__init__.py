@@ -1,0 +1,1 @@
+"""Run outputs: Parquet schema, run state, writers, manifest, results."""
