@@ -266,6 +266,7 @@ def run_one(
         "n_test_anomalous": int((labels == 1).sum()),
         **image_metrics(labels, scores),
         **val_metrics,
+        "test_scores": [round(float(v), 6) for v in scores],  # paired comparisons, intervals
         "final_loss": res.epoch_losses[-1],
         "train_wall_s": round(train_s, 1),
         "eval_wall_s": round(time.perf_counter() - t1, 1),
