@@ -268,15 +268,16 @@ class _Secrets:
 
 
 def _name_parts(value: object) -> set[str]:
-    """Family, given and middle name words of a PN value (every component group and value);
+    """Family, given and middle name words of a PN value (every component group and value),
+    split at anything that is not a letter or digit (SMITH-JONES, O'BRIEN, "VAN DAM");
     prefixes and suffixes (Mr, Dr, Jr, III) identify nobody and are left out."""
     values = value if isinstance(value, MultiValue | list | tuple) else [value]
     parts: set[str] = set()
     for v in values:
         for group in str(v or "").split("="):
             for component in group.split("^")[:3]:
-                parts.update(w.upper() for w in re.split(r"[\s,]+", component) if w)
-    return {p for p in parts if len(p) >= MIN_NAME_CHARS and any(c.isalnum() for c in p)}
+                parts.update(w.upper() for w in re.split(r"[\W_]+", component))
+    return {p for p in parts if len(p) >= MIN_NAME_CHARS}
 
 
 def _identifying_values(ds: Dataset) -> _Secrets:
