@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from run_factory import Identity, ct_pixels, write_ct_slice, write_nifti
 
 from pdd_batch.review.deid import (
@@ -96,11 +97,11 @@ def test_uids_replaced_consistently_and_valid(series) -> None:
     assert other.SOPInstanceUID != out[1].SOPInstanceUID
 
 
-def test_dates_shifted_by_one_offset_per_study(series) -> None:
+def test_dates_shifted_by_one_offset_per_patient(series) -> None:
     ident, paths, _ = series
     deid = Deidentifier()
     out = [deid.deidentify(pydicom.dcmread(p)) for p in paths]
-    offset = deid.date_offset_days(ident.study_uid)
+    offset = deid.date_offset_days(ident.patient_id)
     assert offset < 0
     import datetime as dt
 
@@ -254,3 +255,177 @@ def test_file_meta_keeps_only_standard_non_identifying_elements(series) -> None:
     for s in [*ident.strings(), *uids, original_meta_uid, "1.2.3.4.9999", "SRC_AE", "SEND_AE"]:
         assert s.encode() not in raw, "an identifier survived in the file meta"
     assert NEW_UID.match(out.file_meta.MediaStorageSOPInstanceUID)
+
+
+def _roundtrip(ds: Dataset, path: Path) -> Dataset:
+    """Save ``ds`` as a file and read it back (what export writes, what a viewer reads)."""
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def _named_slice(tmp_path: Path, ident: Identity, date: str | None = None) -> Dataset:
+    """A real CT slice file of ``ident`` (study date ``date``), read back."""
+    path = tmp_path / f"{generate_uid()}.dcm"
+    write_ct_slice(path, ident, generate_uid(), 0, ct_pixels(0), generate_uid())
+    ds = pydicom.dcmread(path)
+    if date is not None:
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = date
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    return _roundtrip(ds, path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ONO^KENJI",  # MONOCHROME2 holds ONO
+        "SMITH^MARY",  # PRIMARY holds MARY
+        "ROSSI^GINA",  # ORIGINAL holds GINA
+        "XIA^WEI",  # AXIAL holds XIA
+        "LI^NA",  # two-letter family and given names
+        "NG^YU^MEI",
+        "SMITH-JONES^ANNE-MARIE",  # each half of a double name is a name part
+    ],
+)
+def test_safety_scan_keeps_coded_values_and_removes_whole_word_names(
+    tmp_path: Path, name: str
+) -> None:
+    """Surnames that are substrings of coded values (CS) must not delete required attributes;
+    the names are still removed where they stand as words in free text, 2 letters included."""
+    family, given = (part.split("-")[-1] for part in name.split("^")[:2])
+    ds = _named_slice(tmp_path, Identity(name=name))
+    ds.Manufacturer = f"{family.title()} Imaging"  # LO: the surname as a word
+    ds.SoftwareVersions = f"build for {given.lower()}"  # LO: the given name, lower case
+    ds.ManufacturerModelName = f"X{family}9 scanner"  # LO: inside a longer word only
+    ds.ConvolutionKernel = "B30f"
+    ds = _roundtrip(ds, tmp_path / "in.dcm")
+    pixels = ds.PixelData
+    out = _roundtrip(Deidentifier().deidentify(ds), tmp_path / "out.dcm")
+    assert out.PhotometricInterpretation == "MONOCHROME2"
+    assert list(out.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert out.BodyPartExamined == "HEAD" and out.ConvolutionKernel == "B30f"
+    assert out.ManufacturerModelName == f"X{family}9 scanner"
+    assert "Manufacturer" not in out and "SoftwareVersions" not in out
+    assert out.PixelData == pixels
+
+
+def test_dates_of_two_studies_of_one_patient_keep_their_interval(tmp_path: Path) -> None:
+    """Option 113107 (longitudinal temporal information): one offset per patient, so the
+    interval between a patient's studies survives; another patient moves by another offset."""
+    import datetime as dt
+
+    first = Identity(patient_id="PID-LONG-1")
+    second = Identity(patient_id="PID-LONG-1")  # same patient, a new study UID
+    others = [Identity(patient_id=f"PID-OTHER-{i}") for i in range(4)]
+    deid = Deidentifier()
+    a = _roundtrip(deid.deidentify(_named_slice(tmp_path, first, "20200110")), tmp_path / "a")
+    b = _roundtrip(deid.deidentify(_named_slice(tmp_path, second, "20210315")), tmp_path / "b")
+
+    def day(ds: Dataset, kw: str = "StudyDate") -> dt.date:
+        return dt.datetime.strptime(ds.data_element(kw).value, "%Y%m%d").date()
+
+    assert a.StudyInstanceUID != b.StudyInstanceUID and a.PatientID == b.PatientID
+    assert (day(b) - day(a)).days == (dt.date(2021, 3, 15) - dt.date(2020, 1, 10)).days
+    assert day(a) < dt.date(2020, 1, 10) and day(a, "SeriesDate") == day(a)
+    shifts = {
+        (day(deid.deidentify(_named_slice(tmp_path, o, "20200110"))) - dt.date(2020, 1, 10)).days
+        for o in others
+    }
+    assert len(shifts | {(day(a) - dt.date(2020, 1, 10)).days}) > 1  # not one global offset
+    assert deid.crosswalk[b.StudyInstanceUID]["date_offset_days"] == str(
+        (day(a) - dt.date(2020, 1, 10)).days
+    )
+
+
+def test_nested_patient_ids_replaced(tmp_path: Path, series) -> None:
+    """A PatientID inside any sequence item (another patient's, or this one's) is replaced by
+    the pseudonym of its own value; the reference sequences that carry them are removed."""
+    ident, paths, _ = series
+    other = "OTHER-PATIENT-5150"
+    ds = pydicom.dcmread(paths[1])
+    ds.ReferencedImageSequence[0].PatientID = other
+    source = Dataset()
+    source.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    source.ReferencedSOPInstanceUID = generate_uid()
+    source.PatientID = ident.patient_id
+    ds.SourceImageSequence = [source]
+    for kw in ("ReferencedPatientSequence", "OtherPatientIDsSequence"):
+        item = Dataset()
+        item.PatientID = other
+        setattr(ds, kw, [item])
+    ds.RequestAttributesSequence[0].PatientID = other
+    ds = _roundtrip(ds, tmp_path / "in.dcm")
+    deid = Deidentifier()
+    out = _roundtrip(deid.deidentify(ds), tmp_path / "out.dcm")
+    raw = (tmp_path / "out.dcm").read_bytes()
+    assert other.encode() not in raw and ident.patient_id.encode() not in raw
+    assert out.ReferencedImageSequence[0].PatientID == deid.pseudonym(other)
+    assert out.SourceImageSequence[0].PatientID == out.PatientID == deid.pseudonym(ident.patient_id)
+    for kw in ("ReferencedPatientSequence", "OtherPatientIDsSequence", "RequestAttributesSequence"):
+        assert kw not in out
+
+
+def test_free_text_outside_the_profile_table_removed(tmp_path: Path, series) -> None:
+    """Long free text (UT/LT/ST), LO/SH comments and descriptions, and public elements the
+    dictionary does not know are removed even though the profile table does not list them;
+    coded and technical values stay."""
+    _, paths, _ = series
+    ds = pydicom.dcmread(paths[0])
+    ds.ReasonForVisit = "fell at home, neighbour found her"  # UT
+    ds.CommentsOnRadiationDose = "repeat scan, patient moved"  # ST
+    ds.ReconstructionDescription = "redone for Dr Who's trial"  # LO ...Description
+    ds.add_new(0x00181999, "LO", "unknown public element text")  # not in the dictionary
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-A0100", "SRT", "Brain"
+    ds.AnatomicRegionSequence = [code]
+    ds.ConvolutionKernel = "H30s"
+    ds = _roundtrip(ds, tmp_path / "in.dcm")
+    out = _roundtrip(Deidentifier().deidentify(ds), tmp_path / "out.dcm")
+    for kw in ("ReasonForVisit", "CommentsOnRadiationDose", "ReconstructionDescription"):
+        assert kw not in out, kw
+    assert 0x00181999 not in out
+    assert out.AnatomicRegionSequence[0].CodeMeaning == "Brain"
+    assert out.ConvolutionKernel == "H30s" and out.Manufacturer == "ACME"
+
+
+def test_encrypted_attributes_and_overlay_text_removed(tmp_path: Path, series) -> None:
+    """EncryptedAttributesSequence (may hold the original identifiers) and whole overlay planes
+    (description and label are free text; without its data a plane is meaningless) go."""
+    _, paths, _ = series
+    ds = pydicom.dcmread(paths[0])
+    encrypted = Dataset()
+    encrypted.EncryptedContentTransferSyntaxUID = "1.2.840.10008.1.2.1"
+    encrypted.EncryptedContent = b"ENCRYPTED-ORIGINALS-" * 4
+    ds.EncryptedAttributesSequence = [encrypted]
+    for tag, vr, value in (
+        (0x60000010, "US", 48), (0x60000011, "US", 64), (0x60000040, "CS", "G"),
+        (0x60000050, "SS", [1, 1]), (0x60000100, "US", 1), (0x60000102, "US", 0),
+        (0x60000022, "LO", "arrow: ward 7 bed 3"), (0x60001500, "LO", "BED3-MARKER"),
+        (0x60003000, "OW", b"\x00" * (48 * 64 // 8)),
+    ):  # fmt: skip
+        ds.add_new(tag, vr, value)
+    ds = _roundtrip(ds, tmp_path / "in.dcm")
+    pixels = ds.PixelData
+    out = _roundtrip(Deidentifier().deidentify(ds), tmp_path / "out.dcm")
+    raw = (tmp_path / "out.dcm").read_bytes()
+    assert "EncryptedAttributesSequence" not in out
+    assert not [e for e in out.iterall() if 0x6000 <= e.tag.group <= 0x60FF]
+    for text in (b"ENCRYPTED-ORIGINALS", b"ward 7 bed 3", b"BED3-MARKER"):
+        assert text not in raw
+    assert out.PixelData == pixels
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_data_type_text_blanked(tmp_path: Path, suffix: str) -> None:
+    """data_type (an unused ANALYZE 7.5 text field of the NIfTI-1 header) is blanked too."""
+    ident = Identity()
+    src, dst = tmp_path / f"in{suffix}", tmp_path / f"out{suffix}"
+    write_nifti(src, ident)
+    img = nib.load(src, mmap=False)
+    img.header["data_type"] = b"MRN-4711"
+    nib.save(img, src)
+    assert nib.load(src).header["data_type"].tobytes().startswith(b"MRN-4711")
+    deidentify_nifti_file(src, dst)
+    raw = dst.read_bytes()
+    raw = gzip.decompress(raw) if suffix == ".nii.gz" else raw
+    assert b"MRN-4711" not in raw
+    assert nib.load(dst).header["data_type"].tobytes().strip(b"\x00") == b""

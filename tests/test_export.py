@@ -206,6 +206,20 @@ def test_export_command(tmp_path: Path) -> None:
     shutil.rmtree(out)
 
 
+def test_export_command_allow_burned_in(tmp_path: Path) -> None:
+    run = build_run(tmp_path, with_nifti=False)
+    _set_header(run.files[run.study_keys[0]], BurnedInAnnotation="YES")
+    args = ["export", str(run.run_dir), "--top", "1"]
+    held = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert held.exit_code == 0, held.output
+    assert "withheld" in held.output and "--allow-burned-in" in held.output
+    assert not list((tmp_path / "a").rglob("*.dcm"))
+    allowed = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--allow-burned-in"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "BurnedInAnnotation=YES" in allowed.output
+    assert len(list((tmp_path / "b").rglob("*.dcm"))) == 4
+
+
 def test_overlay_base_matches_the_screening_reader(tmp_path: Path) -> None:
     """The direct file reader used as a fallback rebuilds the same model input as the series
     reader that screening uses (where that reader is present in this build)."""
@@ -276,16 +290,88 @@ def test_sources_inside_a_zip_archive(tmp_path: Path) -> None:
     assert exported.PixelData == first.PixelData and exported.PatientIdentityRemoved == "YES"
 
 
-def test_burned_in_annotation_is_warned_about(tmp_path: Path) -> None:
+def _set_header(paths: list[Path], **attrs) -> None:
+    for src in paths:
+        ds = pydicom.dcmread(src)
+        for kw, value in attrs.items():
+            setattr(ds, kw, value)
+        ds.save_as(src)
+
+
+def test_burned_in_yes_withheld_by_default_and_exported_when_allowed(tmp_path: Path) -> None:
+    """A file declaring BurnedInAnnotation=YES is not written (pixels are never cleaned), and
+    neither is the overlay built from its slice; both are listed as withheld. With
+    allow_burned_in it is written, pixels unchanged, with a warning."""
     run = build_run(tmp_path, with_nifti=False)
-    src = run.files[run.study_keys[0]][0]
-    ds = pydicom.dcmread(src)
-    ds.BurnedInAnnotation = "YES"
-    ds.save_as(src)
-    s = export_run(open_run(run.run_dir), tmp_path / "out", ExportOptions(top=1))
-    assert [w["study"] for w in s.warnings] == ["S001"]
+    paths = run.files[run.study_keys[0]]
+    _set_header(paths[1:2], BurnedInAnnotation="YES")  # slice 1: a flagged slice
+    res = open_run(run.run_dir)
+    s = export_run(res, tmp_path / "out", ExportOptions(top=1, secondary_capture=True))
+    (study,) = s.studies
+    held = "S001/dicom/series01/IM0002.dcm"
+    assert held not in study.files and len(study.files) == 3
+    assert not (tmp_path / "out" / held).exists() and not s.errors and not s.warnings
+    assert study.withheld == [held, "S001/overlays/series01_v0_z0001.png"]
+    assert study.overlays == ["S001/overlays/series01_v0_z0002.png"]
+    assert len(study.secondary_capture) == 1  # only the overlay of a slice without the flag
     doc = json.loads((tmp_path / "out" / "export.json").read_text())
-    assert "BurnedInAnnotation" in doc["warnings"][0]["warning"]
+    assert doc["counts"]["withheld"] == 2 and doc["options"]["allow_burned_in"] is False
+    assert {w["reason"] for w in doc["withheld"]} == {"withheld: possible burned-in text"}
+    assert [w["item"] for w in doc["withheld"]] == study.withheld
+    (row,) = csv.DictReader((tmp_path / "out" / "manifest.csv").open())
+    assert row["withheld"].split(";") == study.withheld
+    assert row["withheld_reason"] == "withheld: possible burned-in text"
+
+    allowed = export_run(res, tmp_path / "all", ExportOptions(top=1, allow_burned_in=True))
+    (study,) = allowed.studies
+    assert held in study.files and not study.withheld and len(study.overlays) == 2
+    assert pydicom.dcmread(tmp_path / "all" / held).PixelData == pydicom.dcmread(paths[1]).PixelData
+    assert [w["study"] for w in allowed.warnings] == ["S001"]
+    doc = json.loads((tmp_path / "all" / "export.json").read_text())
+    assert "BurnedInAnnotation=YES" in doc["warnings"][0]["warning"]
+    assert doc["options"]["allow_burned_in"] is True and doc["counts"]["withheld"] == 0
+
+
+@pytest.mark.parametrize(
+    ("attrs", "withheld"),
+    [
+        ({"Modality": "US"}, True),  # no BurnedInAnnotation on a high-risk modality
+        ({"Modality": "DX"}, True),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, True),  # a Secondary Capture
+        ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, True),
+        ({"Modality": "US", "BurnedInAnnotation": "NO"}, False),  # an explicit NO is trusted
+        ({}, False),  # CT without the flag
+    ],
+)
+def test_possible_burned_in_text_on_high_risk_files(tmp_path: Path, attrs, withheld) -> None:
+    run = build_run(tmp_path, with_nifti=False)
+    _set_header(run.files[run.study_keys[0]], **attrs)
+    s = export_run(open_run(run.run_dir), tmp_path / "out", ExportOptions(top=1))
+    (study,) = s.studies
+    assert len(study.files) == (0 if withheld else 4)
+    assert len(study.withheld) == (6 if withheld else 0)  # 4 files and 2 overlays
+    assert len(study.overlays) == (0 if withheld else 2)
+    assert not s.errors
+    row = next(csv.DictReader((tmp_path / "out" / "manifest.csv").open()))
+    assert bool(row["withheld"]) == withheld
+    if withheld:  # still named by its pseudonyms, and the crosswalk can find the sources
+        assert NEW_UID.match(row["new_study_uid"]) and row["new_patient_id"].startswith("PDD")
+    kept = export_run(open_run(run.run_dir), tmp_path / "kept", ExportOptions(deidentify=False))
+    assert not any(x.withheld for x in kept.studies)  # identifiers kept: nothing to withhold
+
+
+def test_withheld_files_are_in_the_crosswalk(tmp_path: Path) -> None:
+    run = build_run(tmp_path, with_nifti=False)
+    paths = run.files[run.study_keys[0]]
+    _set_header(paths, BurnedInAnnotation="YES")
+    cw = tmp_path / "private" / "cw.json"
+    export_run(open_run(run.run_dir), tmp_path / "out", ExportOptions(top=1, crosswalk=cw))
+    (entry,) = json.loads(cw.read_text())["studies"]
+    assert entry["files"] == []
+    assert [w["source"] for w in entry["withheld"]] == [
+        p.relative_to(run.archive).as_posix() for p in paths
+    ]
+    assert entry["original_patient_id"] == run.identities[0].patient_id
 
 
 def test_malformed_values_are_not_quoted_in_logs_or_warnings(

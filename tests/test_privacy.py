@@ -41,29 +41,37 @@ def test_free_text_modality_or_photometric_not_quoted_in_skip_reasons(tmp_path: 
 
 
 def test_secondary_capture_inherits_burned_in_annotation(tmp_path: Path) -> None:
-    """The overlays blend the source pixels: where the source declares burned-in text, the SC
-    series must not claim BurnedInAnnotation=NO (pixel scrubbers trust that flag)."""
+    """The overlays blend the source pixels: the SC series inherits the sources' flag - YES
+    where a source declares burned-in text, NO only where every source says NO, and left out
+    (never NO) where the sources do not say (a CT without the flag, a NIfTI)."""
     from run_factory import build_run
 
     from pdd_batch.review.export import ExportOptions, export_run
     from pdd_batch.runs.results import open_run
 
-    run = build_run(tmp_path, with_nifti=False)
-    for src in run.files[run.study_keys[0]]:
-        ds = pydicom.dcmread(src)
-        ds.BurnedInAnnotation = "YES"
-        ds.save_as(src)
-    options = ExportOptions(top=2, secondary_capture=True)
-    summary = export_run(open_run(run.run_dir), tmp_path / "out", options)
-    flags = {
-        s.export_id: {str(pydicom.dcmread(tmp_path / "out" / p).BurnedInAnnotation)
-                      for p in s.secondary_capture}
-        for s in summary.studies
-    }  # fmt: skip
-    burned = next(s.export_id for s in summary.studies if s.study["study_key"] == run.study_keys[0])
-    assert all(flags.values())
-    for export_id, values in flags.items():
-        assert values == ({"YES"} if export_id == burned else {"NO"}), export_id
+    run = build_run(tmp_path)  # CT flagged, CT normal, NIfTI
+    for key, flag in ((run.study_keys[0], "YES"), (run.study_keys[1], "NO")):
+        for src in run.files[key]:
+            ds = pydicom.dcmread(src)
+            ds.BurnedInAnnotation = flag
+            ds.save_as(src)
+
+    def flags(name: str, **extra) -> dict[str, set]:
+        options = ExportOptions(top=3, secondary_capture=True, **extra)
+        summary = export_run(open_run(run.run_dir), tmp_path / name, options)
+        return {
+            s.study["study_key"]: {
+                pydicom.dcmread(tmp_path / name / p).get("BurnedInAnnotation")
+                for p in s.secondary_capture
+            }
+            for s in summary.studies
+        }
+
+    allowed = flags("allowed", allow_burned_in=True)
+    assert allowed == {run.study_keys[0]: {"YES"}, run.study_keys[1]: {"NO"},
+                       run.study_keys[2]: {None}}  # fmt: skip
+    held = flags("held")  # by default the overlays of a YES source are withheld with it
+    assert held == {run.study_keys[0]: set(), run.study_keys[1]: {"NO"}, run.study_keys[2]: {None}}
 
 
 def test_secondary_capture_uids_never_shared_between_exports(tmp_path: Path) -> None:

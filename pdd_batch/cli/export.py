@@ -36,10 +36,21 @@ def export_command(
         Path | None,
         typer.Option("--crosswalk", help="Write new->original identifiers here (mode 0600)."),
     ] = None,
+    allow_burned_in: Annotated[
+        bool,
+        typer.Option(
+            "--allow-burned-in",
+            help="Also export files that may show burned-in text (BurnedInAnnotation=YES, or "
+            "absent on OT/XA/RF/DX/CR/MG/US/SC... or a screen capture), with a warning. "
+            "By default they are withheld.",
+        ),
+    ] = False,
 ) -> None:
     """Export flagged studies: images, heatmap overlays, manifest.csv and export.json.
 
-    Without --top/--min-score the studies whose decision is "flagged" are exported.
+    Without --top/--min-score the studies whose decision is "flagged" are exported. Files that
+    may show burned-in text, and their overlays, are withheld (listed in export.json and
+    manifest.csv) unless --allow-burned-in is given.
     """
     console = Console(stderr=True)
     try:
@@ -49,6 +60,7 @@ def export_command(
             deidentify=deidentify,
             secondary_capture=secondary_capture,
             crosswalk=crosswalk,
+            allow_burned_in=allow_burned_in,
         )
         summary = export_run(open_run(results), out, options)
     except (ExportError, ResultsError) as exc:
@@ -61,6 +73,11 @@ def export_command(
         f"{summary.n_overlays} overlays to {out}"
         + (f"; [red]{len(summary.errors)} errors[/] (see export.json)" if summary.errors else "")
     )
+    if summary.withheld:
+        console.print(
+            f"[yellow]withheld:[/] {len(summary.withheld)} files/overlays that may show "
+            "burned-in text (listed in export.json; --allow-burned-in exports them)"
+        )
     for w in summary.warnings:
         console.print(f"[yellow]warning:[/] {w['study']}: {w['warning']}")
     raise typer.Exit(code=1 if summary.errors else 0)

@@ -2,21 +2,33 @@
 
 DICOM, applied recursively to every nested sequence item:
 
-* private tags, curves (50xx) and overlay data/comments (60xx,3000/4000) are removed; the file
-  meta keeps only its standard elements (no AE titles, addresses or private information);
+* private tags, curves (50xx) and whole overlay planes (60xx: data, comments, description,
+  label) are removed; the file meta keeps only its standard elements (no AE titles, addresses
+  or private information); EncryptedAttributesSequence (which may hold the originals) goes;
 * attributes of the basic profile table below are removed (X) or emptied (Z);
+* free text outside that table is removed too: every LT/ST/UT/UC element (except
+  LongCodeValue), LO/SH elements named ...Comment(s)/...Description/...Notes, and public
+  elements the dictionary does not know;
 * every UID (VR UI) that is not a registry UID (``1.2.840.10008.*``) is replaced by
   ``2.25.<int>`` derived with a keyed hash, so the same original UID gets the same new UID in
   every file of one export, and the original cannot be recovered without the key;
-* person names are emptied; PatientName/PatientID become a pseudonym of the original PatientID;
-* dates (DA, DT) are shifted by a per-study offset of whole days (option 113107), birth date
-  emptied; times are kept;
-* a final scan removes any text element that still contains an identifying value of the input;
+* person names are emptied; PatientName/PatientID become a pseudonym of the original PatientID,
+  and a PatientID nested in any sequence item becomes the pseudonym of its own value;
+* dates (DA, DT) are shifted by a per-patient offset of whole days (option 113107), so two
+  studies of one patient keep their interval; birth date emptied; times are kept;
+* a final scan removes any free-text element (PN, LO, SH, ST, LT, UT, UC) that still holds an
+  identifying value of the input: a patient name part of 2 or more characters (family, given
+  and middle names; not prefixes or suffixes) as a whole word, case-insensitive; an ID,
+  accession number, UID, birth date or institution name (4 or more characters) anywhere in the
+  text. Coded values (CS, DS, IS, UI...) are never scanned, so a surname such as ONO cannot
+  delete PhotometricInterpretation (MONOCHROME2);
 * PatientIdentityRemoved, DeidentificationMethod(+CodeSequence) and
   LongitudinalTemporalInformationModified are recorded.
 
-Pixel data is never touched. NIfTI: header text fields (descrip, aux_file, db_name, intent_name)
-are blanked and header extensions dropped; the image bytes are copied unchanged.
+Pixel data is never touched: ``pdd_batch.review.burned_in`` says which files may show burned-in
+text (export withholds them by default). NIfTI: header text fields (descrip, aux_file, db_name,
+intent_name, data_type) are blanked and header extensions dropped; the image bytes are copied
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import hashlib
 import hmac
 import io
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +47,7 @@ from pathlib import Path
 import nibabel as nib
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -57,8 +71,12 @@ META_KEEP = frozenset(
     "MediaStorageSOPInstanceUID TransferSyntaxUID ImplementationClassUID "
     "ImplementationVersionName".split()
 )
-TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
-            "UI", "UR", "UT"}  # fmt: skip
+# Free-text VRs: the only ones the final safety scan reads (coded values are never scanned).
+FREE_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+# Long free text outside the profile table is removed; these few are codes, kept.
+LONG_TEXT_VRS = frozenset({"ST", "LT", "UT", "UC"})
+KEEP_LONG_TEXT = frozenset({"LongCodeValue"})
+FREE_TEXT_SUFFIXES = ("Comment", "Comments", "Description", "Notes")
 
 # Basic profile (PS3.15 Table E.1-1), action X: remove.
 REMOVE = frozenset(
@@ -117,6 +135,7 @@ PatientSexNeutered PatientTelecomInformation PersonIdentificationCodeSequence
 ReasonForTheRequestedProcedure ReferencedPatientPhotoSequence OrderCallbackTelecomInformation
 PatientBirthDateInAlternativeCalendar PatientDeathDateInAlternativeCalendar PersonTelecomInformation
 SourcePatientGroupIdentificationSequence GroupOfPatientsIdentificationSequence
+EncryptedAttributesSequence EncryptedContent
 """.split()
 )
 
@@ -144,7 +163,7 @@ class Deidentifier:
 
     Attributes:
         key: secret for the keyed hashes (random per export unless given).
-        shift_dates: shift dates by a per-study offset (else dates are emptied).
+        shift_dates: shift dates by a per-patient offset (else dates are emptied).
         max_shift_days: offsets lie in ``[-max_shift_days, -1]`` days.
         crosswalk: new study UID -> original identifiers, filled as studies are seen; written
             only when the user asks for a crosswalk.
@@ -166,19 +185,31 @@ class Deidentifier:
         """A stable pseudonymous patient ID (``PDD`` + 12 hex digits)."""
         return f"PDD{_keyed_int(self.key, 'pid:' + patient_id, 6):012X}"
 
-    def date_offset_days(self, study_uid: str) -> int:
-        """The per-study date shift in days (negative, never zero)."""
-        return -(1 + _keyed_int(self.key, "date:" + study_uid, 4) % self.max_shift_days)
+    def date_offset_days(self, patient_key: str) -> int:
+        """The per-patient date shift in days (negative, never zero).
+
+        Args:
+            patient_key: the original PatientID (the StudyInstanceUID where it is empty), so
+                every study of one patient moves by the same offset and keeps its interval.
+        """
+        return -(1 + _keyed_int(self.key, "date:" + patient_key, 4) % self.max_shift_days)
+
+    def identify(self, ds: Dataset) -> tuple[str, str]:
+        """The new study UID and patient pseudonym of ``ds`` (recorded for the crosswalk),
+        without de-identifying it: for a file that is withheld rather than written."""
+        study_uid, pid = _study_and_patient(ds)
+        offset = self.date_offset_days(pid) if self.shift_dates else None
+        self._record(ds, study_uid, pid, offset)
+        return self.new_uid(study_uid), self.pseudonym(pid)
 
     def deidentify(self, ds: Dataset) -> Dataset:
         """De-identify ``ds`` in place (file meta included) and return it."""
-        study_uid = str(ds.get("StudyInstanceUID", ""))
+        study_uid, pid = _study_and_patient(ds)
         secrets_ = _identifying_values(ds)
-        offset = self.date_offset_days(study_uid) if self.shift_dates else None
-        pid = str(ds.get("PatientID", "")) or study_uid
+        offset = self.date_offset_days(pid) if self.shift_dates else None
         self._record(ds, study_uid, pid, offset)
         _walk(ds, self, offset)
-        _scrub_remaining(ds, secrets_)
+        _scrub_remaining(ds, _scan_pattern(secrets_))
         pseudo = self.pseudonym(pid)
         ds.PatientName, ds.PatientID = pseudo, pseudo
         _mark(ds, offset is not None)
@@ -213,22 +244,67 @@ class Deidentifier:
         }
 
 
+def _study_and_patient(ds: Dataset) -> tuple[str, str]:
+    """The original study UID and the patient key (PatientID, else the study UID)."""
+    study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+    return study_uid, str(ds.get("PatientID", "") or "").strip() or study_uid
+
+
 IDENTIFYING_KEYWORDS = (
     "PatientID", "AccessionNumber", "OtherPatientIDs", "StudyInstanceUID", "SeriesInstanceUID",
     "SOPInstanceUID", "PatientBirthDate", "InstitutionName",
 )  # fmt: skip
+NAME_KEYWORDS = ("PatientName", "OtherPatientNames", "PatientBirthName")
+MIN_ID_CHARS = 4  # IDs, UIDs, dates: shorter values would match ordinary numbers in free text
+MIN_NAME_CHARS = 2  # name parts: "LI", "NG" are whole surnames
 
 
-def _identifying_values(ds: Dataset) -> list[str]:
+@dataclass(frozen=True)
+class _Secrets:
+    """What the safety scan looks for: whole-word name parts, and ID-like values anywhere."""
+
+    names: frozenset[str]
+    ids: frozenset[str]
+
+
+def _name_parts(value: object) -> set[str]:
+    """Family, given and middle name words of a PN value (every component group and value),
+    split at anything that is not a letter or digit (SMITH-JONES, O'BRIEN, "VAN DAM");
+    prefixes and suffixes (Mr, Dr, Jr, III) identify nobody and are left out."""
+    values = value if isinstance(value, MultiValue | list | tuple) else [value]
+    parts: set[str] = set()
+    for v in values:
+        for group in str(v or "").split("="):
+            for component in group.split("^")[:3]:
+                parts.update(w.upper() for w in re.split(r"[\W_]+", component))
+    return {p for p in parts if len(p) >= MIN_NAME_CHARS}
+
+
+def _identifying_values(ds: Dataset) -> _Secrets:
     """Identifying strings of the input (names, IDs, UIDs), for the final safety scan."""
-    values: set[str] = set()
+    ids: set[str] = set()
     for kw in IDENTIFYING_KEYWORDS:
         v = str(ds.get(kw, "") or "").strip()
-        if len(v) >= 4:
-            values.add(v)
-    name = str(ds.get("PatientName", "") or "")
-    values.update(p.strip() for p in name.replace("=", "^").split("^") if len(p.strip()) >= 3)
-    return sorted(values, key=len, reverse=True)
+        if len(v) >= MIN_ID_CHARS:
+            ids.add(v.upper())
+    names: set[str] = set()
+    for kw in NAME_KEYWORDS:
+        if kw in ds and ds[kw].value not in (None, ""):
+            names |= _name_parts(ds[kw].value)
+    return _Secrets(frozenset(names), frozenset(ids))
+
+
+def _scan_pattern(found: _Secrets) -> re.Pattern[str] | None:
+    """One case-insensitive regex: name parts as whole words (not inside a longer word or
+    number), IDs anywhere. None when there is nothing to look for."""
+    words = sorted(found.names, key=len, reverse=True)
+    ids = sorted(found.ids, key=len, reverse=True)
+    alts = []
+    if words:
+        alts.append(r"(?<![^\W_])(?:" + "|".join(map(re.escape, words)) + r")(?![^\W_])")
+    if ids:
+        alts.append("|".join(map(re.escape, ids)))
+    return re.compile("|".join(alts), re.IGNORECASE) if alts else None
 
 
 def _shift_date(value: str, offset: int) -> str:
@@ -254,42 +330,56 @@ def _new_value(elem: DataElement, deid: Deidentifier, offset: int | None):
     return out if elem.VM > 1 else (out[0] if out else "")
 
 
+def _removed(elem: DataElement) -> bool:
+    """Whether the profile removes ``elem`` outright (at any nesting level)."""
+    tag, kw = elem.tag, elem.keyword
+    if tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF:
+        return True  # private, curves, overlay planes (data, comments, description, label)
+    if kw in REMOVE:
+        return True
+    if not kw:  # a public tag the dictionary does not know: its content is anyone's guess
+        return tag.element != 0  # but a group length is only a length
+    if elem.VR in LONG_TEXT_VRS:
+        return kw not in KEEP_LONG_TEXT
+    return elem.VR in ("LO", "SH") and kw.endswith(FREE_TEXT_SUFFIXES)
+
+
 def _walk(ds: Dataset, deid: Deidentifier, offset: int | None) -> None:
     """Apply the profile to one dataset level, recursing into sequence items."""
     for tag in list(ds.keys()):
         elem = ds[tag]
-        group, kw = tag.group, elem.keyword
-        if (
-            tag.is_private
-            or 0x5000 <= group <= 0x50FF
-            or (0x6000 <= group <= 0x60FF and tag.element in (0x3000, 0x4000))
-            or kw in REMOVE
-            or (elem.VR == "UN" and not kw)
-        ):
+        kw = elem.keyword
+        if _removed(elem):
             del ds[tag]
         elif kw in EMPTY:
             elem.value = ""
         elif elem.VR == "SQ":
             for item in elem.value:
                 _walk(item, deid, offset)
+        elif kw == "PatientID":  # nested ones too (another patient's ID in a reference)
+            elem.value = deid.pseudonym(str(elem.value or "").strip()) if elem.value else ""
         elif kw in KEEP_UIDS:
             continue
         elif elem.VR in ("UI", "DA", "DT", "PN") and elem.value not in (None, ""):
             elem.value = _new_value(elem, deid, offset)
 
 
-def _scrub_remaining(ds: Dataset, values: list[str]) -> None:
-    """Remove any text element that still contains an identifying value (belt and braces)."""
-    if not values:
+def _scrub_remaining(ds: Dataset, pattern: re.Pattern[str] | None) -> None:
+    """Remove any free-text element that still holds an identifying value (belt and braces).
+
+    Only free-text VRs are read: coded values (CS, DS, IS, UI...) are required by readers and
+    a surname can be a substring of one (ONO in MONOCHROME2, MARY in PRIMARY).
+    """
+    if pattern is None:
         return
     for tag in list(ds.keys()):
         elem = ds[tag]
         if elem.VR == "SQ":
             for item in elem.value:
-                _scrub_remaining(item, values)
-        elif elem.VR in TEXT_VRS and elem.value not in (None, ""):
-            text = str(elem.value)
-            if any(v in text for v in values):
+                _scrub_remaining(item, pattern)
+        elif elem.VR in FREE_TEXT_VRS and elem.value not in (None, ""):
+            values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+            if any(pattern.search(str(v)) for v in values):
                 log.debug("removed a text element still holding an identifier: %s", elem.keyword)
                 del ds[tag]
 
@@ -309,7 +399,9 @@ def _mark(ds: Dataset, dates_shifted: bool) -> None:
 
 # --- NIfTI -----------------------------------------------------------------------------------
 
-NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+# NIfTI-1 header text: descrip, aux_file, intent_name, and the unused ANALYZE 7.5 fields
+# data_type and db_name (NIfTI-2 has no data_type/db_name; absent keys are skipped).
+NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type")
 
 
 def deidentify_nifti_bytes(raw: bytes, name: str) -> bytes:

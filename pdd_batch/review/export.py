@@ -12,6 +12,12 @@ Layout of ``OUT/``::
 Studies are named ``S001``, ``S002``... by rank. No original identifier (names, IDs, UIDs,
 dates, archive paths, run keys) is written into ``OUT`` when de-identifying; the crosswalk from
 new to original identifiers goes, only when asked, to a separate file with mode 0600.
+
+Pixels are never cleaned, so when de-identifying a DICOM file that may show burned-in text
+(``burned_in.burned_in_risk``: BurnedInAnnotation=YES, or absent on a high-risk modality or a
+screen capture) is not written, nor are the overlays built from it: both are listed in
+``export.json`` and ``manifest.csv`` as "withheld: possible burned-in text" under the name they
+would have had. ``allow_burned_in`` writes them, with a warning.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import pdd_batch
 from pdd_batch.ingest.archive_io import MemberReader, split_member
 from pdd_batch.ingest.dicom_headers import quiet_pydicom
 from pdd_batch.ingest.reasons import exception_reason
+from pdd_batch.review.burned_in import BurnedIn, burned_in_risk, inherited_flag
 from pdd_batch.review.deid import Deidentifier, DeidError, deidentify_nifti_data
 from pdd_batch.review.overlay import display_scale, model_input_slices, overlay_png
 from pdd_batch.review.secondary_capture import ScStudy, write_sc_series
@@ -49,7 +56,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MANIFEST_COLUMNS = [
     "export_id", "rank", "kind", "modality", "decision", "max_score", "topk_mean", "n_flagged",
     "n_slices", "new_study_uid", "new_patient_id", "files", "overlays", "secondary_capture",
+    "withheld", "withheld_reason",
 ]  # fmt: skip
+WITHHELD_REASON = "withheld: possible burned-in text"
 
 
 class ExportError(ValueError):
@@ -66,6 +75,8 @@ class ExportOptions:
         deidentify: apply the PS3.15 basic profile (default); False keeps identifiers.
         secondary_capture: also write a DICOM Secondary Capture series of the overlays.
         crosswalk: file for the new -> original identifier table (mode 0600); None: not written.
+        allow_burned_in: when de-identifying, also write the files that may show burned-in
+            text (and their overlays), with a warning; by default they are withheld.
     """
 
     top: int | None = None
@@ -73,6 +84,7 @@ class ExportOptions:
     deidentify: bool = True
     secondary_capture: bool = False
     crosswalk: Path | None = None
+    allow_burned_in: bool = False
 
     def __post_init__(self) -> None:
         if self.top is not None and self.top < 1:
@@ -103,6 +115,9 @@ class StudyExport:
     overlays: list[str] = field(default_factory=list)
     secondary_capture: list[str] = field(default_factory=list)
     crosswalk_files: list[dict[str, str]] = field(default_factory=list)
+    withheld: list[str] = field(default_factory=list)  # names they would have had in OUT
+    crosswalk_withheld: list[dict[str, str]] = field(default_factory=list)
+    pixel_risk: dict[str, BurnedIn] = field(default_factory=dict)  # source file -> risk
 
 
 @dataclass
@@ -113,6 +128,7 @@ class ExportSummary:
     studies: list[StudyExport] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     warnings: list[dict[str, str]] = field(default_factory=list)
+    withheld: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def n_files(self) -> int:
@@ -151,7 +167,7 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
         for rank, study in enumerate(selected.to_pylist(), start=1):
             item = StudyExport(export_id=f"S{rank:03d}", rank=rank, study=study)
             rows = results.study_slices(study["study_key"]).to_pylist()
-            _export_sources(reader, rows, out_dir, item, deid, summary)
+            _export_sources(reader, rows, out_dir, item, deid, summary, options.allow_burned_in)
             _export_overlays(root, rows, out_dir, item, scale, options, summary)
             _warn_burned_in(item, summary)
             summary.studies.append(item)
@@ -159,19 +175,35 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
     _write_export_json(out_dir, results, options, summary, scale)
     if options.crosswalk is not None:
         write_crosswalk(options.crosswalk, summary, deid)
-    log.info("exported %d studies, %d files, %d overlays, %d errors", len(summary.studies),
-             summary.n_files, summary.n_overlays, len(summary.errors))  # fmt: skip
+    log.info("exported %d studies, %d files, %d overlays, %d withheld, %d errors",
+             len(summary.studies), summary.n_files, summary.n_overlays, len(summary.withheld),
+             len(summary.errors))  # fmt: skip
     return summary
 
 
 def _warn_burned_in(item: StudyExport, summary: ExportSummary) -> None:
-    """Pixels are copied unchanged: say so where the source declares burned-in text."""
-    if item.study.get("_burned_in"):
+    """Pixels are copied unchanged: say so for a study whose written files may show burned-in
+    text (``--allow-burned-in``, or identifiers kept)."""
+    written = [item.pixel_risk.get(f["source"]) for f in item.crosswalk_files]
+    why = sorted({r.value for r in written if r is not None and r.possible})
+    if why:
         warning = (
-            "BurnedInAnnotation=YES: pixels are copied unchanged and may show identifying "
-            "text; review before sharing"
+            f"{'; '.join(why)}: pixels are copied unchanged and may show identifying text; "
+            "review before sharing"
         )
         summary.warnings.append({"study": item.export_id, "warning": warning})
+
+
+def _withhold(
+    summary: ExportSummary, item: StudyExport, name: str, risk: BurnedIn, source: str | None
+) -> None:
+    """Record a file or overlay that is not written because it may show burned-in text."""
+    item.withheld.append(name)
+    summary.withheld.append(
+        {"study": item.export_id, "item": name, "reason": WITHHELD_REASON, "detail": risk.value}
+    )
+    if source is not None:
+        item.crosswalk_withheld.append({"withheld": name, "source": source})
 
 
 def _display_scale(results: RunResults, study_keys: list[str]) -> tuple[float, float]:
@@ -186,9 +218,16 @@ def _error(summary: ExportSummary, item: StudyExport, what: str, reason: str) ->
 
 
 def _export_sources(
-    reader: MemberReader, rows: list[dict], out_dir: Path, item: StudyExport, deid, summary
+    reader: MemberReader,
+    rows: list[dict],
+    out_dir: Path,
+    item: StudyExport,
+    deid: Deidentifier | None,
+    summary: ExportSummary,
+    allow_burned_in: bool,
 ) -> None:
-    """Copy (and de-identify) every source file of the study's slices."""
+    """Copy (and de-identify) every source file of the study's slices; a file that may show
+    burned-in text is withheld when de-identifying unless ``allow_burned_in``."""
     root = reader.root
     series_order = list(dict.fromkeys(r["series_key"] for r in rows))
     in_slice_order = sorted(
@@ -207,14 +246,17 @@ def _export_sources(
         else:
             dst = out_dir / item.export_id / "dicom" / f"series{s_idx:02d}"
             dst = dst / f"IM{counters[series_key]:04d}.dcm"
-        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _copy_one(_read_source(reader, root, rel), dst, item, deid)
+            written = _copy_one(_read_source(reader, root, rel), dst, item, deid, rel,
+                                allow_burned_in)  # fmt: skip
         except (OSError, InvalidDicomError, DeidError, ValueError, KeyError, struct.error) as exc:
             _error(summary, item, f"file {n} of {len(files)}", _reason(exc))
             dst.unlink(missing_ok=True)
             continue
         rel_out = dst.relative_to(out_dir).as_posix()
+        if not written:
+            _withhold(summary, item, rel_out, item.pixel_risk[rel], source=rel)
+            continue
         item.files.append(rel_out)
         item.crosswalk_files.append({"exported": rel_out, "source": rel})
     if item.kind == "nifti" and deid is not None:
@@ -240,13 +282,31 @@ def _read_source(reader: MemberReader, root: Path, rel: str) -> bytes:
     return reader.read(rel)
 
 
-def _copy_one(data: bytes, dst: Path, item: StudyExport, deid: Deidentifier | None) -> None:
-    """Write one source file's bytes to ``dst``, de-identified unless ``deid`` is None."""
+def _copy_one(
+    data: bytes,
+    dst: Path,
+    item: StudyExport,
+    deid: Deidentifier | None,
+    rel: str,
+    allow_burned_in: bool,
+) -> bool:
+    """Write one source file's bytes to ``dst``, de-identified unless ``deid`` is None.
+
+    Returns:
+        False when the file is withheld instead (de-identifying, its pixels may show burned-in
+        text, and ``allow_burned_in`` is off); its risk is kept in ``item.pixel_risk[rel]``.
+    """
     if item.kind == "nifti":
+        dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(data if deid is None else deidentify_nifti_data(data, dst.name))
-        return
+        return True
     with quiet_pydicom():  # its warnings quote malformed values (UIDs, dates) into the logs
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=deid is None)
+        risk = item.pixel_risk[rel] = burned_in_risk(ds)
+        if deid is not None and risk.possible and not allow_burned_in:
+            item.new_study_uid, item.new_patient_id = deid.identify(ds)
+            return False
+        dst.parent.mkdir(parents=True, exist_ok=True)
         if deid is None:
             dst.write_bytes(data)
         else:
@@ -255,9 +315,7 @@ def _copy_one(data: bytes, dst: Path, item: StudyExport, deid: Deidentifier | No
         item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
         item.new_patient_id = str(ds.get("PatientID", ""))
         item.study.setdefault("_study_date", str(ds.get("StudyDate", "")))
-        burned_in = str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
-    if burned_in:
-        item.study["_burned_in"] = True
+    return True
 
 
 def _overlay_rows(rows: list[dict]) -> list[dict]:
@@ -268,12 +326,24 @@ def _overlay_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["heatmap_png"]][:1]
 
 
+def _overlay_risk(item: StudyExport, row: dict) -> BurnedIn:
+    """The burned-in risk of an overlay's source file (unknown when it was not read)."""
+    return item.pixel_risk.get(row["source_file"], BurnedIn.UNKNOWN)
+
+
 def _export_overlays(root, rows, out_dir, item: StudyExport, scale, options, summary) -> None:
-    """Write the overlay PNGs (and the SC series) of one study."""
+    """Write the overlay PNGs (and the SC series) of one study; an overlay blends its source
+    slice, so it is withheld with a source that may show burned-in text."""
     chosen = _overlay_rows(rows)
     series_order = list(dict.fromkeys(r["series_key"] for r in rows))
+    if options.deidentify and not options.allow_burned_in:
+        for r in [r for r in chosen if _overlay_risk(item, r).possible]:
+            name = f"{item.export_id}/overlays/{_overlay_name(series_order, r)}"
+            _withhold(summary, item, name, _overlay_risk(item, r), source=None)
+        chosen = [r for r in chosen if not _overlay_risk(item, r).possible]
     bases: dict[str, dict] = {}
     sc_items: list[tuple[np.ndarray, str]] = []
+    sc_risks: list[BurnedIn] = []
     for r in chosen:
         sk = r["series_key"]
         if sk not in bases:
@@ -283,7 +353,7 @@ def _export_overlays(root, rows, out_dir, item: StudyExport, scale, options, sum
             bases[sk] = model_input_slices(root, [x for x in rows if x["series_key"] == sk], wanted)
         base = bases[sk].get((r["volume_index"], r["slice_index"]))
         s_idx = series_order.index(sk) + 1
-        name = f"series{s_idx:02d}_v{r['volume_index']}_z{r['slice_index']:04d}.png"
+        name = _overlay_name(series_order, r)
         if base is None:
             _error(summary, item, f"overlay {name}", "slice image unavailable; heatmap only")
             base = np.zeros((1, 1), dtype=np.float32)
@@ -298,11 +368,19 @@ def _export_overlays(root, rows, out_dir, item: StudyExport, scale, options, sum
         item.overlays.append(path.relative_to(out_dir).as_posix())
         comment = f"series {s_idx} slice {r['slice_index']} score {r['score']:.4f}"
         sc_items.append((np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), comment))
+        sc_risks.append(_overlay_risk(item, r))
     if options.secondary_capture and sc_items:
-        _write_sc(out_dir, item, sc_items, options.deidentify)
+        _write_sc(out_dir, item, sc_items, options.deidentify, inherited_flag(sc_risks))
 
 
-def _write_sc(out_dir: Path, item: StudyExport, sc_items, deidentified: bool) -> None:
+def _overlay_name(series_order: list[str], row: dict) -> str:
+    s_idx = series_order.index(row["series_key"]) + 1
+    return f"series{s_idx:02d}_v{row['volume_index']}_z{row['slice_index']:04d}.png"
+
+
+def _write_sc(
+    out_dir: Path, item: StudyExport, sc_items, deidentified: bool, burned_in: str | None
+) -> None:
     # No study UID / patient ID of its own (NIfTI kept identified, or no source file copied):
     # random ones, never ones derived from the rank alone, which every export shares.
     study_uid = item.new_study_uid or generate_uid()
@@ -313,7 +391,7 @@ def _write_sc(out_dir: Path, item: StudyExport, sc_items, deidentified: bool) ->
         patient_name=patient_id,
         study_date=item.study.get("_study_date", "") if item.kind == "dicom" else "",
         deidentified=deidentified,
-        burned_in=bool(item.study.get("_burned_in")),
+        burned_in=burned_in,
     )
     paths = write_sc_series(sc_items, study, out_dir / item.export_id / "secondary_capture",
                             series_seed=item.export_id)  # fmt: skip
@@ -334,6 +412,8 @@ def _write_manifest_csv(out_dir: Path, summary: ExportSummary) -> None:
                 "new_study_uid": s.new_study_uid, "new_patient_id": s.new_patient_id,
                 "files": ";".join(s.files), "overlays": ";".join(s.overlays),
                 "secondary_capture": ";".join(s.secondary_capture),
+                "withheld": ";".join(s.withheld),
+                "withheld_reason": WITHHELD_REASON if s.withheld else "",
             })  # fmt: skip
 
 
@@ -343,8 +423,11 @@ def _write_export_json(out_dir, results: RunResults, options, summary, scale) ->
         "version": pdd_batch.__version__,
         "options": options.to_dict(),
         "deidentification": (
-            "DICOM PS3.15 E.1 basic profile, dates shifted per study (113107); NIfTI header "
-            "text fields blanked, extensions dropped" if options.deidentify else "none"
+            "DICOM PS3.15 E.1 basic profile, dates shifted per patient (113107); pixels "
+            "unchanged, files that may show burned-in text "
+            + ("exported (--allow-burned-in)" if options.allow_burned_in else "withheld")
+            + "; NIfTI header text fields blanked, extensions dropped"
+            if options.deidentify else "none"
         ),
         "run": {
             "run_id": results.manifest.get("run_id"),
@@ -353,8 +436,10 @@ def _write_export_json(out_dir, results: RunResults, options, summary, scale) ->
         },
         "overlay_colour_scale": {"transparent_at_or_below": scale[0], "red_at": scale[1]},
         "counts": {"studies": len(summary.studies), "files": summary.n_files,
-                   "overlays": summary.n_overlays, "errors": len(summary.errors)},
+                   "overlays": summary.n_overlays, "withheld": len(summary.withheld),
+                   "errors": len(summary.errors)},
         "errors": summary.errors,
+        "withheld": summary.withheld,
         "warnings": summary.warnings,
     }  # fmt: skip
     (out_dir / "export.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
@@ -367,7 +452,7 @@ def write_crosswalk(path: Path, summary: ExportSummary, deid: Deidentifier | Non
     for s in summary.studies:
         entry = {"export_id": s.export_id, "study_key": s.study["study_key"],
                  "new_study_uid": s.new_study_uid, "new_patient_id": s.new_patient_id,
-                 "files": s.crosswalk_files}  # fmt: skip
+                 "files": s.crosswalk_files, "withheld": s.crosswalk_withheld}  # fmt: skip
         entry.update({k: v for k, v in by_uid.get(s.new_study_uid, {}).items() if k not in entry})
         studies.append(entry)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ class ScStudy:
         patient_name: PatientName (pseudonym when de-identified).
         study_date: StudyDate (shifted when de-identified), may be ''.
         deidentified: whether to mark the instances PatientIdentityRemoved=YES.
-        burned_in: the source pixels declare burned-in text (BurnedInAnnotation=YES); the
-            overlays blend those pixels, so they carry it too.
+        burned_in: BurnedInAnnotation of the overlays, inherited from the source pixels they
+            blend (``burned_in.inherited_flag``): "YES", "NO", or None to leave the attribute
+            out when the sources do not say (never NO when unknown).
     """
 
     study_uid: str
@@ -38,7 +39,7 @@ class ScStudy:
     patient_name: str
     study_date: str = ""
     deidentified: bool = True
-    burned_in: bool = False
+    burned_in: str | None = None
 
 
 def derived_uid(*parts: str) -> str:
@@ -78,7 +79,10 @@ def sc_dataset(rgb: np.ndarray, study: ScStudy, series_uid: str, number: int, co
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "PDD anomaly map blended over the model-input slice"
     ds.ImageComments = comment
-    ds.BurnedInAnnotation = "YES" if study.burned_in else "NO"
+    if study.burned_in is not None:
+        if study.burned_in not in ("YES", "NO"):
+            raise ValueError(f"burned_in must be YES, NO or None, got {study.burned_in!r}")
+        ds.BurnedInAnnotation = study.burned_in
     if study.deidentified:
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = "pdd-batch export (derived from de-identified data)"
