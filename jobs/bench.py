@@ -19,6 +19,7 @@ import numpy as np
 import ray
 import torch
 
+from jobs.cluster import connect
 from jobs.resources import ResourceError, plan_actors
 from jobs.screen import ProgressEvent, resolve_model, run_screen
 from pdd_batch.ingest.discovery import discover
@@ -184,14 +185,10 @@ def run_pipeline_benchmark(
         tmp = Path(tmp_s)
         ckpt = _checkpoint(model_path, tmp, paper=paper)
         info = resolve_model(ckpt)
-        spec = PreprocessSpec.from_dict(json.loads(info.preprocessing))
-        probe = _archive(tmp / "probe", 1)
-        disc = discover(probe)
-        images = np.stack(
-            [s.image for s in iter_model_slices(load_series(disc.root, disc.series[0]), spec)]
-        ).astype(np.float32)
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
-        try:
+        images = _probe_images(
+            tmp / "probe", PreprocessSpec.from_dict(json.loads(info.preprocessing))
+        )
+        with connect():
             plan = plan_actors(ray.cluster_resources(), num_actors=1, batch_size=batch_size)
             print_fn(
                 f"model: {info.model_id} on {plan.device} ({precision}), batch {plan.batch_size}, "
@@ -204,23 +201,44 @@ def run_pipeline_benchmark(
             print_fn(f"model-only: {model_rate:.2f} slices/s")
             n_series = max(2, int(model_rate * target_seconds / SLICES_PER_SERIES))
             archive = _archive(tmp / "archive", n_series)
-            runs = {}
-            for actors in (1, 2):
-                try:
-                    plan_actors(ray.cluster_resources(), num_actors=actors)
-                except ResourceError as exc:
-                    print_fn(f"end-to-end, {actors} actors: skipped ({exc})")
-                    continue
-                r = _e2e(archive, tmp / f"out{actors}", ckpt, actors, plan.batch_size, precision)
-                runs[actors] = r
-                print_fn(
-                    f"end-to-end, {actors} actor(s): {r['steady']:.2f} slices/s steady "
-                    f"(first to last slice), {r['wall']:.2f} slices/s including start-up "
-                    f"({r['n']} slices in {r['seconds']:.1f} s, first after {r['first_s']:.1f} s)"
-                )
-                print_fn(f"per-actor peak memory, {actors} actor(s): {r['peak_mb']:.0f} MiB")
-        finally:
-            ray.shutdown()
+            runs = _end_to_end_runs(print_fn, archive, tmp, ckpt, plan.batch_size, precision)
+    return _print_efficiency(print_fn, runs, model_rate)
+
+
+def _probe_images(folder: Path, spec: PreprocessSpec) -> np.ndarray:
+    """The model input of one synthetic series, (Z, S, S) float32: the model-only workload."""
+    disc = discover(_archive(folder, 1))
+    series = load_series(disc.root, disc.series[0])
+    return np.stack([s.image for s in iter_model_slices(series, spec)]).astype(np.float32)
+
+
+def _end_to_end_runs(
+    print_fn: Callable[[str], None], archive: Path, tmp: Path, ckpt: Path, batch: int,
+    precision: str,
+) -> dict[int, dict[str, float]]:  # fmt: skip
+    """Screen ``archive`` with 1 and (where the cluster holds them) 2 actors; print each run."""
+    runs = {}
+    for actors in (1, 2):
+        try:
+            plan_actors(ray.cluster_resources(), num_actors=actors)
+        except ResourceError as exc:
+            print_fn(f"end-to-end, {actors} actors: skipped ({exc})")
+            continue
+        r = _e2e(archive, tmp / f"out{actors}", ckpt, actors, batch, precision)
+        runs[actors] = r
+        print_fn(
+            f"end-to-end, {actors} actor(s): {r['steady']:.2f} slices/s steady "
+            f"(first to last slice), {r['wall']:.2f} slices/s including start-up "
+            f"({r['n']} slices in {r['seconds']:.1f} s, first after {r['first_s']:.1f} s)"
+        )
+        print_fn(f"per-actor peak memory, {actors} actor(s): {r['peak_mb']:.0f} MiB")
+    return runs
+
+
+def _print_efficiency(
+    print_fn: Callable[[str], None], runs: dict[int, dict[str, float]], model_rate: float
+) -> float:
+    """Print the end-to-end / model-only ratio and the 1 -> 2 actor scaling; return the ratio."""
     ratio = runs[1]["steady"] / model_rate
     print_fn(f"end-to-end / model-only: {ratio:.2f}")
     if 2 in runs:

@@ -54,6 +54,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         mode = "joined"
     else:
         ray.init(
+            address="local",  # a new cluster: never the one another `ray start` left running
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address=LOCAL_HOST,

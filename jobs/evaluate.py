@@ -212,19 +212,31 @@ def evaluate_checkpoint(
         }
     )
     if "threshold" in calib:
-        flagged = res.scores > float(calib["threshold"])
-        labels = np.array([it.label for it in res.items])
-        metrics["at_threshold"] = {
-            "threshold": float(calib["threshold"]),
-            "fpr": float(flagged[labels == 0].mean()),
-            "tpr": float(flagged[labels == 1].mean()),
-        }
-    out_dir = Path(out_dir)
+        metrics["at_threshold"] = _rates_at_threshold(res, float(calib["threshold"]))
+    _write_reports(Path(out_dir), metrics, res, loaded.model_id, calib.get("threshold"))
+    return metrics
+
+
+def _rates_at_threshold(res: ScoreResult, threshold: float) -> dict[str, float]:
+    """False- and true-positive rates of ``score > threshold`` on the scored items."""
+    flagged = res.scores > threshold
+    labels = np.array([it.label for it in res.items])
+    return {
+        "threshold": threshold,
+        "fpr": float(flagged[labels == 0].mean()),
+        "tpr": float(flagged[labels == 1].mean()),
+    }
+
+
+def _write_reports(
+    out_dir: Path, metrics: dict[str, Any], res: ScoreResult, model_id: str, threshold: Any
+) -> None:
+    """``metrics.json``, ``scores.csv`` and ``evaluation.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _write_scores(out_dir / "scores.csv", res)
     title = (
-        f"{metrics['config']} {loaded.model_id}: AUROC {metrics['auroc']:.3f}  "
+        f"{metrics['config']} {model_id}: AUROC {metrics['auroc']:.3f}  "
         f"AP {metrics['ap']:.3f}  F1-max {metrics['f1_max']:.3f}"
     )
     evaluation_figure(
@@ -236,9 +248,8 @@ def evaluate_checkpoint(
         image_index=res.top_index,
         names=[f"scores.csv row {i + 1}" for i in res.top_index],  # no file names: may hold IDs
         title=title,
-        threshold=calib.get("threshold"),
+        threshold=threshold,
     )
-    return metrics
 
 
 def calibrate_checkpoint(

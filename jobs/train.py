@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.config import ModelConfig
 from model.train_step import (
     feature_bank,
     make_optimizer,
@@ -167,9 +168,9 @@ def select_training_items(items: Sequence[ImageItem], run: TrainConfig) -> list[
     return chosen
 
 
-def build(model_config: Any) -> nn.Module:
+def build(model_config: ModelConfig) -> nn.Module:
     """Build the model of a ``ModelConfig`` (``model.pdd.build_model`` dispatches RD4AD too)."""
-    if getattr(model_config, "arch", "pdd") == "rd4ad":
+    if model_config.arch == "rd4ad":
         from model.rd4ad import build_rd4ad
 
         return build_rd4ad(model_config)
@@ -178,7 +179,7 @@ def build(model_config: Any) -> nn.Module:
     return build_model(model_config)
 
 
-def teacher_key(model_config: Any) -> str:
+def teacher_key(model_config: ModelConfig) -> str:
     """What fixes the teacher features of an image: the teachers and the input size."""
     cnn, mamba = model_config.cnn_teacher, model_config.mamba_teacher
     return f"{cnn!r}|{mamba!r}|{model_config.image_size}"
@@ -299,7 +300,7 @@ def _training_images(
 def train_model(
     items: Sequence[ImageItem] | Path,
     out_dir: Path,
-    model_config: Any,
+    model_config: ModelConfig,
     run: TrainConfig = TrainConfig(),
     *,
     resume: bool = False,
@@ -332,7 +333,7 @@ def train_model(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model_config, "head_seed") and model is None:
+    if model is None:
         model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
     spec = PreprocessSpec(image_size=int(model_config.image_size), resize=resize)
     images, names, errors = _training_images(items, spec, run)
@@ -368,7 +369,7 @@ def train_model(
 def _cached_bank(
     cache: dict[Any, Any],
     model: nn.Module,
-    model_config: Any,
+    model_config: ModelConfig,
     images: np.ndarray,
     names: list[str],
     run: TrainConfig,
@@ -422,7 +423,7 @@ def ray_address(address: str | None) -> str | None:
 def run_training(
     items: Sequence[ImageItem] | Path,
     out_dir: Path,
-    model_config: Any,
+    model_config: ModelConfig,
     run: TrainConfig = TrainConfig(),
     *,
     resume: bool = False,

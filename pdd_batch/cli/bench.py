@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from pdd_batch.cli.options import ModelOption
+
 bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True)
 
 
@@ -20,9 +22,7 @@ def bench_scan() -> None:
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    model: Annotated[
-        Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
-    ] = None,
+    model: ModelOption = None,
     paper: Annotated[
         bool, typer.Option(help="The paper architecture, seeded random weights (GPU figures).")
     ] = False,

@@ -39,8 +39,6 @@ def evaluation_figure(
         threshold: calibrated threshold drawn on the histogram, if any.
         n_top: number of top-scoring images in the grid.
     """
-    from sklearn.metrics import roc_curve  # imports rich: keep it out of module import
-
     y = np.asarray(labels).astype(int)
     s = np.asarray(scores, dtype=np.float64)
     show_grid = images is not None and maps is not None and len(images) > 0
@@ -50,21 +48,8 @@ def evaluation_figure(
     rows = 1 + (2 if n_top else 0)
     fig = plt.figure(figsize=(3.2 * ncols, 3.2 * rows))
     grid = fig.add_gridspec(rows, ncols)
-    ax_roc = fig.add_subplot(grid[0, : ncols // 2])
-    ax_hist = fig.add_subplot(grid[0, ncols // 2 :])
-    if len(set(y.tolist())) == 2:
-        fpr, tpr, _ = roc_curve(y, s)
-        ax_roc.plot(fpr, tpr, lw=2)
-    ax_roc.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax_roc.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
-    bins = np.linspace(s.min(), s.max(), 30) if len(s) else 10
-    for lab, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
-        if (y == lab).any():
-            ax_hist.hist(s[y == lab], bins=bins, alpha=0.6, label=name, color=colour)
-    if threshold is not None:
-        ax_hist.axvline(threshold, color="k", ls="--", label="threshold")
-    ax_hist.set(xlabel="image score", ylabel="images", title="scores per class")
-    ax_hist.legend()
+    _draw_roc(fig.add_subplot(grid[0, : ncols // 2]), y, s)
+    _draw_histograms(fig.add_subplot(grid[0, ncols // 2 :]), y, s, threshold)
     if n_top:
         _draw_top_maps(fig, grid, images, maps, index, s, y, names, n_top, ncols)
     if title:
@@ -75,6 +60,29 @@ def evaluation_figure(
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
     return out_png
+
+
+def _draw_roc(ax: plt.Axes, y: np.ndarray, s: np.ndarray) -> None:
+    """ROC curve of scores ``s`` (N,) against labels ``y`` (N,), with the chance diagonal."""
+    from sklearn.metrics import roc_curve  # imports rich: keep it out of module import
+
+    if len(set(y.tolist())) == 2:
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, lw=2)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+
+
+def _draw_histograms(ax: plt.Axes, y: np.ndarray, s: np.ndarray, threshold: float | None) -> None:
+    """Score histograms per class on shared bins, with the calibrated threshold if any."""
+    bins = np.linspace(s.min(), s.max(), 30) if len(s) else 10
+    for lab, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
+        if (y == lab).any():
+            ax.hist(s[y == lab], bins=bins, alpha=0.6, label=name, color=colour)
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", label="threshold")
+    ax.set(xlabel="image score", ylabel="images", title="scores per class")
+    ax.legend()
 
 
 def _draw_top_maps(fig, grid, images, maps, index, s, y, names, n_top, ncols) -> None:  # noqa: ANN001
