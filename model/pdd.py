@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,9 @@ from model.loss import pdd_loss
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
 from model.precision import autocast
 from model.teachers import Teacher, TeacherWeightsError, build_teacher
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from model.rd4ad import RD4AD
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +148,7 @@ def _check_teacher_geometry(cnn: Teacher, mamba: Teacher) -> None:
         )
 
 
-def build_model(config: ModelConfig, stored_teachers: dict[str, Path] | None = None) -> nn.Module:
+def build_model(config: ModelConfig, stored_teachers: dict[str, Path] | None = None) -> PDD | RD4AD:
     """Build the model a config describes, teachers loaded strictly, on CPU.
 
     ``arch="pdd"`` gives ``PDD``; ``arch="rd4ad"`` dispatches to ``model.rd4ad.build_rd4ad``.
