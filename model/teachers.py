@@ -265,7 +265,7 @@ StateFile = tuple[Path, dict[str, Tensor]]  # a weights file and its state under
 
 
 def _imagenet_norm(spec: TeacherSpec) -> Norm:
-    """ImageNet mean/std, what seeded and VMamba teachers are fed."""
+    """ImageNet mean/std: the default, for seeded teachers and VMamba."""
     return IMAGENET_MEAN, IMAGENET_STD
 
 
