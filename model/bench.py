@@ -19,7 +19,8 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import torch
@@ -32,6 +33,9 @@ from model.scan import (
     selective_scan,
     selective_scan_reference,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from model.config import ModelConfig
 
 STAGE1_DIM = 96  # VMamba-T stage 1: d_model 96, d_inner 192
 STAGE1_SIDE = 64  # 256 px / patch 4
@@ -116,7 +120,7 @@ def run_scan_benchmark(
     return speedup
 
 
-def paper_architecture_config() -> Any:
+def paper_architecture_config() -> ModelConfig:
     """The paper config with seeded random teachers: the paper's shapes and cost, no weights
     needed (throughput does not depend on the weights' values)."""
     from model.config import get_config
@@ -161,8 +165,8 @@ def run_forward_benchmark(
     precisions: tuple[str, ...] = ("fp32", "bf16"),
     device: str | None = None,
     seconds: float = 5.0,
-    config: Any = None,
-    model_path: Any = None,
+    config: ModelConfig | None = None,
+    model_path: str | Path | None = None,
 ) -> dict[str, float]:
     """Forward (predict) throughput per precision; returns slices/s by precision.
 
@@ -204,7 +208,7 @@ def run_train_benchmark(
     epochs: int = 100,
     batch: int = 16,
     steps: int = 3,
-    config: Any = None,
+    config: ModelConfig | None = None,
     device: str | None = None,
 ) -> dict[str, float]:
     """What one ``pdd-batch train`` run of ``config`` costs on this machine (default: the paper

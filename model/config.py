@@ -12,14 +12,15 @@ Named configs:
     ``"astra"``: a CT-pretrained ResNet-152 (the astra I3ResNet-152 collapsed to 2-D; pip extra
         ``astra``) + the same small seeded VMamba. Scored below ``lite0`` on HeadCT
         (docs/results.md).
+    ``"rd4ad"``: the RD4AD baseline (``model.rd4ad``) on the ``lite0`` teacher, no Teacher M.
 
-Other modules may register configs with ``register_config`` (e.g. ``model.rd4ad``).
+Every named config is one entry of ``_REGISTRY``; the config module imports no model code.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -184,32 +185,33 @@ def _astra() -> ModelConfig:
     )
 
 
-_REGISTRY: dict[str, Callable[[], ModelConfig]] = {
+def _rd4ad() -> ModelConfig:
+    """The RD4AD baseline on the offline ImageNet EfficientNet-Lite0 teacher (as ``"lite0"``).
+
+    Compare under other teachers with ``get_config("rd4ad", cnn_arch=..., cnn_source=...)``.
+    """
+    return ModelConfig(
+        name="rd4ad",
+        cnn_teacher=LITE0_TEACHER,
+        mamba_teacher=None,
+        image_size=LITE0_IMAGE_SIZE,
+        arch="rd4ad",
+        loss_form="paper",
+    )
+
+
+_REGISTRY: Mapping[str, Callable[[], ModelConfig]] = {
     "paper": _paper,
     "test": _test,
     "lite0": _lite0,
     "astra": _astra,
+    "rd4ad": _rd4ad,
 }
-
-
-def register_config(name: str, factory: Callable[[], ModelConfig]) -> None:
-    """Register a named config (e.g. ``"rd4ad"`` from ``model.rd4ad``)."""
-    _REGISTRY[name] = factory
 
 
 def config_names() -> list[str]:
     """Names accepted by ``get_config``."""
-    _register_optional()
     return sorted(_REGISTRY)
-
-
-def _register_optional() -> None:
-    """Import modules that register their own configs, if they exist."""
-    if "rd4ad" not in _REGISTRY:
-        try:
-            import model.rd4ad  # noqa: F401 - registers "rd4ad" on import
-        except ImportError:
-            pass
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
@@ -223,7 +225,6 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     Raises:
         ConfigError: unknown config name, unknown override key, or an invalid value (named).
     """
-    _register_optional()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown config name {name!r}; known: {sorted(_REGISTRY)}")
     cfg = _REGISTRY[name]()

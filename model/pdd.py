@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,9 @@ from model.loss import pdd_loss
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
 from model.precision import autocast
 from model.teachers import Teacher, TeacherWeightsError, build_teacher
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from model.rd4ad import RD4AD
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +104,17 @@ class PDD(nn.Module):
         """(B, 1|3, S, S) in [0, 1] → HeadOutput (targets, student1, student2), high-res first."""
         return self.forward_from_features(*self.teacher_features(x))
 
+    def loss_from_output(self, out: HeadOutput) -> LossParts:
+        """The PDD loss of a head output (form from the config)."""
+        return pdd_loss(out, form=self.config.loss_form)
+
     def loss(self, x: Tensor) -> LossParts:
         """The PDD training loss of a batch of normal images (form from the config)."""
-        return pdd_loss(self(x), form=self.config.loss_form)
+        return self.loss_from_output(self(x))
+
+    def anomaly_from_output(self, out: HeadOutput, image_size: int) -> AnomalyOutput:
+        """PDD's anomaly map of a head output, blurred with the config's ``map_sigma``."""
+        return anomaly_map(out, image_size, sigma=float(self.config.map_sigma))
 
     @torch.no_grad()
     def predict(self, x: Tensor, precision: str = "fp32") -> AnomalyOutput:
@@ -116,7 +128,7 @@ class PDD(nn.Module):
         try:
             with autocast(x.device, precision):
                 out = self(x)
-            return anomaly_map(out, int(x.shape[-1]), sigma=self.config.map_sigma)
+            return self.anomaly_from_output(out, int(x.shape[-1]))
         finally:
             self.train(was_training)
 
@@ -136,7 +148,7 @@ def _check_teacher_geometry(cnn: Teacher, mamba: Teacher) -> None:
         )
 
 
-def build_model(config: ModelConfig, stored_teachers: dict[str, Path] | None = None) -> nn.Module:
+def build_model(config: ModelConfig, stored_teachers: dict[str, Path] | None = None) -> PDD | RD4AD:
     """Build the model a config describes, teachers loaded strictly, on CPU.
 
     ``arch="pdd"`` gives ``PDD``; ``arch="rd4ad"`` dispatches to ``model.rd4ad.build_rd4ad``.

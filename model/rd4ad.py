@@ -21,12 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from model.anomaly_map import anomaly_map
-from model.config import (
-    LITE0_IMAGE_SIZE,
-    LITE0_TEACHER,
-    ModelConfig,
-    register_config,
-)
+from model.config import ModelConfig
 from model.decoder import init_distillation_weights, make_stage
 from model.loss import cosine_sum
 from model.outputs import AnomalyOutput, HeadOutput, LossParts
@@ -194,23 +189,5 @@ def build_rd4ad(config: ModelConfig, stored_teachers: dict[str, Path] | None = N
     """
     teacher = build_teacher(config.cnn_teacher, (stored_teachers or {}).get("cnn"))
     with torch.random.fork_rng(devices=[]):  # seeded head init; the caller's RNG is untouched
-        torch.manual_seed(int(getattr(config, "head_seed", 0)))
+        torch.manual_seed(int(config.head_seed))
         return RD4AD(config, teacher, config.blocks_per_stage)
-
-
-def rd4ad_config() -> ModelConfig:
-    """The ``"rd4ad"`` config: the offline ImageNet EfficientNet-Lite0 teacher (as ``"lite0"``).
-
-    Compare under other teachers with ``get_config("rd4ad", cnn_arch=..., cnn_source=...)``.
-    """
-    return ModelConfig(
-        name="rd4ad",
-        cnn_teacher=LITE0_TEACHER,
-        mamba_teacher=None,
-        image_size=LITE0_IMAGE_SIZE,
-        arch="rd4ad",
-        loss_form="paper",
-    )
-
-
-register_config("rd4ad", rd4ad_config)

