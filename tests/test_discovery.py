@@ -341,8 +341,8 @@ def test_long_headers_are_read_on(tmp_path: Path) -> None:
 
 
 def test_links_to_folders_are_followed_once(tmp_path: Path) -> None:
-    """Archives assembled from links: a linked folder is read, a loop or a second link to the
-    same folder is recorded as skipped, and nothing is read twice."""
+    """Archives assembled from links (``follow_links_outside``): a linked folder is read, a loop
+    or a second link to the same folder is recorded as skipped, and nothing is read twice."""
     elsewhere = tmp_path / "elsewhere"
     write_ct_series(elsewhere / "series", n_slices=4, seed=11)
     root = tmp_path / "archive"
@@ -350,7 +350,7 @@ def test_links_to_folders_are_followed_once(tmp_path: Path) -> None:
     (root / "a_link").symlink_to(elsewhere / "series", target_is_directory=True)
     (root / "b_second_link").symlink_to(elsewhere / "series", target_is_directory=True)
     (root / "local" / "loop").symlink_to(root, target_is_directory=True)
-    result = discover(root)
+    result = discover(root, follow_links_outside=True)
     assert sorted(s.n_slices for s in result.series) == [3, 4]
     by_path = {r.path: r for r in result.files}
     assert {p for p in by_path if p.startswith("a_link/")} and not any(
