@@ -21,7 +21,7 @@ def test_hostile_archive_screens_with_every_file_accounted_for(tmp_path: Path) -
     built = build_hostile_archive(tmp_path / "archive")
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "run"
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         result = run_screen(
             RunConfig(
