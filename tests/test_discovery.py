@@ -521,3 +521,24 @@ def test_default_limits_pass_every_real_file() -> None:
         assert result.counts()["failed"] == 0, [r.reason for r in result.errors()]
         for ref in result.series:
             assert load_series(result.root, ref).n_slices > 0
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_bad_copies_of_instances_fail_alone_and_the_series_stays_whole(
+    tmp_path: Path, syntax: str
+) -> None:
+    """Copies of a good series' instances (same UIDs, folders that sort first) cut mid-pixel
+    data, with empty pixel data, or with pixel data shorter than the image: each is a failed
+    record with its reason (explicit and implicit VR), and every good instance is used."""
+    from hostile_factory import _bad_copies
+
+    good = write_ct_series(tmp_path / "ct", n_slices=24, rows=32, cols=32, transfer_syntax=syntax)
+    bad = _bad_copies(tmp_path, good)
+    result = discover(tmp_path)
+    (ref,) = result.series
+    assert ref.n_slices == 24 and set(ref.files) == {f"ct/{p.name}" for p in good}
+    reasons = {r.path: r.reason for r in result.files if r.path in bad}
+    assert [r.status for r in result.files if r.path in bad] == ["failed"] * 3
+    assert "pixel data cut short" in reasons[next(p for p in bad if "partial" in p)]
+    assert "empty pixel data" in reasons[next(p for p in bad if "zero" in p)]
+    assert "shorter than the image" in reasons[next(p for p in bad if "wrong" in p)]

@@ -456,6 +456,7 @@ def read_header(source: BinarySource, rel: str, limits: IngestLimits | None = No
                     raise
                 fh.seek(0)
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+            extent = _extent_here(fh, ds)
     except DicomHeaderError:
         raise
     except HeaderTooDeep as exc:
@@ -471,7 +472,28 @@ def read_header(source: BinarySource, rel: str, limits: IngestLimits | None = No
         raise
     except PYDICOM_READ_ERRORS as exc:
         raise DicomHeaderError(f"malformed DICOM header ({type(exc).__name__})") from exc
-    return _checked(header)
+    header = _checked(header)
+    _check_extent(header, extent, source.size, limits)
+    return header
+
+
+def _extent_here(fh: BinaryIO, ds: Dataset) -> bytes | None:
+    """(value start, length) of the pixel data element at ``fh``'s position, where pydicom's
+    ``stop_before_pixels`` leaves it; None when it is not there (deflated data, no pixels)."""
+    encoding = getattr(ds, "original_encoding", None)  # (implicit VR, little endian)
+    if not encoding or encoding[0] is None or encoding[1] is None:
+        return None
+    implicit, little = bool(encoding[0]), bool(encoding[1])
+    start = fh.tell()
+    head = fh.read(12)
+    order = "<" if little else ">"
+    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return None
+    if implicit:
+        return struct.pack("<QQ", start + 8, struct.unpack(order + "I", head[4:8])[0])
+    if len(head) < 12 or head[4:6] not in (b"OB", b"OW"):
+        return None
+    return struct.pack("<QQ", start + 12, struct.unpack(order + "I", head[8:12])[0])
 
 
 def _check_extent(

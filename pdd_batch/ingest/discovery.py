@@ -121,8 +121,12 @@ def _walk(root: Path, col: _Collector) -> Iterator[Path]:
 
 
 def _outside(path: Path, real_root: Path, col: _Collector) -> bool:
-    """True when ``path`` is a link (or under one) that resolves outside the archive root."""
-    if col.follow_links_outside:
+    """True when ``path`` is a link that resolves outside the archive root.
+
+    Only links are resolved (one ``lstat`` per entry otherwise): ``_walk`` never enters a folder
+    outside the root, so a plain entry of a folder it reads is inside.
+    """
+    if col.follow_links_outside or not path.is_symlink():
         return False
     try:
         return not path.resolve().is_relative_to(real_root)
