@@ -492,8 +492,8 @@ def test_limits_are_configurable_and_checked_again_at_load(tmp_path: Path) -> No
     a few hundred bytes of pixels) are left out without allocating their size."""
     from hostile_factory import _variant
 
-    from pdd_batch.archive_io import IngestLimits
-    from pdd_batch.volume import SeriesReadError
+    from pdd_batch.ingest.archive_io import IngestLimits
+    from pdd_batch.ingest.volume import SeriesReadError
 
     paths = write_ct_series(tmp_path, n_slices=5, rows=16, cols=12, seed=5)
     small = IngestLimits(max_series_voxels=500)  # one file (192 voxels) fits, the series not

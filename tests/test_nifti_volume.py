@@ -206,7 +206,7 @@ def test_gzip_bomb_inside_a_zip_is_never_inflated_whole(tmp_path: Path) -> None:
 
 
 def test_voxel_cap_refuses_a_large_nifti(tmp_path: Path) -> None:
-    from pdd_batch.archive_io import IngestLimits
+    from pdd_batch.ingest.archive_io import IngestLimits
 
     path, _ = write_nifti(tmp_path / "vol.nii", shape=(8, 8, 4, 3))
     small = IngestLimits(max_series_voxels=8 * 8 * 4 * 3 - 1)

@@ -12,7 +12,7 @@ from hostile_factory import build_hostile_archive
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
-from pdd_batch.config import RunConfig
+from pdd_batch.runs.config import RunConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
