@@ -5,7 +5,9 @@
 * a good CT series of 30 instances (``ct_good/``) plus three bad copies of its instances with the
   same series UID in other folders that sort first (so a reader that trusts them loses the good
   copy): one cut mid-pixel-data, one with empty pixel data, one with pixel data shorter than the
-  image (``a_partial/``, ``a_zero_pixels/``, ``a_wrong_length/``);
+  image (``a_partial/``, ``a_zero_pixels/``, ``a_wrong_length/``); and a 31st instance of the
+  series whose RLE payload cannot be decoded, which only the read stage can find
+  (``ct_good_extra/``);
 * IS values "inf": NumberOfFrames (unusable) and InstanceNumber (harmless: the image is used);
 * ~500 nested undefined-length sequences before the pixel data (a stack-depth attack);
 * forged sizes: NumberOfFrames 2**31, a series of Rows = Columns = 65535 instances, a gzip
@@ -43,8 +45,10 @@ from dicom_factory import (
     write_zero_byte,
 )
 from pydicom.dataelem import RawDataElement
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
+from pydicom.uid import RLELossless
 
 GOOD_SLICES = 30
 FORGED_ROWS_SLICES = 12
@@ -169,6 +173,24 @@ def _bad_copies(root: Path, good: list[Path]) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): "failed" for p in made}
 
 
+def _undecodable_extra(root: Path, last: Path) -> Path:
+    """One more slice of ``last``'s series (next position) whose RLE payload is garbage: its
+    header is fine, so discovery uses it; decoding fails in the read stage."""
+
+    def garbage_rle(ds: pydicom.Dataset) -> None:
+        step = float(ds.SliceThickness)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + step]
+        ds.InstanceNumber = int(ds.InstanceNumber) + 1
+        ds.file_meta.TransferSyntaxUID = RLELossless
+        header = (2).to_bytes(4, "little") + (64).to_bytes(4, "little") + (80).to_bytes(4, "little")
+        ds.PixelData = encapsulate([header + bytes(52) + bytes([5]) * 40])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+
+    name = f"IM{int(pydicom.dcmread(last).InstanceNumber) + 1:04d}.dcm"
+    return _variant(last, root / "ct_good_extra" / name, garbage_rle)
+
+
 def _forged(root: Path, template: Path) -> dict[str, str]:
     """IS "inf", deep sequences, NumberOfFrames 2**31 and a 65535 x 65535 series."""
     out: dict[str, str] = {}
@@ -259,14 +281,18 @@ def build_hostile_archive(root: Path) -> dict[str, Any]:
         record discovery must make with ``open_archives=True`` (folder records end in "/");
         ``scored_slices``: slices a screen must score (the good series and the "inf"
         InstanceNumber image); ``good_series_files``: the 30 good instances;
-        ``bad_instances``: the three bad copies; ``identifiers``: names, IDs and UIDs that no
-        output may contain; ``paths``: every relative path written.
+        ``bad_instances``: the three bad copies; ``undecodable``: the instance of the good
+        series that only the read stage finds bad (discovery uses it; no slice);
+        ``identifiers``: names, IDs and UIDs that no output may contain; ``paths``: every
+        relative path written.
     """
     root = Path(root)
     good = write_ct_series(root / "ct_good", n_slices=GOOD_SLICES, rows=32, cols=32, seed=21)
     expected = {_rel(root, p): "used" for p in good}
     bad = _bad_copies(root, good)
     expected.update(bad)
+    undecodable = _rel(root, _undecodable_extra(root, good[-1]))
+    expected[undecodable] = "used"
     template = _ct_instance(root / "tmpl_ct", seed=71)
     expected[_rel(root, template)] = "used"
     expected.update(_forged(root, template))
@@ -278,6 +304,7 @@ def build_hostile_archive(root: Path) -> dict[str, Any]:
         "scored_slices": GOOD_SLICES + 2,  # + the inf-InstanceNumber image and the template
         "good_series_files": [_rel(root, p) for p in good],
         "bad_instances": sorted(bad),
+        "undecodable": [undecodable],
         "identifiers": _identifiers(root),
         "paths": sorted(expected),
     }
