@@ -37,6 +37,11 @@ def build_parser(prog: str = "python -m jobs.entry_screen") -> argparse.Argument
         "--teacher-weights", action="append", default=[], metavar="ROLE=PATH",
         help="where the checkpoint's teacher weight files are now (repeatable; sha256 checked)",
     )  # fmt: skip
+    p.add_argument("--follow-links-outside", action="store_true")
+    p.add_argument("--max-series-voxels", type=int, default=RunConfig.max_series_voxels)
+    p.add_argument("--max-frames-per-file", type=int, default=RunConfig.max_frames_per_file)
+    p.add_argument("--max-member-bytes", type=int, default=RunConfig.max_member_bytes)
+    p.add_argument("--max-compression-ratio", type=float, default=RunConfig.max_compression_ratio)
     return p
 
 
@@ -55,6 +60,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         open_archives=args.open_archives,
         precision=args.precision,
         teacher_weights=parse_teacher_weights(args.teacher_weights),
+        follow_links_outside=args.follow_links_outside,
+        max_series_voxels=args.max_series_voxels,
+        max_frames_per_file=args.max_frames_per_file,
+        max_member_bytes=args.max_member_bytes,
+        max_compression_ratio=args.max_compression_ratio,
     )
 
 

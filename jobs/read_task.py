@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pdd_batch.ingest.archive_io import IngestLimits
 from pdd_batch.ingest.discovery import SeriesRef
 from pdd_batch.ingest.preprocess import PreprocessError, PreprocessSpec
 from pdd_batch.ingest.reasons import scrub_reason
@@ -117,15 +118,17 @@ def read_series(
     spec: PreprocessSpec,
     rows_per_block: int,
     crash_once_marker: str | None = None,
+    limits: IngestLimits | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield column blocks for one series (see the module docstring).
 
     ``crash_once_marker`` (tests only) kills the worker after its first block has been yielded,
-    so Ray must retry the task and the driver must drop the repeated rows.
+    so Ray must retry the task and the driver must drop the repeated rows. ``limits``: the
+    run's ingest caps.
     """
     n = 0
     try:
-        series = load_series(archive_root, ref)
+        series = load_series(archive_root, ref, limits)
         block: list = []
         for model_slice in iter_model_slices(series, spec):
             block.append(model_slice)
@@ -162,17 +165,19 @@ class ReadSeries:
         preprocessing: str,
         rows_per_block: int,
         crash_once_marker: str | None = None,
+        limits: str | None = None,
     ) -> None:
         self.root = Path(archive_root)
         self.spec = PreprocessSpec.from_dict(json.loads(preprocessing))
         self.rows_per_block = rows_per_block
         self.crash_once_marker = crash_once_marker
+        self.limits = IngestLimits.from_dict(json.loads(limits) if limits else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         for unit in batch["series"]:
             ref = SeriesRef.from_dict(json.loads(str(unit)))
             yield from read_series(
-                self.root, ref, self.spec, self.rows_per_block, self.crash_once_marker
+                self.root, ref, self.spec, self.rows_per_block, self.crash_once_marker, self.limits
             )
 
 
@@ -183,6 +188,9 @@ def read_series_fn(
     preprocessing: str,
     rows_per_block: int,
     crash_once_marker: str | None = None,
+    limits: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Function form of ``ReadSeries`` for ``map_batches`` tasks (fn_kwargs)."""
-    yield from ReadSeries(archive_root, preprocessing, rows_per_block, crash_once_marker)(batch)
+    """Function form of ``ReadSeries`` for ``map_batches`` tasks (fn_kwargs; ``limits`` JSON)."""
+    yield from ReadSeries(archive_root, preprocessing, rows_per_block, crash_once_marker, limits)(
+        batch
+    )

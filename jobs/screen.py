@@ -24,7 +24,7 @@ from jobs.cluster import ClusterInfo, connect
 from jobs.predictor import SlicePredictor, encode_heatmaps_fn
 from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
-from pdd_batch.ingest.archive_io import split_member
+from pdd_batch.ingest.archive_io import IngestLimits, split_member
 from pdd_batch.ingest.discovery import Discovery, SeriesRef, discover
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.manifest import (
@@ -152,11 +152,13 @@ def build_dataset(
     plan: ActorPlan,
     precision: str = "fp32",
     teacher_weights: dict[str, str] | None = None,
+    limits: IngestLimits | None = None,
 ) -> ray.data.Dataset:
     """The Ray Data graph: work units -> read tasks -> actor pool -> PNG encoding (numpy rows).
 
     ``precision`` is the actors' forward precision ("fp32" | "bf16", ``model.precision``);
-    ``teacher_weights`` where the checkpoint's teacher weight files are now, by role (optional).
+    ``teacher_weights`` where the checkpoint's teacher weight files are now, by role (optional);
+    ``limits`` the ingest caps the read tasks apply (default ``IngestLimits()``).
 
     Fault tolerance comes from Ray Data's defaults, which this graph relies on (passing them as
     ``ray_remote_args`` is deprecated in Ray 2.60): pool actors get ``max_restarts=-1`` and
@@ -178,6 +180,7 @@ def build_dataset(
             "preprocessing": model.preprocessing,
             "rows_per_block": ROWS_PER_BLOCK,
             "crash_once_marker": os.environ.get(CRASH_ONCE_READ_ENV) or None,
+            "limits": json.dumps((limits or IngestLimits()).to_dict()),
         },
         batch_size=1,
         batch_format="numpy",
@@ -269,7 +272,12 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
     state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force)
     state.bind_threshold(model.threshold)
     t = time.perf_counter()
-    disc = discover(cfg.archive, open_archives=cfg.open_archives)
+    disc = discover(
+        cfg.archive,
+        open_archives=cfg.open_archives,
+        limits=cfg.limits,
+        follow_links_outside=cfg.follow_links_outside,
+    )
     discover_s = time.perf_counter() - t
     _emit(progress, "discover", len(disc.files), len(disc.files), note=f"{len(disc.series)} series")
     pending, fingerprints = _plan_work(cfg, disc, state)
@@ -337,6 +345,7 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
                     plan,
                     precision=cfg.precision,
                     teacher_weights=cfg.teacher_weights,
+                    limits=cfg.limits,
                 )
                 _stream(ds, run.sink, run.pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise

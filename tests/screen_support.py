@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from dicom_factory import (
-    truncate_file,
     write_corrupt_dicom,
     write_ct_series,
     write_multiframe,
@@ -17,6 +16,7 @@ from dicom_factory import (
     write_non_image,
     write_text,
 )
+from pydicom.uid import RLELossless
 
 from pdd_batch.ingest.discovery import discover
 from pdd_batch.ingest.preprocess import PreprocessSpec
@@ -62,9 +62,14 @@ def make_archive(root: Path, n_ct: int = 2, slices: int = 5) -> Path:
     write_non_image(root / "docs" / "report.dcm", kind="SR", seed=3)
     write_corrupt_dicom(root / "bad" / "corrupt.dcm")
     write_text(root / "bad" / "README.txt")
-    # decodes fail after a readable header: a read-stage error, not a discovery one
-    broken = write_ct_series(root / "trunc", n_slices=1, rows=32, cols=32, seed=999)
-    truncate_file(broken[0], keep_fraction=0.75)
+    # decodes fail after a readable header: a read-stage error, not a discovery one (a file cut
+    # short is refused at discovery, so this is an RLE payload the codec cannot decode)
+    (broken,) = write_ct_series(
+        root / "trunc", n_slices=1, rows=32, cols=32, seed=999, transfer_syntax=RLELossless
+    )
+    data = bytearray(broken.read_bytes())
+    data[len(data) - 1070] = 214  # one byte of the first RLE segment (codec panic, by fuzzing)
+    broken.write_bytes(bytes(data))
     return root
 
 

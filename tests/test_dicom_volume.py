@@ -115,17 +115,32 @@ def test_xray_is_one_slice_volume(tmp_path: Path) -> None:
     assert loaded.volumes[0].directions is None and loaded.modality == "CR"
 
 
-def test_corrupt_pixels_fail_with_relative_path_and_no_identifiers(tmp_path: Path) -> None:
-    paths = write_ct_series(tmp_path, n_slices=4)
+def test_corrupt_instance_is_left_out_and_the_series_loads(tmp_path: Path) -> None:
+    """A file damaged after discovery loses only its slice: the rest of the series is decoded,
+    planned again (the hole is a gap) and the warning names no path, name or UID."""
+    paths = write_ct_series(tmp_path, n_slices=5)
     result = discover(tmp_path)
-    truncate_file(paths[2], 0.6)  # damaged after discovery (or an unreadable pixel payload)
-    with pytest.raises(SeriesReadError) as err:
-        load_series(result.root, result.series[0])
-    message = str(err.value)
-    assert paths[2].name in message and str(tmp_path) not in message
-    assert FAKE_PATIENT_NAME not in message
+    truncate_file(paths[2], 0.6)  # cut mid-pixel-data after discovery
+    loaded = load_series(result.root, result.series[0])
+    (vol,) = loaded.volumes
+    assert vol.data.shape[0] == 4 and paths[2].name not in {Path(f).name for f in vol.source_files}
+    np.testing.assert_array_equal(vol.data, _expected(5)[[0, 1, 3, 4]])
+    text = "; ".join(loaded.warnings)
+    assert "1 unreadable instance(s) left out" in text and "gap: 1 missing slice" in text
+    assert paths[2].name not in text and str(tmp_path) not in text
+    assert FAKE_PATIENT_NAME not in text
     uids = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    assert uids.StudyInstanceUID not in message and uids.SeriesInstanceUID not in message
+    assert uids.StudyInstanceUID not in text and uids.SeriesInstanceUID not in text
+
+
+def test_series_of_only_bad_instances_fails_without_paths(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, n_slices=2)
+    result = discover(tmp_path)
+    for p in paths:
+        truncate_file(p, 0.6)
+    with pytest.raises(SeriesReadError, match="no readable instance") as err:
+        load_series(result.root, result.series[0])
+    assert paths[0].name not in str(err.value) and str(tmp_path) not in str(err.value)
 
 
 def test_codec_panic_on_corrupt_rle_fails_only_the_series(tmp_path: Path) -> None:
@@ -139,12 +154,13 @@ def test_codec_panic_on_corrupt_rle_fails_only_the_series(tmp_path: Path) -> Non
         load_series(result.root, result.series[0])
 
 
-def test_missing_file_fails_cleanly(tmp_path: Path) -> None:
+def test_missing_file_is_left_out_cleanly(tmp_path: Path) -> None:
     paths = write_ct_series(tmp_path, n_slices=3)
     result = discover(tmp_path)
     paths[1].unlink()
-    with pytest.raises(SeriesReadError, match="not found"):
-        load_series(result.root, result.series[0])
+    loaded = load_series(result.root, result.series[0])
+    assert loaded.n_slices == 2
+    assert any("left out (file not found)" in w for w in loaded.warnings)
 
 
 # ---- real data in ../shared (skips cleanly where absent) -------------------------------------

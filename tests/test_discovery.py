@@ -341,8 +341,8 @@ def test_long_headers_are_read_on(tmp_path: Path) -> None:
 
 
 def test_links_to_folders_are_followed_once(tmp_path: Path) -> None:
-    """Archives assembled from links: a linked folder is read, a loop or a second link to the
-    same folder is recorded as skipped, and nothing is read twice."""
+    """Archives assembled from links (``follow_links_outside``): a linked folder is read, a loop
+    or a second link to the same folder is recorded as skipped, and nothing is read twice."""
     elsewhere = tmp_path / "elsewhere"
     write_ct_series(elsewhere / "series", n_slices=4, seed=11)
     root = tmp_path / "archive"
@@ -350,7 +350,7 @@ def test_links_to_folders_are_followed_once(tmp_path: Path) -> None:
     (root / "a_link").symlink_to(elsewhere / "series", target_is_directory=True)
     (root / "b_second_link").symlink_to(elsewhere / "series", target_is_directory=True)
     (root / "local" / "loop").symlink_to(root, target_is_directory=True)
-    result = discover(root)
+    result = discover(root, follow_links_outside=True)
     assert sorted(s.n_slices for s in result.series) == [3, 4]
     by_path = {r.path: r for r in result.files}
     assert {p for p in by_path if p.startswith("a_link/")} and not any(
@@ -359,3 +359,186 @@ def test_links_to_folders_are_followed_once(tmp_path: Path) -> None:
     for folder in ("b_second_link/", "local/loop/"):
         assert by_path[folder].status == "skipped" and "already read" in by_path[folder].reason
     assert result.counts()["used"] == 7
+
+
+# ---- hostile input (issue 16 items 4, 5, 12) -------------------------------------------------
+
+
+def test_hostile_archive_discovers_with_every_file_accounted_for(tmp_path: Path) -> None:
+    """inf IS values, 500 nested sequences, damaged zip/tar members, forged sizes, a gzip bomb,
+    links outside the root and junk: discovery finishes and records each exactly as expected,
+    with reasons that name no path and no identifier."""
+    from hostile_factory import build_hostile_archive
+
+    built = build_hostile_archive(tmp_path / "root")
+    result = discover(tmp_path / "root", open_archives=True)
+    got = {r.path: r.status for r in result.files}
+    assert got == built["expected"]
+    assert sorted(s.n_slices for s in result.series) == [1, 1, 31]  # 30 + the undecodable one
+    for rec in result.errors():
+        assert rec.reason and str(tmp_path) not in rec.reason
+        assert not any(p.split("!")[-1].rstrip("/") in rec.reason for p in built["paths"])
+        assert not any(secret in rec.reason for secret in built["identifiers"])
+
+
+def test_inf_in_integer_strings_is_a_failed_record_or_ignored(tmp_path: Path) -> None:
+    """IS "inf": NumberOfFrames unusable (failed record); InstanceNumber only orders ties."""
+    from hostile_factory import _raw_is, _variant
+
+    (good,) = write_ct_series(tmp_path / "a", n_slices=1, seed=1)
+    _variant(good, tmp_path / "b" / "frames.dcm", lambda ds: _raw_is(ds, 0x00280008, b"inf "))
+    _variant(good, good, lambda ds: _raw_is(ds, 0x00200013, b"inf "))
+    result = discover(tmp_path)
+    by_path = {r.path: r for r in result.files}
+    assert by_path["a/IM0001.dcm"].status == "used"
+    assert by_path["b/frames.dcm"].status == "failed"
+    assert "NumberOfFrames" in by_path["b/frames.dcm"].reason
+    assert load_series(result.root, result.series[0]).n_slices == 1
+
+
+def test_deeply_nested_sequences_fail_one_file(tmp_path: Path) -> None:
+    from hostile_factory import _deep_sequences
+
+    (good,) = write_ct_series(tmp_path / "a", n_slices=1, seed=1)
+    (other,) = write_ct_series(tmp_path / "src", n_slices=1, seed=2)
+    _deep_sequences(good, tmp_path / "b" / "deep.dcm", levels=500)
+    _deep_sequences(other, tmp_path / "c" / "shallow.dcm", levels=3)  # real headers nest a little
+    other.unlink()
+    by_path = {r.path: r for r in discover(tmp_path).files}
+    assert by_path["b/deep.dcm"].status == "failed" and "nested" in by_path["b/deep.dcm"].reason
+    assert by_path["c/shallow.dcm"].status == "used"
+
+
+def test_damaged_archive_members_are_failed_records(tmp_path: Path) -> None:
+    from hostile_factory import _cut_tar_gz, _patch_zip, _stored_zip
+
+    (good,) = write_ct_series(tmp_path / "src", n_slices=1, seed=1)
+    root = tmp_path / "root"
+    data = good.read_bytes()
+    _patch_zip(_stored_zip(root / "crc.zip", "x.dcm", data), flip_data_byte=True)
+    _patch_zip(_stored_zip(root / "enc.zip", "x.dcm", data), encrypted=True)
+    _stored_zip(root / "ok.zip", "x.dcm", data)
+    noise = np.random.default_rng(0).integers(0, 4096, 16384, dtype=np.uint16).tobytes()
+    _cut_tar_gz(root / "cut.tar.gz", [("a.txt", b"notes"), ("b.dcm", data + noise)])
+    by_path = {r.path: r for r in discover(root, open_archives=True).files}
+    assert by_path["ok.zip!x.dcm"].status == "used"
+    for rel in ("crc.zip!x.dcm", "enc.zip!x.dcm", "cut.tar.gz!b.dcm", "cut.tar.gz"):
+        assert by_path[rel].status == "failed", rel
+        assert "archive" in by_path[rel].reason and "x.dcm" not in by_path[rel].reason
+    assert by_path["cut.tar.gz!a.txt"].status == "skipped"
+
+
+def test_links_outside_the_root_are_refused_unless_asked(tmp_path: Path) -> None:
+    outside = write_ct_series(tmp_path / "outside", n_slices=3, seed=2)
+    root = tmp_path / "root"
+    write_ct_series(root / "local", n_slices=2, seed=3)
+    (root / "file_link.dcm").symlink_to(outside[0])
+    (root / "dir_link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "inside_link").symlink_to(root / "local", target_is_directory=True)
+    refused = discover(root)
+    by_path = {r.path: r for r in refused.files}
+    for rel in ("file_link.dcm", "dir_link/"):
+        assert by_path[rel].status == "skipped" and "outside the archive" in by_path[rel].reason
+    assert not any(p.startswith("dir_link/") and p != "dir_link/" for p in by_path)
+    assert [s.n_slices for s in refused.series] == [2]  # the inside link is the same folder
+    followed = discover(root, follow_links_outside=True)
+    assert sorted(s.n_slices for s in followed.series) == [2, 3]
+
+
+# ---- caps before allocation (issue 16 item 5) ------------------------------------------------
+
+
+def _peak_bytes(fn) -> tuple[object, int]:
+    """``fn()`` and the peak of Python/numpy allocations while it ran (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_forged_sizes_are_refused_before_allocation(tmp_path: Path) -> None:
+    """NumberOfFrames 2**31, Rows = Columns = 65535 over many slices, a zip member declaring
+    4 GiB: failed records with the cap named, and the driver's peak allocation stays small."""
+    import resource
+
+    from hostile_factory import _patch_zip, _raw_is, _stored_zip, _variant
+
+    (good,) = write_ct_series(tmp_path / "src", n_slices=1, seed=1)
+    root = tmp_path / "root"
+    _variant(good, root / "frames.dcm", lambda ds: _raw_is(ds, 0x00280008, b"2147483648"))
+    rows = write_ct_series(root / "rows", n_slices=25, rows=8, cols=8, seed=4)
+    for p in rows:
+        _variant(p, p, lambda ds: ds.update({"Rows": 65535, "Columns": 65535}))
+    _patch_zip(_stored_zip(root / "big.zip", "x.dcm", good.read_bytes()), declared_size=2**32 - 16)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    result, peak = _peak_bytes(lambda: discover(root, open_archives=True))
+    by_path = {r.path: r for r in result.files}
+    assert "--max-frames-per-file" in by_path["frames.dcm"].reason
+    assert all("--max-series-voxels" in by_path[f"rows/{p.name}"].reason for p in rows)
+    assert "--max-member-bytes" in by_path["big.zip!x.dcm"].reason
+    assert result.counts() == {"seen": 27, "used": 0, "skipped": 0, "failed": 27}
+    assert peak < 200 * 2**20
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024
+
+
+def test_limits_are_configurable_and_checked_again_at_load(tmp_path: Path) -> None:
+    """A series over ``max_series_voxels`` is failed at discovery and refused by the worker
+    before its volume is allocated; instances forged after discovery (8192 x 8192 slices over
+    a few hundred bytes of pixels) are left out without allocating their size."""
+    from hostile_factory import _variant
+
+    from pdd_batch.ingest.archive_io import IngestLimits
+    from pdd_batch.ingest.volume import SeriesReadError
+
+    paths = write_ct_series(tmp_path, n_slices=5, rows=16, cols=12, seed=5)
+    small = IngestLimits(max_series_voxels=500)  # one file (192 voxels) fits, the series not
+    refused = discover(tmp_path, limits=small)
+    assert not refused.series and refused.counts()["failed"] == 5
+    assert all("series of 960 voxels" in r.reason for r in refused.files)
+    result = discover(tmp_path)
+    with pytest.raises(SeriesReadError, match="series of 960 voxels"):
+        load_series(result.root, result.series[0], small)
+    for p in paths:
+        _variant(p, p, lambda ds: ds.update({"Rows": 8192, "Columns": 8192}))
+    raised, peak = _peak_bytes(
+        lambda: pytest.raises(SeriesReadError, load_series, result.root, result.series[0])
+    )
+    assert "no readable instance (pixel data shorter than the image" in str(raised.value)
+    assert peak < 200 * 2**20
+
+
+@pytest.mark.realdata
+def test_default_limits_pass_every_real_file() -> None:
+    """Every series in ../shared/data/dicom and nifti is discovered and decoded with the default
+    caps (nothing refused: no failed record, every series loads)."""
+    for name in ("dicom", "nifti"):
+        result = discover(shared_path("data", name), open_archives=True)
+        assert result.counts()["failed"] == 0, [r.reason for r in result.errors()]
+        for ref in result.series:
+            assert load_series(result.root, ref).n_slices > 0
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_bad_copies_of_instances_fail_alone_and_the_series_stays_whole(
+    tmp_path: Path, syntax: str
+) -> None:
+    """Copies of a good series' instances (same UIDs, folders that sort first) cut mid-pixel
+    data, with empty pixel data, or with pixel data shorter than the image: each is a failed
+    record with its reason (explicit and implicit VR), and every good instance is used."""
+    from hostile_factory import _bad_copies
+
+    good = write_ct_series(tmp_path / "ct", n_slices=24, rows=32, cols=32, transfer_syntax=syntax)
+    bad = _bad_copies(tmp_path, good)
+    result = discover(tmp_path)
+    (ref,) = result.series
+    assert ref.n_slices == 24 and set(ref.files) == {f"ct/{p.name}" for p in good}
+    reasons = {r.path: r.reason for r in result.files if r.path in bad}
+    assert [r.status for r in result.files if r.path in bad] == ["failed"] * 3
+    assert "pixel data cut short" in reasons[next(p for p in bad if "partial" in p)]
+    assert "empty pixel data" in reasons[next(p for p in bad if "zero" in p)]
+    assert "shorter than the image" in reasons[next(p for p in bad if "wrong" in p)]

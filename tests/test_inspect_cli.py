@@ -119,3 +119,26 @@ def test_real_dicom_folder_counts() -> None:
     enhanced = [s for s in report["series"] if s["n_slices"] == 63]
     assert len(enhanced) == 2 and {s["n_files"] for s in enhanced} == {1, 63}
     assert "CQ500" not in out
+
+
+def test_links_outside_and_caps_are_options(tmp_path: Path) -> None:
+    """`--follow-links-outside` reads a link out of the archive; `--max-series-voxels` refuses a
+    series over it (a failed row naming the option)."""
+    write_ct_series(tmp_path / "outside", n_slices=3, seed=2)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    runner = CliRunner()
+
+    def report(*extra: str) -> dict:
+        result = runner.invoke(app, ["inspect", str(root), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    refused = report()
+    assert refused["files"]["skipped"] == 1 and not refused["series"]
+    assert "outside the archive" in refused["errors"][0]["reason"]
+    assert report("--follow-links-outside")["files"]["used"] == 3
+    capped = report("--follow-links-outside", "--max-series-voxels", "100")
+    assert capped["files"]["failed"] == 3
+    assert all("--max-series-voxels" in e["reason"] for e in capped["errors"])

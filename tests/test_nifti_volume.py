@@ -161,3 +161,57 @@ def test_complex_nifti_gives_magnitude(tmp_path: Path) -> None:
     _, loaded = _load(tmp_path / "c.nii")
     expected = np.abs(values).transpose(2, 1, 0)  # RAS affine: (Z, H, W) = (S, A, R)
     np.testing.assert_allclose(loaded.volumes[0].data, expected, rtol=1e-6)
+
+
+# ---- caps before allocation (issue 16 item 5) ------------------------------------------------
+
+
+def test_gzip_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
+    """A .nii.gz promising 128 MiB of zeros in ~130 kB (size field consistent): a failed record
+    at discovery and, when it replaces a file after discovery, a read error in the worker, with
+    a small peak allocation both times (it would be 512 MiB of float32)."""
+    import tracemalloc
+
+    from hostile_factory import _gzip_bomb
+
+    path, _ = write_nifti(tmp_path / "vol.nii.gz", shape=(8, 8, 4))
+    ref, _ = _load(path)
+    _gzip_bomb(path)
+    tracemalloc.start()
+    try:
+        rec = next(r for r in discover(tmp_path).files if r.path == "vol.nii.gz")
+        with pytest.raises(SeriesReadError, match="compression-ratio cap") as err:
+            load_series(tmp_path, ref)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rec.status == "failed" and "--max-compression-ratio" in rec.reason
+    assert "vol.nii.gz" not in str(err.value).split(":", 1)[1]  # only the file prefix names it
+    assert peak < 200 * 2**20
+
+
+def test_gzip_bomb_inside_a_zip_is_never_inflated_whole(tmp_path: Path) -> None:
+    import zipfile
+
+    from hostile_factory import _gzip_bomb
+
+    bomb = _gzip_bomb(tmp_path / "src" / "bomb.nii.gz")
+    root = tmp_path / "root"
+    root.mkdir()
+    with zipfile.ZipFile(root / "batch.zip", "w") as zf:
+        zf.write(bomb, "bomb.nii.gz")
+    (rec,) = discover(root, open_archives=True).files
+    assert rec.path == "batch.zip!bomb.nii.gz" and rec.status == "failed"
+    assert "cap" in rec.reason
+
+
+def test_voxel_cap_refuses_a_large_nifti(tmp_path: Path) -> None:
+    from pdd_batch.ingest.archive_io import IngestLimits
+
+    path, _ = write_nifti(tmp_path / "vol.nii", shape=(8, 8, 4, 3))
+    small = IngestLimits(max_series_voxels=8 * 8 * 4 * 3 - 1)
+    (rec,) = discover(tmp_path, limits=small).files
+    assert rec.status == "failed" and "--max-series-voxels" in rec.reason
+    ref, _ = _load(path)
+    with pytest.raises(SeriesReadError, match="over the cap"):
+        load_series(tmp_path, ref, small)

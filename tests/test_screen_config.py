@@ -89,7 +89,7 @@ def test_fingerprint_changes_when_a_file_is_rewritten_at_the_same_size(tmp_path:
 
 
 def test_read_failure_log_names_no_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """File names may carry patient ids: the worker's log line holds none (the error row does)."""
+    """File names may carry patient ids: neither the worker's log line nor the reason hold one."""
     import logging
 
     from dicom_factory import truncate_file, write_ct_series
@@ -99,11 +99,11 @@ def test_read_failure_log_names_no_file(tmp_path: Path, caplog: pytest.LogCaptur
     from pdd_batch.ingest.preprocess import PreprocessSpec
 
     files = write_ct_series(tmp_path / "DOE_JOHN_12345", n_slices=1, rows=32, cols=32, seed=9)
-    truncate_file(files[0], keep_fraction=0.75)
     (ref,) = discover(tmp_path).series
+    truncate_file(files[0], keep_fraction=0.75)  # after discovery, which would refuse it
     with caplog.at_level(logging.WARNING, logger="jobs.read_task"):
         blocks = list(read_series(tmp_path, ref, PreprocessSpec(image_size=32), 8))
-    assert blocks[-1]["kind"] == [KIND_ERROR] and "DOE_JOHN" in blocks[-1]["reason"][0]
+    assert blocks[-1]["kind"] == [KIND_ERROR] and "DOE_JOHN" not in blocks[-1]["reason"][0]
     assert caplog.records and not any("DOE_JOHN" in r.getMessage() for r in caplog.records)
 
 
@@ -155,3 +155,18 @@ def test_failure_reason_names_the_error_an_actor_died_of() -> None:
         "TeacherWeightsError: the cnn teacher's weights are not at /w/cnn.pth"
     )
     assert failure_reason(ValueError("no traceback here")) == "ValueError: no traceback here"
+
+
+def test_ingest_caps_and_link_policy_reach_the_run(tmp_path: Path) -> None:
+    from jobs.entry_screen import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        [str(tmp_path), "--out", str(tmp_path / "o"), "--follow-links-outside",
+         "--max-series-voxels", "1000", "--max-compression-ratio", "50"]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.follow_links_outside and cfg.limits.max_series_voxels == 1000
+    assert cfg.limits.max_compression_ratio == 50.0
+    assert cfg.to_dict()["max_member_bytes"] == cfg.limits.max_member_bytes  # in the manifest
+    with pytest.raises(RunConfigError, match="max_frames_per_file"):
+        RunConfig(archive=tmp_path, out_dir=tmp_path / "o", max_frames_per_file=0)

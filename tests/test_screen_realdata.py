@@ -40,7 +40,13 @@ def test_screen_real_dicom_subset(tmp_path: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         result = run_screen(
-            RunConfig(archive=archive, out_dir=tmp_path / "out", model_path=ckpt, batch_size=8)
+            RunConfig(
+                archive=archive,
+                out_dir=tmp_path / "out",
+                model_path=ckpt,
+                batch_size=8,
+                follow_links_outside=True,  # the archive is links to ../shared/data
+            )
         )
     finally:
         ray.shutdown()

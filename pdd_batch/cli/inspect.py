@@ -10,7 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pdd_batch.cli.options import (
+    FollowLinksOption,
+    MaxFramesOption,
+    MaxMemberOption,
+    MaxRatioOption,
+    MaxVoxelsOption,
+)
 from pdd_batch.ingest.keys import short_key
+from pdd_batch.runs.config import RunConfig
 
 if TYPE_CHECKING:
     from pdd_batch.ingest.discovery import Discovery
@@ -85,13 +93,27 @@ def inspect_command(
     open_archives: Annotated[
         bool, typer.Option("--open-archives", help="Look inside .zip/.tar files.")
     ] = False,
+    follow_links_outside: FollowLinksOption = False,
+    max_series_voxels: MaxVoxelsOption = RunConfig.max_series_voxels,
+    max_frames_per_file: MaxFramesOption = RunConfig.max_frames_per_file,
+    max_member_bytes: MaxMemberOption = RunConfig.max_member_bytes,
+    max_compression_ratio: MaxRatioOption = RunConfig.max_compression_ratio,
 ) -> None:
     """List studies and series (modality, slices, spacing, orientation, syntax, warnings)."""
     # pydicom/nibabel load here, not at `pdd-batch --help`.
+    from pdd_batch.ingest.archive_io import IngestLimits
     from pdd_batch.ingest.discovery import DiscoveryError, discover, discovery_report
 
+    limits = IngestLimits(
+        max_series_voxels, max_frames_per_file, max_member_bytes, max_compression_ratio
+    )
     try:
-        result = discover(archive, open_archives=open_archives)
+        result = discover(
+            archive,
+            open_archives=open_archives,
+            limits=limits,
+            follow_links_outside=follow_links_outside,
+        )
     except DiscoveryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc

@@ -27,6 +27,24 @@ TeacherWeightsOption = Annotated[
     ),
 ]
 
+# Ingest options of `screen` and `inspect` (defaults: RunConfig / ingest.archive_io.IngestLimits).
+FollowLinksOption = Annotated[
+    bool,
+    typer.Option(
+        "--follow-links-outside", help="Read links that point outside the archive (refused)."
+    ),
+]
+MaxVoxelsOption = Annotated[
+    int, typer.Option(min=1, help="Cap: voxels of one series (over: error row).")
+]
+MaxFramesOption = Annotated[int, typer.Option(min=1, help="Cap: NumberOfFrames of one file.")]
+MaxMemberOption = Annotated[
+    int, typer.Option(min=1, help="Cap: bytes of one .zip/.tar member (read whole).")
+]
+MaxRatioOption = Annotated[
+    float, typer.Option(min=1.0, help="Cap: expansion of a zip member, .nii.gz or JPEG image.")
+]
+
 
 def load_items(
     console: Console, data: Path, split_file: Path | None, split: str | None

@@ -10,7 +10,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pdd_batch.cli.options import ModelOption, TeacherWeightsOption
+from pdd_batch.cli.options import (
+    FollowLinksOption,
+    MaxFramesOption,
+    MaxMemberOption,
+    MaxRatioOption,
+    MaxVoxelsOption,
+    ModelOption,
+    TeacherWeightsOption,
+)
+from pdd_batch.runs.config import RunConfig
 
 SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
 EXIT_LOCKED = 3  # another run holds the folder (same code as jobs.nightly)
@@ -68,11 +77,16 @@ def screen_command(
     ] = "fp32",
     sample: Annotated[bool, typer.Option(help="Screen the bundled sample archive.")] = False,
     teacher_weights: TeacherWeightsOption = None,
+    follow_links_outside: FollowLinksOption = False,
+    max_series_voxels: MaxVoxelsOption = RunConfig.max_series_voxels,
+    max_frames_per_file: MaxFramesOption = RunConfig.max_frames_per_file,
+    max_member_bytes: MaxMemberOption = RunConfig.max_member_bytes,
+    max_compression_ratio: MaxRatioOption = RunConfig.max_compression_ratio,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
-    from pdd_batch.runs.config import RunConfig, RunConfigError, parse_teacher_weights
+    from pdd_batch.runs.config import RunConfigError, parse_teacher_weights
     from pdd_batch.runs.state import RunLockedError
 
     console = Console(stderr=False)
@@ -98,6 +112,11 @@ def screen_command(
             open_archives=open_archives,
             precision=precision,
             teacher_weights=parse_teacher_weights(teacher_weights or []),
+            follow_links_outside=follow_links_outside,
+            max_series_voxels=max_series_voxels,
+            max_frames_per_file=max_frames_per_file,
+            max_member_bytes=max_member_bytes,
+            max_compression_ratio=max_compression_ratio,
         )
     except RunConfigError as exc:
         console.print(f"[red]{exc}[/]")

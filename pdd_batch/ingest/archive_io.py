@@ -3,6 +3,10 @@
 Every file is named by a posix path relative to the archive root. A member of a .zip/.tar
 inside the root is named ``"<archive path>!<member path>"``, e.g. ``"2024/batch.zip!s1/IM1.dcm"``:
 workers read it again later with ``MemberReader(root).read(rel)`` (or ``open_source``).
+
+``IngestLimits`` caps what a header or an archive entry can make ingestion allocate: members
+bigger than ``max_member_bytes`` or expanding more than ``max_compression_ratio`` times are
+refused before they are read.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ import io
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 MEMBER_SEP = "!"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -21,6 +25,72 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".ta
 
 class ArchiveReadError(OSError):
     """An archive or member that cannot be read (message names the relative path only)."""
+
+
+class OverLimitError(ValueError):
+    """An input over one of the ``IngestLimits`` (the message names the limit and its option)."""
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Caps on what one input can make discovery (driver) or a read task (worker) allocate.
+
+    The defaults pass every real file in the project's test data with a wide margin (largest
+    series 29 M voxels, most frames in a file 63, highest gzip ratio 306 for a lesion mask).
+
+    Attributes:
+        max_series_voxels: voxels of one series over all its volumes (float32: 4 bytes each),
+            also the cap of one file's frames x rows x columns.
+        max_frames_per_file: NumberOfFrames of one DICOM file.
+        max_member_bytes: uncompressed size of one .zip/.tar member (read whole into memory).
+        max_compression_ratio: uncompressed / compressed size of a zip member, a .nii.gz file
+            or a compressed DICOM image (gzip of zeros, a "bomb", reaches about 1000).
+    """
+
+    max_series_voxels: int = 2**30
+    max_frames_per_file: int = 20_000
+    max_member_bytes: int = 2**31
+    max_compression_ratio: float = 800.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"{f.name} must be > 0, got {getattr(self, f.name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (sent to read tasks)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> IngestLimits:
+        """Inverse of ``to_dict``; ``None`` gives the defaults."""
+        return cls(**(d or {}))
+
+    def check_ratio(self, what: str, expanded: int, stored: int) -> None:
+        """Raise ``OverLimitError`` when ``expanded`` bytes from ``stored`` exceed the ratio cap."""
+        if expanded > self.max_compression_ratio * max(stored, 1):
+            raise OverLimitError(
+                f"{what} expands {expanded / max(stored, 1):.0f}x, over the compression-ratio "
+                f"cap of {self.max_compression_ratio:g}x (--max-compression-ratio)"
+            )
+
+    def check_member(self, size: int, compressed: int | None = None) -> None:
+        """Raise ``OverLimitError`` for a member over the size or compression-ratio cap."""
+        if size > self.max_member_bytes:
+            raise OverLimitError(
+                f"archive member of {size} bytes, over the cap of {self.max_member_bytes} "
+                "(--max-member-bytes)"
+            )
+        if compressed is not None:
+            self.check_ratio("archive member", size, compressed)
+
+    def check_voxels(self, what: str, n_voxels: int) -> None:
+        """Raise ``OverLimitError`` when ``n_voxels`` exceed ``max_series_voxels``."""
+        if n_voxels > self.max_series_voxels:
+            raise OverLimitError(
+                f"{what} of {n_voxels} voxels, over the cap of {self.max_series_voxels} "
+                "(--max-series-voxels)"
+            )
 
 
 def is_archive_name(name: str) -> bool:
@@ -66,39 +136,68 @@ def bytes_source(data: bytes) -> BinarySource:
     return BinarySource(opener=lambda: io.BytesIO(data), size=len(data))
 
 
-def iter_archive_members(path: Path) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+def iter_archive_members(
+    path: Path, limits: IngestLimits | None = None
+) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     """Regular-file members of a .zip/.tar: (member name, size, reader of its bytes).
 
+    The reader raises ``OverLimitError`` for a member over ``limits`` (declared size or zip
+    compression ratio) before reading anything, and ``ArchiveReadError`` for one that cannot be
+    read (bad CRC, encrypted, cut short).
+
     Raises:
-        ArchiveReadError: the archive itself cannot be opened.
+        ArchiveReadError: the archive cannot be opened, or ends early / is corrupt after some
+            members were listed (the message says how many).
     """
+    limits = limits or IngestLimits()
+    n = 0
     try:
         if path.name.lower().endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
                     if not info.is_dir():
-                        yield info.filename, info.file_size, _zip_reader(zf, info.filename)
+                        n += 1
+                        yield info.filename, info.file_size, _zip_reader(zf, info, limits)
         else:
             with tarfile.open(path) as tf:
                 for member in tf:
                     if member.isfile():
-                        yield member.name, member.size, _tar_reader(tf, member)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise ArchiveReadError(f"cannot read archive ({type(exc).__name__})") from exc
+                        n += 1
+                        yield member.name, member.size, _tar_reader(tf, member, limits)
+    except Exception as exc:  # noqa: BLE001 - any damage: this archive's record, not the run
+        where = f" after {n} member(s)" if n else ""
+        raise ArchiveReadError(f"cannot read archive{where} ({type(exc).__name__})") from exc
 
 
-def _zip_reader(zf: zipfile.ZipFile, name: str) -> Callable[[], bytes]:
-    return lambda: zf.read(name)
-
-
-def _tar_reader(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], bytes]:
+def _zip_reader(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: IngestLimits
+) -> Callable[[], bytes]:
     def read() -> bytes:
+        limits.check_member(info.file_size, info.compress_size)
+        return _guarded(lambda: zf.read(info))
+
+    return read
+
+
+def _tar_reader(
+    tf: tarfile.TarFile, member: tarfile.TarInfo, limits: IngestLimits
+) -> Callable[[], bytes]:
+    def read() -> bytes:
+        limits.check_member(member.size)
         fh = tf.extractfile(member)
         if fh is None:
             raise ArchiveReadError("archive member is not a regular file")
-        return fh.read()
+        return _guarded(fh.read)
 
     return read
+
+
+def _guarded(read: Callable[[], bytes]) -> bytes:
+    """``read()``, any failure (bad CRC, encrypted, truncated stream) as ``ArchiveReadError``."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - zipfile/tarfile/zlib/gzip raise many types
+        raise ArchiveReadError(f"cannot read archive member ({type(exc).__name__})") from exc
 
 
 class MemberReader:
@@ -107,8 +206,9 @@ class MemberReader:
     Use as a context manager in workers that read many members of the same archive.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limits: IngestLimits | None = None) -> None:
         self.root = Path(root)
+        self.limits = limits or IngestLimits()
         self._open: dict[str, zipfile.ZipFile | tarfile.TarFile] = {}
 
     def __enter__(self) -> MemberReader:
@@ -146,14 +246,22 @@ class MemberReader:
         handle = self._archive(archive_rel)
         try:
             if isinstance(handle, zipfile.ZipFile):
-                data = handle.read(member)
+                info = handle.getinfo(member)
+                self.limits.check_member(info.file_size, info.compress_size)
+                data = handle.read(info)
             else:
-                fh = handle.extractfile(member)
+                tar_info = handle.getmember(member)
+                self.limits.check_member(tar_info.size)
+                fh = handle.extractfile(tar_info)
                 if fh is None:
                     raise KeyError(member)
                 data = fh.read()
-        except (KeyError, OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
-            raise ArchiveReadError(f"{rel}: cannot read archive member") from exc
+        except OverLimitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - bad CRC, encrypted, cut short, missing
+            raise ArchiveReadError(
+                f"{rel}: cannot read archive member ({type(exc).__name__})"
+            ) from exc
         return bytes_source(data)
 
     def read(self, rel: str) -> bytes:

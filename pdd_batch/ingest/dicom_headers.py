@@ -8,6 +8,7 @@ logged or put in messages.
 
 from __future__ import annotations
 
+import math
 import struct
 import warnings
 from collections.abc import Iterator
@@ -21,11 +22,14 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from pdd_batch.ingest.archive_io import BinarySource
+from pdd_batch.ingest.archive_io import BinarySource, IngestLimits, OverLimitError
 from pdd_batch.ingest.dicom_tag_scan import (
     MEDIA_SOP_CLASS,
+    PIXEL_EXTENT,
     TRANSFER_SYNTAX,
+    UNDEFINED,
     HeaderIncomplete,
+    HeaderTooDeep,
     scan_header,
 )
 
@@ -74,6 +78,10 @@ KNOWN_PHOTOMETRIC = frozenset(
 
 
 NOT_DICOM = "not a DICOM file (no DICM preamble)"
+# Transfer syntaxes whose pixel data is stored uncompressed (its length is known from the header).
+NATIVE_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+)
 
 
 # What pydicom raises on damaged files: bad lengths/VRs, short reads, unknown encodings.
@@ -88,6 +96,8 @@ PYDICOM_READ_ERRORS = (
     NotImplementedError,
     struct.error,
     BytesLengthException,
+    OverflowError,  # IS/DS values such as "inf" converted to int
+    RecursionError,  # sequences nested deeper than pydicom's recursive reader can go
 )
 
 
@@ -140,14 +150,16 @@ class DicomHeader:
     samples_per_pixel: int
     has_image: bool
     frames: tuple[FrameInfo, ...]
+    bits_allocated: int = 0
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    """Exactly ``n`` finite numbers, or None."""
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n else None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
@@ -169,10 +181,12 @@ def _group_value(groups: list[Dataset | None], macro: str, keyword: str) -> Any:
 
 
 def _number(value: Any, default: float) -> float:
+    """``value`` as a finite float, else ``default`` ("inf", "nan", junk and absent alike)."""
     try:
-        return float(value) if value not in (None, "") else default
+        out = float(value) if value not in (None, "") else default
     except (TypeError, ValueError):
         return default
+    return out if math.isfinite(out) else default
 
 
 class _Fields:
@@ -218,12 +232,8 @@ class _Fields:
         return values[0] if values else ""
 
     def floats(self, keyword: str, n: int) -> tuple[float, ...] | None:
-        """Exactly ``n`` numbers, or None."""
-        try:
-            out = tuple(float(v) for v in self.strings(keyword))
-        except ValueError:
-            return None
-        return out if len(out) == n else None
+        """Exactly ``n`` finite numbers, or None."""
+        return _floats(self.strings(keyword), n)
 
     def number(self, keyword: str, default: float) -> float:
         """The first number, or ``default`` when absent or unparsable."""
@@ -311,27 +321,65 @@ def _enhanced_frames(ds: Dataset, rel: str, n_frames: int) -> tuple[FrameInfo, .
     return tuple(frames)
 
 
-def header_from_dataset(ds: Dataset, rel: str) -> DicomHeader:
-    """Build a ``DicomHeader`` from a dataset read with or without pixels."""
+def header_from_dataset(ds: Dataset, rel: str, limits: IngestLimits | None = None) -> DicomHeader:
+    """Build a ``DicomHeader`` from a dataset read with or without pixels.
+
+    Raises:
+        DicomHeaderError: NumberOfFrames invalid, or frames / voxels over ``limits``.
+    """
     meta = getattr(ds, "file_meta", None)
     meta_sop = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-    return _build_header(_Fields(ds=ds), rel, meta_sop, syntax, ds if enhanced else None)
+    f = _Fields(ds=ds)
+    return _build_header(f, rel, meta_sop, syntax, ds if enhanced else None, limits)
 
 
-def header_from_raw(raw: dict[int, bytes], rel: str) -> DicomHeader:
-    """Build a ``DicomHeader`` from ``dicom_tag_scan.scan_header`` values (classic objects)."""
+def header_from_raw(
+    raw: dict[int, bytes], rel: str, limits: IngestLimits | None = None
+) -> DicomHeader:
+    """Build a ``DicomHeader`` from ``dicom_tag_scan.scan_header`` values (classic objects).
+
+    Raises:
+        DicomHeaderError: as ``header_from_dataset``.
+    """
     meta_sop = raw.get(MEDIA_SOP_CLASS, b"").decode("ascii", "replace").strip(" \x00")
     syntax = raw.get(TRANSFER_SYNTAX, b"").decode("ascii", "replace").strip(" \x00")
-    return _build_header(_Fields(raw=raw), rel, meta_sop, syntax, None)
+    return _build_header(_Fields(raw=raw), rel, meta_sop, syntax, None, limits)
+
+
+def _frame_count(f: _Fields, limits: IngestLimits) -> int:
+    """NumberOfFrames checked before any per-frame object is made (a forged 2**31 or "inf")."""
+    text = f.text("NumberOfFrames")
+    try:
+        value = float(text) if text else 1.0
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value != int(value):
+        raise DicomHeaderError("invalid NumberOfFrames value (not a whole number)")
+    n = max(1, int(value))
+    if n > limits.max_frames_per_file:
+        raise DicomHeaderError(
+            f"NumberOfFrames {n}, over the cap of {limits.max_frames_per_file} "
+            "(--max-frames-per-file)"
+        )
+    try:
+        limits.check_voxels("image", n * f.ushort("Rows") * f.ushort("Columns"))
+    except OverLimitError as exc:
+        raise DicomHeaderError(str(exc)) from exc
+    return n
 
 
 def _build_header(
-    f: _Fields, rel: str, meta_sop: str, syntax: str, enhanced: Dataset | None
+    f: _Fields,
+    rel: str,
+    meta_sop: str,
+    syntax: str,
+    enhanced: Dataset | None,
+    limits: IngestLimits | None,
 ) -> DicomHeader:
     has_image = bool(f.ushort("Rows") and f.ushort("Columns") and f.ushort("BitsAllocated"))
-    n_frames = max(1, int(f.number("NumberOfFrames", 1.0))) if has_image else 0
+    n_frames = _frame_count(f, limits or IngestLimits()) if has_image else 0
     if not has_image:
         frames: tuple[FrameInfo, ...] = ()
     elif enhanced is not None:
@@ -350,6 +398,7 @@ def _build_header(
         samples_per_pixel=f.ushort("SamplesPerPixel") or 1,
         has_image=has_image,
         frames=frames,
+        bits_allocated=f.ushort("BitsAllocated"),
     )
 
 
@@ -381,17 +430,22 @@ def _fast_scan(fh: BinaryIO) -> dict[int, bytes] | None:
             head += more
 
 
-def read_header(source: BinarySource, rel: str) -> DicomHeader:
+def read_header(source: BinarySource, rel: str, limits: IngestLimits | None = None) -> DicomHeader:
     """Read one file's header (no pixels).
 
     Raises:
-        DicomHeaderError: not a DICOM file, or a header pydicom cannot parse.
+        DicomHeaderError: not a DICOM file, a header pydicom cannot parse, a value over
+            ``limits``, or (when the fast scan sees it) pixel data cut short, empty or shorter
+            than the image size.
     """
+    limits = limits or IngestLimits()
     try:
         with source.open() as fh, quiet_pydicom():
             raw = _fast_scan(fh)
             if raw is not None:
-                return _checked(header_from_raw(raw, rel))
+                header = _checked(header_from_raw(raw, rel, limits))
+                _check_extent(header, raw.get(PIXEL_EXTENT), source.size, limits)
+                return header
             fh.seek(0)
             try:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
@@ -402,16 +456,88 @@ def read_header(source: BinarySource, rel: str) -> DicomHeader:
                     raise
                 fh.seek(0)
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+            extent = _extent_here(fh, ds)
+    except DicomHeaderError:
+        raise
+    except HeaderTooDeep as exc:
+        raise DicomHeaderError(str(exc)) from exc
     except InvalidDicomError as exc:
         raise DicomHeaderError(NOT_DICOM) from exc
     except PYDICOM_READ_ERRORS as exc:
         raise DicomHeaderError(f"unreadable DICOM header ({type(exc).__name__})") from exc
     try:
         with quiet_pydicom():
-            header = header_from_dataset(ds, rel)
+            header = header_from_dataset(ds, rel, limits)
+    except DicomHeaderError:
+        raise
     except PYDICOM_READ_ERRORS as exc:
         raise DicomHeaderError(f"malformed DICOM header ({type(exc).__name__})") from exc
-    return _checked(header)
+    header = _checked(header)
+    _check_extent(header, extent, source.size, limits)
+    return header
+
+
+def _extent_here(fh: BinaryIO, ds: Dataset) -> bytes | None:
+    """(value start, length) of the pixel data element at ``fh``'s position, where pydicom's
+    ``stop_before_pixels`` leaves it; None when it is not there (deflated data, no pixels)."""
+    encoding = getattr(ds, "original_encoding", None)  # (implicit VR, little endian)
+    if not encoding or encoding[0] is None or encoding[1] is None:
+        return None
+    implicit, little = bool(encoding[0]), bool(encoding[1])
+    start = fh.tell()
+    head = fh.read(12)
+    order = "<" if little else ">"
+    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return None
+    if implicit:
+        return struct.pack("<QQ", start + 8, struct.unpack(order + "I", head[4:8])[0])
+    if len(head) < 12 or head[4:6] not in (b"OB", b"OW"):
+        return None
+    return struct.pack("<QQ", start + 12, struct.unpack(order + "I", head[8:12])[0])
+
+
+def _check_extent(
+    header: DicomHeader, extent: bytes | None, file_size: int, limits: IngestLimits
+) -> None:
+    """Pixel data where the fast scan found it: (value start, length) against the file size."""
+    if extent is None or not header.has_image:
+        return
+    start, length = struct.unpack("<QQ", extent)
+    if length == UNDEFINED:  # encapsulated (compressed) frames: bound the expansion
+        try:
+            limits.check_ratio("compressed image", image_bytes(header), file_size - start)
+        except OverLimitError as exc:
+            raise DicomHeaderError(str(exc)) from exc
+        return
+    if start + length > file_size:
+        raise DicomHeaderError(
+            f"truncated file: pixel data cut short ({file_size - start} of {length} bytes)"
+        )
+    problem = pixel_length_problem(header, length)
+    if problem:
+        raise DicomHeaderError(problem)
+
+
+def image_bytes(header: DicomHeader) -> int:
+    """Bytes of the header's frames stored uncompressed (BitsAllocated 1: packed bits)."""
+    if not header.frames:
+        return 0
+    f = header.frames[0]
+    n_samples = len(header.frames) * f.rows * f.cols * header.samples_per_pixel
+    bits = header.bits_allocated
+    return (n_samples + 7) // 8 if bits == 1 else n_samples * ((bits + 7) // 8)
+
+
+def pixel_length_problem(header: DicomHeader, length: int) -> str | None:
+    """Why native pixel data of ``length`` bytes cannot be this header's image (None: it can).
+
+    Longer data is accepted (pydicom reads the image from its start, as for odd-length padding).
+    """
+    if length == 0:
+        return "empty pixel data (no image bytes)"
+    if header.transfer_syntax in NATIVE_SYNTAXES and length < image_bytes(header):
+        return f"pixel data shorter than the image ({length} of {image_bytes(header)} bytes)"
+    return None
 
 
 def _checked(header: DicomHeader) -> DicomHeader:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import struct
 
 PIXEL_DATA = 0x7FE00010
+PIXEL_EXTENT = -1  # not a tag: key of the pixel data's (value start, length) in scan_header's dict
 TRANSFER_SYNTAX = 0x00020010
 MEDIA_SOP_CLASS = 0x00020002
 FUNCTIONAL_GROUPS = (0x52009229, 0x52009230)  # shared / per-frame: enhanced objects
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
+MAX_DEPTH = 64  # nested sequence levels; real headers use a handful
 LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
@@ -41,6 +43,7 @@ _HEAD = struct.Struct("<HH2s")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _TAG_LEN = struct.Struct("<II")
+_EXTENT = struct.Struct("<QQ")
 
 
 class _NeedFullParser(Exception):
@@ -49,6 +52,10 @@ class _NeedFullParser(Exception):
 
 class _OutOfBytes(Exception):
     """Internal: the header continues past the bytes given."""
+
+
+class HeaderTooDeep(ValueError):
+    """Sequences nested deeper than any real header (a forged file): not readable."""
 
 
 class HeaderIncomplete(Exception):
@@ -76,27 +83,41 @@ def _element(data: bytes, pos: int) -> tuple[int, int, int]:
 
 
 def _skip_sequence(data: bytes, pos: int) -> int:
-    """Position after an undefined-length sequence whose first item starts at ``pos``."""
-    while True:
-        if pos + 8 > len(data):
-            raise _OutOfBytes
-        tag, length = _TAG_LEN.unpack_from(data, pos)
-        tag = ((tag & 0xFFFF) << 16) | (tag >> 16)  # (group, element) little-endian words
-        pos += 8
-        if tag == SEQ_END:
-            return pos
-        if tag != ITEM:
-            raise _NeedFullParser
-        pos = pos + length if length != UNDEFINED else _skip_item(data, pos)
+    """Position after an undefined-length sequence whose first item starts at ``pos``.
 
-
-def _skip_item(data: bytes, pos: int) -> int:
-    """Position after an undefined-length item whose first element starts at ``pos``."""
-    while True:
-        tag, start, length = _element(data, pos)
+    Iterative (a stack of open sequences/items, not recursion), so a forged file of thousands of
+    nested sequences cannot exhaust Python's stack; nesting deeper than ``MAX_DEPTH`` is
+    ``HeaderTooDeep``.
+    """
+    stack = ["seq"]  # open undefined-length containers, innermost last
+    while stack:
+        if len(stack) > 2 * MAX_DEPTH:
+            raise HeaderTooDeep(f"DICOM sequences nested deeper than {MAX_DEPTH} levels")
+        if stack[-1] == "seq":
+            if pos + 8 > len(data):
+                raise _OutOfBytes
+            tag, length = _TAG_LEN.unpack_from(data, pos)
+            tag = ((tag & 0xFFFF) << 16) | (tag >> 16)  # (group, element) little-endian words
+            pos += 8
+            if tag == SEQ_END:
+                stack.pop()
+            elif tag != ITEM:
+                raise _NeedFullParser
+            elif length == UNDEFINED:
+                stack.append("item")
+            else:
+                pos += length
+            continue
+        tag, start, length = _element(data, pos)  # inside an undefined-length item
         if tag == ITEM_END:
-            return start
-        pos = _skip_sequence(data, start) if length == UNDEFINED else start + length
+            stack.pop()
+            pos = start
+        elif length == UNDEFINED:
+            stack.append("seq")
+            pos = start
+        else:
+            pos = start + length
+    return pos
 
 
 def _meta(data: bytes) -> tuple[dict[int, bytes], int]:
@@ -116,7 +137,8 @@ def _meta(data: bytes) -> tuple[dict[int, bytes], int]:
 
 def scan_header(data: bytes, wanted: frozenset[int], complete: bool) -> dict[int, bytes] | None:
     """Raw values of the ``wanted`` top-level tags (and the transfer syntax / SOP class of the
-    file meta), or None when the file needs pydicom.
+    file meta), or None when the file needs pydicom. Under ``PIXEL_EXTENT``, when the file has
+    pixel data: its value start and length (``UNDEFINED`` when encapsulated), as ``<QQ``.
 
     Args:
         data: the first bytes of the file (at least up to the pixel data to succeed).
@@ -134,6 +156,7 @@ def scan_header(data: bytes, wanted: frozenset[int], complete: bool) -> dict[int
         while pos < len(data):
             tag, start, length = _element(data, pos)
             if tag == PIXEL_DATA:
+                out[PIXEL_EXTENT] = _EXTENT.pack(start, length)
                 return out
             if tag in FUNCTIONAL_GROUPS or tag in (ITEM, ITEM_END, SEQ_END):
                 return None

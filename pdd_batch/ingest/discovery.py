@@ -9,6 +9,11 @@ Paths are posix, relative to the archive root; members of .zip/.tar archives (``
 are ``"archive.zip!inner/path.dcm"`` (see ``archive_io``); an opened archive is not itself a
 record, its members are (one that cannot be opened is a ``failed`` record). Studies and series are
 named by hashed keys (``keys``); raw UIDs never leave this module.
+
+Hostile input never stops discovery: any error of one file (or member) becomes that file's
+``failed`` record with a path-free reason; ``IngestLimits`` refuse headers and members that
+would make the driver or a worker allocate too much; a link that resolves outside the archive
+root is ``skipped`` unless ``follow_links_outside``.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pdd_batch.ingest.archive_io import (
     ArchiveReadError,
     BinarySource,
+    IngestLimits,
+    OverLimitError,
     bytes_source,
     file_source,
     is_archive_name,
@@ -48,6 +56,7 @@ from pdd_batch.ingest.stack_plan import StackPlan, plan_stacks
 log = logging.getLogger(__name__)
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
 PROGRESS_EVERY = 1000
+OUTSIDE_REASON = "link to a place outside the archive, not followed (--follow-links-outside)"
 
 
 class DiscoveryError(OSError):
@@ -57,6 +66,8 @@ class DiscoveryError(OSError):
 @dataclass
 class _Collector:
     root: Path
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    follow_links_outside: bool = False
     records: dict[str, FileRecord] = field(default_factory=dict)
     dicom: dict[tuple[str, str], list[DicomHeader]] = field(
         default_factory=lambda: defaultdict(list)
@@ -70,10 +81,12 @@ class _Collector:
 def _walk(root: Path, col: _Collector) -> Iterator[Path]:
     """Files under root, in a stable (sorted) order; unreadable folders are recorded as failed.
 
-    Links to folders are followed (archives on shared storage are often assembled from links);
-    a folder reached a second time (a link loop or two links to one folder) is recorded as
-    skipped instead of being read twice.
+    Links to folders inside the root are followed; links (to folders or files) that resolve
+    outside it are recorded as skipped unless ``col.follow_links_outside`` (archives on shared
+    storage are often assembled from links). A folder reached a second time (a link loop or two
+    links to one folder) is recorded as skipped instead of being read twice.
     """
+    real_root = root.resolve()
 
     def on_error(exc: OSError) -> None:
         where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "."
@@ -84,6 +97,9 @@ def _walk(root: Path, col: _Collector) -> Iterator[Path]:
         kept = []
         for name in sorted(dirnames):
             sub = Path(dirpath) / name
+            if _outside(sub, real_root, col):
+                col.record(sub.relative_to(root).as_posix() + "/", "skipped", OUTSIDE_REASON)
+                continue
             try:
                 fid = _folder_id(sub)
             except OSError:
@@ -97,7 +113,25 @@ def _walk(root: Path, col: _Collector) -> Iterator[Path]:
             kept.append(name)
         dirnames[:] = kept
         for name in sorted(filenames):
-            yield Path(dirpath) / name
+            path = Path(dirpath) / name
+            if _outside(path, real_root, col):
+                col.record(path.relative_to(root).as_posix(), "skipped", OUTSIDE_REASON)
+                continue
+            yield path
+
+
+def _outside(path: Path, real_root: Path, col: _Collector) -> bool:
+    """True when ``path`` is a link that resolves outside the archive root.
+
+    Only links are resolved (one ``lstat`` per entry otherwise): ``_walk`` never enters a folder
+    outside the root, so a plain entry of a folder it reads is inside.
+    """
+    if col.follow_links_outside or not path.is_symlink():
+        return False
+    try:
+        return not path.resolve().is_relative_to(real_root)
+    except (OSError, RuntimeError):  # a link loop resolves to nothing: refuse it
+        return True
 
 
 def _folder_id(path: Path) -> tuple[int, int]:
@@ -115,7 +149,7 @@ def _classify(col: _Collector, rel: str, source: BinarySource, raw: bytes | None
         return col.record(rel, "failed", "empty file (0 bytes)")
     if is_nifti_name(low):
         try:
-            col.nifti.append((rel, read_nifti_info(col.root, rel, raw)))
+            col.nifti.append((rel, read_nifti_info(col.root, rel, raw, col.limits)))
         except NiftiReadError as exc:
             col.record(rel, "failed", f"NIfTI: {exc}")
         return None
@@ -124,7 +158,7 @@ def _classify(col: _Collector, rel: str, source: BinarySource, raw: bytes | None
     if low.endswith((".hdr", ".img")):
         return col.record(rel, "skipped", "Analyze/NIfTI pair (.hdr/.img) not supported")
     try:
-        header = read_header(source, rel)
+        header = read_header(source, rel, col.limits)
     except DicomHeaderError as exc:
         if str(exc) == NOT_DICOM and not low.endswith(DICOM_SUFFIXES):
             suffix = PurePosixPath(low).suffix or "no extension"
@@ -140,31 +174,51 @@ def _classify(col: _Collector, rel: str, source: BinarySource, raw: bytes | None
 
 
 def _scan_archive(col: _Collector, path: Path, rel: str) -> None:
+    """Record every member of one archive; a damaged member or archive is a failed record."""
     try:
-        for member, size, read in iter_archive_members(path):
+        for member, size, read in iter_archive_members(path, col.limits):
             member_rel = join_member(rel, member)
             if size == 0:
                 col.record(member_rel, "failed", "empty file (0 bytes)")
                 continue
-            raw = read()
-            _classify(col, member_rel, bytes_source(raw), raw)
+            try:
+                raw = read()
+                _classify(col, member_rel, bytes_source(raw), raw)
+            except (ArchiveReadError, OverLimitError) as exc:
+                col.record(member_rel, "failed", str(exc))
+            except Exception as exc:  # noqa: BLE001 - one member never stops discovery
+                col.record(member_rel, "failed", _unexpected(exc))
     except ArchiveReadError as exc:
         col.record(rel, "failed", str(exc))
+
+
+def _unexpected(exc: Exception) -> str:
+    """The reason of an error no reader anticipated: its type only (messages may hold paths)."""
+    return f"unreadable file ({type(exc).__name__})"
 
 
 def _dicom_series(
     col: _Collector, group: tuple[str, str], headers: list[DicomHeader]
 ) -> list[SeriesRef]:
-    """SeriesRefs of one (study, series) group; records every file's fate."""
+    """SeriesRefs of one (study, series) group; records every file's fate.
+
+    A stack over ``max_series_voxels`` is not a series: its files are failed records.
+    """
     frames: list[FrameInfo] = [f for h in headers for f in h.frames]
     stacks, scouts = plan_stacks(frames)
     by_file = {h.file: h for h in headers}
     modality = Counter(h.modality for h in headers).most_common(1)[0][0]
     refs = []
     used: set[str] = set()
+    too_big: dict[str, str] = {}
     for part, plan in enumerate(stacks):
         key = series_key(group[0], group[1], part)
         files = _files_in_order(plan)
+        try:
+            col.limits.check_voxels("series", plan.n_slices * plan.shape[1] * plan.shape[2])
+        except OverLimitError as exc:
+            too_big.update((rel, str(exc)) for rel in files)
+            continue
         for rel in files:
             if rel not in used:
                 col.record(rel, "used", "", key)
@@ -174,6 +228,9 @@ def _dicom_series(
     for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
         if frame.file not in used:
             col.record(frame.file, "skipped", reason)
+    for rel, reason in too_big.items():
+        if rel not in used:
+            col.record(rel, "failed", reason)
     return refs
 
 
@@ -210,7 +267,7 @@ def _sidecar_modality(root: Path, rel: str, seen: dict[str, FileRecord]) -> str:
     """Modality from a BIDS/dcm2niix sidecar (same name, .json) next to a plain NIfTI file."""
     stem = rel[: -len(".nii.gz")] if rel.lower().endswith(".nii.gz") else rel[: -len(".nii")]
     sidecar = stem + ".json"
-    if sidecar not in seen or "!" in sidecar:
+    if sidecar not in seen or "!" in sidecar or seen[sidecar].reason == OUTSIDE_REASON:
         return "OT"
     try:
         meta = json.loads((root / sidecar).read_text(encoding="utf-8"))
@@ -248,6 +305,8 @@ def discover(
     *,
     open_archives: bool = False,
     progress: Callable[[int], None] | None = None,
+    limits: IngestLimits | None = None,
+    follow_links_outside: bool = False,
 ) -> Discovery:
     """Find every series in a folder tree (or a single file / archive file).
 
@@ -255,6 +314,9 @@ def discover(
         archive: a folder (the archive root), or one file (then its folder is the root).
         open_archives: look inside .zip/.tar files; otherwise they are skipped with a reason.
         progress: called with the number of files seen so far, every ``PROGRESS_EVERY`` files.
+        limits: caps on frames, voxels and archive members (default ``IngestLimits()``).
+        follow_links_outside: read links that resolve outside the archive root (refused and
+            recorded as skipped by default).
 
     Raises:
         DiscoveryError: the archive path does not exist.
@@ -263,29 +325,53 @@ def discover(
     if not archive.exists():
         raise DiscoveryError(f"archive not found: {archive.name}")
     root = archive if archive.is_dir() else archive.parent
-    col = _Collector(root=root)
+    col = _Collector(root, limits or IngestLimits(), follow_links_outside)
     paths = _walk(root, col) if archive.is_dir() else iter([archive])
     for n, path in enumerate(paths, 1):
         if progress is not None and n % PROGRESS_EVERY == 0:
             progress(n)
         rel = path.relative_to(root).as_posix()
-        if is_archive_name(path.name) and path.stat().st_size > 0:
-            if open_archives:
-                _scan_archive(col, path, rel)
-            else:
-                col.record(rel, "skipped", "archive file not opened (use --open-archives)")
-            continue
         try:
-            _classify(col, rel, file_source(path), None)
+            _one_file(col, path, rel, open_archives)
         except OSError as exc:
             col.record(rel, "failed", f"cannot read file ({type(exc).__name__})")
+        except Exception as exc:  # noqa: BLE001 - one file never stops discovery
+            col.record(rel, "failed", _unexpected(exc))
     series: list[SeriesRef] = []
     for group, headers in col.dicom.items():
-        series.extend(_dicom_series(col, group, headers))
-    series.extend(_nifti_series(col, rel, info) for rel, info in col.nifti)
+        files = tuple(h.file for h in headers)
+        series.extend(_grouped(col, partial(_dicom_series, col, group, headers), files))
+    for rel, info in col.nifti:
+        series.extend(_grouped(col, partial(_nifti_series, col, rel, info), (rel,)))
     result = Discovery(root=root, series=series, files=list(col.records.values()))
     log.info("discovery: %s, %d series", result.counts(), len(series))
     return result
+
+
+def _one_file(col: _Collector, path: Path, rel: str, open_archives: bool) -> None:
+    """Record one file found under the root (an archive file: its members)."""
+    if is_archive_name(path.name) and path.stat().st_size > 0:
+        if open_archives:
+            _scan_archive(col, path, rel)
+        else:
+            col.record(rel, "skipped", "archive file not opened (use --open-archives)")
+        return
+    _classify(col, rel, file_source(path), None)
+
+
+def _grouped(
+    col: _Collector, build: Callable[[], list[SeriesRef] | SeriesRef], files: tuple[str, ...]
+) -> list[SeriesRef]:
+    """``build()`` as a list; if it fails, ``files`` are failed records (the run goes on)."""
+    try:
+        refs = build()
+    except Exception as exc:  # noqa: BLE001 - one bad group never stops discovery
+        reason = f"cannot group this series ({type(exc).__name__})"
+        for rel in files:
+            col.record(rel, "failed", reason)
+        log.warning("discovery: a series could not be grouped (%s)", type(exc).__name__)
+        return []
+    return refs if isinstance(refs, list) else [refs]
 
 
 def discovery_report(result: Discovery) -> dict[str, Any]:

@@ -5,6 +5,10 @@ Volumes are reoriented to the closest canonical orientation (RAS+, the same tran
 whole. They are returned as (Z, H, W) = (S, A, R) axes with LPS direction vectors, the same
 convention as DICOM volumes, so slicing treats both alike. Scaling (scl_slope/inter), big-endian
 and float64 data are handled by nibabel; values are returned as float32.
+
+Before any voxel is read, the header's size is checked against ``IngestLimits`` (voxels, and the
+gzip expansion ratio of .nii.gz files); gzip streams are never inflated past what the header
+promises (a gzip "bomb" with a forged size field stops there).
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from nibabel.orientations import OrientationError, apply_orientation, inv_ornt_a
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 from nibabel.wrapstruct import WrapStructError
 
-from pdd_batch.ingest.archive_io import ArchiveReadError, MemberReader, split_member
+from pdd_batch.ingest.archive_io import (
+    ArchiveReadError,
+    IngestLimits,
+    MemberReader,
+    OverLimitError,
+    split_member,
+)
 from pdd_batch.ingest.series import LoadedSeries, SeriesReadError, SeriesRef, Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -92,6 +102,19 @@ def _expected_bytes(img: nib.spatialimages.SpatialImage) -> int:
     return int(header.get_data_offset()) + n_voxels * header.get_data_dtype().itemsize
 
 
+def _check_limits(
+    img: nib.spatialimages.SpatialImage, path_or_bytes: Path | bytes, gz: bool, limits: IngestLimits
+) -> None:
+    """Raise ``NiftiReadError`` for a header over ``limits`` (voxels; a .nii.gz file's ratio)."""
+    try:
+        limits.check_voxels("NIfTI image", int(np.prod(img.shape, dtype=np.float64)))
+        if gz and isinstance(path_or_bytes, Path):
+            stored = path_or_bytes.stat().st_size
+            limits.check_ratio("gzip-compressed NIfTI", _expected_bytes(img), stored)
+    except OverLimitError as exc:
+        raise NiftiReadError(str(exc)) from exc
+
+
 def _check_complete(path_or_bytes: Path | bytes, gz: bool, expected: int) -> None:
     """Raise if the file holds fewer bytes than its header promises (a truncated copy)."""
     if isinstance(path_or_bytes, bytes):
@@ -104,20 +127,47 @@ def _check_complete(path_or_bytes: Path | bytes, gz: bool, expected: int) -> Non
             (isize,) = struct.unpack("<I", fh.read(4))
         if isize == expected % 2**32:
             return
-        actual = _gunzipped_size(path_or_bytes)  # rare: multi-member or corrupt; check exactly
+        actual = _gunzipped_size(path_or_bytes, expected)  # rare: multi-member, forged or cut
     if actual < expected:
         raise NiftiReadError(f"truncated NIfTI: {actual} of {expected} bytes")
 
 
-def _gunzipped_size(path: Path) -> int:
+def _gunzipped_size(path: Path, enough: int) -> int:
+    """Bytes the gzip file inflates to, counted up to ``enough`` (never the whole of a bomb)."""
     total = 0
     try:
         with gzip.open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
+            while total < enough and (chunk := fh.read(min(1 << 20, enough - total))):
                 total += len(chunk)
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
         pass  # truncated stream: the bytes read so far are the size
     return total
+
+
+def _gunzip_bounded(raw: bytes, limits: IngestLimits) -> bytes:
+    """Inflate a gzip member held in memory, refusing output past the member-size or ratio cap.
+
+    Raises:
+        NiftiReadError: a corrupt stream, or one expanding past the caps.
+    """
+    cap = min(limits.max_member_bytes, int(limits.max_compression_ratio * len(raw)))
+    out, rest = bytearray(), raw
+    try:
+        while rest and len(out) <= cap:  # one pass per gzip member
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            out += inflater.decompress(rest, cap + 1 - len(out))
+            if not inflater.eof:
+                break  # cut short (nibabel's size check says so) or the cap reached
+            rest = inflater.unused_data
+    except zlib.error as exc:
+        raise NiftiReadError("truncated or corrupt gzip stream") from exc
+    if len(out) > cap:
+        try:
+            limits.check_member(len(out))
+            limits.check_ratio("gzip-compressed NIfTI", len(out), len(raw))
+        except OverLimitError as exc:
+            raise NiftiReadError(str(exc)) from exc
+    return bytes(out)
 
 
 def _from_bytes(raw: bytes) -> nib.spatialimages.SpatialImage:
@@ -130,48 +180,54 @@ def _from_bytes(raw: bytes) -> nib.spatialimages.SpatialImage:
 
 
 def open_nifti(
-    root: Path, rel: str, raw: bytes | None = None
+    root: Path, rel: str, raw: bytes | None = None, limits: IngestLimits | None = None
 ) -> tuple[nib.spatialimages.SpatialImage, Path | bytes]:
     """Open (lazily for plain files) the NIfTI named by ``rel``; returns (image, source).
 
     ``raw``: the bytes of an archive member when the caller already holds them.
     """
     _, member = split_member(rel)
+    limits = limits or IngestLimits()
     try:
         if member is None:
             path = Path(root) / rel
             return nib.load(path), path
         if raw is None:
-            with MemberReader(root) as reader:
+            with MemberReader(root, limits) as reader:
                 raw = reader.read(rel)
         if member.lower().endswith(".gz"):
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError, zlib.error) as exc:
-                raise NiftiReadError("truncated or corrupt gzip stream") from exc
+            raw = _gunzip_bounded(raw, limits)
         return _from_bytes(raw), raw
+    except OverLimitError as exc:
+        raise NiftiReadError(str(exc)) from exc
     except (ArchiveReadError, NiftiReadError) as exc:
         raise NiftiReadError(str(exc)) from exc
     except NIB_ERRORS as exc:
         raise NiftiReadError(f"unreadable NIfTI header ({type(exc).__name__})") from exc
 
 
-def read_nifti_info(root: Path, rel: str, raw: bytes | None = None) -> NiftiInfo:
+def read_nifti_info(
+    root: Path, rel: str, raw: bytes | None = None, limits: IngestLimits | None = None
+) -> NiftiInfo:
     """Header facts for discovery (no voxel data is decoded).
 
     Args:
         root: archive root.
         rel: relative path (or ``archive!member``).
         raw: the member's bytes when already read (archives).
+        limits: caps on voxels and gzip expansion (default ``IngestLimits()``).
 
     Raises:
-        NiftiReadError: unreadable header, unsupported dimensions, or truncated data.
+        NiftiReadError: unreadable header, unsupported dimensions, over a cap, or truncated.
     """
-    img, source = open_nifti(root, rel, raw)
+    limits = limits or IngestLimits()
+    img, source = open_nifti(root, rel, raw, limits)
     try:
         spatial, n_volumes = _spatial_shape(img)
         _check_dtype(img)
-        _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
+        gz = rel.lower().endswith(".gz")
+        _check_limits(img, source, gz, limits)
+        _check_complete(source, gz, _expected_bytes(img))
         ornt = _orientation(img)
         zooms_stored = (tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0,) * 3)[:3]
         dtype = str(img.get_data_dtype())
@@ -233,18 +289,23 @@ def _read_voxels(img: nib.spatialimages.SpatialImage, rel: str, t: int | None) -
         raise SeriesReadError(f"{rel}: cannot read voxel data ({type(exc).__name__})") from exc
 
 
-def load_nifti_series(root: Path, ref: SeriesRef) -> LoadedSeries:
+def load_nifti_series(
+    root: Path, ref: SeriesRef, limits: IngestLimits | None = None
+) -> LoadedSeries:
     """Decode a NIfTI series (one file), one canonical volume at a time.
 
     Raises:
-        SeriesReadError: unreadable or truncated file.
+        SeriesReadError: unreadable or truncated file, or over ``limits``.
     """
     rel = ref.files[0]
+    limits = limits or IngestLimits()
     try:
-        img, source = open_nifti(root, rel)
+        img, source = open_nifti(root, rel, None, limits)
         spatial, n_volumes = _spatial_shape(img)
         _check_dtype(img)
-        _check_complete(source, rel.lower().endswith(".gz"), _expected_bytes(img))
+        gz = rel.lower().endswith(".gz")
+        _check_limits(img, source, gz, limits)
+        _check_complete(source, gz, _expected_bytes(img))
         ornt = _orientation(img)
     except NiftiReadError as exc:
         raise SeriesReadError(f"{rel}: {exc}") from exc

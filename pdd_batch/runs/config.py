@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pdd_batch.ingest.archive_io import IngestLimits
+
 PRECISIONS = ("fp32", "bf16")
 TEACHER_ROLES = ("cnn", "mamba")
 
@@ -51,6 +53,11 @@ class RunConfig:
         teacher_weights: new locations of a checkpoint's file-sourced teacher weights by role
             (``{"cnn": PATH}``) when they are not where the checkpoint was trained; each file's
             sha256 is still checked against the checkpoint's record.
+        follow_links_outside: read links under the archive that resolve outside it (refused,
+            with an error row, by default).
+        max_series_voxels, max_frames_per_file, max_member_bytes, max_compression_ratio: the
+            caps of ``IngestLimits`` (``limits``): an input over one is a failed error row and
+            is never allocated.
     """
 
     archive: Path
@@ -69,6 +76,11 @@ class RunConfig:
     run_id: str = field(default_factory=new_run_id)
     precision: str = "fp32"
     teacher_weights: dict[str, str] = field(default_factory=dict)
+    follow_links_outside: bool = False
+    max_series_voxels: int = IngestLimits.max_series_voxels
+    max_frames_per_file: int = IngestLimits.max_frames_per_file
+    max_member_bytes: int = IngestLimits.max_member_bytes
+    max_compression_ratio: float = IngestLimits.max_compression_ratio
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "archive", Path(self.archive))
@@ -87,12 +99,25 @@ class RunConfig:
             raise RunConfigError(f"max_part_files must be >= 1, got {self.max_part_files}")
         if self.topk < 1:
             raise RunConfigError(f"topk must be >= 1, got {self.topk}")
+        for key in IngestLimits.__dataclass_fields__:
+            if not getattr(self, key) > 0:
+                raise RunConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.precision not in PRECISIONS:
             raise RunConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         # roles known, paths absolute (actors may run in another working directory)
         object.__setattr__(self, "teacher_weights", resolve_teacher_weights(self.teacher_weights))
         if not self.run_id or "/" in self.run_id:
             raise RunConfigError(f"run_id must be a name without '/', got {self.run_id!r}")
+
+    @property
+    def limits(self) -> IngestLimits:
+        """The ingest caps of this run (discovery on the driver, read tasks on workers)."""
+        return IngestLimits(
+            max_series_voxels=self.max_series_voxels,
+            max_frames_per_file=self.max_frames_per_file,
+            max_member_bytes=self.max_member_bytes,
+            max_compression_ratio=self.max_compression_ratio,
+        )
 
     @property
     def resolved_address(self) -> str | None:
