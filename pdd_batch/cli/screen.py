@@ -68,11 +68,20 @@ def screen_command(
     ] = "fp32",
     sample: Annotated[bool, typer.Option(help="Screen the bundled sample archive.")] = False,
     teacher_weights: TeacherWeightsOption = None,
+    crosswalk: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write file/series/study keys -> relative paths and original UIDs to this "
+            "JSON file (mode 0600, outside --out): how a site finds the file behind a key."
+        ),
+    ] = None,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
+    from pdd_batch.ingest.keys import SiteKeyError, site_key
     from pdd_batch.runs.config import RunConfig, RunConfigError, parse_teacher_weights
+    from pdd_batch.runs.crosswalk import CrosswalkError, check_location
     from pdd_batch.runs.state import RunLockedError
 
     console = Console(stderr=False)
@@ -99,13 +108,16 @@ def screen_command(
             precision=precision,
             teacher_weights=parse_teacher_weights(teacher_weights or []),
         )
-    except RunConfigError as exc:
+        key_id = site_key().key_id
+        if crosswalk is not None:
+            check_location(crosswalk, out)
+    except (RunConfigError, SiteKeyError, CrosswalkError) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
     view = LiveView(console)
     try:
         with view.progress:
-            result = run_screen(cfg, progress=view)
+            result = run_screen(cfg, progress=view, crosswalk=crosswalk)
     except RunLockedError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=EXIT_LOCKED) from exc
@@ -117,5 +129,8 @@ def screen_command(
         if (out / "manifest.json").is_file():
             render_summary(console, out)
         raise typer.Exit(code=2) from exc
+    if crosswalk is not None:
+        console.print(f"crosswalk (keys -> paths and UIDs, keep private) written to {crosswalk}")
+    console.print(f"keys made with site key {key_id}")
     code = render_summary(console, out)
     raise typer.Exit(code=max(code, result.exit_code))
