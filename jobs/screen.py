@@ -394,6 +394,10 @@ def _run_locked(
         raise
     finally:
         run.timings["pipeline_s"] = time.perf_counter() - t
+        if error:  # a reader's or Ray's message may quote a path: never into the manifest
+            error = keys.redact_paths(
+                error, [str(run.disc.root), *(f.path for f in run.disc.files)]
+            )
         result = _finalise(run, status, error)
     return result
 
