@@ -123,3 +123,24 @@ def test_crosswalk_is_private_refuses_links_and_the_run_folder(
         check_location(tmp_path / "out" / "cw.json", tmp_path / "out")
     check_location(tmp_path / "cw.json", tmp_path / "out")
     assert os.environ[keys.KEY_FILE_ENV] == str(key_file)
+
+
+def test_screen_refuses_unsafe_key_or_crosswalk_before_any_work(
+    key_file: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from pdd_batch.cli.app import app
+
+    (tmp_path / "arch").mkdir()
+    out = tmp_path / "out"
+    runner = CliRunner(env={"COLUMNS": "200"})
+    inside = ["screen", str(tmp_path / "arch"), "--out", str(out), "--crosswalk", str(out / "c")]
+    result = runner.invoke(app, inside)
+    assert result.exit_code == 2 and "outside the run folder" in result.output
+    keys.site_key()
+    keys.clear_cache()
+    key_file.chmod(0o644)
+    result = runner.invoke(app, ["screen", str(tmp_path / "arch"), "--out", str(out)])
+    assert result.exit_code == 2 and "chmod 600" in result.output
+    assert not out.exists()  # nothing written before the checks

@@ -98,7 +98,13 @@ def _parquet_text(path: Path) -> str:
 @pytest.fixture
 def ray_private():
     temp = tempfile.mkdtemp(prefix="rt")  # short: Ray's socket paths must stay < 108 chars
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp)
+    ray.init(
+        address="local",  # a cluster of its own, never another one running on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp,
+    )
     yield Path(temp)
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -49,6 +49,31 @@ class LiveView:
         self.progress.update(task, completed=event.done, total=event.total, note=note)
 
 
+CrosswalkOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Also write file/series/study keys -> relative paths and original UIDs to this "
+        "JSON file (mode 0600, outside --out): how a site finds the file behind a key."
+    ),
+]
+
+
+def _site_key_id(console: Console, crosswalk: Path | None, out: Path) -> str:
+    """The site key's id, once the key file is trusted and the crosswalk lies outside the run
+    folder; else the reason and exit 2."""
+    from pdd_batch.ingest.keys import SiteKeyError, site_key
+    from pdd_batch.runs.crosswalk import CrosswalkError, check_location
+
+    try:
+        key_id = site_key().key_id
+        if crosswalk is not None:
+            check_location(crosswalk, out)
+    except (SiteKeyError, CrosswalkError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    return key_id
+
+
 def screen_command(
     archive: Annotated[Path | None, typer.Argument(help="Folder (or .zip/.tar) to screen.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for the results.")] = Path(
@@ -68,20 +93,12 @@ def screen_command(
     ] = "fp32",
     sample: Annotated[bool, typer.Option(help="Screen the bundled sample archive.")] = False,
     teacher_weights: TeacherWeightsOption = None,
-    crosswalk: Annotated[
-        Path | None,
-        typer.Option(
-            help="Also write file/series/study keys -> relative paths and original UIDs to this "
-            "JSON file (mode 0600, outside --out): how a site finds the file behind a key."
-        ),
-    ] = None,
+    crosswalk: CrosswalkOption = None,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
-    from pdd_batch.ingest.keys import SiteKeyError, site_key
     from pdd_batch.runs.config import RunConfig, RunConfigError, parse_teacher_weights
-    from pdd_batch.runs.crosswalk import CrosswalkError, check_location
     from pdd_batch.runs.state import RunLockedError
 
     console = Console(stderr=False)
@@ -108,12 +125,10 @@ def screen_command(
             precision=precision,
             teacher_weights=parse_teacher_weights(teacher_weights or []),
         )
-        key_id = site_key().key_id
-        if crosswalk is not None:
-            check_location(crosswalk, out)
-    except (RunConfigError, SiteKeyError, CrosswalkError) as exc:
+    except RunConfigError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
+    key_id = _site_key_id(console, crosswalk, out)
     view = LiveView(console)
     try:
         with view.progress:
@@ -129,8 +144,7 @@ def screen_command(
         if (out / "manifest.json").is_file():
             render_summary(console, out)
         raise typer.Exit(code=2) from exc
-    if crosswalk is not None:
-        console.print(f"crosswalk (keys -> paths and UIDs, keep private) written to {crosswalk}")
-    console.print(f"keys made with site key {key_id}")
+    written = f"; crosswalk (keep private) written to {crosswalk}" if crosswalk else ""
+    console.print(f"keys made with site key {key_id}{written}")
     code = render_summary(console, out)
     raise typer.Exit(code=max(code, result.exit_code))
