@@ -30,12 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pdd_batch.runs.writer import (
-    read_parts,
-    remove_temp_files,
-    write_json_atomic,
-    write_table_atomic,
-)
+from pdd_batch.runs.writer import read_parts, remove_temp_files, write_json_atomic, write_table_atomic
 
 log = logging.getLogger(__name__)
 
