@@ -8,7 +8,8 @@ the number of slices and the series' warnings, ``kind="empty"`` when it gave no 
 ``kind="error"`` when it failed to read. The driver commits a series only once its end marker
 and all ``n_rows`` slices have arrived. The end marker's ``used_files`` (JSON list; "" on other
 rows) names every file whose pixels went into the series' volumes: a slice reformatted to another
-axis mixes all of them, though its ``source_file`` can name only one.
+axis mixes all of them, though its ``source_file`` can name only one. Paths travel only inside the
+pipeline (the driver turns them into file keys); reasons and warnings never carry one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pdd_batch.ingest import keys
 from pdd_batch.ingest.archive_io import IngestLimits
 from pdd_batch.ingest.discovery import SeriesRef
 from pdd_batch.ingest.preprocess import PreprocessError, PreprocessSpec
@@ -141,14 +143,15 @@ def read_series(
             yield _block(ref, block)
             crash_once(crash_once_marker)
     except READ_ERRORS as exc:
-        reason = scrub_reason(f"{type(exc).__name__}: {exc}")
-        # the reason names the file (it may carry patient ids): the error row keeps it, logs not
+        reason = scrub_reason(keys.redact_paths(f"{type(exc).__name__}: {exc}", ref.files))
         log.warning(
             "series %s: read failed after %d slices (%s)", ref.series_key, n, type(exc).__name__
         )
         yield _marker(ref, KIND_ERROR, reason, spec.image_size)
         return
-    warnings = scrub_reason("; ".join(series.warnings)) if series.warnings else ""
+    warnings = ""
+    if series.warnings:
+        warnings = scrub_reason(keys.redact_paths("; ".join(series.warnings), ref.files))
     if n == 0:
         yield _marker(ref, KIND_EMPTY, warnings or "no slice in this series", spec.image_size)
     else:
@@ -166,7 +169,10 @@ class ReadSeries:
         rows_per_block: int,
         crash_once_marker: str | None = None,
         limits: str | None = None,
+        series_subkey: str | None = None,
     ) -> None:
+        if series_subkey:  # the series sub-key only (``SiteKey.export_scoped``): matches stacks
+            keys.install(keys.SiteKey.import_scoped(series_subkey))
         self.root = Path(archive_root)
         self.spec = PreprocessSpec.from_dict(json.loads(preprocessing))
         self.rows_per_block = rows_per_block
@@ -189,8 +195,11 @@ def read_series_fn(
     rows_per_block: int,
     crash_once_marker: str | None = None,
     limits: str | None = None,
+    series_subkey: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Function form of ``ReadSeries`` for ``map_batches`` tasks (fn_kwargs; ``limits`` JSON)."""
-    yield from ReadSeries(archive_root, preprocessing, rows_per_block, crash_once_marker, limits)(
-        batch
+    """Function form of ``ReadSeries`` for ``map_batches`` tasks (fn_kwargs; ``limits`` JSON);
+    ``series_subkey`` is the site's series sub-key (``SiteKey.export_scoped("series")``)."""
+    reader = ReadSeries(
+        archive_root, preprocessing, rows_per_block, crash_once_marker, limits, series_subkey
     )
+    yield from reader(batch)

@@ -24,9 +24,11 @@ from jobs.cluster import ClusterInfo, connect
 from jobs.predictor import SlicePredictor, encode_heatmaps_fn
 from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
+from pdd_batch.ingest import keys
 from pdd_batch.ingest.archive_io import IngestLimits, split_member
 from pdd_batch.ingest.discovery import Discovery, SeriesRef, discover
 from pdd_batch.runs.config import RunConfig
+from pdd_batch.runs.crosswalk import check_location, write_crosswalk
 from pdd_batch.runs.manifest import (
     STATUS_COMPLETE,
     STATUS_FAILED,
@@ -39,6 +41,7 @@ from pdd_batch.runs.manifest import (
     file_outcomes,
     write_manifest,
 )
+from pdd_batch.runs.results import read_manifest
 from pdd_batch.runs.sink import Provenance, SinkStats, SliceSink
 from pdd_batch.runs.state import RunState, run_lock
 from pdd_batch.runs.tables import write_errors, write_studies
@@ -116,8 +119,9 @@ def stable_shard(series_key: str, n_shards: int) -> int:
 
 
 def series_fingerprint(root: Path, ref: SeriesRef) -> str:
-    """Digest of a series' files (relative paths, sizes and modification times): changes when
-    its inputs change, a same-size rewrite included.
+    """Keyed digest of a series' files (relative paths, sizes and modification times): changes
+    when its inputs change, a same-size rewrite included. Keyed (``keys``), as it is stored in
+    the run state and digests the paths.
 
     Members of .zip/.tar files count with the size and time of the archive file that holds them.
     """
@@ -130,7 +134,7 @@ def series_fingerprint(root: Path, ref: SeriesRef) -> str:
         except OSError:
             size, mtime = -1, -1
         h.update(f"{rel}\0{size}\0{mtime}\n".encode())
-    return h.hexdigest()[:32]
+    return keys.hash_key(h.hexdigest(), length=32, purpose="fingerprint")
 
 
 def _part_names(run_id: str) -> Iterator[str]:
@@ -181,6 +185,8 @@ def build_dataset(
             "rows_per_block": ROWS_PER_BLOCK,
             "crash_once_marker": os.environ.get(CRASH_ONCE_READ_ENV) or None,
             "limits": json.dumps((limits or IngestLimits()).to_dict()),
+            # stacks are matched by series key: workers get that sub-key, nothing more
+            "series_subkey": keys.site_key().export_scoped("series"),
         },
         batch_size=1,
         batch_format="numpy",
@@ -236,15 +242,28 @@ def _plan_work(cfg: RunConfig, disc: Discovery, state: RunState) -> tuple[list[S
     return pending, fingerprints
 
 
-def run_screen(cfg: RunConfig, progress: ProgressFn | None = None) -> ScreenResult:
+def run_screen(
+    cfg: RunConfig, progress: ProgressFn | None = None, crosswalk: Path | None = None
+) -> ScreenResult:
     """Screen ``cfg.archive`` into ``cfg.out_dir`` (one run per folder at a time).
+
+    Args:
+        cfg: the run configuration.
+        progress: receives ``ProgressEvent``s.
+        crosswalk: also write the file/series/study key -> path and UID table here (mode 0600,
+            outside the run folder; ``pdd_batch.crosswalk``).
 
     Raises:
         RunLockedError: another run holds the folder.
+        SiteKeyError: the site key cannot be created or is not private.
+        CrosswalkError: the crosswalk is inside the run folder or cannot be written.
     """
+    keys.site_key()  # fail before any work on a key file that is unsafe
+    if crosswalk is not None:
+        check_location(crosswalk, cfg.out_dir)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(cfg.out_dir):
-        return _run_locked(cfg, progress)
+        return _run_locked(cfg, progress, crosswalk)
 
 
 @dataclass
@@ -263,13 +282,39 @@ class _Run:
     cluster: ClusterInfo | None = None
 
 
-def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
+def public_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as recorded in the manifest: no archive or run folder path (either can
+    name a patient or a department; ``pdd-batch export/report --archive`` asks for the archive)."""
+    d = cfg.to_dict()
+    for key in ("archive", "out_dir"):
+        d.pop(key, None)
+    return d
+
+
+def _rekey_needed(out_dir: Path, state: RunState, key_id: str) -> bool:
+    """Whether earlier rows were keyed differently (another site key, or a 1.0 run naming files
+    by path): they cannot be matched with this run's keys, so everything is screened again."""
+    if not state.series and not state.parts:
+        return False
+    previous = read_manifest(out_dir).get("key_id")
+    if previous != key_id:
+        log.warning(
+            "earlier results in this folder were keyed with %s; screening everything again",
+            f"site key {previous}" if previous else "no site key (schema 1.0)",
+        )
+        return True
+    return False
+
+
+def _prepare(cfg: RunConfig, progress: ProgressFn | None, crosswalk: Path | None) -> _Run:
     """State reconciled, model bound, archive discovered, work planned, sink ready."""
     t_start = time.perf_counter()
+    key_id = keys.site_key().key_id
     state = RunState.load(cfg.out_dir)
     state.reconcile()
     model = resolve_model(cfg.model_path, cfg.teacher_weights)
-    state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force)
+    force = cfg.force or _rekey_needed(cfg.out_dir, state, key_id)
+    state.bind_model(model.checkpoint_hash, model.model_id, force=force)
     state.bind_threshold(model.threshold)
     t = time.perf_counter()
     disc = discover(
@@ -280,6 +325,8 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
     )
     discover_s = time.perf_counter() - t
     _emit(progress, "discover", len(disc.files), len(disc.files), note=f"{len(disc.series)} series")
+    if crosswalk is not None:
+        write_crosswalk(crosswalk, disc, key_id)
     pending, fingerprints = _plan_work(cfg, disc, state)
     write_manifest(
         cfg.out_dir,
@@ -287,11 +334,11 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
             run_id=cfg.run_id,
             status=STATUS_RUNNING,
             counts=InputCounts.from_outcomes({}),
-            archive_root=disc.root,
+            key_id=key_id,
             model_id=model.model_id,
             checkpoint_hash=model.checkpoint_hash,
             extra={
-                "run_config": cfg.to_dict(),
+                "run_config": public_config(cfg),
                 "series_seen": len(disc.series),
                 "series_pending": len(pending),
             },
@@ -325,8 +372,10 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None) -> _Run:
     return run
 
 
-def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
-    run = _prepare(cfg, progress)
+def _run_locked(
+    cfg: RunConfig, progress: ProgressFn | None, crosswalk: Path | None = None
+) -> ScreenResult:
+    run = _prepare(cfg, progress, crosswalk)
     if not run.pending:
         for stage in ("series", "slices", "commit"):
             _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")
@@ -354,20 +403,24 @@ def _run_locked(cfg: RunConfig, progress: ProgressFn | None) -> ScreenResult:
         raise
     finally:
         run.timings["pipeline_s"] = time.perf_counter() - t
+        if error:  # a reader's or Ray's message may quote a path: never into the manifest
+            error = keys.redact_paths(
+                error, [str(run.disc.root), *(f.path for f in run.disc.files)]
+            )
         result = _finalise(run, status, error)
     return result
 
 
 def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
     stats, state = run.sink.stats, run.state
-    keys = {r.series_key for r in run.disc.series}
+    seen = {r.series_key for r in run.disc.series}
     cluster = run.cluster
     return {
-        "run_config": run.cfg.to_dict(),
+        "run_config": public_config(run.cfg),
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
-        "series_seen": len(keys),
+        "series_seen": len(seen),
         "series_screened_this_run": stats.series_committed,
-        "series_reused": len(keys & set(state.series)) - stats.series_committed,
+        "series_reused": len(seen & set(state.series)) - stats.series_committed,
         "series_failed": len(run.sink.failed),
         "slices_written_this_run": stats.slices_written,
         "slices_total": sum(state.part_rows().values()),
@@ -386,14 +439,25 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
     }
 
 
+def _dropped_paths(disc: Discovery, state: RunState) -> dict[str, list[str]]:
+    """Committed series of this archive -> the paths of the files they dropped (the state
+    records them by file key)."""
+    done = {}
+    for ref in disc.series:
+        rec = state.series.get(ref.series_key)
+        if rec is not None:
+            dropped = {k for k, _ in rec.dropped}
+            done[ref.series_key] = [f for f in ref.files if keys.file_key(f) in dropped]
+    return done
+
+
 def _finalise(run: _Run, status: str, error: str | None) -> ScreenResult:
     """Compact parts, rewrite studies and errors, account for every input, write the manifest."""
     cfg, state, disc, sink = run.cfg, run.state, run.disc, run.sink
     t = time.perf_counter()
     state.compact(cfg.max_part_files, cfg.rows_per_file * 4, _part_names(cfg.run_id + "-c"))
     n_study = write_studies(state, topk=cfg.topk, run_id=cfg.run_id)
-    keys = {r.series_key for r in disc.series}
-    done = {k: [f for f, _ in rec.dropped] for k, rec in state.series.items() if k in keys}
+    done = _dropped_paths(disc, state)
     files = [(f.path, f.status, f.reason) for f in disc.files]
     outcomes = file_outcomes(files, {r.series_key: r.files for r in disc.series}, done, sink.failed)
     n_err = write_errors(state, disc, sink.failed, outcomes, run_id=cfg.run_id)
@@ -408,7 +472,7 @@ def _finalise(run: _Run, status: str, error: str | None) -> ScreenResult:
     manifest = build_manifest(
         run_id=cfg.run_id,
         status=status,
-        archive_root=disc.root,
+        key_id=keys.site_key().key_id,
         counts=counts,
         model_id=run.model.model_id,
         checkpoint_hash=run.model.checkpoint_hash,

@@ -1,8 +1,10 @@
-"""Shared fixtures: paths to ../shared (skip cleanly where absent) and thread limits."""
+"""Shared fixtures: paths to ../shared (skip cleanly where absent), thread limits, and a site key
+of each test's own (never the real ~/.config/pdd-batch/site.key)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,26 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"shared data not present: {p}")
     return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def site_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and module fixture) keys with a site key in a private temp folder
+    (``PDD_BATCH_KEY_FILE``), never the real ``~/.config/pdd-batch/site.key``."""
+    from pdd_batch.ingest import keys
+
+    folder = tmp_path_factory.mktemp("pdd-batch-config")
+    folder.chmod(0o700)
+    path = folder / "site.key"
+    previous = os.environ.get(keys.KEY_FILE_ENV)
+    os.environ[keys.KEY_FILE_ENV] = str(path)
+    keys.clear_cache()
+    yield path
+    keys.clear_cache()
+    if previous is None:
+        os.environ.pop(keys.KEY_FILE_ENV, None)
+    else:
+        os.environ[keys.KEY_FILE_ENV] = previous
 
 
 @pytest.fixture

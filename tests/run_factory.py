@@ -4,6 +4,12 @@ Writes identifiable DICOM series (names, IDs, dates, UIDs, nested sequences, pri
 NIfTI volume with pydicom/nibabel into an archive folder, then the Parquet outputs of a run over
 them using the ``pdd_batch.runs.schema`` contracts directly, with heatmaps that have a hot spot at a
 known place. Used until ``pdd-batch screen`` can produce the same folder end to end.
+
+``schema_version="1.0"`` (the default) writes a run as 1.0 wrote it: unkeyed SHA-256 keys, files
+named by relative path (``source_file``/``file``) and the archive root in the manifest.
+``schema_version=SCHEMA_VERSION`` writes the current layout: keys made with the test's site key
+(``pdd_batch.keys``), ``file_key`` columns and no path anywhere; readers then need a
+``SourceLocator`` (``SyntheticRun.locator()``).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pdd_batch.ingest import keys
 from pdd_batch.ingest.preprocess import PreprocessSpec
-from pdd_batch.runs.schema import ERRORS_SCHEMA, SCHEMA_VERSION, SLICES_SCHEMA, STUDIES_SCHEMA
+from pdd_batch.runs.schema import LEGACY_TABLES, LEGACY_VERSION, SCHEMA_VERSION, TABLES
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 IMAGE_SIZE = 64
@@ -169,6 +176,14 @@ class SyntheticRun:
     files: dict[str, list[Path]]  # study_key -> archive files
     hot: dict[str, tuple[int, int]]  # slice_key -> (y, x) of the heatmap hot spot
     uids: list[str] = field(default_factory=list)
+    schema_version: str = LEGACY_VERSION
+
+    def locator(self):
+        """A ``SourceLocator`` finding this run's files in its archive (keys recomputed)."""
+        from pdd_batch.review.overlay import SourceLocator
+        from pdd_batch.runs.results import open_run
+
+        return SourceLocator.for_run(open_run(self.run_dir), archive=self.archive)
 
 
 def _slice_row(
@@ -181,15 +196,17 @@ def _slice_row(
     hot: tuple[int, int],
     spec: PreprocessSpec,
     modality: str,
+    version: str = LEGACY_VERSION,
 ) -> dict:
+    legacy = version == LEGACY_VERSION
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": version,
         "slice_key": f"{series_key}:0:{z}",
         "study_key": study_key,
         "series_key": series_key,
         "volume_index": 0,
         "slice_index": z,
-        "source_file": source,
+        "source_file" if legacy else "file_key": source if legacy else keys.file_key(source),
         "modality": modality,
         "score": score,
         "threshold": 0.5,
@@ -205,11 +222,12 @@ def _slice_row(
 
 
 def _study_row(key: str, rows: list[dict], modality: str) -> dict:
+    version = rows[0]["schema_version"]
     scores = sorted((r["score"] for r in rows), reverse=True)
     n_flagged = sum(r["flagged"] for r in rows)
     top = max(rows, key=lambda r: r["score"])
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": version,
         "study_key": key,
         "n_series": 1,
         "n_slices": len(rows),
@@ -252,8 +270,14 @@ def write_nifti(path: Path, ident: Identity) -> None:
     nib.save(img, str(path))
 
 
-def build_run(base: Path, n_slices: int = 4, with_nifti: bool = True) -> SyntheticRun:
-    """Archive with two CT studies (one flagged, one normal) and a flagged NIfTI, plus its run."""
+def build_run(
+    base: Path, n_slices: int = 4, with_nifti: bool = True, schema_version: str = LEGACY_VERSION
+) -> SyntheticRun:
+    """Archive with two CT studies (one flagged, one normal) and a flagged NIfTI, plus its run
+    (written as ``schema_version`` writes it, see the module docstring)."""
+    v = schema_version
+    if v not in (LEGACY_VERSION, SCHEMA_VERSION):
+        raise ValueError(f"unknown schema version {v!r}")
     archive, run_dir = base / "archive", base / "run"
     spec = PreprocessSpec(image_size=IMAGE_SIZE)
     idents = [
@@ -265,13 +289,17 @@ def build_run(base: Path, n_slices: int = 4, with_nifti: bool = True) -> Synthet
             accession="ACC99990000",
         ),
     ]
-    slices, studies, files, hot, all_uids, keys = [], [], {}, {}, [], []
+    slices, studies, files, hot, all_uids, study_keys = [], [], {}, {}, [], []
     for s, ident in enumerate(idents):
         paths, uids = _write_ct_study(
             archive, ident, f"{ident.name.split('^')[0]}/series{s}", n_slices
         )
         all_uids += uids
-        study_key, series_key = _key(ident.study_uid), _key(uids[1])
+        if v == LEGACY_VERSION:
+            study_key, series_key = _key(ident.study_uid), _key(uids[1])
+        else:
+            study_key = keys.study_key(ident.study_uid)
+            series_key = keys.series_key(ident.study_uid, uids[1])
         rows = []
         for z, p in enumerate(paths):
             score = {1: 0.9, 2: 0.8}.get(z, 0.3 + 0.02 * z) if s == 0 else 0.2 + 0.01 * z
@@ -287,12 +315,13 @@ def build_run(base: Path, n_slices: int = 4, with_nifti: bool = True) -> Synthet
                 spot,
                 spec,
                 "CT",
+                v,
             )
             hot[row["slice_key"]] = spot
             rows.append(row)
         slices += rows
         studies.append(_study_row(study_key, rows, "CT"))
-        files[study_key], keys = paths, keys + [study_key]
+        files[study_key], study_keys = paths, study_keys + [study_key]
     if with_nifti:
         ident = Identity(
             name="Poe^Edgar^A",
@@ -305,26 +334,32 @@ def build_run(base: Path, n_slices: int = 4, with_nifti: bool = True) -> Synthet
         p.parent.mkdir(parents=True)
         write_nifti(p, ident)
         rel = p.relative_to(archive).as_posix()
-        study_key = series_key = _key(rel)
+        study_key = series_key = _key(rel) if v == LEGACY_VERSION else keys.hash_key("n", rel)
         rows = []
         for z in range(3):
             spot = (30, 12 + 8 * z)
             score = (0.3, 0.7, 0.4)[z]
-            row = _slice_row(study_key, series_key, z, rel, score, score >= 0.5, spot, spec, "MR")
+            row = _slice_row(
+                study_key, series_key, z, rel, score, score >= 0.5, spot, spec, "MR", v
+            )
             hot[row["slice_key"]] = spot
             rows.append(row)
         slices += rows
         studies.append(_study_row(study_key, rows, "MR"))
-        files[study_key], keys = [p], keys + [study_key]
-    _write_tables(run_dir, archive, slices, studies)
-    return SyntheticRun(run_dir, archive, idents, keys, files, hot, all_uids)
+        files[study_key], study_keys = [p], study_keys + [study_key]
+    _write_tables(run_dir, archive, slices, studies, v)
+    return SyntheticRun(run_dir, archive, idents, study_keys, files, hot, all_uids, v)
 
 
-def _write_tables(run_dir: Path, archive: Path, slices: list[dict], studies: list[dict]) -> None:
+def _write_tables(
+    run_dir: Path, archive: Path, slices: list[dict], studies: list[dict], version: str
+) -> None:
+    legacy = version == LEGACY_VERSION
+    junk = "junk/notdicom.dcm"
     errors = [
         {
-            "schema_version": SCHEMA_VERSION,
-            "file": "junk/notdicom.dcm",
+            "schema_version": version,
+            "file" if legacy else "file_key": junk if legacy else keys.file_key(junk),
             "series_key": None,
             "stage": "discover",
             "status": "failed",
@@ -332,19 +367,21 @@ def _write_tables(run_dir: Path, archive: Path, slices: list[dict], studies: lis
             "run_id": RUN_ID,
         }
     ]
+    schemas = LEGACY_TABLES if legacy else TABLES
     for name, rows, schema in (
-        ("slices", slices, SLICES_SCHEMA),
-        ("studies", studies, STUDIES_SCHEMA),
-        ("errors", errors, ERRORS_SCHEMA),
+        ("slices", slices, schemas["slices"]),
+        ("studies", studies, schemas["studies"]),
+        ("errors", errors, schemas["errors"]),
     ):
         (run_dir / name).mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), run_dir / name / "part-0.parquet")
-    n_files = len({r["source_file"] for r in slices})
+    n_files = len({r["source_file" if legacy else "file_key"] for r in slices})
     manifest = {
+        "schema_version": version,
         "run_id": RUN_ID,
         "model_id": MODEL_ID,
         "checkpoint_hash": CKPT_HASH,
-        "archive_root": str(archive),
+        **({"archive_root": str(archive)} if legacy else {"key_id": keys.site_key().key_id}),
         "status": "completed",
         "inputs_seen": n_files + 1,
         "inputs_scored": n_files,

@@ -228,8 +228,9 @@ def test_overlay_base_matches_the_screening_reader(tmp_path: Path) -> None:
 
     run = build_run(tmp_path)
     res = open_run(run.run_dir)
+    locator = run.locator()
     for key in run.study_keys:
-        rows = res.study_slices(key).to_pylist()
+        rows = locator.attach(res.study_slices(key).to_pylist())
         via_reader = overlay.model_input_slices(run.archive, rows)
         spec = overlay.spec_from_json(rows[0]["preprocessing"])
         for r in rows:

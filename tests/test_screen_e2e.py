@@ -19,6 +19,7 @@ import ray
 from screen_support import IMAGE_SIZE, direct_scores, make_archive, make_checkpoint
 
 from jobs.screen import CRASH_ONCE_ENV, CRASH_ONCE_READ_ENV, run_screen
+from pdd_batch.ingest.keys import file_key
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.heatmap import decode_heatmap
 
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -74,18 +75,20 @@ def _check_accounting(m: dict, out: Path) -> None:
     assert m["inputs_lost"] == 0 and m["status"] == "complete" and m["exit_code"] == 0
     errors = pq.read_table(out / "errors").to_pandas()
     assert len(errors) == m["inputs_skipped"] + m["inputs_failed"]  # one row per unscored file
-    assert errors["file"].is_unique
+    assert errors["file_key"].is_unique
 
 
 def test_first_run_accounts_for_every_input_and_matches_direct_predict(ray_local, world):
     out = world["base"] / "run"
     m = _run(world, out)
     _check_accounting(m, out)
-    errors = pq.read_table(out / "errors").to_pandas().set_index("file")
-    assert errors.loc["bad/corrupt.dcm", "status"] in ("failed", "skipped")
-    assert errors.loc["bad/README.txt", "status"] == "skipped"
-    assert errors.loc["docs/report.dcm", "status"] == "skipped"
-    assert errors.loc["trunc/IM0001.dcm", "stage"] == "read"  # decode failed in the worker
+    errors = pq.read_table(out / "errors").to_pandas().set_index("file_key")
+    assert errors.loc[file_key("bad/corrupt.dcm"), "status"] in ("failed", "skipped")
+    assert errors.loc[file_key("bad/README.txt"), "status"] == "skipped"
+    assert errors.loc[file_key("docs/report.dcm"), "status"] == "skipped"
+    trunc = errors.loc[file_key("trunc/IM0001.dcm")]
+    assert trunc["stage"] == "read"  # decode failed in the worker
+    assert "trunc" not in trunc["reason"] and "IM0001" not in trunc["reason"]
     slices = pq.read_table(out / "slices").to_pandas()
     assert slices["slice_key"].is_unique
     ref = world["ref"]

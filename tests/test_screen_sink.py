@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from pdd_batch.ingest.discovery import SeriesRef
+from pdd_batch.ingest.keys import file_key
 from pdd_batch.runs.sink import NO_SLICE_REASON, Provenance, SliceSink
 from pdd_batch.runs.state import RunState
 
@@ -76,7 +77,7 @@ def test_series_commit_only_when_complete_and_duplicates_are_dropped(tmp_path: P
     state = RunState.load(tmp_path)
     assert set(state.series) == {"a"}
     dropped = state.series["a"].dropped
-    assert [f for f, _ in dropped] == ["a/f2.dcm"] and NO_SLICE_REASON in dropped[0][1]
+    assert [f for f, _ in dropped] == [file_key("a/f2.dcm")] and NO_SLICE_REASON in dropped[0][1]
     table = pd.read_parquet(tmp_path / "slices")
     assert sorted(table["slice_key"]) == ["a:0:0", "a:0:1"]
     assert (table["flagged"] == (table["score"] > 1.5)).all()
@@ -98,3 +99,21 @@ def test_rows_of_unknown_series_fail_loudly(tmp_path: Path) -> None:
     sink = _sink(tmp_path, [_ref("a", 1)], rows_per_file=2)
     with pytest.raises(KeyError, match="zzz"):
         sink.add(_batch([_slice("zzz", 0, 0)]))
+
+
+def test_parts_and_state_name_files_by_key_never_by_path(tmp_path: Path) -> None:
+    """Slice rows carry ``file_key`` (keyed digest of the relative path) and the run state
+    records dropped files by key: no path reaches a part or ``_state/state.json``."""
+    import pyarrow.parquet as pq
+
+    sink = _sink(tmp_path, [_ref("DOE^JOHN_12345", 3)], rows_per_file=1)
+    sink.add(_batch([_slice("DOE^JOHN_12345", 0, 0), ("end", "DOE^JOHN_12345", -1, "", 1, "")]))
+    sink.close()
+    table = pq.read_table(tmp_path / "slices")
+    assert "source_file" not in table.column_names
+    assert table.column("file_key").to_pylist() == [file_key("DOE^JOHN_12345/f0.dcm")]
+    state_text = (tmp_path / "_state" / "state.json").read_text()
+    assert "f1.dcm" not in state_text and "f2.dcm" not in state_text
+    assert file_key("DOE^JOHN_12345/f1.dcm") in state_text
+    for part in (tmp_path / "slices").glob("*.parquet"):
+        assert b".dcm" not in part.read_bytes()

@@ -43,7 +43,7 @@ def _slice_rows(series_key: str, n: int, study_key: str = "st1") -> list[dict]:
             "series_key": series_key,
             "volume_index": 0,
             "slice_index": i,
-            "source_file": f"{series_key}/f{i}.dcm",
+            "file_key": f"{series_key}f{i:04d}",
             "modality": "CT",
             "score": float(i),
             "threshold": None,
@@ -194,7 +194,7 @@ def test_input_counts_add_up_and_lost_inputs_fail_the_run(tmp_path: Path) -> Non
     m = build_manifest(
         run_id="r",
         status="complete",
-        archive_root=tmp_path,
+        key_id="k",
         counts=counts,
         model_id="m",
         checkpoint_hash="h",

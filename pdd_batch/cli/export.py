@@ -8,7 +8,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pdd_batch.cli.report import ArchiveOption, ScreenCrosswalkOption
+from pdd_batch.ingest.keys import SiteKeyError
 from pdd_batch.review.export import ExportError, ExportOptions, export_run
+from pdd_batch.review.overlay import SourceLocator, SourceNotFoundError
 from pdd_batch.runs.results import ResultsError, open_run
 
 
@@ -45,12 +48,15 @@ def export_command(
             "By default they are withheld.",
         ),
     ] = False,
+    archive: ArchiveOption = None,
+    screen_crosswalk: ScreenCrosswalkOption = None,
 ) -> None:
     """Export flagged studies: images, heatmap overlays, manifest.csv and export.json.
 
     Without --top/--min-score the studies whose decision is "flagged" are exported. Files that
     may show burned-in text, and their overlays, are withheld (listed in export.json and
-    manifest.csv) unless --allow-burned-in is given.
+    manifest.csv) unless --allow-burned-in is given. Runs name files only by key: give --archive
+    (the folder that was screened) or --screen-crosswalk.
     """
     console = Console(stderr=True)
     try:
@@ -62,8 +68,10 @@ def export_command(
             crosswalk=crosswalk,
             allow_burned_in=allow_burned_in,
         )
-        summary = export_run(open_run(results), out, options)
-    except (ExportError, ResultsError) as exc:
+        run = open_run(results)
+        locator = SourceLocator.for_run(run, archive, screen_crosswalk)
+        summary = export_run(run, out, options, locator)
+    except (ExportError, ResultsError, SourceNotFoundError, SiteKeyError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(code=2) from exc
     if not deidentify:

@@ -58,6 +58,31 @@ class LiveView:
         self.progress.update(task, completed=event.done, total=event.total, note=note)
 
 
+CrosswalkOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Also write file/series/study keys -> relative paths and original UIDs to this "
+        "JSON file (mode 0600, outside --out): how a site finds the file behind a key."
+    ),
+]
+
+
+def _site_key_id(console: Console, crosswalk: Path | None, out: Path) -> str:
+    """The site key's id, once the key file is trusted and the crosswalk lies outside the run
+    folder; else the reason and exit 2."""
+    from pdd_batch.ingest.keys import SiteKeyError, site_key
+    from pdd_batch.runs.crosswalk import CrosswalkError, check_location
+
+    try:
+        key_id = site_key().key_id
+        if crosswalk is not None:
+            check_location(crosswalk, out)
+    except (SiteKeyError, CrosswalkError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    return key_id
+
+
 def screen_command(
     archive: Annotated[Path | None, typer.Argument(help="Folder (or .zip/.tar) to screen.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for the results.")] = Path(
@@ -82,6 +107,7 @@ def screen_command(
     max_frames_per_file: MaxFramesOption = RunConfig.max_frames_per_file,
     max_member_bytes: MaxMemberOption = RunConfig.max_member_bytes,
     max_compression_ratio: MaxRatioOption = RunConfig.max_compression_ratio,
+    crosswalk: CrosswalkOption = None,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
@@ -121,10 +147,11 @@ def screen_command(
     except RunConfigError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
+    key_id = _site_key_id(console, crosswalk, out)
     view = LiveView(console)
     try:
         with view.progress:
-            result = run_screen(cfg, progress=view)
+            result = run_screen(cfg, progress=view, crosswalk=crosswalk)
     except RunLockedError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=EXIT_LOCKED) from exc
@@ -136,5 +163,7 @@ def screen_command(
         if (out / "manifest.json").is_file():
             render_summary(console, out)
         raise typer.Exit(code=2) from exc
+    written = f"; crosswalk (keep private) written to {crosswalk}" if crosswalk else ""
+    console.print(f"keys made with site key {key_id}{written}")
     code = render_summary(console, out)
     raise typer.Exit(code=max(code, result.exit_code))

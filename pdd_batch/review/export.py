@@ -46,7 +46,13 @@ from pdd_batch.ingest.dicom_headers import quiet_pydicom
 from pdd_batch.ingest.reasons import exception_reason
 from pdd_batch.review.burned_in import BurnedIn, burned_in_risk, inherited_flag
 from pdd_batch.review.deid import Deidentifier, DeidError, deidentify_nifti_data
-from pdd_batch.review.overlay import display_scale, model_input_slices, overlay_png
+from pdd_batch.review.overlay import (
+    SourceLocator,
+    SourceNotFoundError,
+    display_scale,
+    model_input_slices,
+    overlay_png,
+)
 from pdd_batch.review.secondary_capture import ScStudy, write_sc_series
 from pdd_batch.runs.results import RunResults
 
@@ -149,15 +155,31 @@ def _prepare_out(out_dir: Path, options: ExportOptions) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> ExportSummary:
+def export_run(
+    results: RunResults,
+    out_dir: Path,
+    options: ExportOptions,
+    locator: SourceLocator | None = None,
+) -> ExportSummary:
     """Export the selected studies of a run into ``out_dir`` (must be new or empty).
 
+    Args:
+        results: the opened run.
+        out_dir: new or empty export folder.
+        options: what to export.
+        locator: finds the source file behind each ``file_key`` (``SourceLocator.for_run``
+            with the screened archive or the screening crosswalk); default: a 1.0 run's
+            recorded archive root.
+
     Raises:
-        ExportError: bad options, a non-empty ``out_dir``, or no archive root in the manifest.
+        ExportError: bad options, a non-empty ``out_dir``, or no way to find the source files.
     """
-    root = results.archive_root
-    if root is None:
-        raise ExportError("the run manifest has no archive_root: cannot find the source files")
+    if locator is None:
+        try:
+            locator = SourceLocator.for_run(results)
+        except SourceNotFoundError as exc:
+            raise ExportError(str(exc)) from exc
+    root = locator.root
     _prepare_out(out_dir, options)
     deid = Deidentifier() if options.deidentify else None
     summary = ExportSummary(out_dir)
@@ -166,7 +188,7 @@ def export_run(results: RunResults, out_dir: Path, options: ExportOptions) -> Ex
     with MemberReader(root) as reader:
         for rank, study in enumerate(selected.to_pylist(), start=1):
             item = StudyExport(export_id=f"S{rank:03d}", rank=rank, study=study)
-            rows = results.study_slices(study["study_key"]).to_pylist()
+            rows = locator.attach(results.study_slices(study["study_key"]).to_pylist())
             _export_sources(reader, rows, out_dir, item, deid, summary, options.allow_burned_in)
             _export_overlays(root, rows, out_dir, item, scale, options, summary)
             _warn_burned_in(item, summary)
@@ -246,6 +268,9 @@ def _export_sources(
         else:
             dst = out_dir / item.export_id / "dicom" / f"series{s_idx:02d}"
             dst = dst / f"IM{counters[series_key]:04d}.dcm"
+        if not rel:
+            _error(summary, item, f"file {n} of {len(files)}", "source file not found")
+            continue
         try:
             written = _copy_one(_read_source(reader, root, rel), dst, item, deid, rel,
                                 allow_burned_in)  # fmt: skip

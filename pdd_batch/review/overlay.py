@@ -4,6 +4,9 @@ The heatmap in ``slices.heatmap_png`` lives on the model-input grid (S, S): the 
 windowing and ``fit_to_square``. Overlays are drawn on that same grid (rebuilt from the source
 file with the run's ``PreprocessSpec``), so a hot spot lands exactly where the model put it.
 Images are upscaled by an integer factor for display, which keeps that alignment exact.
+
+Runs name files by ``file_key`` (no paths); ``SourceLocator`` finds the file behind each key,
+from the screened archive (keys recomputed) or the screening crosswalk.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -179,8 +183,9 @@ def model_input_slices(
     """Rebuild the model-input images (S, S) of some slices of one series.
 
     Args:
-        root: the archive root (``slices.source_file`` is relative to it).
-        rows: all ``slices`` rows of one series (``series_key``, ``study_key``, ``source_file``,
+        root: the archive root (``source_file`` is relative to it).
+        rows: all ``slices`` rows of one series (``series_key``, ``study_key``, ``source_file``
+            as set by ``SourceLocator.attach``,
             ``volume_index``, ``slice_index``, ``modality``, ``preprocessing``).
         wanted: ``(volume_index, slice_index)`` pairs to rebuild (default: all rows).
 
@@ -188,6 +193,7 @@ def model_input_slices(
         ``{(volume_index, slice_index): float32 (S, S) in [0, 1]}``; slices that cannot be
         rebuilt are missing (the caller draws the heatmap alone).
     """
+    rows = [r for r in rows if r.get("source_file")]  # files the locator could not find: none
     if not rows:
         return {}
     wanted = wanted if wanted is not None else {(r["volume_index"], r["slice_index"]) for r in rows}
@@ -220,3 +226,105 @@ def model_input_slices(
             continue
         out[key] = img
     return out
+
+
+class SourceNotFoundError(ValueError):
+    """The files behind a run's keys cannot be located (the message says which option to give)."""
+
+
+NEED_ARCHIVE = (
+    "this run names its files by key, not by path: give --archive PATH (the folder that was "
+    "screened; files are found by recomputing their keys with this site's key) or "
+    "--screen-crosswalk FILE (written by `pdd-batch screen --crosswalk`)"
+)
+
+
+class SourceLocator:
+    """Maps a run's ``file_key`` values back to archive-relative paths under ``root``."""
+
+    def __init__(self, root: Path, paths: dict[str, str]) -> None:
+        self.root = Path(root)
+        self.paths = paths
+
+    def path(self, key: str) -> str | None:
+        """The relative path of a file key (None when it was not found)."""
+        return self.paths.get(key)
+
+    def attach(self, rows: Sequence[dict]) -> list[dict]:
+        """Copies of slice rows with ``source_file`` set to their relative path ("" if unknown)."""
+        return [{**r, "source_file": self.paths.get(r["file_key"], "")} for r in rows]
+
+    @classmethod
+    def for_run(
+        cls, results, archive: Path | None = None, crosswalk: Path | None = None
+    ) -> SourceLocator:
+        """The locator of an opened run (``pdd_batch.results.RunResults``).
+
+        Schema 1.0 runs name files by path: ``archive`` (else the manifest's archive root) is
+        the root. Later runs need ``crosswalk`` (its paths; its root unless ``archive`` is
+        given) or ``archive`` (walked, every file's key recomputed with this site's key).
+
+        Raises:
+            SourceNotFoundError: neither is given, or the keys were made with another site key.
+        """
+        wanted = set(results.slices.column("file_key").to_pylist())
+        if results.legacy_paths or results.key_id is None:
+            root = archive or results.archive_root
+            if root is None:
+                raise SourceNotFoundError("the run records no archive folder: give --archive PATH")
+            return cls(Path(root), {k: k for k in wanted})
+        if crosswalk is not None:
+            return cls._from_crosswalk(results, Path(crosswalk), archive)
+        if archive is None:
+            raise SourceNotFoundError(NEED_ARCHIVE)
+        from pdd_batch.ingest.keys import site_key
+
+        if site_key().key_id != results.key_id:
+            raise SourceNotFoundError(
+                f"the run's keys were made with site key {results.key_id}, this machine's key is "
+                f"{site_key().key_id}: set PDD_BATCH_KEY_FILE to that key file, or give "
+                "--screen-crosswalk FILE"
+            )
+        open_archives = bool((results.manifest.get("run_config") or {}).get("open_archives"))
+        return cls(Path(archive), find_keyed_files(Path(archive), wanted, open_archives))
+
+    @classmethod
+    def _from_crosswalk(cls, results, crosswalk: Path, archive: Path | None) -> SourceLocator:
+        from pdd_batch.runs.crosswalk import CrosswalkError, paths_by_key, read_crosswalk
+
+        try:
+            doc = read_crosswalk(crosswalk)
+        except CrosswalkError as exc:
+            raise SourceNotFoundError(str(exc)) from exc
+        if doc.get("key_id") != results.key_id:
+            raise SourceNotFoundError(
+                f"the crosswalk was written with site key {doc.get('key_id')}, the run with "
+                f"{results.key_id}: not this run's crosswalk"
+            )
+        return cls(Path(archive or doc["archive_root"]), paths_by_key(doc))
+
+
+def find_keyed_files(root: Path, wanted: set[str], open_archives: bool = False) -> dict[str, str]:
+    """``{file_key: relative path}`` for the wanted keys, by walking ``root`` (links to folders
+    followed, as discovery does) and keying every relative path; stops once all are found."""
+    from pdd_batch.ingest.archive_io import is_archive_name, iter_archive_members, join_member
+    from pdd_batch.ingest.keys import file_key
+
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            names = [rel]
+            if open_archives and is_archive_name(name):
+                try:
+                    names += [join_member(rel, m) for m, _, _ in iter_archive_members(root / rel)]
+                except OSError:
+                    pass  # an unreadable archive: its members stay unfound
+            for candidate in names:
+                key = file_key(candidate)
+                if key in wanted:
+                    found[key] = candidate
+            if len(found) == len(wanted):
+                return found
+    return found

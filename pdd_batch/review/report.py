@@ -2,7 +2,10 @@
 
 One file, no network assets: inline CSS, thumbnails as ``data:`` PNG URIs, inline SVG charts.
 It shows the run summary, flagged studies ranked by score, the top slices with heatmap
-overlays, score distributions, errors by reason and the model card. Only hashed keys appear.
+overlays, score distributions, errors by reason and the model card. Only keyed digests
+appear, never a path: the source images under the heatmaps are found through a
+``SourceLocator`` (the screened archive or the screening crosswalk); without one the heatmaps are
+drawn alone.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 import pdd_batch
-from pdd_batch.review.overlay import display_scale, model_input_slices, overlay_png
+from pdd_batch.review.overlay import SourceLocator, display_scale, model_input_slices, overlay_png
 from pdd_batch.runs.results import RunResults
 
 log = logging.getLogger(__name__)
@@ -101,23 +104,25 @@ def _studies_table(results: RunResults) -> tuple[str, str]:
     return title, table
 
 
-def _thumbnails(results: RunResults, n: int) -> tuple[str, tuple[float, float]]:
-    """``<figure>`` elements for the top slice of the top ``n`` studies, and the colour scale."""
+def _thumbnails(
+    results: RunResults, n: int, locator: SourceLocator | None
+) -> tuple[str, tuple[float, float]]:
+    """``<figure>`` elements for the top slice of the top ``n`` studies, and the colour scale
+    (over the source slice when ``locator`` finds its file, else the heatmap alone)."""
     studies = results.flagged_studies()
     if studies.num_rows == 0:
         studies = results.ranked_studies()
     chosen = [results.top_slices(k, 1).to_pylist() for k in studies.column("study_key").to_pylist()]
     chosen = [rows[0] for rows in chosen[:n] if rows and rows[0]["heatmap_png"]]
     scale = display_scale(chosen)
-    root = results.archive_root
     figures = []
     for rank, r in enumerate(chosen, start=1):
         base = None
-        if root is not None and root.is_dir():
+        if locator is not None and locator.root.is_dir():
             mask = pc.equal(results.slices.column("series_key"), r["series_key"])
-            series = results.slices.filter(mask).to_pylist()
+            series = locator.attach(results.slices.filter(mask).to_pylist())
             key = (r["volume_index"], r["slice_index"])
-            base = model_input_slices(root, series, {key}).get(key)
+            base = model_input_slices(locator.root, series, {key}).get(key)
         if base is None:
             base = np.zeros((1, 1), dtype=np.float32)
         png = overlay_png(base, r["heatmap_png"], r["heatmap_max"], scale)
@@ -336,17 +341,26 @@ def _model_section(results: RunResults, model_dir: Path | None) -> str:
     return f'<table id="model-facts">{table}</table>{body}'
 
 
-def build_report(results: RunResults, model_dir: Path | None = None, thumbnails: int = 12) -> str:
+def build_report(
+    results: RunResults,
+    model_dir: Path | None = None,
+    thumbnails: int = 12,
+    locator: SourceLocator | None = None,
+) -> str:
     """The report HTML of a run.
 
     Args:
         results: the opened run.
         model_dir: checkpoint folder for the model card (None: id and hash only).
         thumbnails: number of studies whose top slice is shown with its heatmap.
+        locator: finds the source files under the heatmaps (None: a 1.0 run's recorded
+            archive root, else heatmaps alone).
     """
+    if locator is None and results.archive_root is not None:
+        locator = SourceLocator.for_run(results)  # 1.0: files named by path under the root
     accounted_class, accounted_text = _accounting(results.manifest)
     title, table = _studies_table(results)
-    thumbs, scale = _thumbnails(results, thumbnails)
+    thumbs, scale = _thumbnails(results, thumbnails, locator)
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         run_id=_e(results.manifest.get("run_id", "-")),
         status=_e(results.status),
@@ -368,11 +382,16 @@ def build_report(results: RunResults, model_dir: Path | None = None, thumbnails:
     )
 
 
-def write_report(results: RunResults, out: Path, model_dir: Path | None = None) -> Path:
+def write_report(
+    results: RunResults,
+    out: Path,
+    model_dir: Path | None = None,
+    locator: SourceLocator | None = None,
+) -> Path:
     """Write the report HTML to ``out`` (parents created); returns the path."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(build_report(results, model_dir), encoding="utf-8")
+    tmp.write_text(build_report(results, model_dir, locator=locator), encoding="utf-8")
     tmp.replace(out)
     log.info("report written (%d bytes)", out.stat().st_size)
     return out

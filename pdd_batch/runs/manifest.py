@@ -102,19 +102,23 @@ def build_manifest(
     *,
     run_id: str,
     status: str,
-    archive_root: Path,
+    key_id: str,
     counts: InputCounts,
     model_id: str,
     checkpoint_hash: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict; ``extra`` adds run details (timings, series counts, config, cluster)."""
+    """The manifest dict; ``extra`` adds run details (timings, series counts, config, cluster).
+
+    No path is recorded (the archive root often names a patient or a department): ``key_id``
+    names the site key the run's study/series/file keys were made with (``pdd_batch.keys``).
+    """
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
         "status": status,
         "exit_code": exit_code_for(status),
-        "archive_root": str(archive_root),
+        "key_id": key_id,
         **counts.to_dict(),
         "model_id": model_id,
         "checkpoint_hash": checkpoint_hash,

@@ -1,8 +1,12 @@
 """Reader of a finished (or running) screening run folder: ``open_run(run_dir) -> RunResults``.
 
 A run folder holds the Parquet datasets ``slices/``, ``studies/``, ``errors/`` (schemas in
-``pdd_batch.runs.schema``) and ``manifest.json``. Every consumer of screening output (summary, export,
-report) reads it through this module, so schema details live in one place.
+``pdd_batch.runs.schema``) and ``manifest.json``. Every consumer of screening output (summary,
+export, report) reads it through this module, so schema details live in one place.
+
+Runs of schema 1.0 named files by their archive-relative path (``slices.source_file``,
+``errors.file``); they are read with those columns renamed to ``file_key`` (holding the path) and
+``RunResults.legacy_paths`` set, so every reader works on both versions.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pdd_batch.runs.schema import TABLES
+from pdd_batch.runs.schema import LEGACY_RENAMES, LEGACY_VERSION, TABLES
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +69,46 @@ def _conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=schema.metadata))
 
 
-def read_table(run_dir: Path, name: str) -> pa.Table:
-    """Read one dataset of a run folder (``slices``/``studies``/``errors``); empty when absent."""
+def _is_legacy(table: pa.Table, name: str) -> bool:
+    """A 1.0 file: its metadata says so, or it has the 1.0 path column and no ``file_key``."""
+    meta = table.schema.metadata or {}
+    if meta.get(b"pdd_batch_schema") == LEGACY_VERSION.encode():
+        return True
+    renames = LEGACY_RENAMES.get(name, {})
+    return (
+        any(old in table.column_names for old in renames) and "file_key" not in table.column_names
+    )
+
+
+def _upgrade(table: pa.Table, name: str) -> pa.Table:
+    """A 1.0 table with its path column renamed to ``file_key`` (the key of a 1.0 run is the
+    relative path itself)."""
+    renames = LEGACY_RENAMES.get(name, {})
+    return table.rename_columns([renames.get(c, c) for c in table.column_names])
+
+
+def _read_tables(run_dir: Path, name: str) -> tuple[pa.Table, bool]:
+    """One dataset, conformed to the current schema, and whether it was written by a 1.0 run."""
     schema = TABLES[name]
     files = _data_files(run_dir / name)
     if not files:
-        return schema.empty_table()
-    parts = []
+        return schema.empty_table(), False
+    parts, legacy = [], False
     for f in files:
         try:
-            parts.append(_conform(pq.read_table(f), schema, f"{name}/{f.name}"))
+            table = pq.read_table(f)
+            if _is_legacy(table, name):
+                table, legacy = _upgrade(table, name), True
+            parts.append(_conform(table, schema, f"{name}/{f.name}"))
         except (OSError, pa.ArrowException) as exc:
             raise ResultsError(f"{name}/{f.name}: unreadable Parquet file ({exc})") from exc
-    return pa.concat_tables(parts, promote_options="permissive")
+    return pa.concat_tables(parts, promote_options="permissive"), legacy
+
+
+def read_table(run_dir: Path, name: str) -> pa.Table:
+    """Read one dataset of a run folder (``slices``/``studies``/``errors``); empty when absent.
+    1.0 files are read with their path columns as ``file_key`` (see the module docstring)."""
+    return _read_tables(run_dir, name)[0]
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -104,6 +135,7 @@ class RunResults:
         studies: one row per study (``STUDIES_SCHEMA``).
         errors: one row per unusable file or series (``ERRORS_SCHEMA``).
         manifest: the parsed ``manifest.json`` (``{}`` when absent).
+        legacy_paths: a schema 1.0 run, whose ``file_key`` columns hold relative paths.
     """
 
     run_dir: Path
@@ -111,10 +143,17 @@ class RunResults:
     studies: pa.Table
     errors: pa.Table
     manifest: dict[str, Any] = field(default_factory=dict)
+    legacy_paths: bool = False
+
+    @property
+    def key_id(self) -> str | None:
+        """Id of the site key the run's keys were made with (None: a 1.0 run)."""
+        value = self.manifest.get("key_id")
+        return value if isinstance(value, str) and value else None
 
     @property
     def archive_root(self) -> Path | None:
-        """Folder that ``slices.source_file`` is relative to, from the manifest (None if absent)."""
+        """Archive folder recorded by a 1.0 run (None for later runs, which record no path)."""
         for key in ARCHIVE_ROOT_KEYS:
             value = self.manifest.get(key)
             if isinstance(value, str) and value:
@@ -203,7 +242,8 @@ def open_run(run_dir: str | Path) -> RunResults:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ResultsError(f"run folder not found: {run_dir}")
-    tables = {name: read_table(run_dir, name) for name in TABLES}
+    read = {name: _read_tables(run_dir, name) for name in TABLES}
+    tables = {name: table for name, (table, _) in read.items()}
     if not any((run_dir / n).exists() for n in TABLES) and not (run_dir / "manifest.json").exists():
         raise ResultsError(f"{run_dir} is not a screening run folder (no slices/studies/manifest)")
     return RunResults(
@@ -212,4 +252,5 @@ def open_run(run_dir: str | Path) -> RunResults:
         studies=tables["studies"],
         errors=tables["errors"],
         manifest=read_manifest(run_dir),
+        legacy_paths=any(legacy for _, legacy in read.values()),
     )

@@ -7,15 +7,21 @@ Layout of a run folder ``OUT/``::
     OUT/errors/*.parquet    one row per file or series that could not be used (ERRORS_SCHEMA)
     OUT/manifest.json       run manifest (inputs seen/scored/skipped/failed, versions, timings)
 
-Keys never contain patient identifiers: ``study_key``/``series_key`` are truncated SHA-256
-digests of the DICOM UIDs (or of the NIfTI relative path).
+Keys never contain patient identifiers: ``study_key``/``series_key``/``file_key`` are truncated
+HMAC-SHA256 digests, under the site secret (``pdd_batch.keys``), of the DICOM UIDs or of the
+archive-relative path. No column holds a path or a UID; ``pdd-batch screen --crosswalk FILE``
+writes the key -> path/UID table to a private file outside the run folder.
+
+Version 2.0 renamed ``slices.source_file`` and ``errors.file`` (relative paths in 1.0) to
+``file_key``; ``LEGACY_TABLES`` keeps the 1.0 schemas for readers of older runs.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
+LEGACY_VERSION = "1.0"
 
 SLICES_SCHEMA = pa.schema(
     [
@@ -25,7 +31,7 @@ SLICES_SCHEMA = pa.schema(
         pa.field("series_key", pa.string(), nullable=False),
         pa.field("volume_index", pa.int32(), nullable=False),
         pa.field("slice_index", pa.int32(), nullable=False),
-        pa.field("source_file", pa.string(), nullable=False),  # relative to the archive root
+        pa.field("file_key", pa.string(), nullable=False),  # keyed digest of the relative path
         pa.field("modality", pa.string()),
         pa.field("score", pa.float32(), nullable=False),
         pa.field("threshold", pa.float32()),  # null when the model is not calibrated
@@ -63,7 +69,7 @@ STUDIES_SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("schema_version", pa.string(), nullable=False),
-        pa.field("file", pa.string(), nullable=False),  # relative to the archive root
+        pa.field("file_key", pa.string(), nullable=False),  # keyed digest of the relative path
         pa.field("series_key", pa.string()),
         pa.field("stage", pa.string(), nullable=False),  # discover | read | slice | score | write
         pa.field("status", pa.string(), nullable=False),  # skipped | failed
@@ -74,3 +80,15 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 TABLES = {"slices": SLICES_SCHEMA, "studies": STUDIES_SCHEMA, "errors": ERRORS_SCHEMA}
+
+# 1.0 column name -> 2.0 name, per table (1.0 held archive-relative paths there).
+LEGACY_RENAMES = {"slices": {"source_file": "file_key"}, "errors": {"file": "file_key"}}
+
+
+def _legacy(schema: pa.Schema, table: str) -> pa.Schema:
+    back = {new: old for old, new in LEGACY_RENAMES.get(table, {}).items()}
+    fields = [f.with_name(back.get(f.name, f.name)) for f in schema]
+    return pa.schema(fields, metadata={"pdd_batch_schema": LEGACY_VERSION, "table": table})
+
+
+LEGACY_TABLES = {name: _legacy(schema, name) for name, schema in TABLES.items()}

@@ -6,6 +6,9 @@ duplicate a slice) until its end marker and all the ``n_rows`` slices it announc
 arrived, then buffers the complete series; when the
 buffer holds ``rows_per_file`` slices or ``flush_seconds`` have passed it writes one part file
 atomically and only then records its series as done in the run state.
+
+Rows name their file by ``file_key`` (a keyed digest of the relative path the read task gives);
+no path reaches a Parquet part or the run state.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from pdd_batch.ingest.discovery import SeriesRef
-from pdd_batch.runs.state import RunState, SeriesRecord
+from pdd_batch.ingest.keys import file_key
 from pdd_batch.runs.schema import SLICES_SCHEMA
+from pdd_batch.runs.state import RunState, SeriesRecord
 from pdd_batch.runs.writer import rows_to_table, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,7 @@ class _Series:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: str = ""
     used_files: frozenset[str] = frozenset()  # from the end marker (reformatted slices)
+    sources: set[str] = field(default_factory=set)  # relative paths of the rows' files
 
 
 @dataclass
@@ -112,7 +117,7 @@ class SliceSink:
             "series_key": key,
             "volume_index": vol,
             "slice_index": sl,
-            "source_file": str(batch["source_file"][i]),
+            "file_key": file_key(str(batch["source_file"][i])),
             "modality": str(batch["modality"][i]) or None,
             "score": score,
             "threshold": p.threshold,
@@ -151,6 +156,7 @@ class SliceSink:
                     self.stats.duplicates_dropped += 1
                 else:
                     entry.rows[row["slice_key"]] = row
+                    entry.sources.add(str(batch["source_file"][i]))
                     self.stats.slices_received += 1
             elif kind in (KIND_END, KIND_EMPTY):
                 entry.expected = int(batch["n_rows"][i])
@@ -170,11 +176,11 @@ class SliceSink:
 
     def _record(self, key: str, part: str, n: int) -> SeriesRecord:
         ref, entry = self.series[key], self._open[key]
-        used = {r["source_file"] for r in entry.rows.values()} | entry.used_files
+        used = entry.sources | entry.used_files
         reason = entry.warnings if entry.warnings and not entry.rows else NO_SLICE_REASON
         if entry.warnings and entry.rows:
             reason = f"{NO_SLICE_REASON} ({entry.warnings})"
-        dropped = tuple((f, reason) for f in ref.files if f not in used)
+        dropped = tuple((file_key(f), reason) for f in ref.files if f not in used)
         return SeriesRecord(part, n, self.fingerprints[key], ref.study_key, dropped)
 
     def flush(self) -> None:

@@ -3,6 +3,7 @@
 Both are rewritten whole at the end of every run (one file each, atomic rename), so incremental
 runs never duplicate them: studies cover every committed slice (this run's and earlier ones),
 errors hold exactly one row per input file that was not scored, with its stage and reason.
+Files are named by ``file_key`` and reasons are stripped of any path (``keys.redact_paths``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from pdd_batch.ingest.discovery import Discovery
+from pdd_batch.ingest.keys import file_key, redact_paths
 from pdd_batch.runs.manifest import LOST, SCORED, SKIPPED
-from pdd_batch.runs.state import RunState
 from pdd_batch.runs.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
+from pdd_batch.runs.state import RunState
 from pdd_batch.runs.writer import read_parts, rows_to_table, write_table_atomic
 
 STUDIES_FILE = "studies.parquet"
@@ -98,27 +100,33 @@ def error_rows(
     *,
     run_id: str,
 ) -> list[dict]:
-    """One row per input file whose outcome is not ``scored``."""
+    """One row per input file whose outcome is not ``scored`` (named by its ``file_key``).
+
+    ``state`` records dropped files by key; every reason is stripped of the file's path and of
+    the paths of the series it belongs to.
+    """
     discovered = {f.path: f for f in disc.files}
     read_failure: dict[str, tuple[str, str]] = {}
-    dropped: dict[str, tuple[str, str]] = {}
+    dropped: dict[str, tuple[str, str]] = {}  # by file key
+    series_files: dict[str, tuple[str, ...]] = {}
     for ref in disc.series:
         if ref.series_key in failed:
             for path in ref.files:
                 read_failure.setdefault(path, (ref.series_key, failed[ref.series_key]))
+                series_files.setdefault(path, ref.files)
         rec = state.series.get(ref.series_key)
         if rec is not None:
-            for path, reason in rec.dropped:
-                dropped.setdefault(path, (ref.series_key, reason))
+            for key, reason in rec.dropped:
+                dropped.setdefault(key, (ref.series_key, reason))
     rows = []
     for path, outcome in sorted(outcomes.items()):
         if outcome == SCORED:
             continue
-        rec = discovered.get(path)
+        rec, fkey = discovered.get(path), file_key(path)
         if rec is not None and rec.status in ("skipped", "failed"):
             row = (rec.series_key, "discover", rec.status, rec.reason or rec.status)
-        elif outcome == SKIPPED and path in dropped:
-            row = (dropped[path][0], "slice", "skipped", dropped[path][1])
+        elif outcome == SKIPPED and fkey in dropped:
+            row = (dropped[fkey][0], "slice", "skipped", dropped[fkey][1])
         elif outcome == LOST:
             row = (rec.series_key if rec else None, "score", "failed", LOST_REASON)
         elif path in read_failure:
@@ -126,9 +134,10 @@ def error_rows(
         else:
             row = (rec.series_key if rec else None, "score", outcome, outcome)
         key, stage, status, reason = row
+        reason = redact_paths(reason, (path, *series_files.get(path, ())))
         rows.append(
             {
-                "file": path,
+                "file_key": fkey,
                 "series_key": key,
                 "stage": stage,
                 "status": status,
