@@ -185,7 +185,7 @@ def test_end_to_end_screen_export_report(tmp_path: Path) -> None:
 
     exp, cw = tmp_path / "export", tmp_path / "private" / "cw.json"
     export = _cli("export", str(out), "--out", str(exp), "--secondary-capture",
-                  "--crosswalk", str(cw))  # fmt: skip
+                  "--crosswalk", str(cw), "--archive", str(run.archive))  # fmt: skip
     assert export.returncode == 0, export.stderr[-3000:]
     forbidden = [s for i in run.identities for s in i.strings()] + run.uids + ["Doe/", "Poe_"]
     import gzip
@@ -201,7 +201,7 @@ def test_end_to_end_screen_export_report(tmp_path: Path) -> None:
         assert ds.PixelData == pydicom.dcmread(run.archive / f["source"]).PixelData
 
     page = tmp_path / "report.html"
-    report = _cli("report", str(out), "--out", str(page))
+    report = _cli("report", str(out), "--out", str(page), "--archive", str(run.archive))
     assert report.returncode == 0, report.stderr[-3000:]
     text = page.read_text()
     assert text.count('class="thumb"') == 3

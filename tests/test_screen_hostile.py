@@ -12,6 +12,7 @@ from hostile_factory import build_hostile_archive
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
+from pdd_batch.ingest.keys import file_key
 from pdd_batch.runs.config import RunConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -42,16 +43,19 @@ def test_hostile_archive_screens_with_every_file_accounted_for(tmp_path: Path) -
     slices = pq.read_table(out / "slices").to_pandas()
     errors = pq.read_table(out / "errors").to_pandas()
     assert len(slices) == built["scored_slices"]
-    assert set(errors["file"]) | set(slices["source_file"]) == set(built["expected"])
-    assert errors["file"].is_unique and len(errors) == m["inputs_skipped"] + m["inputs_failed"]
+    key = {rel: file_key(rel) for rel in built["expected"]}  # outputs name files by key only
+    assert set(errors["file_key"]) | set(slices["file_key"]) == set(key.values())
+    assert errors["file_key"].is_unique
+    assert len(errors) == m["inputs_skipped"] + m["inputs_failed"]
     # the good series is scored whole; each bad copy of its instances is one failed row
-    assert set(built["good_series_files"]) <= set(slices["source_file"])
-    by_file = errors.set_index("file")
+    assert {key[rel] for rel in built["good_series_files"]} <= set(slices["file_key"])
+    by_file = errors.set_index("file_key")
     for rel in built["bad_instances"]:
-        assert by_file.loc[rel, "status"] == "failed"
+        assert by_file.loc[key[rel], "status"] == "failed"
     # the instance only the read stage finds bad: left out of its series, one row of its own
     for rel in built["undecodable"]:
-        assert by_file.loc[rel, "stage"] != "discover" and "left out" in by_file.loc[rel, "reason"]
+        row = by_file.loc[key[rel]]
+        assert row["stage"] != "discover" and "left out" in row["reason"]
     for rel, status in built["expected"].items():
         if status != "used" and rel not in built["undecodable"]:
-            assert by_file.loc[rel, "status"] == status, rel
+            assert by_file.loc[key[rel], "status"] == status, rel

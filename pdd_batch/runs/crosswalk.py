@@ -74,7 +74,7 @@ def crosswalk_rows(disc: Discovery) -> list[dict[str, Any]]:
                 "series_key": series,
                 "study_key": study,
             }
-            if kind == "dicom":
+            if kind != "nifti":  # failed and skipped DICOM files too: a site must find them
                 row.update(_uids(reader, disc.root, rec.path))
             rows.append(row)
     return rows
