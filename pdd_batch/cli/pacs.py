@@ -1,0 +1,77 @@
+"""`pdd-batch screen dicomweb+http(s)://...`: the PACS side of the screen command (query options,
+credentials, one-line errors); the screening itself is ``jobs.dicomweb_fetch.screen_pacs``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(help="PACS source: studies dated from YYYY-MM-DD, or 'last-run' (nightly)."),
+]
+ModalityOption = Annotated[
+    str | None, typer.Option(help="PACS source: only studies/series of this modality (e.g. CT).")
+]
+StudyUidFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="PACS source: only these studies (a file, one StudyInstanceUID a line)."
+    ),
+]
+NetrcOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="PACS source: netrc file with the login (default ~/.netrc, or env vars)."
+    ),
+]
+
+
+def pacs_query(
+    out: Path, since: str | None, modality: str | None, study_uid_file: Path | None
+) -> Any:
+    """The ``pdd_batch.dicomweb.Query`` of the options (raises ``DicomwebError``)."""
+    from pdd_batch.dicomweb import Query, parse_since, read_study_uid_file
+
+    since_date, _ = parse_since(since, out)
+    uids = read_study_uid_file(study_uid_file) if study_uid_file else ()
+    return Query(since=since_date, modality=modality or None, study_uids=uids)
+
+
+def screen_from_pacs(
+    console: Console,
+    source: str,
+    cfg: Any,
+    options: dict[str, Any],
+    view: Any,
+) -> Any:
+    """Query, fetch and screen (a PACS that cannot be used raises ``DicomwebError``).
+
+    Args:
+        console: where messages go.
+        source: ``dicomweb+http(s)://HOST[:PORT]/ROOT``.
+        cfg: the run's ``RunConfig`` (its archive is replaced by the run's series cache).
+        options: ``since``, ``modality``, ``study_uid_file``, ``netrc`` of the command line.
+        view: the live progress view (a ``LiveView``).
+
+    Returns:
+        The ``jobs.screen.ScreenResult`` of the folder screen of the fetched series.
+    """
+    from jobs.dicomweb_fetch import screen_pacs
+    from pdd_batch.dicomweb import endpoint_from_source
+
+    endpoint = endpoint_from_source(source, options.get("netrc"))
+    query = pacs_query(
+        cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
+    )
+    with view.progress:
+        result = screen_pacs(cfg, endpoint, query, progress=view)
+    f = result.fetch
+    console.print(
+        f"PACS {endpoint.host}: {f.found} series found, {f.cached} already fetched, "
+        f"{f.fetched} fetched ({f.instances} instances), {len(f.failed)} failed"
+    )
+    return result.screen
