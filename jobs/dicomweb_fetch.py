@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
@@ -29,12 +28,13 @@ from pdd_batch.dicomweb import (
     DicomwebError,
     Endpoint,
     Query,
+    QueryResult,
     SeriesHit,
     http_failure,
     make_client,
     pacs_root,
-    query_series,
     record_query,
+    run_query,
 )
 from pdd_batch.discovery import FileRecord
 from pdd_batch.keys import hash_key
@@ -164,8 +164,10 @@ def screen_pacs(
     query: Query,
     progress: Callable | None = None,
     on_fetch: Callable[[int, int], None] | None = None,
+    found: QueryResult | None = None,
 ) -> PacsScreenResult:
-    """Query, fetch and screen; ``cfg.archive`` is replaced by the run's series cache.
+    """Query (unless ``found`` is the query's result already), fetch and screen;
+    ``cfg.archive`` is replaced by the run's series cache.
 
     The query's start time is recorded for ``--since last-run`` only when every series was
     fetched and the run completed (otherwise the next run asks for the same window again;
@@ -175,8 +177,8 @@ def screen_pacs(
         DicomwebAuthError: credentials refused.
         DicomwebError: the PACS could not be queried.
     """
-    started = datetime.now(timezone.utc)
-    hits = query_series(make_client(endpoint), query)
+    found = found or run_query(endpoint, query)
+    hits = found.hits
     series_root = pacs_root(cfg.out_dir) / SERIES_FOLDER
     series_root.mkdir(exist_ok=True)
     need_ray = any(not (series_root / h.key).is_dir() for h in hits)
@@ -188,5 +190,5 @@ def screen_pacs(
             cfg.with_updates(archive=series_root), progress, source_errors=report.records()
         )
     if not report.failed and result.status == STATUS_COMPLETE:
-        record_query(cfg.out_dir, started, query, len(hits))
+        record_query(cfg.out_dir, found.started, query, len(hits))
     return PacsScreenResult(report, result)

@@ -179,13 +179,15 @@ class Query:
     modality: str | None = None
     study_uids: tuple[str, ...] = ()
 
-    def study_filters(self) -> dict[str, str]:
-        """QIDO-RS study-level match keys (the filtering happens on the server)."""
+    def series_filters(self) -> dict[str, str]:
+        """QIDO-RS match keys of a series search across studies (``/series?StudyDate=...``):
+        the filtering happens on the server, and paging stays exact (unlike a study search on
+        ``ModalitiesInStudy``, which Orthanc filters after applying ``limit``/``offset``)."""
         filters: dict[str, str] = {}
         if self.since is not None:
             filters["StudyDate"] = self.since.strftime("%Y%m%d") + "-"
         if self.modality:
-            filters["ModalitiesInStudy"] = self.modality
+            filters["Modality"] = self.modality
         return filters
 
 
@@ -221,29 +223,42 @@ def query_series(client: Any, query: Query, page_size: int = PAGE_SIZE) -> list[
 
 
 def _query_series(client: Any, query: Query, page_size: int) -> list[SeriesHit]:
-    study_filters = query.study_filters()
+    filters = query.series_filters()
     if query.study_uids:
-        studies = []
-        for uid in query.study_uids:
-            filters = {**study_filters, "StudyInstanceUID": uid}
-            studies.extend(client.search_for_studies(search_filters=filters))
-    else:
-        studies = list(paged(client.search_for_studies, page_size, search_filters=study_filters))
-    series_filters = {"Modality": query.modality} if query.modality else {}
-    hits: dict[str, SeriesHit] = {}
-    for study in studies:
-        study_uid = _value(study, TAG_STUDY_UID)
-        found = paged(
-            client.search_for_series,
-            page_size,
-            study_instance_uid=study_uid,
-            search_filters=series_filters,
+        found: Iterator[dict] = (
+            item
+            for uid in query.study_uids
+            for item in paged(
+                client.search_for_series,
+                page_size,
+                study_instance_uid=uid,
+                search_filters=filters,
+            )
         )
-        for item in found:
-            hit = SeriesHit(study_uid, _value(item, TAG_SERIES_UID), _value(item, TAG_MODALITY))
-            hits.setdefault(hit.key, hit)
-    log.info("QIDO-RS: %d studies, %d series", len(studies), len(hits))
+    else:
+        found = paged(client.search_for_series, page_size, search_filters=filters)
+    hits: dict[str, SeriesHit] = {}
+    for item in found:
+        hit = SeriesHit(
+            _value(item, TAG_STUDY_UID), _value(item, TAG_SERIES_UID), _value(item, TAG_MODALITY)
+        )
+        hits.setdefault(hit.key, hit)
+    log.info("QIDO-RS: %d series", len(hits))
     return sorted(hits.values(), key=lambda h: h.key)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The series a query found and when it was asked (the next ``--since last-run``)."""
+
+    started: datetime
+    hits: list[SeriesHit]
+
+
+def run_query(endpoint: Endpoint, query: Query) -> QueryResult:
+    """Ask the PACS (see ``query_series``; raises ``DicomwebError``)."""
+    started = datetime.now(timezone.utc)
+    return QueryResult(started, query_series(make_client(endpoint), query))
 
 
 def read_study_uid_file(path: Path) -> tuple[str, ...]:

@@ -163,3 +163,55 @@ def copy_tree(src: Path, dst: Path) -> Path:
     """Copy a folder of test files (tests never write into ../shared)."""
     shutil.copytree(src, dst)
     return dst
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of Orthanc that answers 500 to every request whose path holds
+    ``fail_on`` (a series UID) and forwards everything else; counts the failed requests."""
+
+    def __init__(self, target: str, fail_on: str) -> None:
+        import http.server
+        import threading
+
+        proxy = self
+        self.target, self.fail_on, self.failed_requests = target, fail_on, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self._forward("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._forward("POST")
+
+            def _forward(self, method: str) -> None:
+                if proxy.fail_on in self.path:
+                    proxy.failed_requests += 1
+                    self.send_error(500, "injected failure")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                keep = ("Accept", "Content-Type", "Authorization")
+                headers = {k: v for k, v in self.headers.items() if k in keep}
+                r = requests.request(
+                    method, proxy.target + self.path, data=body, headers=headers, timeout=60
+                )
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", r.headers.get("Content-Type", "text/plain"))
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            def log_message(self, *args: object) -> None:  # quiet
+                return
+
+        self.server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self.url = f"http://{HOST}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -18,15 +18,11 @@ ModalityOption = Annotated[
 ]
 StudyUidFileOption = Annotated[
     Path | None,
-    typer.Option(
-        help="PACS source: only these studies (a file, one StudyInstanceUID a line)."
-    ),
+    typer.Option(help="PACS source: only these studies (a file, one StudyInstanceUID a line)."),
 ]
 NetrcOption = Annotated[
     Path | None,
-    typer.Option(
-        help="PACS source: netrc file with the login (default ~/.netrc, or env vars)."
-    ),
+    typer.Option(help="PACS source: netrc file with the login (default ~/.netrc, or env vars)."),
 ]
 
 
@@ -61,17 +57,19 @@ def screen_from_pacs(
         The ``jobs.screen.ScreenResult`` of the folder screen of the fetched series.
     """
     from jobs.dicomweb_fetch import screen_pacs
-    from pdd_batch.dicomweb import endpoint_from_source
+    from pdd_batch.dicomweb import endpoint_from_source, run_query
 
     endpoint = endpoint_from_source(source, options.get("netrc"))
     query = pacs_query(
         cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
     )
+    found = run_query(endpoint, query)  # before the live view: a refusal is one line
+    console.print(f"PACS {endpoint.host}: {len(found.hits)} series found")
     with view.progress:
-        result = screen_pacs(cfg, endpoint, query, progress=view)
+        result = screen_pacs(cfg, endpoint, query, progress=view, found=found)
     f = result.fetch
     console.print(
-        f"PACS {endpoint.host}: {f.found} series found, {f.cached} already fetched, "
+        f"PACS {endpoint.host}: {f.cached} series fetched by earlier runs, "
         f"{f.fetched} fetched ({f.instances} instances), {len(f.failed)} failed"
     )
     return result.screen
