@@ -37,10 +37,22 @@ UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TAG_STUDY_UID, TAG_SERIES_UID, TAG_SOP_UID = "0020000D", "0020000E", "00080018"
 TAG_MODALITY, TAG_STUDY_DATE = "00080060", "00080020"
 
-# dicomweb-client logs request URLs (which hold UIDs) at DEBUG/INFO, and retrying logs each failed
-# attempt (an exception's text holds the URL) as a warning: keep both quiet.
-logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
-logging.getLogger("retrying").setLevel(logging.ERROR)
+# Request URLs hold UIDs: dicomweb-client logs them at DEBUG/INFO, urllib3 at DEBUG, and retrying
+# logs each failed attempt (an exception's text holds the URL) as a warning. ``quiet_http_logs``
+# keeps them out of every process that talks to the PACS (the driver and the fetch workers).
+QUIET_LOGGERS = {
+    "dicomweb_client": logging.WARNING,
+    "retrying": logging.ERROR,
+    "urllib3": logging.ERROR,
+}
+
+
+def quiet_http_logs() -> None:
+    """Raise the level of the loggers that would print request URLs (UIDs)."""
+    for name, level in QUIET_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < level:
+            logger.setLevel(level)
 
 
 class DicomwebError(RuntimeError):
@@ -119,6 +131,7 @@ def make_client(endpoint: Endpoint) -> Any:
     import requests
     from dicomweb_client import DICOMwebClient
 
+    quiet_http_logs()
     session = requests.Session()
     if endpoint.user:
         session.auth = (endpoint.user, endpoint.password or "")
