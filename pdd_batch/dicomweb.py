@@ -319,11 +319,18 @@ def since_for_last_run(out_dir: Path) -> date | None:
 
 
 def record_query(out_dir: Path, started: datetime, query: Query, n_series: int) -> None:
-    """Remember this query's start time (UTC) for the next ``--since last-run`` (atomically)."""
+    """Remember this query's start time (UTC) for the next ``--since last-run``, and the widest
+    date window asked so far (``earliest_since``, for finding the studies again on export)."""
     path = pacs_root(out_dir) / QUERY_STATE
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    earliest = query.since.isoformat() if query.since else None
+    if "earliest_since" in previous:
+        before = previous["earliest_since"]
+        earliest = None if before is None or earliest is None else min(before, earliest)
     record = {
         "last_query_utc": started.astimezone(timezone.utc).isoformat(),
         "since": query.since.isoformat() if query.since else None,
+        "earliest_since": earliest,
         "modality": query.modality,
         "study_uid_list": bool(query.study_uids),  # whether a list was given (never the UIDs)
         "series_found": n_series,

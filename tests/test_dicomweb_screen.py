@@ -271,3 +271,99 @@ def test_doctor_says_whether_a_dicomweb_endpoint_answers(orthanc, monkeypatch) -
     assert bad.exit_code == 1
     report = json.loads(bad.output)["dicomweb"]
     assert report["answers"] is False and "HTTP 401" in report["note"]
+
+
+def _study_documents(client, study_uid: str) -> dict[str, list[str]]:
+    """Modality -> SOP Instance UIDs of one study on the PACS."""
+    out: dict[str, list[str]] = {}
+    for item in client.search_for_instances(study_instance_uid=study_uid):
+        series = client.search_for_series(
+            study_instance_uid=study_uid,
+            search_filters={"SeriesInstanceUID": item["0020000E"]["Value"][0]},
+        )
+        modality = series[0]["00080060"]["Value"][0]
+        out.setdefault(modality, []).append(item["00080018"]["Value"][0])
+    return out
+
+
+def _series_uid(client, study_uid: str, modality: str) -> str:
+    found = client.search_for_series(
+        study_instance_uid=study_uid, search_filters={"Modality": modality}
+    )
+    assert len(found) == 1
+    return found[0]["0020000E"]["Value"][0]
+
+
+def _sr_items(ds) -> dict[str, list]:
+    """Concept meaning -> values (text, number, or referenced SOP UIDs) of an SR tree."""
+    out: dict[str, list] = {}
+    for item in ds.ContentSequence:
+        name = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "TEXT":
+            out.setdefault(name, []).append(item.TextValue)
+        elif item.ValueType == "NUM":
+            value = float(item.MeasuredValueSequence[0].NumericValue)
+            refs = [
+                c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for c in getattr(item, "ContentSequence", [])
+            ]
+            out.setdefault(name, []).append((value, refs))
+    return out
+
+
+def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replaces_them(
+    world,
+    orthanc,  # noqa: F811
+    first_pacs_run,
+    monkeypatch,
+) -> None:
+    from pdd_batch.keys import hash_key, study_key
+
+    _cli_env(monkeypatch, orthanc)
+    out = first_pacs_run["out"]
+    client = make_client(world["endpoint"])
+    studies = {
+        study_key(s["0020000D"]["Value"][0]): s["0020000D"]["Value"][0]
+        for s in client.search_for_studies()
+    }
+    table = pq.read_table(out / "studies").to_pandas()
+    flagged = table[table["decision"] == "flagged"]
+    assert len(flagged) >= 1
+    slices = pq.read_table(out / "slices").to_pandas()
+    manifest = json.loads((out / "manifest.json").read_text())
+    before = {k: _study_documents(client, studies[k]) for k in flagged["study_key"]}
+
+    for attempt in range(2):  # the second export replaces the documents of the first
+        result = runner.invoke(app, ["export", str(out), "--to", orthanc.dicomweb_url])
+        assert result.exit_code == 0, result.output
+        assert f"in {len(flagged)} studies" in result.output
+        leaked = [s for s in identifiers(world["archive"]) if s in result.output]
+        assert not leaked
+        for key in flagged["study_key"]:
+            docs = _study_documents(client, studies[key])
+            assert len(docs["SR"]) == 1 and len(docs["KO"]) == 1, attempt
+            images = {m: v for m, v in docs.items() if m not in ("SR", "KO")}
+            assert images == before[key]  # the original images untouched
+            by_key = {hash_key("instance", sop): sop for v in images.values() for sop in v}
+            rows = slices[(slices["study_key"] == key) & slices["flagged"]]
+            pairs = zip(rows["source_file"], rows["score"], strict=True)
+            want = {by_key[Path(f).stem]: score for f, score in pairs}
+            sr_series = _series_uid(client, studies[key], "SR")
+            sr = client.retrieve_instance(studies[key], sr_series, docs["SR"][0])
+            items = _sr_items(sr.ContentSequence[0])
+            assert items["Model id"] == [manifest["model_id"]]
+            assert items["Checkpoint hash"] == [manifest["checkpoint_hash"]]
+            assert items["Study decision"] == ["flagged"]
+            assert items["Decision threshold"][0][0] == pytest.approx(manifest["threshold"])
+            got = {refs[0]: value for value, refs in items["Slice anomaly score"]}
+            assert got.keys() == want.keys()
+            for sop, score in want.items():
+                assert got[sop] == pytest.approx(score, rel=1e-5)
+            kos_series = _series_uid(client, studies[key], "KO")
+            kos = client.retrieve_instance(studies[key], kos_series, docs["KO"][0])
+            kos_refs = {
+                item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for item in kos.ContentSequence
+                if item.ValueType == "IMAGE"
+            }
+            assert kos_refs == set(want)

@@ -73,3 +73,38 @@ def screen_from_pacs(
         f"{f.fetched} fetched ({f.instances} instances), {len(f.failed)} failed"
     )
     return result.screen
+
+
+ExportToOption = typer.Option(
+    "--to", help="Store an SR and key images into the original studies: dicomweb+http(s)://..."
+)
+
+
+def export_to_pacs_command(
+    console: Console,
+    results: Path,
+    to: str,
+    top: int | None,
+    min_score: float | None,
+    netrc: Path | None,
+) -> None:
+    """`pdd-batch export RUN --to dicomweb+...`: always ends with ``typer.Exit`` (0, 1: some
+    studies failed, 2: the PACS or the run cannot be used)."""
+    from pdd_batch.dicomweb import DicomwebError, endpoint_from_source
+    from pdd_batch.pacs_export import export_to_pacs
+    from pdd_batch.results import ResultsError, open_run
+
+    try:
+        endpoint = endpoint_from_source(to, netrc)
+        summary = export_to_pacs(open_run(results), endpoint, top=top, min_score=min_score)
+    except (DicomwebError, ResultsError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(
+        f"PACS {endpoint.host}: stored an SR and a key-object selection in "
+        f"{len(summary.studies)} studies"
+        + (f"; [red]{len(summary.errors)} studies failed[/]" if summary.errors else "")
+    )
+    for key, reason in sorted(summary.errors.items()):
+        console.print(f"[yellow]study {key[:8]}:[/] {reason}")
+    raise typer.Exit(code=1 if summary.errors else 0)
