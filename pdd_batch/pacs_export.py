@@ -65,6 +65,7 @@ EVIDENCE_KEYWORDS = (
     "SOPClassUID",
     "SOPInstanceUID",
 )
+IMAGE_KEYWORDS = ("Rows", "Columns")  # copied when present: the KOS then lists IMAGE items
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,9 @@ def evidence_dataset(client: Any, hit: SeriesHit, sop_uid: str) -> Any:
         keep[tag] = element
     full = Dataset.from_json(keep)
     ds = Dataset()
-    for keyword in EVIDENCE_KEYWORDS:
+    for keyword in EVIDENCE_KEYWORDS:  # type 2 attributes a source lacks are written empty
+        setattr(ds, keyword, full.data_element(keyword).value if keyword in full else None)
+    for keyword in IMAGE_KEYWORDS:
         if keyword in full:
             setattr(ds, keyword, full.data_element(keyword).value)
     return ds
@@ -195,33 +198,47 @@ def export_to_pacs(
         DicomwebAuthError: credentials refused.
         DicomwebError: the PACS could not be queried.
     """
-    from pdd_batch.pacs_documents import build_kos, build_sr
-
     client = make_client(endpoint)
     targets = export_targets(results, top=top, min_score=min_score)
     wanted = {s.series_key for t in targets for s in t.slices}
-    try:
-        series = find_series(client, recorded_query(results.run_dir), wanted) if wanted else {}
-    except Exception as exc:  # requests/HTTP failures: a path-free message
-        raise http_failure("QIDO-RS series search", exc) from None
+    query = recorded_query(results.run_dir)
+    series = _http("QIDO-RS series search", find_series, client, query, wanted) if wanted else {}
     summary = PacsExportSummary()
     provenance = _provenance(results)
     for target in targets:
         try:
             refs = _resolve(client, target, series)
-            sr = build_sr(target, refs, provenance)
-            kos = build_kos(target, refs, provenance)
-            client.store_instances([sr, kos], study_instance_uid=str(sr.StudyInstanceUID))
+            documents = _documents(target, refs, provenance)
+            _store(client, documents)
         except DicomwebError as exc:
             summary.errors[target.study_key] = str(exc)
             continue
-        except Exception as exc:  # noqa: BLE001 - one study's failure is its error line
-            summary.errors[target.study_key] = str(http_failure("STOW-RS store", exc))
-            continue
         summary.studies.append(target.study_key)
-        summary.instances += 2
+        summary.instances += len(documents)
     log.info("PACS export: %d studies, %d errors", len(summary.studies), len(summary.errors))
     return summary
+
+
+def _documents(target: StudyTarget, refs: list[Any], provenance: dict[str, Any]) -> list[Any]:
+    """The SR and the KOS of a study (raises ``DicomwebError`` for a header highdicom refuses)."""
+    from pdd_batch.pacs_documents import build_kos, build_sr
+
+    try:
+        return [build_sr(target, refs, provenance), build_kos(target, refs, provenance)]
+    except (ValueError, TypeError, AttributeError) as exc:
+        reason = f"SR/KOS not built from the source headers ({type(exc).__name__})"
+        raise DicomwebError(reason) from None
+
+
+def _store(client: Any, documents: list[Any]) -> None:
+    """STOW-RS into the documents' study (raises a path-free ``DicomwebError``)."""
+    import requests
+    from retrying import RetryError
+
+    try:
+        client.store_instances(documents, study_instance_uid=str(documents[0].StudyInstanceUID))
+    except (requests.RequestException, RetryError) as exc:
+        raise http_failure("STOW-RS store", exc) from None
 
 
 def _provenance(results: RunResults) -> dict[str, Any]:
@@ -255,16 +272,29 @@ def _resolve(client: Any, target: StudyTarget, series: dict[str, SeriesHit]) -> 
         if hit is None:
             raise DicomwebError("series not found on the PACS (query filters of the run)")
         if ref.series_key not in instances:
-            instances[ref.series_key] = find_instances(client, hit)
+            instances[ref.series_key] = _http(
+                "QIDO-RS instance search", find_instances, client, hit
+            )
         stem = PurePosixPath(ref.source_file).stem
         found = instances[ref.series_key].get(stem)
         if found is None:
             raise DicomwebError("source image not found on the PACS (screened from a folder?)")
         sop_class, sop_uid = found
         if sop_uid not in evidence:
-            evidence[sop_uid] = evidence_dataset(client, hit, sop_uid)
+            evidence[sop_uid] = _http("WADO-RS metadata", evidence_dataset, client, hit, sop_uid)
         out.append(ResolvedSlice(ref, sop_class, sop_uid, evidence[sop_uid]))
     return out
+
+
+def _http(what: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with HTTP failures turned into a path-free ``DicomwebError``."""
+    import requests
+    from retrying import RetryError
+
+    try:
+        return fn(*args)
+    except (requests.RequestException, RetryError) as exc:
+        raise http_failure(what, exc) from None
 
 
 def document_uids(kind: str, checkpoint_hash: str, study_key: str) -> tuple[str, str]:

@@ -350,7 +350,7 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
             want = {by_key[Path(f).stem]: score for f, score in pairs}
             sr_series = _series_uid(client, studies[key], "SR")
             sr = client.retrieve_instance(studies[key], sr_series, docs["SR"][0])
-            items = _sr_items(sr.ContentSequence[0])
+            items = _sr_items(sr)
             assert items["Model id"] == [manifest["model_id"]]
             assert items["Checkpoint hash"] == [manifest["checkpoint_hash"]]
             assert items["Study decision"] == ["flagged"]
