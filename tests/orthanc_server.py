@@ -167,14 +167,16 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 class FaultyProxy:
     """An HTTP proxy in front of Orthanc that answers 500 to every request whose path holds
-    ``fail_on`` (a series UID) and forwards everything else; counts the failed requests."""
+    ``fail_on`` (a series UID), after ``hang_s`` seconds (a server that times out), and forwards
+    everything else; counts the failed requests."""
 
-    def __init__(self, target: str, fail_on: str) -> None:
+    def __init__(self, target: str, fail_on: str, hang_s: float = 0.0) -> None:
         import http.server
         import threading
 
         proxy = self
         self.target, self.fail_on, self.failed_requests = target, fail_on, 0
+        self.hang_s = hang_s
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -186,6 +188,7 @@ class FaultyProxy:
             def _forward(self, method: str) -> None:
                 if proxy.fail_on in self.path:
                     proxy.failed_requests += 1
+                    time.sleep(proxy.hang_s)
                     self.send_error(500, "injected failure")
                     return
                 length = int(self.headers.get("Content-Length") or 0)

@@ -367,3 +367,24 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
                 if item.ValueType == "IMAGE"
             }
             assert kos_refs == set(want)
+
+
+def test_a_series_that_times_out_is_a_failed_fetch_with_nothing_left_behind(
+    world,
+    orthanc,  # noqa: F811
+    tmp_path,
+) -> None:
+    from jobs.dicomweb_fetch import fetch_one
+
+    hit = query_series(make_client(world["endpoint"]), Query(modality="CT"))[0]
+    series_root, staging = tmp_path / "series", tmp_path / "staging"
+    series_root.mkdir()
+    staging.mkdir()
+    with FaultyProxy(orthanc.http_url, hit.series_uid, hang_s=3.0) as proxy:
+        slow = Endpoint(proxy.url + "/dicom-web", orthanc.user, orthanc.password, 1.0, 2, 50)
+        outcome = fetch_one(slow, hit, series_root, staging)
+    assert outcome.key == hit.key and outcome.n_instances == 0
+    assert outcome.error == "WADO-RS retrieve failed (ReadTimeout)"
+    assert proxy.failed_requests == 2  # the retry, then given up
+    assert not any(series_root.iterdir()) and not any(staging.iterdir())
+    assert hit.series_uid not in repr(outcome)
