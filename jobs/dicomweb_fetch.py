@@ -22,8 +22,7 @@ import ray
 
 from jobs.cluster import connect
 from jobs.screen import ScreenResult, run_screen
-from pdd_batch.config import RunConfig
-from pdd_batch.dicomweb import (
+from pdd_batch.ingest.dicomweb import (
     SERIES_FOLDER,
     DicomwebError,
     Endpoint,
@@ -31,14 +30,15 @@ from pdd_batch.dicomweb import (
     QueryResult,
     SeriesHit,
     http_failure,
+    instance_file_name,
     make_client,
     pacs_root,
     record_query,
     run_query,
 )
-from pdd_batch.discovery import FileRecord
-from pdd_batch.keys import hash_key
-from pdd_batch.manifest import STATUS_COMPLETE
+from pdd_batch.ingest.discovery import FileRecord
+from pdd_batch.runs.config import RunConfig
+from pdd_batch.runs.manifest import STATUS_COMPLETE
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,6 @@ class FetchReport:
     def records(self) -> list[FileRecord]:
         """One failed input per series that could not be fetched (for the errors table)."""
         return [FileRecord(f"{k}/", "failed", r, k) for k, r in sorted(self.failed.items())]
-
-
-def instance_file_name(sop_uid: str) -> str:
-    """Cache file name of an instance: a key of its SOP Instance UID (no UID on disk names)."""
-    return hash_key("instance", sop_uid) + ".dcm"
 
 
 def fetch_one(endpoint: Endpoint, hit: SeriesHit, series_root: Path, staging: Path) -> FetchOutcome:
@@ -165,6 +160,7 @@ def screen_pacs(
     progress: Callable | None = None,
     on_fetch: Callable[[int, int], None] | None = None,
     found: QueryResult | None = None,
+    crosswalk: Path | None = None,
 ) -> PacsScreenResult:
     """Query (unless ``found`` is the query's result already), fetch and screen;
     ``cfg.archive`` is replaced by the run's series cache.
@@ -187,7 +183,10 @@ def screen_pacs(
             stack.enter_context(connect(cfg.resolved_address, num_cpus=cfg.num_cpus))
         report = fetch_series(endpoint, hits, cfg.out_dir, on_done=on_fetch)
         result = run_screen(
-            cfg.with_updates(archive=series_root), progress, source_errors=report.records()
+            cfg.with_updates(archive=series_root),
+            progress,
+            crosswalk=crosswalk,
+            source_errors=report.records(),
         )
     if not report.failed and result.status == STATUS_COMPLETE:
         record_query(cfg.out_dir, found.started, query, len(hits))

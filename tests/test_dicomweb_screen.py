@@ -27,8 +27,7 @@ from typer.testing import CliRunner
 from jobs.dicomweb_fetch import fetch_series, screen_pacs
 from jobs.screen import run_screen
 from pdd_batch.cli.app import app
-from pdd_batch.config import RunConfig
-from pdd_batch.dicomweb import (
+from pdd_batch.ingest.dicomweb import (
     PASSWORD_ENV,
     USER_ENV,
     Endpoint,
@@ -38,7 +37,8 @@ from pdd_batch.dicomweb import (
     parse_since,
     query_series,
 )
-from pdd_batch.keys import series_key
+from pdd_batch.ingest.keys import series_key
+from pdd_batch.runs.config import RunConfig
 
 DICOM = SHARED / "data" / "dicom"
 runner = CliRunner()
@@ -88,7 +88,7 @@ def identifiers(root: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -317,7 +317,8 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
     first_pacs_run,
     monkeypatch,
 ) -> None:
-    from pdd_batch.keys import hash_key, study_key
+    from pdd_batch.ingest.dicomweb import cache_relative_path
+    from pdd_batch.ingest.keys import file_key, study_key
 
     _cli_env(monkeypatch, orthanc)
     out = first_pacs_run["out"]
@@ -344,10 +345,15 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
             assert len(docs["SR"]) == 1 and len(docs["KO"]) == 1, attempt
             images = {m: v for m, v in docs.items() if m not in ("SR", "KO")}
             assert images == before[key]  # the original images untouched
-            by_key = {hash_key("instance", sop): sop for v in images.values() for sop in v}
+            by_key = {
+                file_key(cache_relative_path(s, sop)): sop
+                for s in set(slices["series_key"])
+                for v in images.values()
+                for sop in v
+            }
             rows = slices[(slices["study_key"] == key) & slices["flagged"]]
-            pairs = zip(rows["source_file"], rows["score"], strict=True)
-            want = {by_key[Path(f).stem]: score for f, score in pairs}
+            pairs = zip(rows["file_key"], rows["score"], strict=True)
+            want = {by_key[f]: score for f, score in pairs}
             sr_series = _series_uid(client, studies[key], "SR")
             sr = client.retrieve_instance(studies[key], sr_series, docs["SR"][0])
             items = _sr_items(sr)

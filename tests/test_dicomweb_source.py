@@ -8,7 +8,7 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from pdd_batch.dicomweb import (
+from pdd_batch.ingest.dicomweb import (
     PASSWORD_ENV,
     USER_ENV,
     DicomwebError,

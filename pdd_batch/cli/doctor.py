@@ -138,7 +138,7 @@ def _render(report: dict[str, Any], console: Console) -> None:
 
 def _dicomweb(source: str) -> dict[str, Any]:
     """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials."""
-    from pdd_batch.dicomweb import DicomwebError, endpoint_from_source, probe
+    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, probe
 
     try:
         return {"answers": True, "note": probe(endpoint_from_source(source))}

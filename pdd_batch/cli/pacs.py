@@ -30,7 +30,7 @@ def pacs_query(
     out: Path, since: str | None, modality: str | None, study_uid_file: Path | None
 ) -> Any:
     """The ``pdd_batch.dicomweb.Query`` of the options (raises ``DicomwebError``)."""
-    from pdd_batch.dicomweb import Query, parse_since, read_study_uid_file
+    from pdd_batch.ingest.dicomweb import Query, parse_since, read_study_uid_file
 
     since_date, _ = parse_since(since, out)
     uids = read_study_uid_file(study_uid_file) if study_uid_file else ()
@@ -50,14 +50,15 @@ def screen_from_pacs(
         console: where messages go.
         source: ``dicomweb+http(s)://HOST[:PORT]/ROOT``.
         cfg: the run's ``RunConfig`` (its archive is replaced by the run's series cache).
-        options: ``since``, ``modality``, ``study_uid_file``, ``netrc`` of the command line.
+        options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk`` of the
+            command line.
         view: the live progress view (a ``LiveView``).
 
     Returns:
         The ``jobs.screen.ScreenResult`` of the folder screen of the fetched series.
     """
     from jobs.dicomweb_fetch import screen_pacs
-    from pdd_batch.dicomweb import endpoint_from_source, run_query
+    from pdd_batch.ingest.dicomweb import endpoint_from_source, run_query
 
     endpoint = endpoint_from_source(source, options.get("netrc"))
     query = pacs_query(
@@ -66,7 +67,9 @@ def screen_from_pacs(
     found = run_query(endpoint, query)  # before the live view: a refusal is one line
     console.print(f"PACS {endpoint.host}: {len(found.hits)} series found")
     with view.progress:
-        result = screen_pacs(cfg, endpoint, query, progress=view, found=found)
+        result = screen_pacs(
+            cfg, endpoint, query, progress=view, found=found, crosswalk=options.get("crosswalk")
+        )
     f = result.fetch
     console.print(
         f"PACS {endpoint.host}: {f.cached} series fetched by earlier runs, "
@@ -90,9 +93,9 @@ def export_to_pacs_command(
 ) -> None:
     """`pdd-batch export RUN --to dicomweb+...`: always ends with ``typer.Exit`` (0, 1: some
     studies failed, 2: the PACS or the run cannot be used)."""
-    from pdd_batch.dicomweb import DicomwebError, endpoint_from_source
-    from pdd_batch.pacs_export import export_to_pacs
-    from pdd_batch.results import ResultsError, open_run
+    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source
+    from pdd_batch.review.pacs_export import export_to_pacs
+    from pdd_batch.runs.results import ResultsError, open_run
 
     try:
         endpoint = endpoint_from_source(to, netrc)

@@ -126,7 +126,12 @@ def screen_command(
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
-    from pdd_batch.dicomweb import PACS_FOLDER, SERIES_FOLDER, DicomwebError, is_dicomweb_source
+    from pdd_batch.ingest.dicomweb import (
+        PACS_FOLDER,
+        SERIES_FOLDER,
+        DicomwebError,
+        is_dicomweb_source,
+    )
     from pdd_batch.runs.config import RunConfigError, parse_teacher_weights
     from pdd_batch.runs.state import RunLockedError
 

@@ -5,11 +5,12 @@ A source is written ``dicomweb+http://HOST:PORT/ROOT`` (or ``dicomweb+https://``
 come from the environment (``PDD_DICOMWEB_USER`` / ``PDD_DICOMWEB_PASSWORD``) or a netrc file,
 never from the command line; TLS certificates are verified (``REQUESTS_CA_BUNDLE`` names a
 site CA). Raw UIDs stay in memory: logs, errors and files written here name series by their
-keys (``pdd_batch.keys``) and HTTP failures by their status code only (a URL holds UIDs).
+keys (``pdd_batch.ingest.keys``) and HTTP failures by their status code only (a URL holds UIDs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import netrc
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pdd_batch.keys import series_key
+from pdd_batch.ingest.keys import series_key
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,18 @@ class Endpoint:
     def host(self) -> str:
         """``host:port`` (for messages: no path, no credentials)."""
         return urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+
+
+def instance_file_name(sop_uid: str) -> str:
+    """Cache file name of a fetched instance: a digest of its SOP Instance UID (no UID in a file
+    name). Unkeyed on purpose: fetch workers need no site key, and the name says no more than
+    the file it names; the run's outputs still name it only by its keyed ``file_key``."""
+    return hashlib.sha256(f"instance\x1f{sop_uid}".encode()).hexdigest()[:16] + ".dcm"
+
+
+def cache_relative_path(series_key: str, sop_uid: str) -> str:
+    """Where an instance lies in the series cache (relative to ``RUN/_pacs/series``)."""
+    return f"{series_key}/{instance_file_name(sop_uid)}"
 
 
 def is_dicomweb_source(text: str | os.PathLike | None) -> bool:

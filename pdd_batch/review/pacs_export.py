@@ -5,10 +5,10 @@ with STOW-RS.
 
 A run holds no raw UIDs, so the source images are found again on the PACS: a QIDO-RS series search
 (the run's recorded query filters) matched by recomputing the run's series keys, then the series'
-instances matched by the cache's instance file names (``jobs.dicomweb_fetch.instance_file_name``:
-a key of the SOP Instance UID). Patient and study attributes of the documents come from the source
-images' WADO-RS metadata. SOP Instance UIDs derive from the model's checkpoint hash and the study
-key, so exporting again replaces the documents rather than adding new ones.
+instances matched by recomputing the run's file keys of their places in the series cache
+(``ingest.dicomweb.cache_relative_path``). Patient and study attributes of the documents come
+from the source images' WADO-RS metadata. SOP Instance UIDs derive from the model's checkpoint
+hash and the study key, so exporting again replaces the documents rather than adding new ones.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from pdd_batch.dicomweb import (
+from pdd_batch.ingest.dicomweb import (
     PACS_FOLDER,
     QUERY_STATE,
     TAG_SOP_UID,
@@ -31,13 +31,14 @@ from pdd_batch.dicomweb import (
     Endpoint,
     Query,
     SeriesHit,
+    cache_relative_path,
     http_failure,
     make_client,
     paged,
 )
-from pdd_batch.keys import hash_key, series_key
-from pdd_batch.results import RunResults
-from pdd_batch.secondary_capture import derived_uid
+from pdd_batch.ingest.keys import file_key, series_key
+from pdd_batch.review.secondary_capture import derived_uid
+from pdd_batch.runs.results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ IMAGE_KEYWORDS = ("Rows", "Columns")  # copied when present: the KOS then lists 
 
 @dataclass(frozen=True)
 class SliceRef:
-    """A slice to report: its series, source file (relative to the archive root) and score."""
+    """A slice to report: its series, source file (by its run key) and score."""
 
     series_key: str
-    source_file: str
+    file_key: str
     score: float
     flagged: bool
 
@@ -115,8 +116,8 @@ def export_targets(
 
 
 def _slice_refs(rows: pa.Table) -> Iterator[SliceRef]:
-    for r in rows.select(["series_key", "source_file", "score", "flagged"]).to_pylist():
-        yield SliceRef(r["series_key"], r["source_file"], float(r["score"]), bool(r["flagged"]))
+    for r in rows.select(["series_key", "file_key", "score", "flagged"]).to_pylist():
+        yield SliceRef(r["series_key"], r["file_key"], float(r["score"]), bool(r["flagged"]))
 
 
 def recorded_query(run_dir: Path) -> Query:
@@ -145,7 +146,8 @@ def find_series(client: Any, query: Query, wanted: set[str]) -> dict[str, Series
 
 
 def find_instances(client: Any, hit: SeriesHit) -> dict[str, tuple[str, str]]:
-    """Instance key (the cache file stem) -> (SOP Class UID, SOP Instance UID), QIDO-RS."""
+    """The run's file key of each instance's place in the series cache -> (SOP Class UID,
+    SOP Instance UID), by QIDO-RS."""
     out = {}
     items = paged(
         client.search_for_instances,
@@ -154,7 +156,7 @@ def find_instances(client: Any, hit: SeriesHit) -> dict[str, tuple[str, str]]:
     )
     for item in items:
         sop = _value(item, TAG_SOP_UID)
-        out[hash_key("instance", sop)] = (_value(item, TAG_SOP_CLASS), sop)
+        out[file_key(cache_relative_path(hit.key, sop))] = (_value(item, TAG_SOP_CLASS), sop)
     return out
 
 
@@ -221,7 +223,7 @@ def export_to_pacs(
 
 def _documents(target: StudyTarget, refs: list[Any], provenance: dict[str, Any]) -> list[Any]:
     """The SR and the KOS of a study (raises ``DicomwebError`` for a header highdicom refuses)."""
-    from pdd_batch.pacs_documents import build_kos, build_sr
+    from pdd_batch.review.pacs_documents import build_kos, build_sr
 
     try:
         return [build_sr(target, refs, provenance), build_kos(target, refs, provenance)]
@@ -275,8 +277,7 @@ def _resolve(client: Any, target: StudyTarget, series: dict[str, SeriesHit]) -> 
             instances[ref.series_key] = _http(
                 "QIDO-RS instance search", find_instances, client, hit
             )
-        stem = PurePosixPath(ref.source_file).stem
-        found = instances[ref.series_key].get(stem)
+        found = instances[ref.series_key].get(ref.file_key)
         if found is None:
             raise DicomwebError("source image not found on the PACS (screened from a folder?)")
         sop_class, sop_uid = found
