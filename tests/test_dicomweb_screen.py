@@ -335,7 +335,8 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
     before = {k: _study_documents(client, studies[k]) for k in flagged["study_key"]}
 
     for attempt in range(2):  # the second export replaces the documents of the first
-        result = runner.invoke(app, ["export", str(out), "--to", orthanc.dicomweb_url])
+        args = ["export", str(out), "--to", orthanc.dicomweb_url, "--secondary-capture"]
+        result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         assert f"in {len(flagged)} studies" in result.output
         leaked = [s for s in identifiers(world["archive"]) if s in result.output]
@@ -343,7 +344,7 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
         for key in flagged["study_key"]:
             docs = _study_documents(client, studies[key])
             assert len(docs["SR"]) == 1 and len(docs["KO"]) == 1, attempt
-            images = {m: v for m, v in docs.items() if m not in ("SR", "KO")}
+            images = {m: v for m, v in docs.items() if m not in ("SR", "KO", "OT")}
             assert images == before[key]  # the original images untouched
             by_key = {
                 file_key(cache_relative_path(s, sop)): sop
@@ -373,6 +374,11 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
                 if item.ValueType == "IMAGE"
             }
             assert kos_refs == set(want)
+            assert len(docs["OT"]) == len(want)  # one overlay per flagged slice, never twice
+            sc_series = _series_uid(client, studies[key], "OT")
+            sc = client.retrieve_instance(studies[key], sc_series, docs["OT"][0])
+            assert sc.BurnedInAnnotation == "YES" and "DERIVED" in sc.ImageType
+            assert sc.pixel_array.ndim == 3 and sc.pixel_array.shape[2] == 3
 
 
 def test_a_series_that_times_out_is_a_failed_fetch_with_nothing_left_behind(

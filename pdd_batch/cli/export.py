@@ -64,7 +64,7 @@ def export_command(
     """
     console = Console(stderr=True)
     if to is not None:
-        export_to_pacs_command(console, results, to, top, min_score, netrc)
+        export_to_pacs_command(console, results, to, top, min_score, netrc, secondary_capture)
     if out is None:
         console.print("[red]error:[/] give --out DIR (or --to dicomweb+http(s)://...)")
         raise typer.Exit(code=2)

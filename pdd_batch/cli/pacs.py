@@ -90,6 +90,7 @@ def export_to_pacs_command(
     top: int | None,
     min_score: float | None,
     netrc: Path | None,
+    secondary_capture: bool = False,
 ) -> None:
     """`pdd-batch export RUN --to dicomweb+...`: always ends with ``typer.Exit`` (0, 1: some
     studies failed, 2: the PACS or the run cannot be used)."""
@@ -99,13 +100,20 @@ def export_to_pacs_command(
 
     try:
         endpoint = endpoint_from_source(to, netrc)
-        summary = export_to_pacs(open_run(results), endpoint, top=top, min_score=min_score)
+        summary = export_to_pacs(
+            open_run(results),
+            endpoint,
+            top=top,
+            min_score=min_score,
+            secondary_capture=secondary_capture,
+        )
     except (DicomwebError, ResultsError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
     console.print(
-        f"PACS {endpoint.host}: stored an SR and a key-object selection in "
-        f"{len(summary.studies)} studies"
+        f"PACS {endpoint.host}: stored an SR and a key-object selection"
+        + (" and heatmap overlays" if secondary_capture else "")
+        + f" in {len(summary.studies)} studies"
         + (f"; [red]{len(summary.errors)} studies failed[/]" if summary.errors else "")
     )
     for key, reason in sorted(summary.errors.items()):

@@ -43,7 +43,7 @@ from pdd_batch.runs.results import RunResults
 log = logging.getLogger(__name__)
 
 TAG_SOP_CLASS = "00080016"
-SR_SERIES_NUMBER, KOS_SERIES_NUMBER = 9901, 9902
+SR_SERIES_NUMBER, KOS_SERIES_NUMBER = 9902, 9903  # 9901: the overlays' Secondary Capture
 MAX_REFERENCED = 100  # slices listed per study (highest scores first)
 FALLBACK_SLICES = 3  # a study exported by --top/--min-score without flagged slices
 SCHEME = "99PDD"  # private coding scheme of the report's concepts
@@ -105,14 +105,20 @@ def export_targets(
     the flagged ones, else (a study chosen by ``top``/``min_score``) the top few."""
     targets = []
     for study in results.flagged_studies(top=top, min_score=min_score).to_pylist():
-        rows = results.top_slices(study["study_key"], k=MAX_REFERENCED, flagged_only=True)
-        if rows.num_rows == 0:
-            rows = results.top_slices(study["study_key"], k=FALLBACK_SLICES)
-        slices = tuple(_slice_refs(rows))
+        slices = tuple(_slice_refs(reported_slices(results, study["study_key"])))
         targets.append(
             StudyTarget(study["study_key"], study["decision"], float(study["max_score"]), slices)
         )
     return targets
+
+
+def reported_slices(results: RunResults, study_key: str) -> pa.Table:
+    """The slices a study's documents report: its flagged ones (highest scores first, at most
+    ``MAX_REFERENCED``), else its top few."""
+    rows = results.top_slices(study_key, k=MAX_REFERENCED, flagged_only=True)
+    if rows.num_rows == 0:
+        rows = results.top_slices(study_key, k=FALLBACK_SLICES)
+    return rows
 
 
 def _slice_refs(rows: pa.Table) -> Iterator[SliceRef]:
@@ -190,8 +196,10 @@ def export_to_pacs(
     endpoint: Endpoint,
     top: int | None = None,
     min_score: float | None = None,
+    secondary_capture: bool = False,
 ) -> PacsExportSummary:
-    """Store an SR and a KOS into each selected study's original study on the PACS.
+    """Store an SR and a KOS (and with ``secondary_capture`` a series of heatmap overlays,
+    ``pacs_overlays.py``) into each selected study's original study on the PACS.
 
     A study whose images cannot be found again (or whose store fails) is an error of the
     summary, by study key; the others are still written.
@@ -207,10 +215,13 @@ def export_to_pacs(
     series = _http("QIDO-RS series search", find_series, client, query, wanted) if wanted else {}
     summary = PacsExportSummary()
     provenance = _provenance(results)
+    overlays = _Overlays(results, targets) if secondary_capture and targets else None
     for target in targets:
         try:
             refs = _resolve(client, target, series)
             documents = _documents(target, refs, provenance)
+            if overlays is not None:
+                documents += overlays.datasets(target, refs[0].evidence, provenance)
             _store(client, documents)
         except DicomwebError as exc:
             summary.errors[target.study_key] = str(exc)
@@ -219,6 +230,28 @@ def export_to_pacs(
         summary.instances += len(documents)
     log.info("PACS export: %d studies, %d errors", len(summary.studies), len(summary.errors))
     return summary
+
+
+class _Overlays:
+    """The heatmap overlays of an export: one colour scale, sources from the series cache."""
+
+    def __init__(self, results: RunResults, targets: list[StudyTarget]) -> None:
+        from pdd_batch.review.pacs_overlays import cache_locator, overlay_scale
+
+        self.results = results
+        self.locator = cache_locator(results)
+        self.rows = {
+            t.study_key: reported_slices(results, t.study_key).to_pylist() for t in targets
+        }
+        self.scale = overlay_scale([r for rows in self.rows.values() for r in rows])
+
+    def datasets(self, target: StudyTarget, evidence: Any, provenance: dict) -> list[Any]:
+        from pdd_batch.review.pacs_overlays import overlay_datasets
+
+        seed = (str(provenance["checkpoint_hash"]), target.study_key)
+        return overlay_datasets(
+            self.rows[target.study_key], evidence, self.locator, self.scale, seed
+        )
 
 
 def _documents(target: StudyTarget, refs: list[Any], provenance: dict[str, Any]) -> list[Any]:
@@ -233,10 +266,19 @@ def _documents(target: StudyTarget, refs: list[Any], provenance: dict[str, Any])
 
 
 def _store(client: Any, documents: list[Any]) -> None:
-    """STOW-RS into the documents' study (raises a path-free ``DicomwebError``)."""
+    """STOW-RS into the documents' study (raises a path-free ``DicomwebError``).
+
+    Each is sent as a DICOM file (preamble, "DICM", complete file meta): dicomweb-client writes
+    a dataset as it is, and an archive stores the bytes it receives.
+    """
     import requests
+    from pydicom.dataset import validate_file_meta
     from retrying import RetryError
 
+    for ds in documents:
+        ds.ensure_file_meta()
+        validate_file_meta(ds.file_meta, enforce_standard=True)
+        ds.preamble = getattr(ds, "preamble", None) or b"\x00" * 128
     try:
         client.store_instances(documents, study_instance_uid=str(documents[0].StudyInstanceUID))
     except (requests.RequestException, RetryError) as exc:
