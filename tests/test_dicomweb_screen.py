@@ -138,6 +138,9 @@ def test_qido_query_filters_by_date_and_modality_on_the_server(world) -> None:
     assert keys(Query(since=date(1990, 1, 1), modality="MR")) == {
         k for k, (m, d) in want.items() if m == "MR" and d
     }
+    one = headers(world["archive"] / "mr")[0]
+    listed = Query(study_uids=(str(one.StudyInstanceUID),))
+    assert keys(listed) == {series_key(str(one.StudyInstanceUID), str(one.SeriesInstanceUID))}
 
 
 @pytest.fixture(scope="module")
