@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
 from pdd_batch.ingest import keys
 from pdd_batch.ingest.archive_io import IngestLimits, split_member
-from pdd_batch.ingest.discovery import Discovery, SeriesRef, discover
+from pdd_batch.ingest.discovery import Discovery, FileRecord, SeriesRef, discover
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.crosswalk import check_location, write_crosswalk
 from pdd_batch.runs.manifest import (
@@ -243,7 +243,10 @@ def _plan_work(cfg: RunConfig, disc: Discovery, state: RunState) -> tuple[list[S
 
 
 def run_screen(
-    cfg: RunConfig, progress: ProgressFn | None = None, crosswalk: Path | None = None
+    cfg: RunConfig,
+    progress: ProgressFn | None = None,
+    crosswalk: Path | None = None,
+    source_errors: Sequence[FileRecord] = (),
 ) -> ScreenResult:
     """Screen ``cfg.archive`` into ``cfg.out_dir`` (one run per folder at a time).
 
@@ -252,6 +255,9 @@ def run_screen(
         progress: receives ``ProgressEvent``s.
         crosswalk: also write the file/series/study key -> path and UID table here (mode 0600,
             outside the run folder; ``pdd_batch.crosswalk``).
+        source_errors: inputs a source stage lost before discovery (a PACS series whose
+            WADO-RS retrieve failed, see ``jobs.dicomweb_fetch``): each becomes an error row
+            and counts as a failed input.
 
     Raises:
         RunLockedError: another run holds the folder.
@@ -263,7 +269,7 @@ def run_screen(
         check_location(crosswalk, cfg.out_dir)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(cfg.out_dir):
-        return _run_locked(cfg, progress, crosswalk)
+        return _run_locked(cfg, progress, crosswalk, source_errors)
 
 
 @dataclass
@@ -306,7 +312,12 @@ def _rekey_needed(out_dir: Path, state: RunState, key_id: str) -> bool:
     return False
 
 
-def _prepare(cfg: RunConfig, progress: ProgressFn | None, crosswalk: Path | None) -> _Run:
+def _prepare(
+    cfg: RunConfig,
+    progress: ProgressFn | None,
+    crosswalk: Path | None,
+    source_errors: Sequence[FileRecord] = (),
+) -> _Run:
     """State reconciled, model bound, archive discovered, work planned, sink ready."""
     t_start = time.perf_counter()
     key_id = keys.site_key().key_id
@@ -323,6 +334,7 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None, crosswalk: Path | None
         limits=cfg.limits,
         follow_links_outside=cfg.follow_links_outside,
     )
+    disc.files.extend(source_errors)
     discover_s = time.perf_counter() - t
     _emit(progress, "discover", len(disc.files), len(disc.files), note=f"{len(disc.series)} series")
     if crosswalk is not None:
@@ -373,9 +385,12 @@ def _prepare(cfg: RunConfig, progress: ProgressFn | None, crosswalk: Path | None
 
 
 def _run_locked(
-    cfg: RunConfig, progress: ProgressFn | None, crosswalk: Path | None = None
+    cfg: RunConfig,
+    progress: ProgressFn | None,
+    crosswalk: Path | None = None,
+    source_errors: Sequence[FileRecord] = (),
 ) -> ScreenResult:
-    run = _prepare(cfg, progress, crosswalk)
+    run = _prepare(cfg, progress, crosswalk, source_errors)
     if not run.pending:
         for stage in ("series", "slices", "commit"):
             _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")

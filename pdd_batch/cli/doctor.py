@@ -136,12 +136,34 @@ def _render(report: dict[str, Any], console: Console) -> None:
     console.print(weights)
 
 
+def _dicomweb(source: str) -> dict[str, Any]:
+    """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials."""
+    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, probe
+
+    try:
+        return {"answers": True, "note": probe(endpoint_from_source(source))}
+    except DicomwebError as exc:
+        return {"answers": False, "note": str(exc)}
+
+
 def doctor_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    dicomweb: Annotated[
+        str | None,
+        typer.Option(help="Also check a DICOMweb endpoint: dicomweb+http(s)://HOST/ROOT."),
+    ] = None,
 ) -> None:
     """Show versions, the device and scan backend, and which weights were found where."""
     report = collect_report()
+    if dicomweb:
+        report["dicomweb"] = _dicomweb(dicomweb)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
-        return
-    _render(report, Console(width=max(Console().width, 140)))
+    else:
+        console = Console(width=max(Console().width, 140))
+        _render(report, console)
+        if dicomweb:
+            ok = report["dicomweb"]["answers"]
+            console.print(f"[{'green' if ok else 'red'}]DICOMweb: {report['dicomweb']['note']}[/]")
+    if dicomweb and not report["dicomweb"]["answers"]:
+        raise typer.Exit(code=1)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pdd_batch.cli.pacs import ExportToOption, NetrcOption, export_to_pacs_command
 from pdd_batch.cli.report import ArchiveOption, ScreenCrosswalkOption
 from pdd_batch.ingest.keys import SiteKeyError
 from pdd_batch.review.export import ExportError, ExportOptions, export_run
@@ -17,7 +18,7 @@ from pdd_batch.runs.results import ResultsError, open_run
 
 def export_command(
     results: Annotated[Path, typer.Argument(help="Run folder written by `pdd-batch screen`.")],
-    out: Annotated[Path, typer.Option("--out", help="New (or empty) export folder.")],
+    out: Annotated[Path | None, typer.Option("--out", help="New (or empty) export folder.")] = None,
     top: Annotated[
         int | None, typer.Option("--top", help="Export the N highest-scoring studies.")
     ] = None,
@@ -50,8 +51,11 @@ def export_command(
     ] = False,
     archive: ArchiveOption = None,
     screen_crosswalk: ScreenCrosswalkOption = None,
+    to: Annotated[str | None, ExportToOption] = None,
+    netrc: NetrcOption = None,
 ) -> None:
-    """Export flagged studies: images, heatmap overlays, manifest.csv and export.json.
+    """Export flagged studies: images, heatmap overlays, manifest.csv and export.json
+    (--out), or an SR and a key-image selection into each original study on a PACS (--to).
 
     Without --top/--min-score the studies whose decision is "flagged" are exported. Files that
     may show burned-in text, and their overlays, are withheld (listed in export.json and
@@ -59,6 +63,11 @@ def export_command(
     (the folder that was screened) or --screen-crosswalk.
     """
     console = Console(stderr=True)
+    if to is not None:
+        export_to_pacs_command(console, results, to, top, min_score, netrc, secondary_capture)
+    if out is None:
+        console.print("[red]error:[/] give --out DIR (or --to dicomweb+http(s)://...)")
+        raise typer.Exit(code=2)
     try:
         options = ExportOptions(
             top=top,

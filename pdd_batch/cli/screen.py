@@ -19,6 +19,13 @@ from pdd_batch.cli.options import (
     ModelOption,
     TeacherWeightsOption,
 )
+from pdd_batch.cli.pacs import (
+    ModalityOption,
+    NetrcOption,
+    SinceOption,
+    StudyUidFileOption,
+    screen_from_pacs,
+)
 from pdd_batch.runs.config import RunConfig
 
 SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
@@ -84,7 +91,10 @@ def _site_key_id(console: Console, crosswalk: Path | None, out: Path) -> str:
 
 
 def screen_command(
-    archive: Annotated[Path | None, typer.Argument(help="Folder (or .zip/.tar) to screen.")] = None,
+    archive: Annotated[
+        str | None,
+        typer.Argument(help="Folder (or .zip/.tar) to screen, or dicomweb+http(s)://HOST/ROOT."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for the results.")] = Path(
         "screen-out"
     ),
@@ -108,10 +118,20 @@ def screen_command(
     max_member_bytes: MaxMemberOption = RunConfig.max_member_bytes,
     max_compression_ratio: MaxRatioOption = RunConfig.max_compression_ratio,
     crosswalk: CrosswalkOption = None,
+    since: SinceOption = None,
+    modality: ModalityOption = None,
+    study_uid_file: StudyUidFileOption = None,
+    netrc: NetrcOption = None,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
+    from pdd_batch.ingest.dicomweb import (
+        PACS_FOLDER,
+        SERIES_FOLDER,
+        DicomwebError,
+        is_dicomweb_source,
+    )
     from pdd_batch.runs.config import RunConfigError, parse_teacher_weights
     from pdd_batch.runs.state import RunLockedError
 
@@ -120,14 +140,20 @@ def screen_command(
     if sample:
         from pdd_batch.ingest.sample import build_sample_archive
 
-        archive = build_sample_archive(out / SAMPLE_FOLDER)
+        archive = str(build_sample_archive(out / SAMPLE_FOLDER))
         console.print(f"sample archive built in {archive}")
     if archive is None:
         console.print("[red]give an ARCHIVE to screen, or --sample[/]")
         raise typer.Exit(code=2)
+    pacs = is_dicomweb_source(archive)
+    pacs_options = {"since": since, "modality": modality, "study_uid_file": study_uid_file}
+    pacs_options["netrc"] = netrc
+    if not pacs and any(v is not None for v in pacs_options.values()):
+        console.print("[red]--since, --modality, --study-uid-file, --netrc: dicomweb+ sources[/]")
+        raise typer.Exit(code=2)
     try:
         cfg = RunConfig(
-            archive=archive,
+            archive=out / PACS_FOLDER / SERIES_FOLDER if pacs else Path(archive),
             out_dir=out,
             model_path=model,
             address=address,
@@ -150,11 +176,18 @@ def screen_command(
     key_id = _site_key_id(console, crosswalk, out)
     view = LiveView(console)
     try:
-        with view.progress:
-            result = run_screen(cfg, progress=view, crosswalk=crosswalk)
+        if pacs:
+            pacs_options["crosswalk"] = crosswalk
+            result = screen_from_pacs(console, archive, cfg, pacs_options, view)
+        else:
+            with view.progress:
+                result = run_screen(cfg, progress=view, crosswalk=crosswalk)
     except RunLockedError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=EXIT_LOCKED) from exc
+    except DicomwebError as exc:  # the PACS cannot be used: one line, no URL path or UID
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from None
     except Exception as exc:  # the run failed: say why, show what was committed, exit 2
         from jobs.read_task import failure_reason  # UIDs masked, one line, bounded
 

@@ -1,0 +1,121 @@
+"""`pdd-batch screen dicomweb+http(s)://...`: the PACS side of the screen command (query options,
+credentials, one-line errors); the screening itself is ``jobs.dicomweb_fetch.screen_pacs``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(help="PACS source: studies dated from YYYY-MM-DD, or 'last-run' (nightly)."),
+]
+ModalityOption = Annotated[
+    str | None, typer.Option(help="PACS source: only studies/series of this modality (e.g. CT).")
+]
+StudyUidFileOption = Annotated[
+    Path | None,
+    typer.Option(help="PACS source: only these studies (a file, one StudyInstanceUID a line)."),
+]
+NetrcOption = Annotated[
+    Path | None,
+    typer.Option(help="PACS source: netrc file with the login (default ~/.netrc, or env vars)."),
+]
+
+
+def pacs_query(
+    out: Path, since: str | None, modality: str | None, study_uid_file: Path | None
+) -> Any:
+    """The ``pdd_batch.dicomweb.Query`` of the options (raises ``DicomwebError``)."""
+    from pdd_batch.ingest.dicomweb import Query, parse_since, read_study_uid_file
+
+    since_date, _ = parse_since(since, out)
+    uids = read_study_uid_file(study_uid_file) if study_uid_file else ()
+    return Query(since=since_date, modality=modality or None, study_uids=uids)
+
+
+def screen_from_pacs(
+    console: Console,
+    source: str,
+    cfg: Any,
+    options: dict[str, Any],
+    view: Any,
+) -> Any:
+    """Query, fetch and screen (a PACS that cannot be used raises ``DicomwebError``).
+
+    Args:
+        console: where messages go.
+        source: ``dicomweb+http(s)://HOST[:PORT]/ROOT``.
+        cfg: the run's ``RunConfig`` (its archive is replaced by the run's series cache).
+        options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk`` of the
+            command line.
+        view: the live progress view (a ``LiveView``).
+
+    Returns:
+        The ``jobs.screen.ScreenResult`` of the folder screen of the fetched series.
+    """
+    from jobs.dicomweb_fetch import screen_pacs
+    from pdd_batch.ingest.dicomweb import endpoint_from_source, run_query
+
+    endpoint = endpoint_from_source(source, options.get("netrc"))
+    query = pacs_query(
+        cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
+    )
+    found = run_query(endpoint, query)  # before the live view: a refusal is one line
+    console.print(f"PACS {endpoint.host}: {len(found.hits)} series found")
+    with view.progress:
+        result = screen_pacs(
+            cfg, endpoint, query, progress=view, found=found, crosswalk=options.get("crosswalk")
+        )
+    f = result.fetch
+    console.print(
+        f"PACS {endpoint.host}: {f.cached} series fetched by earlier runs, "
+        f"{f.fetched} fetched ({f.instances} instances), {len(f.failed)} failed"
+    )
+    return result.screen
+
+
+ExportToOption = typer.Option(
+    "--to", help="Store an SR and key images into the original studies: dicomweb+http(s)://..."
+)
+
+
+def export_to_pacs_command(
+    console: Console,
+    results: Path,
+    to: str,
+    top: int | None,
+    min_score: float | None,
+    netrc: Path | None,
+    secondary_capture: bool = False,
+) -> None:
+    """`pdd-batch export RUN --to dicomweb+...`: always ends with ``typer.Exit`` (0, 1: some
+    studies failed, 2: the PACS or the run cannot be used)."""
+    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source
+    from pdd_batch.review.pacs_export import export_to_pacs
+    from pdd_batch.runs.results import ResultsError, open_run
+
+    try:
+        endpoint = endpoint_from_source(to, netrc)
+        summary = export_to_pacs(
+            open_run(results),
+            endpoint,
+            top=top,
+            min_score=min_score,
+            secondary_capture=secondary_capture,
+        )
+    except (DicomwebError, ResultsError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(
+        f"PACS {endpoint.host}: stored an SR and a key-object selection"
+        + (" and heatmap overlays" if secondary_capture else "")
+        + f" in {len(summary.studies)} studies"
+        + (f"; [red]{len(summary.errors)} studies failed[/]" if summary.errors else "")
+    )
+    for key, reason in sorted(summary.errors.items()):
+        console.print(f"[yellow]study {key[:8]}:[/] {reason}")
+    raise typer.Exit(code=1 if summary.errors else 0)

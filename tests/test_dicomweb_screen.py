@@ -1,0 +1,405 @@
+"""Screening a PACS over DICOMweb, against a live Orthanc (tests/orthanc_server.py).
+
+Real files from ../shared/data/dicom (a run of CQ500 head CT slices, a stray slice of another
+study, three TCIA MR slices) where present, else synthetic series; plus a synthetic dated CT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+import ray
+from conftest import SHARED
+from dicom_factory import write_ct_series
+from orthanc_server import FaultyProxy, orthanc  # noqa: F401 - the fixture
+from screen_support import direct_scores, make_checkpoint
+from typer.testing import CliRunner
+
+from jobs.dicomweb_fetch import fetch_series, screen_pacs
+from jobs.screen import run_screen
+from pdd_batch.cli.app import app
+from pdd_batch.ingest.dicomweb import (
+    PASSWORD_ENV,
+    USER_ENV,
+    Endpoint,
+    Query,
+    SeriesHit,
+    make_client,
+    parse_since,
+    query_series,
+)
+from pdd_batch.ingest.keys import series_key
+from pdd_batch.runs.config import RunConfig
+
+DICOM = SHARED / "data" / "dicom"
+runner = CliRunner()
+
+
+def build_pacs_archive(root: Path) -> Path:
+    """The files loaded into the PACS (and screened from disk for the comparison)."""
+    ct = DICOM / "cq500_ct1_head_ct" / "series_4cc_D3D_0.625mm"
+    if ct.is_dir():
+        for f in sorted(ct.glob("*.dcm"))[40:64]:  # 24 contiguous slices (JPEG Lossless)
+            (root / "ct").mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / "ct" / f.name)
+        shutil.copytree(DICOM / "cq500_ct1_head_ct" / "stray_other_study_2.5-5mm", root / "stray")
+        shutil.copytree(DICOM / "niivue_tcia_vs_seg_001_t1_3sl", root / "mr")
+    else:
+        write_ct_series(root / "ct", n_slices=6, rows=32, cols=32, seed=11)
+        write_ct_series(root / "stray", n_slices=2, rows=32, cols=32, seed=12)
+        write_ct_series(root / "mr", n_slices=3, rows=32, cols=32, modality="MR", seed=13)
+    write_ct_series(root / "dated", n_slices=4, rows=32, cols=32, seed=14)  # StudyDate 2024-02-29
+    return root
+
+
+def headers(root: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(root.rglob("*.dcm"))]
+
+
+def expected_series(root: Path) -> dict[str, tuple[str, str]]:
+    """series key -> (modality, StudyDate) from the files themselves."""
+    out = {}
+    for ds in headers(root):
+        key = series_key(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+        out[key] = (str(ds.Modality), str(ds.get("StudyDate", "") or ""))
+    return out
+
+
+def identifiers(root: Path) -> set[str]:
+    """Every patient name/ID and UID of the files (none may appear in any output)."""
+    out: set[str] = set()
+    for ds in headers(root):
+        for tag in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(ds.get(tag, "") or "")
+            if len(value) > 3:
+                out.add(value)
+        out.add(str(ds.SOPInstanceUID))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(orthanc, tmp_path_factory) -> dict:  # noqa: F811
+    from model.checkpoint import set_calibration
+
+    base = tmp_path_factory.mktemp("pacs")
+    archive = build_pacs_archive(base / "archive")
+    orthanc.clear()
+    orthanc.upload(sorted(archive.rglob("*.dcm")))
+    ckpt = make_checkpoint(base / "ckpt")
+    ref = direct_scores(archive, ckpt)
+    threshold = float(np.quantile(list(ref.values()), 0.8))
+    calib = {"method": "fpr", "fpr": 0.2, "threshold": threshold, "n_normals": len(ref)}
+    set_calibration(ckpt, {**calib, "split": "val", "data": "synthetic"})
+    endpoint = Endpoint(
+        orthanc.http_url + "/dicom-web", orthanc.user, orthanc.password, backoff_ms=50
+    )
+    return {"base": base, "archive": archive, "ckpt": ckpt, "endpoint": endpoint}
+
+
+def _cfg(world: dict, out: Path, archive: Path | None = None) -> RunConfig:
+    return RunConfig(
+        archive=archive or out / "unused",
+        out_dir=out,
+        model_path=world["ckpt"],
+        batch_size=4,
+        rows_per_file=16,
+    )
+
+
+def test_qido_query_filters_by_date_and_modality_on_the_server(world) -> None:
+    want = expected_series(world["archive"])
+    client = make_client(world["endpoint"])
+
+    def keys(query: Query) -> set[str]:
+        return {h.key for h in query_series(client, query, page_size=2)}  # several pages
+
+    assert keys(Query()) == set(want)
+    assert keys(Query(modality="CT")) == {k for k, (m, _) in want.items() if m == "CT"}
+    since = date(2000, 1, 1)
+    dated = {k for k, (_, d) in want.items() if d and d >= since.strftime("%Y%m%d")}
+    assert dated and dated != set(want)
+    assert keys(Query(since=since)) == dated
+    assert keys(Query(since=date(1990, 1, 1), modality="MR")) == {
+        k for k, (m, d) in want.items() if m == "MR" and d
+    }
+    one = headers(world["archive"] / "mr")[0]
+    listed = Query(study_uids=(str(one.StudyInstanceUID),))
+    assert keys(listed) == {series_key(str(one.StudyInstanceUID), str(one.SeriesInstanceUID))}
+
+
+@pytest.fixture(scope="module")
+def folder_run(ray_local, world) -> pd.DataFrame:
+    out = world["base"] / "folder"
+    run_screen(_cfg(world, out, world["archive"]))
+    return pq.read_table(out / "slices").to_pandas()
+
+
+@pytest.fixture(scope="module")
+def first_pacs_run(ray_local, world) -> dict:
+    """A nightly first run (``--since last-run`` with no earlier run: everything), started
+    after a killed run had fetched one series and left a half-written staging folder."""
+    out = world["base"] / "nightly"
+    hits = query_series(make_client(world["endpoint"]), Query())
+    fetch_series(world["endpoint"], hits[:1], out)  # the part a killed run had finished
+    junk = out / "_pacs" / "staging" / "half-written"
+    junk.mkdir(parents=True)
+    (junk / "x.dcm").write_bytes(b"partial")
+    since, is_last = parse_since("last-run", out)
+    assert since is None and is_last
+    result = screen_pacs(_cfg(world, out), world["endpoint"], Query(since=since))
+    return {"out": out, "result": result, "n_series": len(hits)}
+
+
+def test_screen_from_dicomweb_equals_screen_from_the_same_files(folder_run, first_pacs_run):
+    out, result = first_pacs_run["out"], first_pacs_run["result"]
+    assert result.fetch.failed == {} and result.fetch.cached == 1
+    assert result.fetch.fetched == first_pacs_run["n_series"] - 1
+    assert result.screen.exit_code == 0
+    pacs = pq.read_table(out / "slices").to_pandas()
+    assert pacs["slice_key"].is_unique
+    assert set(pacs["slice_key"]) == set(folder_run["slice_key"])
+    a = folder_run.set_index("slice_key").sort_index()
+    b = pacs.set_index("slice_key").loc[a.index]
+    assert (a["series_key"] == b["series_key"]).all() and (a["study_key"] == b["study_key"]).all()
+    np.testing.assert_allclose(b["score"], a["score"], rtol=1e-5, atol=1e-6)
+    assert (a["flagged"] == b["flagged"]).all()
+    assert b["flagged"].any()  # the export tests need flagged studies
+    cache = out / "_pacs"
+    assert cache.stat().st_mode & 0o777 == 0o700  # the fetched images are private
+    assert not (cache / "staging").exists()  # no leftovers of the killed run
+
+
+def test_since_last_run_screens_only_a_study_uploaded_after_the_first_run(
+    orthanc,  # noqa: F811
+    world,
+    first_pacs_run,
+) -> None:
+    out = first_pacs_run["out"]
+    recorded = json.loads((out / "_pacs" / "query.json").read_text())
+    assert recorded["series_found"] == first_pacs_run["n_series"]
+    before = pq.read_table(out / "slices").to_pandas()
+    today = datetime.now(timezone.utc).strftime("%Y%m%d")
+    new = write_ct_series(world["base"] / "new", n_slices=4, rows=32, cols=32, seed=21)
+    for f in new:
+        ds = pydicom.dcmread(f)
+        ds.StudyDate = today
+        ds.save_as(f)
+    orthanc.upload(new)
+    since, _ = parse_since("last-run", out)
+    assert since == (datetime.fromisoformat(recorded["last_query_utc"]) - timedelta(days=1)).date()
+    result = screen_pacs(_cfg(world, out), world["endpoint"], Query(since=since))
+    assert result.fetch.found == 1 and result.fetch.fetched == 1
+    assert result.screen.manifest["series_screened_this_run"] == 1
+    after = pq.read_table(out / "slices").to_pandas()
+    new_key = series_key(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    assert set(after["slice_key"]) - set(before["slice_key"]) == {
+        k for k in after["slice_key"] if k.startswith(new_key)
+    }
+    assert after["slice_key"].is_unique and len(after) == len(before) + 4
+    again = screen_pacs(_cfg(world, out), world["endpoint"], Query(since=since))
+    assert again.fetch.fetched == 0 and again.screen.manifest["series_screened_this_run"] == 0
+
+
+def _cli_env(monkeypatch, orthanc, password: str | None = None) -> None:  # noqa: F811
+    monkeypatch.setenv(USER_ENV, orthanc.user)
+    monkeypatch.setenv(PASSWORD_ENV, password or orthanc.password)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc of the machine
+
+
+def test_a_series_the_server_fails_is_an_error_row_and_no_identifier_is_printed(
+    ray_local,
+    world,
+    orthanc,  # noqa: F811
+    monkeypatch,
+    caplog,
+    capfd,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    _cli_env(monkeypatch, orthanc)
+    ct = [h for h in query_series(make_client(world["endpoint"]), Query(modality="CT"))]
+    bad: SeriesHit = ct[0]
+    out = world["base"] / "faulty"
+    with FaultyProxy(orthanc.http_url, bad.series_uid) as proxy:
+        args = ["screen", f"dicomweb+{proxy.url}/dicom-web", "--modality", "CT", "--out", str(out)]
+        args += ["--model", str(world["ckpt"]), "--batch-size", "4"]
+        result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert proxy.failed_requests == 4  # retried with backoff, then given up
+    errors = pq.read_table(out / "errors").to_pandas()
+    row = errors.set_index("series_key").loc[bad.key]
+    assert row["status"] == "failed" and "HTTP 500" in row["reason"]
+    scored = set(pq.read_table(out / "slices").to_pandas()["series_key"])
+    assert scored == {h.key for h in ct} - {bad.key}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs_failed"] >= 1 and manifest["inputs_lost"] == 0
+    text = result.output + caplog.text + "".join(capfd.readouterr())
+    text += errors.to_csv() + json.dumps(manifest)
+    leaked = [s for s in identifiers(world["archive"]) if s in text]
+    assert not leaked, f"{len(leaked)} identifiers printed or written"
+
+
+def test_wrong_credentials_give_one_error_line_and_exit_2(world, orthanc, monkeypatch, tmp_path):  # noqa: F811
+    _cli_env(monkeypatch, orthanc, password="wrong")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--out", str(out)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "refused the credentials (HTTP 401)" in lines[0]
+    assert "wrong" not in result.output
+
+
+def test_doctor_says_whether_a_dicomweb_endpoint_answers(orthanc, monkeypatch) -> None:  # noqa: F811
+    _cli_env(monkeypatch, orthanc)
+    ok = runner.invoke(app, ["doctor", "--json", "--dicomweb", orthanc.dicomweb_url])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["dicomweb"]["answers"] is True
+    monkeypatch.setenv(PASSWORD_ENV, "wrong")
+    bad = runner.invoke(app, ["doctor", "--json", "--dicomweb", orthanc.dicomweb_url])
+    assert bad.exit_code == 1
+    report = json.loads(bad.output)["dicomweb"]
+    assert report["answers"] is False and "HTTP 401" in report["note"]
+
+
+def _study_documents(client, study_uid: str) -> dict[str, list[str]]:
+    """Modality -> SOP Instance UIDs of one study on the PACS."""
+    out: dict[str, list[str]] = {}
+    for item in client.search_for_instances(study_instance_uid=study_uid):
+        series = client.search_for_series(
+            study_instance_uid=study_uid,
+            search_filters={"SeriesInstanceUID": item["0020000E"]["Value"][0]},
+        )
+        modality = series[0]["00080060"]["Value"][0]
+        out.setdefault(modality, []).append(item["00080018"]["Value"][0])
+    return out
+
+
+def _series_uid(client, study_uid: str, modality: str) -> str:
+    found = client.search_for_series(
+        study_instance_uid=study_uid, search_filters={"Modality": modality}
+    )
+    assert len(found) == 1
+    return found[0]["0020000E"]["Value"][0]
+
+
+def _sr_items(ds) -> dict[str, list]:
+    """Concept meaning -> values (text, number, or referenced SOP UIDs) of an SR tree."""
+    out: dict[str, list] = {}
+    for item in ds.ContentSequence:
+        name = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "TEXT":
+            out.setdefault(name, []).append(item.TextValue)
+        elif item.ValueType == "NUM":
+            value = float(item.MeasuredValueSequence[0].NumericValue)
+            refs = [
+                c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for c in getattr(item, "ContentSequence", [])
+            ]
+            out.setdefault(name, []).append((value, refs))
+    return out
+
+
+def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replaces_them(
+    world,
+    orthanc,  # noqa: F811
+    first_pacs_run,
+    monkeypatch,
+) -> None:
+    from pdd_batch.ingest.dicomweb import cache_relative_path
+    from pdd_batch.ingest.keys import file_key, study_key
+
+    _cli_env(monkeypatch, orthanc)
+    out = first_pacs_run["out"]
+    client = make_client(world["endpoint"])
+    studies = {
+        study_key(s["0020000D"]["Value"][0]): s["0020000D"]["Value"][0]
+        for s in client.search_for_studies()
+    }
+    table = pq.read_table(out / "studies").to_pandas()
+    flagged = table[table["decision"] == "flagged"]
+    assert len(flagged) >= 1
+    slices = pq.read_table(out / "slices").to_pandas()
+    manifest = json.loads((out / "manifest.json").read_text())
+    before = {k: _study_documents(client, studies[k]) for k in flagged["study_key"]}
+
+    for attempt in range(2):  # the second export replaces the documents of the first
+        args = ["export", str(out), "--to", orthanc.dicomweb_url, "--secondary-capture"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert f"in {len(flagged)} studies" in result.output
+        leaked = [s for s in identifiers(world["archive"]) if s in result.output]
+        assert not leaked
+        for key in flagged["study_key"]:
+            docs = _study_documents(client, studies[key])
+            assert len(docs["SR"]) == 1 and len(docs["KO"]) == 1, attempt
+            images = {m: v for m, v in docs.items() if m not in ("SR", "KO", "OT")}
+            assert images == before[key]  # the original images untouched
+            by_key = {
+                file_key(cache_relative_path(s, sop)): sop
+                for s in set(slices["series_key"])
+                for v in images.values()
+                for sop in v
+            }
+            rows = slices[(slices["study_key"] == key) & slices["flagged"]]
+            pairs = zip(rows["file_key"], rows["score"], strict=True)
+            want = {by_key[f]: score for f, score in pairs}
+            sr_series = _series_uid(client, studies[key], "SR")
+            sr = client.retrieve_instance(studies[key], sr_series, docs["SR"][0])
+            items = _sr_items(sr)
+            assert items["Model id"] == [manifest["model_id"]]
+            assert items["Checkpoint hash"] == [manifest["checkpoint_hash"]]
+            assert items["Study decision"] == ["flagged"]
+            assert items["Decision threshold"][0][0] == pytest.approx(manifest["threshold"])
+            got = {refs[0]: value for value, refs in items["Slice anomaly score"]}
+            assert got.keys() == want.keys()
+            for sop, score in want.items():
+                assert got[sop] == pytest.approx(score, rel=1e-5)
+            kos_series = _series_uid(client, studies[key], "KO")
+            kos = client.retrieve_instance(studies[key], kos_series, docs["KO"][0])
+            kos_refs = {
+                item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for item in kos.ContentSequence
+                if item.ValueType == "IMAGE"
+            }
+            assert kos_refs == set(want)
+            assert len(docs["OT"]) == len(want)  # one overlay per flagged slice, never twice
+            sc_series = _series_uid(client, studies[key], "OT")
+            sc = client.retrieve_instance(studies[key], sc_series, docs["OT"][0])
+            assert sc.BurnedInAnnotation == "YES" and "DERIVED" in sc.ImageType
+            assert sc.pixel_array.ndim == 3 and sc.pixel_array.shape[2] == 3
+
+
+def test_a_series_that_times_out_is_a_failed_fetch_with_nothing_left_behind(
+    world,
+    orthanc,  # noqa: F811
+    tmp_path,
+) -> None:
+    from jobs.dicomweb_fetch import fetch_one
+
+    hit = query_series(make_client(world["endpoint"]), Query(modality="CT"))[0]
+    series_root, staging = tmp_path / "series", tmp_path / "staging"
+    series_root.mkdir()
+    staging.mkdir()
+    with FaultyProxy(orthanc.http_url, hit.series_uid, hang_s=3.0) as proxy:
+        slow = Endpoint(proxy.url + "/dicom-web", orthanc.user, orthanc.password, 1.0, 2, 50)
+        outcome = fetch_one(slow, hit, series_root, staging)
+    assert outcome.key == hit.key and outcome.n_instances == 0
+    assert outcome.error == "WADO-RS retrieve failed (ReadTimeout)"
+    assert proxy.failed_requests == 2  # the retry, then given up
+    assert not any(series_root.iterdir()) and not any(staging.iterdir())
+    assert hit.series_uid not in repr(outcome)
