@@ -1,8 +1,10 @@
 """Connecting to Ray: join a cluster (``--address`` / ``RAY_ADDRESS``) or start a local one.
 
-A local cluster is started with node address 127.0.0.1 and no dashboard. Ray 2.60 still opens
-its gRPC ports on every interface whatever the node address, so what keeps other hosts and
-users out is Ray's token authentication (Ray >= 2.60), which a local cluster always uses:
+A local cluster listens on 127.0.0.1 only and starts no dashboard. (``ray.init`` alone turns a
+127.0.0.1 node address into the machine's network address and listens there; Ray's single-host
+mode, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, keeps it on the loopback.) Other users of the
+same host can still reach the loopback, so a local cluster always uses Ray's token
+authentication (Ray >= 2.60):
 ``RAY_AUTH_MODE`` is set to ``token`` whatever the environment says (``disabled`` is
 overridden, with a warning). The token is the caller's own (``RAY_AUTH_TOKEN`` or
 ``RAY_AUTH_TOKEN_PATH``), or else one generated once into a private file,
@@ -133,6 +135,18 @@ def _refresh_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def use_loopback_only() -> None:
+    """Keep clusters started by this process (and the processes it starts) on 127.0.0.1.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when imported; child processes get it from
+    the environment, this (already importing) process through the constant it was read into.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def use_token_auth() -> None:
     """Token auth for a cluster started by this process (and every process it starts)."""
     mode = os.environ.get(AUTH_MODE_ENV)
@@ -176,7 +190,7 @@ def join(address: str, **kwargs: object) -> None:
 def local_node_args(num_cpus: int | None = None) -> dict[str, object]:
     """``ray.init`` keywords of a local cluster: loopback address, no dashboard, private temp.
 
-    Call ``use_token_auth()`` first (``start_local`` does both).
+    Call ``use_token_auth()`` and ``use_loopback_only()`` first (``start_local`` does).
     """
     return {
         "num_cpus": num_cpus,
@@ -192,6 +206,7 @@ def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
     Ray's own INFO/WARNING lines stay off the console (errors still show).
     """
     use_token_auth()
+    use_loopback_only()
     ray.init(
         address="local",  # a new cluster: never the one another `ray start` left running
         **local_node_args(num_cpus),

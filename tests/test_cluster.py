@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -93,6 +94,18 @@ def _join_from_another_process(address: str, tmp_path: Path, **env: str) -> str:
     return run.stdout
 
 
+def _assert_not_reachable_from_the_network(port: int) -> None:
+    """The port answers on the loopback, not on the address Ray would otherwise have used."""
+    from ray._private.services import node_ip_address_from_perspective
+
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    ip = node_ip_address_from_perspective()
+    if ip.startswith("127."):
+        return  # no network address on this machine
+    with pytest.raises(OSError):
+        socket.create_connection((ip, port), timeout=5).close()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_local_cluster_uses_token_auth_even_when_disabled(monkeypatch, tmp_path, caplog) -> None:
@@ -110,6 +123,8 @@ def test_local_cluster_uses_token_auth_even_when_disabled(monkeypatch, tmp_path,
         session = Path(ray._private.worker._global_node.get_session_dir_path())
         assert session.parent == ray_temp_dir()
         address = ray.get_runtime_context().gcs_address
+        assert address.startswith("127.0.0.1:")
+        _assert_not_reachable_from_the_network(int(address.rsplit(":", 1)[1]))
         without = _join_from_another_process(address, tmp_path, RAY_AUTH_MODE="disabled")
         wrong = _join_from_another_process(
             address, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64
