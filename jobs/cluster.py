@@ -19,6 +19,7 @@ connection.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -215,6 +216,46 @@ def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
     )
 
 
+# Ray Data's default logging config with its console handler raised from INFO to ERROR.
+_RAY_DATA_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"ray": {"format": "%(asctime)s\t%(levelname)s %(name)s -- %(message)s"}},
+    "filters": {"console_filter": {"()": "ray.data._internal.logging.HiddenRecordFilter"}},
+    "handlers": {
+        "file": {
+            "class": "ray.data._internal.logging.SessionFileHandler",
+            "formatter": "ray",
+            "filename": "ray-data.log",
+        },
+        "console": {
+            "class": "ray._private.log.PlainRayHandler",
+            "formatter": "ray",
+            "level": "ERROR",
+            "filters": ["console_filter"],
+        },
+    },
+    "loggers": {
+        "ray.data": {"level": "DEBUG", "handlers": ["file", "console"], "propagate": False}
+    },
+}
+
+
+def quiet_ray_console() -> None:
+    """Keep Ray Data's INFO/WARNING lines off the console (errors still show).
+
+    They still go to ``ray-data.log`` in the session's log folder. Ray Data re-reads the file
+    named by ``RAY_DATA_LOGGING_CONFIG`` whenever a dataset runs; a caller's own is kept.
+    """
+    if os.environ.get("RAY_DATA_LOGGING_CONFIG"):
+        return
+    path = ray_temp_dir().parent / "ray-data-logging.json"  # JSON is valid YAML
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_RAY_DATA_LOGGING), encoding="utf-8")
+    os.replace(tmp, path)
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = str(path)
+
+
 def _info(mode: str, address: str | None) -> ClusterInfo:
     res = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -241,6 +282,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
     else:
         start_local(num_cpus, log_to_driver=True)
         mode = "local"
+    quiet_ray_console()
     try:
         info = _info(mode, address)
         log.info("ray %s cluster: %d node(s), %s", mode, info.nodes, info.resources)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -117,6 +118,7 @@ def test_local_cluster_uses_token_auth_even_when_disabled(monkeypatch, tmp_path,
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(cfg))
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
     with caplog.at_level(logging.WARNING, "jobs.cluster"), connect(num_cpus=1) as info:
         assert info.mode == "local"
         assert get_authentication_mode() == AuthenticationMode.TOKEN
@@ -134,3 +136,6 @@ def test_local_cluster_uses_token_auth_even_when_disabled(monkeypatch, tmp_path,
     assert without.startswith("REFUSED") and wrong.startswith("REFUSED")
     assert with_file.startswith("JOINED joined")  # --address works with the project's token
     assert _mode(cfg / "pdd-batch" / TOKEN_FILE) == 0o600
+    # Ray Data's INFO/WARNING lines go to the session log only, not the console
+    logging_config = json.loads(Path(os.environ["RAY_DATA_LOGGING_CONFIG"]).read_text())
+    assert logging_config["handlers"]["console"]["level"] == "ERROR"
