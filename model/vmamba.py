@@ -2,7 +2,9 @@
 
 Module names follow MzeroMiko/VMamba's root ``vmamba.py`` (the file PDD runs), so the published
 ``vssmtiny_dp01_ckpt_epoch_292.pth`` loads strictly after the old-name renames of
-``load_vmamba_checkpoint``. Everything after the patch embedding is channel-last (B, H, W, C).
+``load_vmamba_checkpoint`` (as a ``{"model": ...}`` file of tensors; a file that also holds
+a training config object is refused, see ``model.weight_files``). Everything after the patch
+embedding is channel-last (B, H, W, C).
 The selective scan comes from ``model.scan`` (CUDA kernel when available, torch otherwise).
 DropPath is omitted: the teacher is only ever used frozen, in eval mode.
 """
