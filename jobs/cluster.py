@@ -204,16 +204,13 @@ def local_node_args(num_cpus: int | None = None) -> dict[str, object]:
 def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
     """``ray.init`` of a local cluster: token auth, 127.0.0.1, private temp folder.
 
-    Ray's own INFO/WARNING lines stay off the console (errors still show).
+    Ray's own INFO/WARNING lines stay off the console (errors still show). ``kwargs`` go to
+    ``ray.init`` and override the defaults (e.g. ``_temp_dir`` of a private folder of one's own).
     """
     use_token_auth()
     use_loopback_only()
-    ray.init(
-        address="local",  # a new cluster: never the one another `ray start` left running
-        **local_node_args(num_cpus),
-        logging_level=logging.ERROR,
-        **kwargs,
-    )
+    args = {**local_node_args(num_cpus), "logging_level": logging.ERROR, **kwargs}
+    ray.init(address="local", **args)  # a new cluster, never one another `ray start` left
 
 
 # Ray Data's default logging config with its console handler raised from INFO to ERROR.

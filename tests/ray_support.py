@@ -12,9 +12,9 @@ from jobs.cluster import (
 )
 
 
-def start_test_ray(num_cpus: int = 2) -> None:
+def start_test_ray(num_cpus: int = 2, **kwargs: object) -> None:
     """Start the project's local Ray cluster (``jobs.cluster.start_local``) for a test."""
-    start_local(num_cpus)
+    start_local(num_cpus, **kwargs)
 
 
 def ray_node_args(num_cpus: int = 1) -> dict[str, object]:
