@@ -474,7 +474,9 @@ def run_remote(
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address)
+        from jobs.cluster import join
+
+        join(address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
     @ray.remote(max_concurrency=2)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from model.config import ConfigError, ModelConfig
-from model.teachers import Teacher, TeacherWeightsError, file_sha256
+from model.teachers import Teacher, TeacherWeightsError
+from model.weight_files import WeightFileError, file_sha256, verify_file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,36 @@ def _check_teacher_files(config: ModelConfig) -> None:
             )
 
 
+def _verify_teacher_files(config: ModelConfig, recorded: dict[str, Any]) -> None:
+    """Each file-sourced teacher's file must have the sha256 recorded at training time.
+
+    Checked on the raw bytes before the file is parsed, so a replaced file is never read. One
+    exception: a ``.safetensors`` file given for a recorded torch file (a conversion) has other
+    bytes by nature; safetensors runs no code, and its weights still have to match the recorded
+    ``state_sha256`` after loading (``build_teacher``).
+    """
+    files = {
+        info.get("kind"): info
+        for info in recorded.values()
+        if isinstance(info, dict) and info.get("source") == "file"
+    }
+    for role in ("cnn", "mamba"):
+        spec = getattr(config, f"{role}_teacher", None)
+        then = files.get(role) or {}
+        if spec is None or spec.source != "file" or not then.get("file_sha256"):
+            continue
+        now = Path(str(spec.weights))
+        if now.suffix == ".safetensors" and Path(str(then.get("weights"))).suffix != now.suffix:
+            log.info("%s teacher: safetensors conversion, verified by its state sha256", role)
+            continue
+        try:
+            verify_file_sha256(now, then["file_sha256"])
+        except WeightFileError as exc:
+            raise TeacherWeightsError(
+                f"teacher '{spec.name}' ({role}) weights are refused: {exc}"
+            ) from None
+
+
 def check_teacher_files(path: str | Path, teacher_weights: dict[str, str] | None = None) -> None:
     """Fail early, before any cluster work, when a file-sourced teacher's weights are not where
     the checkpoint (or ``teacher_weights``) says; cheap: reads ``config.json`` only.
@@ -336,6 +367,7 @@ def load_checkpoint(
         )
     config = _with_teacher_weights(_model_config(meta, folder), teacher_weights or {})
     _check_teacher_files(config)
+    _verify_teacher_files(config, meta.get("teachers") or {})
     model = build_model(config, _stored_teachers(folder, meta.get("teachers") or {}))
     _check_teacher_inputs(model, meta.get("teachers") or {}, folder)
     _load_strict(model, load_file(str(weights)), weights)

@@ -13,25 +13,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model.weight_files import WeightFileError, read_weights
+
 
 class TeacherWeightsError(RuntimeError):
     """Teacher weights are missing, unreadable, mismatched, or not the recorded ones."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a .safetensors or torch state dict (unwrapping ``state_dict``/``model`` keys)."""
+    """Read a .safetensors or torch state dict (unwrapping ``state_dict``/``model`` keys).
+
+    Only safetensors or ``torch.load(weights_only=True)`` (``model.weight_files``); a torch file
+    holding other Python objects is refused, never unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise TeacherWeightsError(f"teacher weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise TeacherWeightsError(f"cannot read teacher weights {path}: {exc}") from exc
+        state: Any = read_weights(path)
+    except WeightFileError as exc:
+        raise TeacherWeightsError(f"teacher weights: {exc}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

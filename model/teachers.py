@@ -49,6 +49,7 @@ from model.teacher_weights import (  # callers import these from here too
     load_strict,
     read_state_dict,
 )
+from model.weight_files import file_sha256  # callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,6 @@ class Teacher(nn.Module):
             if self.spec.kind == "mamba":
                 return list(self.backbone.forward_features(x))
             return list(self.backbone(x))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_sha256(state: dict[str, Tensor]) -> str:

@@ -2,18 +2,17 @@
 
 Module names follow MzeroMiko/VMamba's root ``vmamba.py`` (the file PDD runs), so the published
 ``vssmtiny_dp01_ckpt_epoch_292.pth`` loads strictly after the old-name renames of
-``load_vmamba_checkpoint``. Everything after the patch embedding is channel-last (B, H, W, C).
+``load_vmamba_checkpoint`` (as a ``{"model": ...}`` file of tensors; a file that also holds
+a training config object is refused, see ``model.weight_files``). Everything after the patch
+embedding is channel-last (B, H, W, C).
 The selective scan comes from ``model.scan`` (CUDA kernel when available, torch otherwise).
 DropPath is omitted: the teacher is only ever used frozen, in eval mode.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import pickle
 import re
-import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.scan import selective_scan
+from model.weight_files import WeightFileError, read_weights
 
 LN_EPS = 1e-5
-logger = logging.getLogger(__name__)
 
 
 class VMambaWeightsError(ValueError):
@@ -314,90 +313,11 @@ def rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class _Inert:
-    """Stands in for every non-tensor object of a training checkpoint (configs, numpy scalars).
-
-    It accepts any construction and state and does nothing, so no pickled code ever runs.
-    """
-
-    def __new__(cls, *args: object, **kwargs: object) -> _Inert:
-        return super().__new__(cls)
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        pass
-
-    def __setitem__(self, key: object, value: object) -> None:
-        pass
-
-    def append(self, value: object) -> None:
-        pass
-
-    def extend(self, values: object) -> None:
-        pass
-
-
-def _tensor_global(module: str, name: str) -> object | None:
-    """The globals a pickled tensor state_dict needs (a subset of torch's weights_only list)."""
-    if module == "collections" and name == "OrderedDict":
-        return OrderedDict
-    if module == "torch._utils" and name in {
-        "_rebuild_tensor",
-        "_rebuild_tensor_v2",
-        "_rebuild_parameter",
-        "_rebuild_parameter_with_state",
-    }:
-        return getattr(torch._utils, name)
-    if module == "torch":
-        obj = getattr(torch, name, None)
-        if isinstance(obj, torch.dtype) or obj is torch.Size or obj is torch.device:
-            return obj
-    return None
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds tensors and replaces every other global by ``_Inert``."""
-
-    def find_class(self, module: str, name: str) -> object:
-        found = _tensor_global(module, name)
-        return _Inert if found is None else found
-
-
-_TENSORS_ONLY_PICKLE = types.ModuleType("tensors_only_pickle")
-_TENSORS_ONLY_PICKLE.Unpickler = _TensorsOnlyUnpickler  # type: ignore[attr-defined]
-_TENSORS_ONLY_PICKLE.load = pickle.load  # type: ignore[attr-defined]  # legacy format only
-
-
-def _torch_load(path: Path) -> object:
-    """``torch.load(weights_only=True)``, with a tensors-only second pass.
-
-    Full training checkpoints (``{"model", "optimizer", "config", ...}``) hold config objects
-    that weights_only loading refuses; the second pass rebuilds their tensors and replaces
-    every other object by an inert stand-in, so no pickled code runs either way.
-    """
+def _read_state(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        logger.info("%s holds non-tensor objects; loading its tensors only", path.name)
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_TENSORS_ONLY_PICKLE
-        )
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise VMambaWeightsError(f"VMamba checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = _torch_load(path)
-    except Exception as err:  # unreadable file: re-raise with the file named
-        raise VMambaWeightsError(f"cannot read VMamba checkpoint {path}: {err}") from err
+        state = read_weights(path, sha256=sha256)
+    except WeightFileError as err:  # re-raised as this module's error, message unchanged
+        raise VMambaWeightsError(f"VMamba checkpoint: {err}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -410,17 +330,24 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_vmamba_checkpoint(model: VSSM, path: str | Path) -> VSSM:
+def load_vmamba_checkpoint(model: VSSM, path: str | Path, *, sha256: str | None = None) -> VSSM:
     """Load VMamba weights strictly (a .pth/.pt or .safetensors file) into ``model``.
 
-    Unwraps a ``"model"`` entry and applies the old-name renames first.
+    Unwraps a ``"model"`` entry and applies the old-name renames first. The file is read by
+    ``model.weight_files.read_weights``: safetensors, or ``torch.load(weights_only=True)``; a
+    .pth holding other objects (e.g. a training run's config) is refused, never unpickled.
+
+    Args:
+        model: the VMamba to fill.
+        path: the weights file.
+        sha256: the file's expected sha256, checked on its bytes before it is parsed.
 
     Raises:
-        VMambaWeightsError: unreadable file, or missing, unexpected or mis-shaped keys
-            (the message names the file and the first few keys).
+        VMambaWeightsError: missing, refused or unreadable file, wrong sha256, or missing,
+            unexpected or mis-shaped keys (the message names the file and the first few keys).
     """
     path = Path(path)
-    state = rename_old_keys(_read_state(path))
+    state = rename_old_keys(_read_state(path, sha256))
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -1,9 +1,16 @@
-"""Shared fixtures: paths to ../shared (skip cleanly where absent), thread limits, and a site key
-of each test's own (never the real ~/.config/pdd-batch/site.key)."""
+"""Shared fixtures: paths to ../shared (skip cleanly where absent), thread limits, a site key
+of each test's own (never the real ~/.config/pdd-batch/site.key), and Ray.
+
+Every Ray cluster a test starts uses token authentication, with a test-only token (0600 file in
+a 0700 folder) given through ``RAY_AUTH_TOKEN_PATH``; start one with
+``ray_support.start_test_ray`` (the project's own local cluster: token auth, 127.0.0.1, private
+temp folder) or, for several nodes, ``ray.cluster_utils.Cluster`` with ``ray_node_args()``.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +21,8 @@ SHARED = Path(os.environ.get("PDD_SHARED", REPO_ROOT.parent / "shared"))
 
 # Two cores on CI: keep BLAS/torch from oversubscribing when Ray workers run beside the tests.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def shared_path(*parts: str) -> Path:
@@ -53,3 +61,23 @@ def golden_dir() -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     return shared_path("data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_test_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A test-only Ray token for the session: token auth on for every cluster tests start."""
+    folder = tmp_path_factory.mktemp("ray-auth")
+    folder.chmod(0o700)
+    token = folder / "token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    saved = {k: os.environ.get(k) for k in RAY_AUTH_VARS}
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    yield token
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

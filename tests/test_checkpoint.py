@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,55 @@ def test_moved_teacher_weights_load_when_pointed_to(file_teacher_ckpt, tmp_path)
         load_checkpoint(ckpt)
     loaded = load_checkpoint(ckpt, teacher_weights={"cnn": str(moved)})
     assert loaded.config.cnn_teacher.weights == str(moved)
+
+
+class _RunsCode:
+    """Unpickling this runs a command (writes ``marker``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def vmamba_file_ckpt(tmp_path) -> tuple[Path, Path]:
+    """A checkpoint whose VMamba teacher comes from a .pth in the official layout."""
+    from model.vmamba import vmamba_small_fixture
+
+    weights = tmp_path / "vssm.pth"
+    torch.manual_seed(13)
+    torch.save({"model": vmamba_small_fixture().state_dict(), "epoch": 292}, weights)
+    model = _trained(mamba_source="file", mamba_weights=str(weights))
+    return save_checkpoint(model, tmp_path / "ckpt", preprocessing=PRE), weights
+
+
+def test_replaced_teacher_file_is_refused_before_it_is_read(vmamba_file_ckpt, tmp_path) -> None:
+    ckpt, weights = vmamba_file_ckpt
+    marker = tmp_path / "pwned"
+    # a crafted legacy torch file: its first record is a pickle that runs a command
+    weights.write_bytes(
+        pickle.dumps(_RunsCode(marker), 2) + pickle.dumps(0x1950A86A20F9469CFC6C, 2)
+    )
+    with pytest.raises(TeacherWeightsError, match="sha256") as e:
+        load_checkpoint(ckpt)
+    assert str(weights) in str(e.value) and "not read" in str(e.value)
+    assert not marker.exists()
+
+
+def test_teacher_file_converted_to_safetensors_loads(vmamba_file_ckpt, tmp_path) -> None:
+    ckpt, weights = vmamba_file_ckpt
+    converted = tmp_path / "vssm.safetensors"
+    save_file(torch.load(weights, weights_only=True)["model"], str(converted))
+    loaded = load_checkpoint(ckpt, teacher_weights={"mamba": str(converted)})
+    assert loaded.config.mamba_teacher.weights == str(converted)
+    other = tmp_path / "other.safetensors"  # a safe format, but not the recorded weights
+    save_file({k: v + 1 for k, v in load_file(str(converted)).items()}, str(other))
+    with pytest.raises(TeacherWeightsError, match="was recorded"):
+        load_checkpoint(ckpt, teacher_weights={"mamba": str(other)})
 
 
 def test_corrupt_weights_file_is_refused(tmp_path) -> None:

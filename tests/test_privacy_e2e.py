@@ -24,6 +24,7 @@ import pytest
 import ray
 from conftest import SHARED
 from dicom_factory import truncate_file, write_corrupt_dicom, write_ct_series, write_text
+from ray_support import start_test_ray
 from screen_support import make_checkpoint
 from typer.testing import CliRunner
 
@@ -98,13 +99,7 @@ def _parquet_text(path: Path) -> str:
 @pytest.fixture
 def ray_private():
     temp = tempfile.mkdtemp(prefix="rt")  # short: Ray's socket paths must stay < 108 chars
-    ray.init(
-        address="local",  # a cluster of its own, never another one running on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp,
-    )
+    start_test_ray(num_cpus=2, _temp_dir=temp)  # a cluster of its own, token auth
     yield Path(temp)
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 from ray.cluster_utils import Cluster
+from ray_support import ray_node_args
 from screen_support import make_checkpoint
 from typer.testing import CliRunner
 
@@ -20,8 +21,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture
 def two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args=ray_node_args(num_cpus=1))
+    cluster.add_node(**ray_node_args(num_cpus=1))
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()

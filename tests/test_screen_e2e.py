@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray_support import start_test_ray
 from screen_support import IMAGE_SIZE, direct_scores, make_archive, make_checkpoint
 
 from jobs.screen import CRASH_ONCE_ENV, CRASH_ONCE_READ_ENV, run_screen
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_test_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from hostile_factory import build_hostile_archive
+from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -22,7 +23,7 @@ def test_hostile_archive_screens_with_every_file_accounted_for(tmp_path: Path) -
     built = build_hostile_archive(tmp_path / "archive")
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "run"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_test_ray(num_cpus=2)
     try:
         result = run_screen(
             RunConfig(

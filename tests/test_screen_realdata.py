@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import shared_path
+from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -37,7 +38,7 @@ def test_screen_real_dicom_subset(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     _link_subset(dicom, archive)
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_test_ray(num_cpus=2)
     try:
         result = run_screen(
             RunConfig(

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from dicom_factory import write_ct_series
+from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -31,7 +32,7 @@ def test_recalibrated_model_reflags_earlier_rows(tmp_path: Path) -> None:
     study = "1.2.826.0.1.3680043.8.498.1"  # both series of one study, screened in two runs
     write_ct_series(archive / "a", n_slices=3, rows=32, cols=32, seed=1, study_uid=study)
     ckpt = make_checkpoint(tmp_path / "ckpt")  # uncalibrated
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_test_ray(num_cpus=2)
     try:
         _run(archive, out, ckpt)
         first = pq.read_table(out / "slices").to_pandas()

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from dicom_factory import write_ct_series
+from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -26,7 +27,7 @@ def test_reformatted_series_counts_every_file_scored(tmp_path: Path) -> None:
     cfg = RunConfig(
         archive=archive, out_dir=tmp_path / "out", model_path=ckpt, num_cpus=2, batch_size=8
     )
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_test_ray(num_cpus=2)
     try:
         result = run_screen(cfg)
     finally:

@@ -198,9 +198,11 @@ def test_default_model_loads_and_scores() -> None:
 @pytest.mark.slow
 def test_training_runs_as_a_ray_actor(dataset: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
+    from ray_support import start_test_ray
+
     from jobs.train import run_training
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_test_ray(num_cpus=2)
     try:
         seen = []
         address = ray.get_runtime_context().gcs_address

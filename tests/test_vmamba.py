@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -110,13 +112,15 @@ def test_tiny_features_at_256(golden_dir: Path) -> None:
     assert all(torch.isfinite(f).all() for f in feats)
 
 
-def test_pth_with_old_names_loads_via_renames(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_pth_with_old_names_loads_via_renames(tmp_path: Path, zipfile: bool) -> None:
     state = _seeded_small_state()
     old = {_to_old_name(k): v for k, v in state.items()}
     assert "layers.0.blocks.0.ln_1.weight" in old and "head.weight" in old
     assert "layers.0.downsample.reduction.weight" in old and "patch_embed.proj.weight" in old
     path = tmp_path / "old.pth"
-    torch.save({"model": old, "epoch": 292}, path)
+    # the official layout: {"model": state_dict, "epoch": n}, plain data that weights_only reads
+    torch.save({"model": old, "epoch": 292}, path, _use_new_zipfile_serialization=zipfile)
     model = load_vmamba_checkpoint(vmamba_small_fixture(), path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -141,24 +145,49 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_training_checkpoint_with_objects_loads_tensors_only(tmp_path: Path) -> None:
+def _file_with_objects(path: Path, layout: str, marker: Path) -> None:
+    """A .pth holding objects beside the weights; ``header``: a crafted legacy file whose first
+    record (torch's magic number) is itself a code-running pickle, the classic exploit of a
+    loader that reads legacy files with plain ``pickle.load``."""
+    if layout == "header":
+        legacy_magic = 0x1950A86A20F9469CFC6C
+        path.write_bytes(pickle.dumps(RunsCode(marker), 2) + pickle.dumps(legacy_magic, 2))
+        return
+    kind, extra = layout.split("-")
     state = _seeded_small_state(seed=8)
+    ckpt = {"model": {_to_old_name(k): v for k, v in state.items()}, "epoch": 292}
+    ckpt[extra] = RunsCode(marker) if extra == "hook" else TrainConfig()
+    torch.save(ckpt, path, _use_new_zipfile_serialization=kind == "zip")
+
+
+@pytest.mark.parametrize(
+    "layout", ["zip-hook", "legacy-hook", "header", "zip-config", "legacy-config"]
+)
+def test_pth_holding_objects_is_refused_and_runs_nothing(tmp_path: Path, layout: str) -> None:
     marker = tmp_path / "pwned"
-    ckpt = {
-        "model": {_to_old_name(k): v for k, v in state.items()},
-        "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}},
-        "config": TrainConfig(),
-        "hook": RunsCode(marker),
-        "epoch": 292,
-    }
     path = tmp_path / "vssmtiny_ckpt_epoch_292.pth"
-    torch.save(ckpt, path)
-    with pytest.raises(Exception, match="(?i)unpickl|weights_only"):
-        torch.load(path, weights_only=True)  # what a plain weights_only load does
-    model = load_vmamba_checkpoint(vmamba_small_fixture(), path)
+    _file_with_objects(path, layout, marker)
+    model = vmamba_small_fixture()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(VMambaWeightsError) as err:
+        load_vmamba_checkpoint(model, path)
+    msg = str(err.value)
+    assert str(path) in msg and "refused" in msg
+    assert ".safetensors" in msg and "weights_only=True" in msg  # says which formats are accepted
     assert not marker.exists()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_wrong_sha256_is_refused_before_the_file_is_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"not a checkpoint")  # parsing it would fail with another message
+    with pytest.raises(VMambaWeightsError, match="sha256") as err:
+        load_vmamba_checkpoint(vmamba_small_fixture(), path, sha256="0" * 64)
+    assert "w.pth" in str(err.value) and "not read" in str(err.value)
+    good = tmp_path / "good.safetensors"
+    save_file(_seeded_small_state(seed=4), str(good))
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    load_vmamba_checkpoint(vmamba_small_fixture(), good, sha256=digest)
 
 
 def test_safetensors_loads_and_changes_outputs(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ CARRY=${CARRY:-.device}
 SITE=/tmp/pdd-site
 MAMBA=/tmp/pdd-mamba
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+export PYTHONUNBUFFERED=1
 step() { echo "== $(date +%T) $*"; }
 
 step install
