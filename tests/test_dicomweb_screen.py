@@ -21,6 +21,7 @@ import ray
 from conftest import SHARED
 from dicom_factory import write_ct_series
 from orthanc_server import FaultyProxy, orthanc  # noqa: F401 - the fixture
+from ray_support import start_test_ray
 from screen_support import direct_scores, make_checkpoint
 from typer.testing import CliRunner
 
@@ -88,7 +89,7 @@ def identifiers(root: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_test_ray(num_cpus=2)  # token auth, loopback only, private temp folder
     yield
     ray.shutdown()
 

@@ -87,3 +87,16 @@ def test_cli_help_runs_fast_without_torch() -> None:
 def test_model_imports_without_optional_packages() -> None:
     loaded = _modules_loaded_by("import model")
     assert not {"ray", "pydicom", "mamba_ssm"} & loaded
+
+
+def test_tests_start_ray_only_the_way_the_project_does() -> None:
+    """Every test cluster goes through tests/ray_support.py (token auth, 127.0.0.1, private temp
+    folder): no test calls ``ray.init`` or builds a ``Cluster`` without its node arguments."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        if path.name in ("ray_support.py", "test_import_rules.py"):
+            continue
+        text = path.read_text()
+        if "ray.init(" in text or ("Cluster(" in text and "ray_node_args" not in text):
+            offenders.append(path.name)
+    assert not offenders, f"tests starting Ray outside ray_support: {offenders}"
