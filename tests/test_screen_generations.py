@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 from dicom_factory import write_ct_series
+from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -44,7 +45,7 @@ def test_killed_force_run_leaves_earlier_results_readable(tmp_path: Path) -> Non
         if event.stage == "commit" and event.done >= 1:
             raise Killed("stopped after a commit")
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_test_ray(num_cpus=2)
     try:
         first = run_screen(_cfg(archive, out, ckpt, run_id="gen-1"))
         assert first.exit_code == 0 and not first.warnings
