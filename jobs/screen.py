@@ -1,7 +1,11 @@
 """The screening job: discovery on the driver -> series work units sharded by a stable hash ->
 Ray CPU read tasks (decode, window, slice) -> actor pool holding the PDD model -> streaming,
 atomic Parquet writes with per-series commits (see ``pdd_batch.runs.sink`` and
-``pdd_batch.runs.state``).
+``pdd_batch.runs.state``) into a hidden store, published into ``slices/`` (one rename) when the
+run ends.
+
+A run that replaces earlier results (``--force``, another checkpoint or site key) publishes only
+when it completes: failed or killed, it leaves the earlier results (and their manifest fields).
 
 Progress goes to an optional callback (``ProgressEvent``); nothing here prints.
 """
@@ -39,11 +43,13 @@ from pdd_batch.runs.manifest import (
     code_version,
     exit_code_for,
     file_outcomes,
+    record_failure,
+    scrub_paths,
     write_manifest,
 )
-from pdd_batch.runs.results import read_manifest
+from pdd_batch.runs.results import ResultsError, read_manifest
 from pdd_batch.runs.sink import Provenance, SinkStats, SliceSink
-from pdd_batch.runs.state import RunState, run_lock
+from pdd_batch.runs.state import RunState, make_run_folder_private, run_lock
 from pdd_batch.runs.tables import write_errors, write_studies
 
 log = logging.getLogger(__name__)
@@ -57,7 +63,8 @@ MAX_INPUT_BLOCKS = 2000
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One progress update: ``stage`` is discover | series | slices | commit | finalise."""
+    """One progress update: ``stage`` is discover | series | slices | commit | finalise, or
+    warning (``note``: a message for the user, e.g. what this run will replace)."""
 
     stage: str
     done: int
@@ -71,12 +78,14 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 @dataclass(frozen=True)
 class ScreenResult:
-    """Outcome of ``run_screen``: the manifest written and the process exit code."""
+    """Outcome of ``run_screen``: the manifest written, the process exit code and the warnings
+    given (also sent as ``warning`` progress events)."""
 
     out_dir: Path
     status: str
     exit_code: int
     manifest: dict[str, Any]
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,7 +247,7 @@ def _plan_work(cfg: RunConfig, disc: Discovery, state: RunState) -> tuple[list[S
     changed = [r.series_key for r in pending if r.series_key in state.series]
     if changed:
         log.info("%d series changed since they were screened; replacing their rows", len(changed))
-        state.forget(changed, _part_names(cfg.run_id + "-r"))
+        state.forget(changed)
     return pending, fingerprints
 
 
@@ -267,7 +276,7 @@ def run_screen(
     keys.site_key()  # fail before any work on a key file that is unsafe
     if crosswalk is not None:
         check_location(crosswalk, cfg.out_dir)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    make_run_folder_private(cfg.out_dir)  # 0700 / 0600 whatever the umask
     with run_lock(cfg.out_dir):
         return _run_locked(cfg, progress, crosswalk, source_errors)
 
@@ -286,6 +295,12 @@ class _Run:
     t_start: float
     timings: dict[str, float] = field(default_factory=dict)
     cluster: ClusterInfo | None = None
+    key_id: str = ""
+    warnings: tuple[str, ...] = ()
+    # the manifest as the run stands (the "running" one), and, when this run replaces earlier
+    # results, the manifest that describes them (kept until this run publishes)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    published_manifest: dict[str, Any] | None = None
 
 
 def public_config(cfg: RunConfig) -> dict[str, Any]:
@@ -302,7 +317,8 @@ def _rekey_needed(out_dir: Path, state: RunState, key_id: str) -> bool:
     by path): they cannot be matched with this run's keys, so everything is screened again."""
     if not state.series and not state.parts:
         return False
-    previous = read_manifest(out_dir).get("key_id")
+    manifest = read_manifest(out_dir)  # a replacing run in progress: the key of its rows
+    previous = manifest.get("in_progress", {}).get("key_id") or manifest.get("key_id")
     if previous != key_id:
         log.warning(
             "earlier results in this folder were keyed with %s; screening everything again",
@@ -310,6 +326,63 @@ def _rekey_needed(out_dir: Path, state: RunState, key_id: str) -> bool:
         )
         return True
     return False
+
+
+def _bind(
+    cfg: RunConfig, state: RunState, model: ModelInfo, key_id: str, progress: ProgressFn | None
+) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+    """Tie the state to the model; returns the warnings for the user and, when this run
+    replaces earlier results, the manifest that describes them (kept until it publishes)."""
+    try:
+        previous = read_manifest(cfg.out_dir)
+    except ResultsError:
+        previous = {}
+    rekey = not cfg.force and _rekey_needed(cfg.out_dir, state, key_id)
+    reason = "another site key" if rekey else None
+    state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force or rekey, reason=reason)
+    state.bind_threshold(model.threshold)
+    warning = state.replacement_warning()
+    if warning is None:
+        return (), None
+    log.warning("%s", warning)
+    _emit(progress, "warning", 0, None, note=warning)
+    published = None
+    if previous and (previous.get("status") != STATUS_RUNNING or previous.get("in_progress")):
+        published = {k: v for k, v in previous.items() if k not in ("error", "in_progress")}
+    return (warning,), published
+
+
+def _running_manifest(run: _Run) -> dict[str, Any]:
+    """The manifest written when the run starts (status ``running``)."""
+    cfg, model = run.cfg, run.model
+    if run.published_manifest is not None:  # the earlier results stay described until publish
+        return {
+            **run.published_manifest,
+            "status": STATUS_RUNNING,
+            "exit_code": exit_code_for(STATUS_RUNNING),
+            "in_progress": {
+                "run_id": cfg.run_id,
+                "model_id": model.model_id,
+                "checkpoint_hash": model.checkpoint_hash,
+                "key_id": run.key_id,
+                "series_pending": len(run.pending),
+                "warnings": list(run.warnings),
+            },
+        }
+    return build_manifest(
+        run_id=cfg.run_id,
+        status=STATUS_RUNNING,
+        counts=InputCounts.from_outcomes({}),
+        key_id=run.key_id,
+        model_id=model.model_id,
+        checkpoint_hash=model.checkpoint_hash,
+        extra={
+            "run_config": public_config(cfg),
+            "series_seen": len(run.disc.series),
+            "series_pending": len(run.pending),
+            "warnings": list(run.warnings),
+        },
+    )
 
 
 def _prepare(
@@ -324,9 +397,7 @@ def _prepare(
     state = RunState.load(cfg.out_dir)
     state.reconcile()
     model = resolve_model(cfg.model_path, cfg.teacher_weights)
-    force = cfg.force or _rekey_needed(cfg.out_dir, state, key_id)
-    state.bind_model(model.checkpoint_hash, model.model_id, force=force)
-    state.bind_threshold(model.threshold)
+    warnings, published_manifest = _bind(cfg, state, model, key_id, progress)
     t = time.perf_counter()
     disc = discover(
         cfg.archive,
@@ -340,22 +411,6 @@ def _prepare(
     if crosswalk is not None:
         write_crosswalk(crosswalk, disc, key_id)
     pending, fingerprints = _plan_work(cfg, disc, state)
-    write_manifest(
-        cfg.out_dir,
-        build_manifest(
-            run_id=cfg.run_id,
-            status=STATUS_RUNNING,
-            counts=InputCounts.from_outcomes({}),
-            key_id=key_id,
-            model_id=model.model_id,
-            checkpoint_hash=model.checkpoint_hash,
-            extra={
-                "run_config": public_config(cfg),
-                "series_seen": len(disc.series),
-                "series_pending": len(pending),
-            },
-        ),
-    )
     prov = Provenance(
         model.model_id,
         model.checkpoint_hash,
@@ -379,9 +434,21 @@ def _prepare(
         flush_seconds=cfg.flush_seconds,
         on_commit=on_commit,
     )
-    run = _Run(cfg, state, model, disc, pending, sink, progress, t_start)
+    run = _Run(cfg, state, model, disc, pending, sink, progress, t_start, key_id=key_id)
     run.timings["discover_s"] = discover_s
+    run.warnings, run.published_manifest = warnings, published_manifest
+    run.manifest = _running_manifest(run)
+    write_manifest(cfg.out_dir, run.manifest)
     return run
+
+
+def _error_text(exc: BaseException, run: _Run) -> str:
+    """Why a run failed, safe to store: UIDs masked (``failure_reason``), no paths (the
+    archive's own, and any other absolute or quoted one)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    paths = [str(run.disc.root), *(f.path for f in run.disc.files)]
+    return scrub_paths(keys.redact_paths(failure_reason(exc), paths))
 
 
 def _run_locked(
@@ -391,13 +458,12 @@ def _run_locked(
     source_errors: Sequence[FileRecord] = (),
 ) -> ScreenResult:
     run = _prepare(cfg, progress, crosswalk, source_errors)
-    if not run.pending:
-        for stage in ("series", "slices", "commit"):
-            _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")
-    status, error = STATUS_COMPLETE, None
     t = time.perf_counter()
     try:
-        if run.pending:
+        if not run.pending:
+            for stage in ("series", "slices", "commit"):
+                _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")
+        else:
             with connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as run.cluster:
                 plan = plan_actors(
                     run.cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
@@ -412,18 +478,26 @@ def _run_locked(
                     limits=cfg.limits,
                 )
                 _stream(ds, run.sink, run.pending, progress)
-    except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
-        status, error = STATUS_FAILED, failure_reason(exc)
-        run.sink.close()
-        raise
-    finally:
+    except BaseException as exc:  # the run failed: keep what is committed, say so, re-raise
         run.timings["pipeline_s"] = time.perf_counter() - t
-        if error:  # a reader's or Ray's message may quote a path: never into the manifest
-            error = keys.redact_paths(
-                error, [str(run.disc.root), *(f.path for f in run.disc.files)]
-            )
-        result = _finalise(run, status, error)
-    return result
+        _fail(run, exc)
+        raise
+    run.timings["pipeline_s"] = time.perf_counter() - t
+    return _finalise(run, STATUS_COMPLETE, None)
+
+
+def _fail(run: _Run, exc: BaseException) -> None:
+    """Finalise a failed run with its own error; an error of the finalising itself (a full
+    disk, say) is logged, never raised in place of the first one."""
+    error = _error_text(exc, run)
+    try:
+        run.sink.close()  # commit the series that are complete
+    except Exception as close_exc:  # noqa: BLE001 - the first error is the one to raise
+        log.warning("could not commit the last series: %s", _error_text(close_exc, run))
+    try:
+        _finalise(run, STATUS_FAILED, error)
+    except Exception as fin_exc:  # noqa: BLE001 - recorded by _finalise, first error raised
+        log.warning("finalising the failed run failed too: %s", _error_text(fin_exc, run))
 
 
 def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
@@ -442,7 +516,6 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
         "studies": n_study,
         "error_rows": n_err,
         "slices_per_s": round(stats.slices_written / max(run.timings["pipeline_s"], 1e-9), 2),
-        "parts": len(state.parts),
         "actors": {
             "processes": len(stats.actor_peak_rss_mb),
             "peak_rss_mb": round(max(stats.actor_peak_rss_mb.values(), default=0.0), 1),
@@ -451,6 +524,7 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
         if cluster is None
         else {"mode": cluster.mode, "nodes": cluster.nodes, "resources": cluster.resources},
         "threshold": run.model.threshold,
+        "warnings": list(run.warnings),
     }
 
 
@@ -467,10 +541,42 @@ def _dropped_paths(disc: Discovery, state: RunState) -> dict[str, list[str]]:
 
 
 def _finalise(run: _Run, status: str, error: str | None) -> ScreenResult:
-    """Compact parts, rewrite studies and errors, account for every input, write the manifest."""
+    """Publish the slices, rewrite studies and errors, account for every input, write the
+    manifest. A failed run that replaces earlier results publishes nothing (they stay).
+
+    On an error of its own the manifest still records status ``failed`` with the first error
+    (``error`` when the run had already failed), then the error is raised.
+    """
+    try:
+        if status == STATUS_FAILED and run.state.replacing:
+            return _keep_published(run, error or "")
+        return _publish(run, status, error)
+    except Exception as exc:
+        first = error or _error_text(exc, run)
+        failed = {**run.manifest, "status": STATUS_FAILED, "error": first}
+        failed["exit_code"] = exit_code_for(STATUS_FAILED)
+        if not record_failure(run.cfg.out_dir, failed):
+            log.warning("the manifest could not record the failure either: %s", first)
+        raise
+
+
+def _keep_published(run: _Run, error: str) -> ScreenResult:
+    """A failed replacing run: the earlier results and their manifest fields stay."""
+    manifest = {**(run.published_manifest or run.manifest), "status": STATUS_FAILED}
+    manifest.update(exit_code=exit_code_for(STATUS_FAILED), error=error)
+    manifest["in_progress"] = {**run.manifest.get("in_progress", {}), "run_id": run.cfg.run_id}
+    write_manifest(run.cfg.out_dir, manifest)
+    _emit(run.progress, "finalise", 1, 1, note=STATUS_FAILED)
+    return ScreenResult(
+        run.cfg.out_dir, STATUS_FAILED, exit_code_for(STATUS_FAILED), manifest, run.warnings
+    )
+
+
+def _publish(run: _Run, status: str, error: str | None) -> ScreenResult:
+    """Swap this run's rows into ``slices/``, then studies, errors and the manifest."""
     cfg, state, disc, sink = run.cfg, run.state, run.disc, run.sink
     t = time.perf_counter()
-    state.compact(cfg.max_part_files, cfg.rows_per_file * 4, _part_names(cfg.run_id + "-c"))
+    state.publish(cfg.run_id)
     n_study = write_studies(state, topk=cfg.topk, run_id=cfg.run_id)
     done = _dropped_paths(disc, state)
     files = [(f.path, f.status, f.reason) for f in disc.files]
@@ -487,7 +593,7 @@ def _finalise(run: _Run, status: str, error: str | None) -> ScreenResult:
     manifest = build_manifest(
         run_id=cfg.run_id,
         status=status,
-        key_id=keys.site_key().key_id,
+        key_id=run.key_id,
         counts=counts,
         model_id=run.model.model_id,
         checkpoint_hash=run.model.checkpoint_hash,
@@ -495,4 +601,4 @@ def _finalise(run: _Run, status: str, error: str | None) -> ScreenResult:
     )
     write_manifest(cfg.out_dir, manifest)
     _emit(run.progress, "finalise", 1, 1, note=status)
-    return ScreenResult(cfg.out_dir, status, exit_code_for(status), manifest)
+    return ScreenResult(cfg.out_dir, status, exit_code_for(status), manifest, run.warnings)

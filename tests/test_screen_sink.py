@@ -78,6 +78,8 @@ def test_series_commit_only_when_complete_and_duplicates_are_dropped(tmp_path: P
     assert set(state.series) == {"a"}
     dropped = state.series["a"].dropped
     assert [f for f, _ in dropped] == [file_key("a/f2.dcm")] and NO_SLICE_REASON in dropped[0][1]
+    assert not (tmp_path / "slices").exists()  # committed into the hidden store only
+    state.publish("run")
     table = pd.read_parquet(tmp_path / "slices")
     assert sorted(table["slice_key"]) == ["a:0:0", "a:0:1"]
     assert (table["flagged"] == (table["score"] > 1.5)).all()
@@ -109,11 +111,11 @@ def test_parts_and_state_name_files_by_key_never_by_path(tmp_path: Path) -> None
     sink = _sink(tmp_path, [_ref("DOE^JOHN_12345", 3)], rows_per_file=1)
     sink.add(_batch([_slice("DOE^JOHN_12345", 0, 0), ("end", "DOE^JOHN_12345", -1, "", 1, "")]))
     sink.close()
-    table = pq.read_table(tmp_path / "slices")
+    table = pq.read_table(sink.state.store_dir)  # the committed (unpublished) parts
     assert "source_file" not in table.column_names
     assert table.column("file_key").to_pylist() == [file_key("DOE^JOHN_12345/f0.dcm")]
     state_text = (tmp_path / "_state" / "state.json").read_text()
     assert "f1.dcm" not in state_text and "f2.dcm" not in state_text
     assert file_key("DOE^JOHN_12345/f1.dcm") in state_text
-    for part in (tmp_path / "slices").glob("*.parquet"):
+    for part in sink.state.store_dir.glob("*.parquet"):
         assert b".dcm" not in part.read_bytes()

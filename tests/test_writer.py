@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import duckdb
@@ -10,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from pandas.testing import assert_frame_equal
 
 from pdd_batch.runs.heatmap import decode_heatmap, encode_heatmap
 from pdd_batch.runs.manifest import (
@@ -23,12 +27,15 @@ from pdd_batch.runs.manifest import (
     exit_code_for,
     write_manifest,
 )
+from pdd_batch.runs.results import open_run, read_table
 from pdd_batch.runs.schema import ERRORS_SCHEMA, SLICES_SCHEMA
 from pdd_batch.runs.state import RunState, RunStateError, SeriesRecord
 from pdd_batch.runs.writer import (
     WriteError,
     remove_temp_files,
     rows_to_table,
+    write_atomic,
+    write_bytes_atomic,
     write_json_atomic,
     write_table_atomic,
 )
@@ -99,8 +106,12 @@ def test_json_write_replaces_whole_file(tmp_path: Path) -> None:
 
 def _commit(state: RunState, part: str, series: dict[str, int]) -> None:
     rows = [r for k, n in series.items() for r in _slice_rows(k, n)]
-    write_table_atomic(rows_to_table(rows, SLICES_SCHEMA), state.slices_dir / part)
+    write_table_atomic(rows_to_table(rows, SLICES_SCHEMA), state.store_dir / part)
     state.commit_part(part, {k: SeriesRecord(part, n, f"fp-{k}", "st1") for k, n in series.items()})
+
+
+def _published(out: Path) -> pd.DataFrame:
+    return open_run(out).slices.to_pandas()
 
 
 def test_state_round_trip_and_incremental_skip(tmp_path: Path) -> None:
@@ -119,24 +130,27 @@ def test_orphan_part_from_a_crash_is_removed_and_its_series_not_done(tmp_path: P
     _commit(state, "a.parquet", {"s1": 2})
     # crash after the rename, before the state names the part:
     write_table_atomic(
-        rows_to_table(_slice_rows("s2", 2), SLICES_SCHEMA), state.slices_dir / "b.parquet"
+        rows_to_table(_slice_rows("s2", 2), SLICES_SCHEMA), state.store_dir / "b.parquet"
     )
     resumed = RunState.load(tmp_path)
     assert resumed.reconcile() == ["b.parquet"]
     assert not resumed.is_done("s2", "fp-s2")
-    assert sorted(p.name for p in resumed.slices_dir.iterdir()) == ["a.parquet"]
+    assert sorted(p.name for p in resumed.store_dir.iterdir()) == ["a.parquet"]
 
 
-def test_changed_threshold_reflags_committed_rows(tmp_path: Path) -> None:
+def test_changed_threshold_reflags_every_row_when_published(tmp_path: Path) -> None:
     state = RunState.load(tmp_path)
     state.bind_model("h1", "m", force=False)
     _commit(state, "a.parquet", {"s1": 4})  # rows flagged without a threshold
-    assert state.bind_threshold(1.0) == 1
-    t = pq.read_table(state.slices_dir / "a.parquet").to_pandas()
+    assert state.bind_threshold(1.0) == 4
+    state.publish("r1")
+    t = _published(tmp_path)
     assert (t["threshold"] == 1.0).all() and list(t["flagged"]) == list(t["score"] > 1.0)
-    assert RunState.load(tmp_path).bind_threshold(1.0) == 0  # bound: nothing to rewrite
-    assert RunState.load(tmp_path).bind_threshold(None) == 1  # calibration removed
-    t = pq.read_table(state.slices_dir / "a.parquet").to_pandas()
+    assert RunState.load(tmp_path).bind_threshold(1.0) == 0  # bound: nothing to re-flag
+    state = RunState.load(tmp_path)
+    assert state.bind_threshold(None) == 4  # calibration removed
+    state.publish("r2")
+    t = _published(tmp_path)
     assert t["threshold"].isna().all() and not t["flagged"].any()
 
 
@@ -146,41 +160,158 @@ def test_commit_refuses_a_part_not_on_disk(tmp_path: Path) -> None:
         state.commit_part("ghost.parquet", {})
 
 
-def test_new_checkpoint_or_force_replaces_all_rows(tmp_path: Path) -> None:
-    state = RunState.load(tmp_path)
-    state.bind_model("h1", "m", force=False)
-    _commit(state, "a.parquet", {"s1": 2})
-    assert RunState.load(tmp_path).bind_model("h1", "m", force=False) == 0
-    assert RunState.load(tmp_path).bind_model("h2", "m", force=False) == 1  # new checkpoint
-    assert not list(state.slices_dir.glob("*.parquet"))
-    state = RunState.load(tmp_path)
-    _commit(state, "b.parquet", {"s1": 2})
-    assert RunState.load(tmp_path).bind_model("h2", "m", force=True) == 1
-    assert RunState.load(tmp_path).series == {}
-
-
-def test_forget_rewrites_only_the_changed_series(tmp_path: Path) -> None:
+def test_forget_leaves_out_only_the_changed_series(tmp_path: Path) -> None:
     state = RunState.load(tmp_path)
     state.bind_model("h1", "m", force=False)
     _commit(state, "a.parquet", {"s1": 2, "s2": 3})
+    state.publish("r1")
     _commit(state, "b.parquet", {"s3": 1})
-    assert state.forget({"s2", "s3"}, _names("new")) == 2
-    table = pd.read_parquet(state.slices_dir)
-    assert sorted(table["series_key"]) == ["s1", "s1"]
+    assert state.forget({"s2", "s3"}) == 2
+    state.publish("r2")
+    assert sorted(_published(tmp_path)["series_key"]) == ["s1", "s1"]
     assert RunState.load(tmp_path).series.keys() == {"s1"}
 
 
-def test_compaction_keeps_every_row_once(tmp_path: Path) -> None:
+def test_parts_are_invisible_until_published_as_one_merged_file(tmp_path: Path) -> None:
     state = RunState.load(tmp_path)
     state.bind_model("h1", "m", force=False)
-    for i in range(6):
+    for i in range(4):
         _commit(state, f"p{i}.parquet", {f"s{i}": i + 1})
-    state.compact(max_parts=2, target_rows=100, new_part_name=_names("c"))
-    assert len(state.parts) <= 2
-    assert len(list(state.slices_dir.glob("*.parquet"))) == len(state.parts)
-    keys = pd.read_parquet(state.slices_dir)["slice_key"]
-    assert len(keys) == sum(range(1, 7)) and keys.is_unique
-    assert RunState.load(tmp_path).part_rows() == state.part_rows()
+    glob = f"{tmp_path}/slices/*.parquet"
+    assert not (tmp_path / "slices").exists() or not list((tmp_path / "slices").iterdir())
+    assert read_table(tmp_path, "slices").num_rows == 0  # readers see no part
+    assert state.publish("r1") == 1 + 2 + 3 + 4
+    assert [p.name for p in (tmp_path / "slices").iterdir()] == ["slices.parquet"]
+    assert not list(state.store_dir.glob("*.parquet"))  # merged parts are gone
+    keys = duckdb.sql(f"select slice_key from read_parquet('{glob}')").df()["slice_key"]
+    assert len(keys) == 10 and keys.is_unique
+    assert len(pd.read_parquet(tmp_path / "slices")) == len(_published(tmp_path)) == 10
+    assert RunState.load(tmp_path).part_rows() == {"slices.parquet": 10}
+
+
+def test_crash_between_the_swap_and_the_state_update_never_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = RunState.load(tmp_path)
+    state.bind_model("h1", "m", force=False)
+    _commit(state, "a.parquet", {"s1": 2})
+    state.publish("r1")
+    _commit(state, "b.parquet", {"s2": 3})
+
+    def crash(self: RunState) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(RunState, "save", crash)
+    with pytest.raises(OSError, match="killed"):
+        state.publish("r2")  # slices.parquet already renamed: holds s1 and s2
+    monkeypatch.undo()
+    assert len(_published(tmp_path)) == 5
+    resumed = RunState.load(tmp_path)  # still names b.parquet for s2
+    resumed.reconcile()
+    _commit(resumed, "c.parquet", {"s3": 1})
+    resumed.publish("r3")
+    keys = _published(tmp_path)["slice_key"]
+    assert len(keys) == 6 and keys.is_unique
+
+
+def test_force_keeps_earlier_results_readable_until_the_new_ones_are_published(
+    tmp_path: Path,
+) -> None:
+    state = RunState.load(tmp_path)
+    state.bind_model("h1", "m1", force=False)
+    _commit(state, "a.parquet", {"s1": 2, "s2": 2})
+    state.publish("run-1")
+    old = _published(tmp_path)
+    forced = RunState.load(tmp_path)
+    forced.reconcile()
+    assert forced.bind_model("h1", "m1", force=True) == 2
+    warning = forced.replacement_warning()
+    assert warning and "--force" in warning and "2 series, 4 slices" in warning
+    _commit(forced, "b.parquet", {"s1": 2})
+    # killed here: the new generation's rows are committed, not published
+    assert_frame_equal(_published(tmp_path), old)
+    resumed = RunState.load(tmp_path)
+    resumed.reconcile()
+    assert resumed.bind_model("h1", "m1", force=False) == 0  # resumes the new generation
+    assert resumed.is_done("s1", "fp-s1") and not resumed.is_done("s2", "fp-s2")
+    assert "--force" in (resumed.replacement_warning() or "")  # still said on the resumed run
+    _commit(resumed, "c.parquet", {"s2": 3})
+    resumed.publish("run-2")
+    new = _published(tmp_path)
+    assert sorted(new["slice_key"]) == ["s1:0:0", "s1:0:1", "s2:0:0", "s2:0:1", "s2:0:2"]
+    assert RunState.load(tmp_path).replacement_warning() is None
+
+
+def test_new_checkpoint_replaces_rows_only_when_published(tmp_path: Path) -> None:
+    state = RunState.load(tmp_path)
+    state.bind_model("h1", "m1", force=False)
+    _commit(state, "a.parquet", {"s1": 2})
+    state.publish("run-1")
+    state = RunState.load(tmp_path)
+    assert state.bind_model("h2", "m2", force=False) == 1
+    assert "different checkpoint" in (state.replacement_warning() or "")
+    assert len(_published(tmp_path)) == 2  # still the h1 rows
+    state.publish("run-2")  # the new model found nothing: the folder now holds no row
+    assert _published(tmp_path).empty and RunState.load(tmp_path).series == {}
+
+
+def test_version_1_folder_is_migrated_without_losing_or_duplicating_rows(tmp_path: Path) -> None:
+    slices = tmp_path / "slices"
+    for name, key in (("part-a.parquet", "s1"), ("part-b.parquet", "s2")):
+        write_table_atomic(rows_to_table(_slice_rows(key, 2), SLICES_SCHEMA), slices / name)
+    records = {k: {"part": p, "n_slices": 2, "fingerprint": f"fp-{k}", "study_key": "st1"}
+               for k, p in (("s1", "part-a.parquet"), ("s2", "part-b.parquet"))}  # fmt: skip
+    v1 = {"version": 1, "checkpoint_hash": "h1", "model_id": "m", "threshold": None,
+          "parts": ["part-a.parquet", "part-b.parquet"], "series": records}  # fmt: skip
+    write_json_atomic(v1, tmp_path / "_state" / "state.json")
+    state = RunState.load(tmp_path)
+    state.reconcile()
+    assert len(_published(tmp_path)) == 4  # the old parts are still what readers see
+    assert state.bind_model("h1", "m", force=False) == 0 and state.is_done("s1", "fp-s1")
+    state.publish("r2")
+    assert [p.name for p in slices.iterdir()] == ["slices.parquet"]
+    keys = _published(tmp_path)["slice_key"]
+    assert len(keys) == 4 and keys.is_unique
+    assert json.loads(state.path.read_text())["version"] == 2
+
+
+def test_write_errors_name_the_file_and_the_os_reason_not_the_path(tmp_path: Path) -> None:
+    def full_disk(fh) -> None:
+        fh.write(b"PAR1")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
+
+    final = tmp_path / "Doe^Jane" / "slices" / "slices.parquet"
+    with pytest.raises(WriteError) as info:
+        write_atomic(final, full_disk)
+    assert str(info.value) == "cannot write slices/slices.parquet: " + (
+        f"{os.strerror(errno.ENOSPC)} (ENOSPC)"
+    )
+    assert not list(final.parent.iterdir())  # the temp file is gone
+
+
+def test_run_outputs_are_private_under_umask_022(tmp_path: Path) -> None:
+    from pdd_batch.runs.state import make_run_folder_private, run_lock
+    from pdd_batch.runs.tables import write_studies
+
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        make_run_folder_private(out)
+        with run_lock(out):
+            state = RunState.load(out)
+            state.bind_model("h1", "m", force=False)
+            _commit(state, "a.parquet", {"s1": 2})
+            state.publish("r1")
+            write_studies(state, topk=3, run_id="r1")
+            write_manifest(out, {"status": "complete"})
+            write_bytes_atomic(b"<html></html>", out / "report.html")
+    finally:
+        os.umask(old)
+    paths = [out, *out.rglob("*")]
+    assert len(paths) >= 9
+    for p in paths:
+        want = 0o700 if p.is_dir() else 0o600
+        assert stat.S_IMODE(p.stat().st_mode) == want, p.relative_to(tmp_path)
 
 
 def test_input_counts_add_up_and_lost_inputs_fail_the_run(tmp_path: Path) -> None:

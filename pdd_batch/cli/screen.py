@@ -56,6 +56,9 @@ class LiveView:
 
     def __call__(self, event: Any) -> None:
         """Apply one ``jobs.screen.ProgressEvent`` (not imported here: jobs loads Ray)."""
+        if event.stage == "warning":  # e.g. what a --force run will replace
+            self.progress.console.print(f"[yellow]warning:[/] {event.note}")
+            return
         task = self.tasks.get(event.stage)
         if task is None:
             return

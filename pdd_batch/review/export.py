@@ -18,6 +18,11 @@ Pixels are never cleaned, so when de-identifying a DICOM file that may show burn
 screen capture) is not written, nor are the overlays built from it: both are listed in
 ``export.json`` and ``manifest.csv`` as "withheld: possible burned-in text" under the name they
 would have had. ``allow_burned_in`` writes them, with a warning.
+
+Every file is written atomically (a hidden temp file, then a rename) with mode 0600 in folders of
+mode 0700, whatever the umask. A file that cannot be *written* (a full disk) stops the export with
+``ExportWriteError`` naming the write; a source that cannot be *read* is an error record and the
+export goes on.
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ from pdd_batch.review.overlay import (
 )
 from pdd_batch.review.secondary_capture import ScStudy, write_sc_series
 from pdd_batch.runs.results import RunResults
+from pdd_batch.runs.writer import (
+    WriteError,
+    ensure_private_dir,
+    make_private,
+    write_bytes_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +80,25 @@ WITHHELD_REASON = "withheld: possible burned-in text"
 
 class ExportError(ValueError):
     """Export options or an output folder that cannot be used (names the option)."""
+
+
+class ExportWriteError(ExportError):
+    """A file of the export could not be written (disk full, read-only...): the export stopped."""
+
+
+def _write_out(data: bytes, dst: Path) -> None:
+    """Write one export file (atomic, 0600); a failure stops the export as a *write* error."""
+    try:
+        write_bytes_atomic(data, dst)
+    except WriteError as exc:
+        raise ExportWriteError(f"{exc}; the export is incomplete") from exc
+
+
+def _make_tree_private(folder: Path) -> None:
+    """Folders 0700, files 0600 under ``folder`` (files written by helpers, e.g. SC series)."""
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            make_private(p)
 
 
 @dataclass(frozen=True)
@@ -152,7 +182,8 @@ def _prepare_out(out_dir: Path, options: ExportOptions) -> None:
         cw = options.crosswalk.resolve()
         if cw == out_dir.resolve() or out_dir.resolve() in cw.parents:
             raise ExportError("--crosswalk must be outside the export folder (it re-identifies)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(out_dir)
+    make_private(out_dir)
 
 
 def export_run(
@@ -173,6 +204,7 @@ def export_run(
 
     Raises:
         ExportError: bad options, a non-empty ``out_dir``, or no way to find the source files.
+        ExportWriteError: a file could not be written (the export stops there).
     """
     if locator is None:
         try:
@@ -195,6 +227,7 @@ def export_run(
             summary.studies.append(item)
     _write_manifest_csv(out_dir, summary)
     _write_export_json(out_dir, results, options, summary, scale)
+    _make_tree_private(out_dir)
     if options.crosswalk is not None:
         write_crosswalk(options.crosswalk, summary, deid)
     log.info("exported %d studies, %d files, %d overlays, %d withheld, %d errors",
@@ -274,6 +307,8 @@ def _export_sources(
         try:
             written = _copy_one(_read_source(reader, root, rel), dst, item, deid, rel,
                                 allow_burned_in)  # fmt: skip
+        except ExportWriteError:
+            raise
         except (OSError, InvalidDicomError, DeidError, ValueError, KeyError, struct.error) as exc:
             _error(summary, item, f"file {n} of {len(files)}", _reason(exc))
             dst.unlink(missing_ok=True)
@@ -322,8 +357,7 @@ def _copy_one(
         text, and ``allow_burned_in`` is off); its risk is kept in ``item.pixel_risk[rel]``.
     """
     if item.kind == "nifti":
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(data if deid is None else deidentify_nifti_data(data, dst.name))
+        _write_out(data if deid is None else deidentify_nifti_data(data, dst.name), dst)
         return True
     with quiet_pydicom():  # its warnings quote malformed values (UIDs, dates) into the logs
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=deid is None)
@@ -331,12 +365,13 @@ def _copy_one(
         if deid is not None and risk.possible and not allow_burned_in:
             item.new_study_uid, item.new_patient_id = deid.identify(ds)
             return False
-        dst.parent.mkdir(parents=True, exist_ok=True)
         if deid is None:
-            dst.write_bytes(data)
+            _write_out(data, dst)
         else:
             deid.deidentify(ds)
-            ds.save_as(dst, enforce_file_format=True)
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            _write_out(buf.getvalue(), dst)
         item.new_study_uid = str(ds.get("StudyInstanceUID", ""))
         item.new_patient_id = str(ds.get("PatientID", ""))
         item.study.setdefault("_study_date", str(ds.get("StudyDate", "")))
@@ -388,8 +423,7 @@ def _export_overlays(root, rows, out_dir, item: StudyExport, scale, options, sum
             _error(summary, item, f"overlay {name}", _reason(exc))
             continue
         path = out_dir / item.export_id / "overlays" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png)
+        _write_out(png, path)
         item.overlays.append(path.relative_to(out_dir).as_posix())
         comment = f"series {s_idx} slice {r['slice_index']} score {r['score']:.4f}"
         sc_items.append((np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), comment))
@@ -418,28 +452,29 @@ def _write_sc(
         deidentified=deidentified,
         burned_in=burned_in,
     )
-    paths = write_sc_series(sc_items, study, out_dir / item.export_id / "secondary_capture",
-                            series_seed=item.export_id)  # fmt: skip
+    sc_dir = ensure_private_dir(out_dir / item.export_id / "secondary_capture")
+    paths = write_sc_series(sc_items, study, sc_dir, series_seed=item.export_id)
     item.secondary_capture = [p.relative_to(out_dir).as_posix() for p in paths]
 
 
 def _write_manifest_csv(out_dir: Path, summary: ExportSummary) -> None:
-    with open(out_dir / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        for s in summary.studies:
-            st = s.study
-            writer.writerow({
-                "export_id": s.export_id, "rank": s.rank, "kind": s.kind,
-                "modality": st.get("modality") or "", "decision": st["decision"],
-                "max_score": f"{st['max_score']:.6g}", "topk_mean": f"{st['topk_mean']:.6g}",
-                "n_flagged": st["n_flagged"], "n_slices": st["n_slices"],
-                "new_study_uid": s.new_study_uid, "new_patient_id": s.new_patient_id,
-                "files": ";".join(s.files), "overlays": ";".join(s.overlays),
-                "secondary_capture": ";".join(s.secondary_capture),
-                "withheld": ";".join(s.withheld),
-                "withheld_reason": WITHHELD_REASON if s.withheld else "",
-            })  # fmt: skip
+    fh = io.StringIO(newline="")
+    writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    for s in summary.studies:
+        st = s.study
+        writer.writerow({
+            "export_id": s.export_id, "rank": s.rank, "kind": s.kind,
+            "modality": st.get("modality") or "", "decision": st["decision"],
+            "max_score": f"{st['max_score']:.6g}", "topk_mean": f"{st['topk_mean']:.6g}",
+            "n_flagged": st["n_flagged"], "n_slices": st["n_slices"],
+            "new_study_uid": s.new_study_uid, "new_patient_id": s.new_patient_id,
+            "files": ";".join(s.files), "overlays": ";".join(s.overlays),
+            "secondary_capture": ";".join(s.secondary_capture),
+            "withheld": ";".join(s.withheld),
+            "withheld_reason": WITHHELD_REASON if s.withheld else "",
+        })  # fmt: skip
+    _write_out(fh.getvalue().encode("utf-8"), out_dir / "manifest.csv")
 
 
 def _write_export_json(out_dir, results: RunResults, options, summary, scale) -> None:
@@ -467,7 +502,7 @@ def _write_export_json(out_dir, results: RunResults, options, summary, scale) ->
         "withheld": summary.withheld,
         "warnings": summary.warnings,
     }  # fmt: skip
-    (out_dir / "export.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    _write_out(json.dumps(doc, indent=2).encode("utf-8"), out_dir / "export.json")
 
 
 def write_crosswalk(path: Path, summary: ExportSummary, deid: Deidentifier | None) -> None:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pdd_batch
 from pdd_batch.review.overlay import SourceLocator, display_scale, model_input_slices, overlay_png
 from pdd_batch.runs.results import RunResults
+from pdd_batch.runs.writer import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -389,9 +390,7 @@ def write_report(
     locator: SourceLocator | None = None,
 ) -> Path:
     """Write the report HTML to ``out`` (parents created); returns the path."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(build_report(results, model_dir, locator=locator), encoding="utf-8")
-    tmp.replace(out)
+    html_text = build_report(results, model_dir, locator=locator)
+    write_bytes_atomic(html_text.encode("utf-8"), out)  # 0600, atomic
     log.info("report written (%d bytes)", out.stat().st_size)
     return out

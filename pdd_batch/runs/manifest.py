@@ -8,7 +8,10 @@ run lost (no rows and no error record, e.g. the run was interrupted) count as fa
 
 from __future__ import annotations
 
+import json
+import logging
 import platform
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -19,7 +22,9 @@ from typing import Any
 
 import pdd_batch
 from pdd_batch.runs.schema import SCHEMA_VERSION
-from pdd_batch.runs.writer import write_json_atomic
+from pdd_batch.runs.writer import WriteError, overwrite_in_place, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 
@@ -134,6 +139,34 @@ def build_manifest(
 def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
     """Write ``OUT/manifest.json`` atomically."""
     return write_json_atomic(manifest, Path(out_dir) / MANIFEST_NAME)
+
+
+# a quoted string holding a path separator, or an absolute path (POSIX or Windows)
+_PATH_RE = re.compile(
+    r"""'[^'\n]*[/\\][^'\n]*'|"[^"\n]*[/\\][^"\n]*"|(?<![\w.-])(?:~|[A-Za-z]:)?[/\\][^\s'",;]*"""
+)
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with file paths replaced by ``<path>`` (quoted ones, and absolute ones)."""
+    return _PATH_RE.sub("<path>", text)
+
+
+def record_failure(out_dir: Path, manifest: Mapping[str, Any]) -> bool:
+    """Write the manifest of a failed run, whatever it takes: atomically, else (a full disk)
+    compact JSON over the existing ``manifest.json`` in place. Returns whether it was written."""
+    try:
+        write_manifest(out_dir, manifest)
+        return True
+    except WriteError as exc:
+        log.warning("manifest: %s; overwriting it in place", exc)
+    data = json.dumps(manifest, separators=(",", ":"), sort_keys=True, default=str).encode()
+    try:
+        overwrite_in_place(data, Path(out_dir) / MANIFEST_NAME)
+        return True
+    except WriteError as exc:
+        log.warning("manifest: %s", exc)
+        return False
 
 
 _RANK = {SCORED: 3, SKIPPED: 2, FAILED: 1, LOST: 0}

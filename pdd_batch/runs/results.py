@@ -1,8 +1,10 @@
 """Reader of a finished (or running) screening run folder: ``open_run(run_dir) -> RunResults``.
 
 A run folder holds the Parquet datasets ``slices/``, ``studies/``, ``errors/`` (schemas in
-``pdd_batch.runs.schema``) and ``manifest.json``. Every consumer of screening output (summary,
-export, report) reads it through this module, so schema details live in one place.
+``pdd_batch.runs.schema``; each one merged file ``<name>/<name>.parquet``, replaced by a rename
+at the end of a run) and ``manifest.json``; a run's unpublished parts (``_state/``) are never
+read. Every consumer of screening output (summary, export, report) reads it through this module,
+so schema details live in one place.
 
 Runs of schema 1.0 named files by their archive-relative path (``slices.source_file``,
 ``errors.file``); they are read with those columns renamed to ``file_key`` (holding the path) and
@@ -34,9 +36,14 @@ class ResultsError(ValueError):
 
 
 def _data_files(table_dir: Path) -> list[Path]:
-    """Completed Parquet files of one dataset (temp/hidden files of an atomic write are skipped)."""
+    """The Parquet files of one dataset: its merged file ``<name>.parquet`` when there is one
+    (a run publishes each table as that one file, by a rename), else every completed file (run
+    folders of older versions; temp/hidden files of an atomic write and ``_`` folders skipped)."""
     if not table_dir.is_dir():
         return []
+    merged = table_dir / f"{table_dir.name}.parquet"
+    if merged.is_file():
+        return [merged]
     files = []
     for p in sorted(table_dir.rglob("*.parquet")):
         rel = p.relative_to(table_dir)

@@ -5,7 +5,8 @@ Rows arrive from the actor pool in any order, a series possibly spread over seve
 duplicate a slice) until its end marker and all the ``n_rows`` slices it announces have
 arrived, then buffers the complete series; when the
 buffer holds ``rows_per_file`` slices or ``flush_seconds`` have passed it writes one part file
-atomically and only then records its series as done in the run state.
+atomically into the run state's hidden store (``_state/parts/``, which readers never see) and
+only then records its series as done; ``RunState.publish`` swaps them into ``slices/`` at the end.
 
 Rows name their file by ``file_key`` (a keyed digest of the relative path the read task gives);
 no path reaches a Parquet part or the run state.
@@ -193,7 +194,7 @@ class SliceSink:
         records: dict[str, SeriesRecord] = {}
         if rows:
             part = next(self.part_names)
-            write_table_atomic(rows_to_table(rows, SLICES_SCHEMA), self.state.slices_dir / part)
+            write_table_atomic(rows_to_table(rows, SLICES_SCHEMA), self.state.store_dir / part)
             records = {k: self._record(k, part, len(self._open[k].rows)) for k in keys}
             self.state.commit_part(part, records)
             self.stats.parts_written += 1

@@ -1,9 +1,10 @@
 """End-of-run tables: the study rollup of all committed slices and the errors table.
 
-Both are rewritten whole at the end of every run (one file each, atomic rename), so incremental
-runs never duplicate them: studies cover every committed slice (this run's and earlier ones),
-errors hold exactly one row per input file that was not scored, with its stage and reason.
-Files are named by ``file_key`` and reasons are stripped of any path (``keys.redact_paths``).
+Both are rewritten whole at the end of every run (one file each, atomic rename), after the
+slices are published, so incremental runs never duplicate them: studies cover every committed
+slice (this run's and earlier ones), errors hold exactly one row per input file that was not
+scored, with its stage and reason. Files are named by ``file_key`` and reasons are stripped of
+any path (``keys.redact_paths``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pdd_batch.ingest.discovery import Discovery
 from pdd_batch.ingest.keys import file_key, redact_paths
 from pdd_batch.runs.manifest import LOST, SCORED, SKIPPED
 from pdd_batch.runs.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
 from pdd_batch.runs.state import RunState
-from pdd_batch.runs.writer import read_parts, rows_to_table, write_table_atomic
+from pdd_batch.runs.writer import rows_to_table, write_table_atomic
 
 STUDIES_FILE = "studies.parquet"
 ERRORS_FILE = "errors.parquet"
@@ -82,12 +84,12 @@ def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
 
 
 def write_studies(state: RunState, *, topk: int, run_id: str) -> int:
-    """Recompute ``studies/`` from every committed part; returns the number of studies."""
-    parts = read_parts(state.slices_dir, state.parts)
-    slices = parts.select(list(ROLLUP_COLUMNS)) if parts is not None else None
-    table = study_rows(slices, topk=topk, run_id=run_id) if slices is not None else None
-    if table is None:
-        table = STUDIES_SCHEMA.empty_table()
+    """Recompute ``studies/`` from the published ``slices/`` file (after ``state.publish``);
+    returns the number of studies."""
+    table = STUDIES_SCHEMA.empty_table()
+    if state.published_path.is_file():
+        slices = pq.read_table(state.published_path, columns=list(ROLLUP_COLUMNS))
+        table = study_rows(slices, topk=topk, run_id=run_id)
     write_table_atomic(table, state.out_dir / "studies" / STUDIES_FILE)
     return table.num_rows
 

@@ -1,20 +1,26 @@
-"""Atomic Parquet and JSON writes for run folders.
+"""Atomic, private Parquet/JSON/bytes writes for run and export folders.
 
 Every file is written to a hidden temporary name in its final folder (``.NAME.XXXX.tmp``, which
-no reader's ``*.parquet`` glob matches and which pyarrow's dataset discovery skips), flushed to
-disk, then renamed over its final name. A crash therefore never leaves a half-written file that
-looks complete; leftovers are removed by ``remove_temp_files`` when the next run starts.
+no reader's ``*.parquet`` glob matches and which pyarrow's dataset discovery skips), created with
+mode 0600 whatever the umask, flushed to disk, then renamed over its final name. A crash therefore
+never leaves a half-written file that looks complete; leftovers are removed by
+``remove_temp_files`` when the next run starts. Folders created here are 0700.
+
+A failed write raises ``WriteError``, whose message names the file relative to its folder and the
+OS reason (``No space left on device (ENOSPC)``), never an absolute path.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,10 +31,53 @@ log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".tmp"
 PARQUET_COMPRESSION = "zstd"
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
 
 
 class WriteError(OSError):
-    """A run-folder file that could not be written; the message names the file."""
+    """A file that could not be written; the message names the file (never a full path)."""
+
+
+def os_reason(exc: BaseException) -> str:
+    """An OS error's reason without the file it names: ``No space left on device (ENOSPC)``."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{exc.strerror or os.strerror(exc.errno)} ({name})"
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.filename:  # no errno: drop the quoted file names
+        for f in (exc.filename, exc.filename2):
+            text = text.replace(repr(str(f)), "").replace(str(f), "") if f else text
+    return f"{type(exc).__name__}: {text.strip(' :')}"[:200]
+
+
+def ensure_private_dir(folder: Path) -> Path:
+    """Create ``folder`` (and missing parents) with mode 0700; an existing folder is left as is."""
+    folder = Path(folder)
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(d, PRIVATE_DIR_MODE)  # the umask may have removed owner bits
+    return folder
+
+
+def make_private(path: Path) -> None:
+    """Set an existing folder to 0700 (file: 0600); a path owned by someone else is only logged."""
+    mode = PRIVATE_DIR_MODE if path.is_dir() else PRIVATE_FILE_MODE
+    try:
+        if stat.S_IMODE(path.lstat().st_mode) != mode and not path.is_symlink():
+            os.chmod(path, mode)
+    except OSError as exc:
+        log.warning("cannot make %s private: %s", path.name, os_reason(exc))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -49,37 +98,88 @@ def _temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+def _label(final: Path) -> str:
+    return f"{final.parent.name}/{final.name}" if final.parent.name else final.name
+
+
+def write_atomic(final: Path, fill: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``final`` through a private temp file: ``fill(fh)`` writes the content, then the
+    file is flushed, fsynced and renamed over ``final``.
+
+    Raises:
+        WriteError: the folder, the temp file or the rename failed (disk full, read-only...).
+    """
+    final = Path(final)
+    tmp = _temp_path(final)
+    try:
+        ensure_private_dir(final.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), PRIVATE_FILE_MODE)
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except (OSError, pa.ArrowException) as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {_label(final)}: {os_reason(exc)}") from exc
+    return final
+
+
+def write_bytes_atomic(data: bytes, final: Path) -> Path:
+    """Write ``data`` to ``final`` (atomic, mode 0600)."""
+    return write_atomic(final, lambda fh: fh.write(data))
 
 
 def write_table_atomic(table: pa.Table, final: Path) -> Path:
     """Write ``table`` to ``final`` (Parquet, zstd) through a temp file and a rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(final)
-    try:
-        pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
-        _commit(tmp, final)
-    except (OSError, pa.ArrowException) as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"cannot write {final.parent.name}/{final.name}: {exc}") from exc
-    return final
+    return write_atomic(
+        final, lambda fh: pq.write_table(table, fh, compression=PARQUET_COMPRESSION)
+    )
+
+
+def write_tables_atomic(schema: pa.Schema, tables: Iterable[pa.Table], final: Path) -> int:
+    """Stream ``tables`` (each conforming to ``schema``) into one Parquet file, atomically; only
+    one input table is in memory at a time. Returns the rows written."""
+    rows = 0
+
+    def fill(fh: IO[bytes]) -> None:
+        nonlocal rows
+        with pq.ParquetWriter(fh, schema, compression=PARQUET_COMPRESSION) as writer:
+            for table in tables:
+                writer.write_table(table)
+                rows += table.num_rows
+
+    write_atomic(final, fill)
+    return rows
 
 
 def write_json_atomic(data: Mapping[str, Any], final: Path) -> Path:
     """Write a JSON object to ``final`` through a temp file and a rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(final)
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    return write_bytes_atomic(text.encode("utf-8"), final)
+
+
+def overwrite_in_place(data: bytes, final: Path) -> None:
+    """Overwrite an existing file's bytes in place (no new file, so it can still succeed on a
+    full disk when ``data`` fits in the blocks the file has). Not atomic: a last resort.
+
+    Raises:
+        WriteError: the file is absent or the write failed.
+    """
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        _commit(tmp, final)
+        fd = os.open(final, os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"cannot write {final.name}: {exc}") from exc
-    return final
+        raise WriteError(f"cannot write {_label(Path(final))}: {os_reason(exc)}") from exc
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -109,11 +209,3 @@ def remove_temp_files(folders: Iterable[Path]) -> int:
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     return removed
-
-
-def read_parts(folder: Path, names: Sequence[str]) -> pa.Table | None:
-    """Concatenate the named Parquet parts of one folder (``None`` when there are none)."""
-    tables = [pq.read_table(folder / n) for n in names]
-    if not tables:
-        return None
-    return pa.concat_tables(tables, promote_options="permissive")
