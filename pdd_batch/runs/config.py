@@ -44,7 +44,6 @@ class RunConfig:
         num_cpus: CPUs of a local cluster (``None``: all of this machine's).
         rows_per_file: slices buffered before a Parquet part is committed (sane file counts).
         flush_seconds: commit buffered complete series at least this often (bounds crash loss).
-        max_part_files: compact ``slices/`` into fewer files when a run ends with more than this.
         topk: k of the study ``topk_mean``.
         open_archives: also look inside .zip/.tar files during discovery.
         run_id: identifier written on every row.
@@ -70,7 +69,6 @@ class RunConfig:
     num_cpus: int | None = None
     rows_per_file: int = 4096
     flush_seconds: float = 30.0
-    max_part_files: int = 64
     topk: int = 5
     open_archives: bool = False
     run_id: str = field(default_factory=new_run_id)
@@ -95,8 +93,6 @@ class RunConfig:
             raise RunConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         if self.flush_seconds <= 0:
             raise RunConfigError(f"flush_seconds must be > 0, got {self.flush_seconds}")
-        if self.max_part_files < 1:
-            raise RunConfigError(f"max_part_files must be >= 1, got {self.max_part_files}")
         if self.topk < 1:
             raise RunConfigError(f"topk must be >= 1, got {self.topk}")
         for key in IngestLimits.__dataclass_fields__:
