@@ -14,19 +14,22 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from jobs.cluster import ClusterInfo, connect
+from jobs.model_set import bind_models, model_summaries, routed_dataset
 from jobs.predictor import SlicePredictor, encode_heatmaps_fn
+from jobs.ray_logs import ray_logs_to
 from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
 from pdd_batch.ingest import keys
 from pdd_batch.ingest.archive_io import IngestLimits, split_member
 from pdd_batch.ingest.discovery import Discovery, FileRecord, SeriesRef, discover
+from pdd_batch.ingest.scope import UNKNOWN_SCOPE, ModelScope, Routed
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.crosswalk import check_location, write_crosswalk
 from pdd_batch.runs.manifest import (
@@ -86,6 +89,9 @@ class ModelInfo:
     checkpoint_hash: str
     preprocessing: str  # JSON
     threshold: float | None
+    scope: ModelScope = UNKNOWN_SCOPE
+    ood_threshold: float | None = None  # the in-distribution check's, when it has one
+    ood_sha256: str | None = None
 
 
 def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = None) -> ModelInfo:
@@ -110,6 +116,9 @@ def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = No
         checkpoint_hash=str(meta["checkpoint_hash"]),
         preprocessing=json.dumps(meta["preprocessing"], sort_keys=True),
         threshold=None if threshold is None else float(threshold),
+        scope=ModelScope.from_dict(meta.get("scope")),
+        ood_threshold=float(meta["ood"]["threshold"]) if meta.get("ood") else None,
+        ood_sha256=str(meta["ood"]["sha256"]) if meta.get("ood") else None,
     )
 
 
@@ -286,6 +295,8 @@ class _Run:
     t_start: float
     timings: dict[str, float] = field(default_factory=dict)
     cluster: ClusterInfo | None = None
+    models: list[ModelInfo] = field(default_factory=list)  # a routed set: each with its series
+    routed: Routed | None = None
 
 
 def public_config(cfg: RunConfig) -> dict[str, Any]:
@@ -323,10 +334,8 @@ def _prepare(
     key_id = keys.site_key().key_id
     state = RunState.load(cfg.out_dir)
     state.reconcile()
-    model = resolve_model(cfg.model_path, cfg.teacher_weights)
     force = cfg.force or _rekey_needed(cfg.out_dir, state, key_id)
-    state.bind_model(model.checkpoint_hash, model.model_id, force=force)
-    state.bind_threshold(model.threshold)
+    models, model = bind_models(cfg, state, force=force)
     t = time.perf_counter()
     disc = discover(
         cfg.archive,
@@ -336,6 +345,8 @@ def _prepare(
     )
     disc.files.extend(source_errors)
     discover_s = time.perf_counter() - t
+    routed = _route(disc, models, state, cfg)
+    disc = routed.disc
     _emit(progress, "discover", len(disc.files), len(disc.files), note=f"{len(disc.series)} series")
     if crosswalk is not None:
         write_crosswalk(crosswalk, disc, key_id)
@@ -363,6 +374,7 @@ def _prepare(
         cfg.run_id,
         code_version(),
         model.threshold,
+        model.ood_threshold,
     )
     n_pending = len(pending)
 
@@ -378,10 +390,55 @@ def _prepare(
         rows_per_file=cfg.rows_per_file,
         flush_seconds=cfg.flush_seconds,
         on_commit=on_commit,
+        models={m.model_id: replace(prov, **_model_fields(m)) for m in models}
+        if len(models) > 1
+        else None,
     )
     run = _Run(cfg, state, model, disc, pending, sink, progress, t_start)
+    run.models, run.routed = models, routed
     run.timings["discover_s"] = discover_s
     return run
+
+
+def _model_fields(m: ModelInfo) -> dict[str, Any]:
+    """The provenance fields that differ between the models of a set."""
+    return {
+        "model_id": m.model_id,
+        "checkpoint_hash": m.checkpoint_hash,
+        "preprocessing": m.preprocessing,
+        "threshold": m.threshold,
+        "ood_threshold": m.ood_threshold,
+    }
+
+
+def _route(disc: Discovery, models: list[ModelInfo], state: RunState, cfg: RunConfig) -> Routed:
+    """Series to models by scope (``pdd_batch.ingest.scope``); rows an earlier run wrote for a
+    series that is now out of every scope are removed."""
+    from pdd_batch.ingest.scope import route_discovery
+
+    routed = route_discovery(disc, [m.scope for m in models])
+    stale = [k for k in routed.out_of_scope_keys if k in state.series]
+    if stale:
+        log.info("%d series are outside every model's scope; removing their rows", len(stale))
+        state.forget(stale, _part_names(cfg.run_id + "-o"))
+    return routed
+
+
+def _dataset(run: _Run, cluster: ClusterInfo) -> ray.data.Dataset:
+    """The graph: one model as before, or one branch (and actor pool) per model of a set."""
+    cfg = run.cfg
+    if len(run.models) > 1:
+        return routed_dataset(run, cluster.resources)
+    plan = plan_actors(cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size)
+    return build_dataset(
+        run.pending,
+        run.disc.root,
+        run.model,
+        plan,
+        precision=cfg.precision,
+        teacher_weights=cfg.teacher_weights,
+        limits=cfg.limits,
+    )
 
 
 def _run_locked(
@@ -398,19 +455,11 @@ def _run_locked(
     t = time.perf_counter()
     try:
         if run.pending:
-            with connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as run.cluster:
-                plan = plan_actors(
-                    run.cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
-                )
-                ds = build_dataset(
-                    run.pending,
-                    run.disc.root,
-                    run.model,
-                    plan,
-                    precision=cfg.precision,
-                    teacher_weights=cfg.teacher_weights,
-                    limits=cfg.limits,
-                )
+            with (
+                ray_logs_to(cfg.out_dir / "_logs"),
+                connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as run.cluster,
+            ):
+                ds = _dataset(run, run.cluster)
                 _stream(ds, run.sink, run.pending, progress)
     except Exception as exc:  # the run failed: keep what is committed, say so, re-raise
         status, error = STATUS_FAILED, failure_reason(exc)
@@ -451,6 +500,7 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
         if cluster is None
         else {"mode": cluster.mode, "nodes": cluster.nodes, "resources": cluster.resources},
         "threshold": run.model.threshold,
+        **model_summaries(run.models, run.routed, run.pending),
     }
 
 

@@ -34,14 +34,16 @@ ROLLUP_COLUMNS = (
     "modality",
     "model_id",
     "checkpoint_hash",
+    "out_of_distribution",
 )
 
 
 def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
     """One ``STUDIES_SCHEMA`` row per study in ``slices`` (needs ``ROLLUP_COLUMNS``).
 
-    Decision: ``"uncalibrated"`` when the model has no threshold, else ``"flagged"`` if any slice
-    is flagged, else ``"normal"``.
+    Decision: ``"uncalibrated"`` when the model has no threshold; ``"out_of_distribution"`` when
+    every slice is beyond the model's in-distribution check; else ``"flagged"`` if any slice is
+    flagged (out-of-distribution slices never are), else ``"normal"``.
     """
     if slices.num_rows == 0:
         return STUDIES_SCHEMA.empty_table()
@@ -59,6 +61,8 @@ def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
         n_flagged = int(np.count_nonzero(cols["flagged"][a:b]))
         if not calibrated:
             decision = "uncalibrated"
+        elif all(v is not None and bool(v) for v in cols["out_of_distribution"][a:b]):
+            decision = "out_of_distribution"
         else:
             decision = "flagged" if n_flagged else "normal"
         modalities = Counter(m for m in cols["modality"][a:b] if m)
@@ -84,6 +88,10 @@ def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
 def write_studies(state: RunState, *, topk: int, run_id: str) -> int:
     """Recompute ``studies/`` from every committed part; returns the number of studies."""
     parts = read_parts(state.slices_dir, state.parts)
+    if parts is not None and "out_of_distribution" not in parts.column_names:
+        parts = parts.append_column(  # parts written before the check existed
+            "out_of_distribution", pa.nulls(parts.num_rows, pa.bool_())
+        )
     slices = parts.select(list(ROLLUP_COLUMNS)) if parts is not None else None
     table = study_rows(slices, topk=topk, run_id=run_id) if slices is not None else None
     if table is None:
