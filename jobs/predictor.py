@@ -23,6 +23,7 @@ import torch
 
 from jobs.read_task import crash_once
 from model.checkpoint import load_checkpoint
+from model.ood import capture_teacher
 from model.precision import check_precision
 from pdd_batch.runs.heatmap import encode_png
 
@@ -65,6 +66,8 @@ class SlicePredictor:
         )
         self.model = loaded.model.eval()
         self.checkpoint_hash = loaded.checkpoint_hash
+        self.model_id = loaded.model_id
+        self.ood = loaded.ood  # the in-distribution check, or None
         self.crash_once_marker = crash_once_marker
         self.batches = 0
         self.load_seconds = time.perf_counter() - t0
@@ -81,16 +84,24 @@ class SlicePredictor:
             crash_once(self.crash_once_marker)
 
     @torch.inference_mode()
-    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(N, S, S) float32 in [0, 1] -> scores (N,), uint8 maps (N, H, W), map maxima (N,)."""
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(N, S, S) float32 in [0, 1] -> scores (N,), uint8 maps (N, H, W), map maxima (N,),
+        distances to the training set (N,; NaN without an in-distribution check)."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         x = x.unsqueeze(1).to(self.device, non_blocking=True)  # (N, 1, S, S)
-        out = self.model.predict(x, precision=self.precision)
+        dist = np.full(x.shape[0], np.nan, dtype=np.float32)
+        if self.ood is None:
+            out = self.model.predict(x, precision=self.precision)
+        else:
+            # the teacher's own pass, hooked: no second forward
+            with capture_teacher(self.model, self.ood.levels) as pooled:
+                out = self.model.predict(x, precision=self.precision)
+            dist = self.ood.distance(torch.cat(pooled)).float().cpu().numpy()  # (N,)
         maps = torch.clamp(torch.nan_to_num(out.maps.float(), nan=0.0), min=0.0)  # (N, H, W)
         peak = maps.flatten(1).amax(dim=1)  # (N,)
         scale = torch.where(peak > 0, 255.0 / peak, torch.zeros_like(peak))
         q = torch.round(maps * scale[:, None, None]).to(torch.uint8)  # (N, H, W)
-        return out.scores.float().cpu().numpy(), q.cpu().numpy(), peak.cpu().numpy()
+        return out.scores.float().cpu().numpy(), q.cpu().numpy(), peak.cpu().numpy(), dist
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         self.batches += 1
@@ -100,12 +111,14 @@ class SlicePredictor:
         n = len(kind)
         scores = np.full(n, np.nan, dtype=np.float32)
         peaks = np.zeros(n, dtype=np.float32)
+        dists = np.full(n, np.nan, dtype=np.float32)
         maps = np.zeros((n, *batch["image"].shape[1:]), dtype=np.uint8)  # (N, S, S)
         if is_slice.any():
-            s, q, p = self.score(batch["image"][is_slice])
-            scores[is_slice], maps[is_slice], peaks[is_slice] = s, q, p
+            s, q, p, d = self.score(batch["image"][is_slice])
+            scores[is_slice], maps[is_slice], peaks[is_slice], dists[is_slice] = s, q, p, d
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(score=scores, heatmap_u8=maps, heatmap_max=peaks)
+        out.update(score=scores, heatmap_u8=maps, heatmap_max=peaks, ood_distance=dists)
+        out["model_id"] = np.full(n, self.model_id, dtype=object)  # routes rows to provenance
         # Peak resident memory of this actor process (MiB; Linux reports KiB), for the manifest.
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         out.update(

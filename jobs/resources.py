@@ -86,3 +86,53 @@ def plan_actors(
         )
     bs = batch_size or DEFAULT_BATCH_SIZE["cpu"]
     return ActorPlan(n, per_cpu, 0.0, bs, "cpu", ACTOR_MEMORY["cpu"], read_cpus)
+
+
+def plan_model_pools(
+    cluster: Mapping[str, float],
+    n_models: int,
+    *,
+    num_actors: int | None = None,
+    batch_size: int | None = None,
+) -> list[ActorPlan]:
+    """One actor pool per model of a routed model set, sharing the cluster.
+
+    The rule: on GPU clusters the GPUs are split evenly, each model's pool getting
+    ``max(1, G // M)`` actors; when there are fewer GPUs than models (G < M), each actor takes
+    ``G / M`` of a GPU, so the models share the devices (Ray's fractional GPUs). On CPU clusters
+    the model actors of ``plan_actors`` (at least one per model) share the CPUs left after one
+    read task, evenly (read tasks then take at most an actor's share). ``num_actors`` is per
+    model.
+
+    Raises:
+        ResourceError: fewer than ``MIN_ACTOR_CPU`` per actor, or more actors than GPUs.
+    """
+    if n_models <= 1:
+        return [plan_actors(cluster, num_actors=num_actors, batch_size=batch_size)]
+    cpus = float(cluster.get("CPU", 0.0))
+    gpus = int(cluster.get("GPU", 0.0))
+    if gpus > 0:
+        share = max(1, gpus // n_models) if num_actors is None else num_actors
+        per_gpu = 1.0 if gpus >= n_models else gpus / n_models
+        if share * n_models * per_gpu > gpus + 1e-9:
+            raise ResourceError(f"{share} actors per model x {n_models} models exceed {gpus} GPUs")
+        per_cpu = 1.0 if cpus >= share * n_models + 1 else 0.0
+        bs = batch_size or DEFAULT_BATCH_SIZE["cuda"]
+        plan = ActorPlan(share, per_cpu, per_gpu, bs, "cuda", ACTOR_MEMORY["cuda"] // n_models)
+        return [plan] * n_models
+    base = plan_actors(cluster, num_actors=None, batch_size=batch_size)
+    per_model = num_actors or max(1, base.num_actors // n_models)
+    avail = cpus - base.read_cpus
+    per_cpu = avail / (per_model * n_models)
+    if per_cpu >= 1:
+        per_cpu = float(int(per_cpu))
+    if per_cpu < MIN_ACTOR_CPU:
+        raise ResourceError(
+            f"{per_model} actors for each of {n_models} models leave under {MIN_ACTOR_CPU} CPU "
+            f"per actor on {cpus:g} CPUs"
+        )
+    # Fractional actors may land on different nodes, leaving no node a whole free CPU: read
+    # tasks then ask for no more than an actor's share, so they can always be scheduled.
+    read_cpus = min(base.read_cpus, per_cpu)
+    plan = ActorPlan(per_model, per_cpu, 0.0, base.batch_size, "cpu", base.memory, read_cpus)
+    return [plan] * n_models

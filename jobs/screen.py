@@ -18,19 +18,22 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from jobs.cluster import ClusterInfo, connect
+from jobs.model_set import model_summaries, resolve_models, routed_dataset
 from jobs.predictor import SlicePredictor, encode_heatmaps_fn
+from jobs.ray_logs import ray_logs_to
 from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
 from pdd_batch.ingest import keys
 from pdd_batch.ingest.archive_io import IngestLimits, split_member
 from pdd_batch.ingest.discovery import Discovery, FileRecord, SeriesRef, discover
+from pdd_batch.ingest.scope import UNKNOWN_SCOPE, ModelScope, Routed
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.crosswalk import check_location, write_crosswalk
 from pdd_batch.runs.manifest import (
@@ -95,6 +98,9 @@ class ModelInfo:
     checkpoint_hash: str
     preprocessing: str  # JSON
     threshold: float | None
+    scope: ModelScope = UNKNOWN_SCOPE
+    ood_threshold: float | None = None  # the in-distribution check's, when it has one
+    ood_sha256: str | None = None
 
 
 def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = None) -> ModelInfo:
@@ -119,6 +125,9 @@ def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = No
         checkpoint_hash=str(meta["checkpoint_hash"]),
         preprocessing=json.dumps(meta["preprocessing"], sort_keys=True),
         threshold=None if threshold is None else float(threshold),
+        scope=ModelScope.from_dict(meta.get("scope")),
+        ood_threshold=float(meta["ood"]["threshold"]) if meta.get("ood") else None,
+        ood_sha256=str(meta["ood"]["sha256"]) if meta.get("ood") else None,
     )
 
 
@@ -301,6 +310,8 @@ class _Run:
     # results, the manifest that describes them (kept until this run publishes)
     manifest: dict[str, Any] = field(default_factory=dict)
     published_manifest: dict[str, Any] | None = None
+    models: list[ModelInfo] = field(default_factory=list)  # a routed set: each with its series
+    routed: Routed | None = None
 
 
 def public_config(cfg: RunConfig) -> dict[str, Any]:
@@ -329,9 +340,16 @@ def _rekey_needed(out_dir: Path, state: RunState, key_id: str) -> bool:
 
 
 def _bind(
-    cfg: RunConfig, state: RunState, model: ModelInfo, key_id: str, progress: ProgressFn | None
+    cfg: RunConfig,
+    state: RunState,
+    model: ModelInfo,
+    key_id: str,
+    progress: ProgressFn | None,
+    *,
+    single: bool = True,
 ) -> tuple[tuple[str, ...], dict[str, Any] | None]:
-    """Tie the state to the model; returns the warnings for the user and, when this run
+    """Tie the state to the model (or a model set's identity: ``single`` False, whose members'
+    thresholds are part of that identity); returns the warnings for the user and, when this run
     replaces earlier results, the manifest that describes them (kept until it publishes)."""
     try:
         previous = read_manifest(cfg.out_dir)
@@ -340,7 +358,8 @@ def _bind(
     rekey = not cfg.force and _rekey_needed(cfg.out_dir, state, key_id)
     reason = "another site key" if rekey else None
     state.bind_model(model.checkpoint_hash, model.model_id, force=cfg.force or rekey, reason=reason)
-    state.bind_threshold(model.threshold)
+    if single:
+        state.bind_threshold(model.threshold)
     warning = state.replacement_warning()
     if warning is None:
         return (), None
@@ -396,8 +415,10 @@ def _prepare(
     key_id = keys.site_key().key_id
     state = RunState.load(cfg.out_dir)
     state.reconcile()
-    model = resolve_model(cfg.model_path, cfg.teacher_weights)
-    warnings, published_manifest = _bind(cfg, state, model, key_id, progress)
+    models, model = resolve_models(cfg)
+    warnings, published_manifest = _bind(
+        cfg, state, model, key_id, progress, single=len(models) == 1
+    )
     t = time.perf_counter()
     disc = discover(
         cfg.archive,
@@ -407,6 +428,8 @@ def _prepare(
     )
     disc.files.extend(source_errors)
     discover_s = time.perf_counter() - t
+    routed = _route(disc, models, state, cfg)
+    disc = routed.disc
     _emit(progress, "discover", len(disc.files), len(disc.files), note=f"{len(disc.series)} series")
     if crosswalk is not None:
         write_crosswalk(crosswalk, disc, key_id)
@@ -418,6 +441,7 @@ def _prepare(
         cfg.run_id,
         code_version(),
         model.threshold,
+        model.ood_threshold,
     )
     n_pending = len(pending)
 
@@ -433,8 +457,12 @@ def _prepare(
         rows_per_file=cfg.rows_per_file,
         flush_seconds=cfg.flush_seconds,
         on_commit=on_commit,
+        models={m.model_id: replace(prov, **_model_fields(m)) for m in models}
+        if len(models) > 1
+        else None,
     )
     run = _Run(cfg, state, model, disc, pending, sink, progress, t_start, key_id=key_id)
+    run.models, run.routed = models, routed
     run.timings["discover_s"] = discover_s
     run.warnings, run.published_manifest = warnings, published_manifest
     run.manifest = _running_manifest(run)
@@ -451,6 +479,47 @@ def _error_text(exc: BaseException, run: _Run) -> str:
     return scrub_paths(keys.redact_paths(failure_reason(exc), paths))
 
 
+def _model_fields(m: ModelInfo) -> dict[str, Any]:
+    """The provenance fields that differ between the models of a set."""
+    return {
+        "model_id": m.model_id,
+        "checkpoint_hash": m.checkpoint_hash,
+        "preprocessing": m.preprocessing,
+        "threshold": m.threshold,
+        "ood_threshold": m.ood_threshold,
+    }
+
+
+def _route(disc: Discovery, models: list[ModelInfo], state: RunState, cfg: RunConfig) -> Routed:
+    """Series to models by scope (``pdd_batch.ingest.scope``); rows an earlier run wrote for a
+    series that is now out of every scope are removed."""
+    from pdd_batch.ingest.scope import route_discovery
+
+    routed = route_discovery(disc, [m.scope for m in models])
+    stale = [k for k in routed.out_of_scope_keys if k in state.series]
+    if stale:
+        log.info("%d series are outside every model's scope; removing their rows", len(stale))
+        state.forget(stale)
+    return routed
+
+
+def _dataset(run: _Run, cluster: ClusterInfo) -> ray.data.Dataset:
+    """The graph: one model as before, or one branch (and actor pool) per model of a set."""
+    cfg = run.cfg
+    if len(run.models) > 1:
+        return routed_dataset(run, cluster.resources)
+    plan = plan_actors(cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size)
+    return build_dataset(
+        run.pending,
+        run.disc.root,
+        run.model,
+        plan,
+        precision=cfg.precision,
+        teacher_weights=cfg.teacher_weights,
+        limits=cfg.limits,
+    )
+
+
 def _run_locked(
     cfg: RunConfig,
     progress: ProgressFn | None,
@@ -464,19 +533,11 @@ def _run_locked(
             for stage in ("series", "slices", "commit"):
                 _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")
         else:
-            with connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as run.cluster:
-                plan = plan_actors(
-                    run.cluster.resources, num_actors=cfg.num_actors, batch_size=cfg.batch_size
-                )
-                ds = build_dataset(
-                    run.pending,
-                    run.disc.root,
-                    run.model,
-                    plan,
-                    precision=cfg.precision,
-                    teacher_weights=cfg.teacher_weights,
-                    limits=cfg.limits,
-                )
+            with (
+                ray_logs_to(cfg.out_dir / "_logs"),
+                connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as run.cluster,
+            ):
+                ds = _dataset(run, run.cluster)
                 _stream(ds, run.sink, run.pending, progress)
     except BaseException as exc:  # the run failed: keep what is committed, say so, re-raise
         run.timings["pipeline_s"] = time.perf_counter() - t
@@ -525,6 +586,7 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
         else {"mode": cluster.mode, "nodes": cluster.nodes, "resources": cluster.resources},
         "threshold": run.model.threshold,
         "warnings": list(run.warnings),
+        **model_summaries(run.models, run.routed, run.pending),
     }
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.ood import fit_ood, pool_levels
 from model.train_step import (
     feature_bank,
     make_optimizer,
@@ -156,6 +157,22 @@ def archive_images(
     size = spec.image_size
     stack = np.stack(arrays) if arrays else np.zeros((0, size, size), np.float32)
     return stack, names, errors
+
+
+def archive_scope(archive: Path, spec: PreprocessSpec) -> dict[str, Any]:
+    """The scope of a model trained on an archive, from its series' headers
+    (``pdd_batch.ingest.scope.derive_scope``), as the checkpoint records it.
+
+    Raises:
+        TrainError: the archive holds no series to derive it from.
+    """
+    from pdd_batch.ingest.discovery import discover
+    from pdd_batch.ingest.scope import ScopeError, derive_scope
+
+    try:
+        return derive_scope(discover(Path(archive)).series, spec.to_dict()).to_dict()
+    except ScopeError as exc:
+        raise TrainError(str(exc)) from exc
 
 
 def select_training_items(items: Sequence[ImageItem], run: TrainConfig) -> list[ImageItem]:
@@ -309,6 +326,7 @@ def train_model(
     data_description: str = "",
     feature_cache: dict[Any, Any] | None = None,
     resize: str = "pad",
+    scope: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on the normal ``train`` images of ``items``; write a checkpoint to ``out_dir``.
 
@@ -324,6 +342,8 @@ def train_model(
         data_description: short, identifier-free text stored in the checkpoint.
         feature_cache: dict reused across runs to skip recomputing the same teacher features.
         resize: ``PreprocessSpec.resize`` ("pad", the product; "stretch" for experiments).
+        scope: what the model knows (``ModelScope.to_dict()``); None: derived from the headers
+            when ``items`` is an archive, else recorded as "unknown".
 
     Raises:
         TrainError: no usable training image, or a resume state from a different run.
@@ -337,6 +357,8 @@ def train_model(
         model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
     spec = PreprocessSpec(image_size=int(model_config.image_size), resize=resize)
     images, names, errors = _training_images(items, spec, run)
+    if scope is None and isinstance(items, (str, Path)):
+        scope = archive_scope(Path(items), spec)
     gen = _seed_everything(run.seed)
     device = _device()
     model = (model if model is not None else build(model_config)).to(device)
@@ -358,12 +380,24 @@ def train_model(
         "torch": torch.__version__,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    ckpt = save_checkpoint(model, out_dir, preprocessing=spec.to_dict(), training=training)
+    ood = _fit_ood(bank, run)
+    ckpt = save_checkpoint(
+        model, out_dir, preprocessing=spec.to_dict(), training=training, scope=scope, ood=ood
+    )
     if progress is not None:
         last = losses[-1] if losses else float("nan")
         progress(TrainProgress(run.epochs, run.epochs, 0, 0, last, run.lr, phase="done"))
     wall = time.perf_counter() - t0
     return TrainResult(Path(ckpt), len(losses), losses, len(names), errors, wall, model)
+
+
+def _fit_ood(bank: Any, run: TrainConfig) -> Any:
+    """The in-distribution check on the slices (and views) the model learned; the views of one
+    image form one group, so each slice is measured against the other images."""
+    pooled = pool_levels(bank[0])  # (N * K, D)
+    views = max(run.augment_views, 1)
+    groups = torch.arange(pooled.shape[0]) // views  # bank rows are image-major
+    return fit_ood(pooled, seed=run.seed, groups=groups)
 
 
 def _cached_bank(
@@ -430,6 +464,7 @@ def run_training(
     progress: ProgressFn | None = None,
     address: str | None = None,
     data_description: str = "",
+    scope: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train in-process, or as one Ray actor on the cluster at ``address``/``RAY_ADDRESS``.
 
@@ -439,11 +474,11 @@ def run_training(
     addr = ray_address(address)
     if addr is None:
         return train_model(items, out_dir, model_config, run, resume=resume, progress=progress,
-                           data_description=data_description)  # fmt: skip
+                           data_description=data_description, scope=scope)  # fmt: skip
     result = run_remote(
         train_model,
         (items if isinstance(items, Path) else list(items), Path(out_dir), model_config, run),
-        {"resume": resume, "data_description": data_description},
+        {"resume": resume, "data_description": data_description, "scope": scope},
         address=addr,
         progress=progress,
     )

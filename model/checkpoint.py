@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from model.config import ConfigError, ModelConfig
+from model.ood import OODCheck, ood_from_tensors
 from model.teachers import Teacher, TeacherWeightsError
 from model.weight_files import WeightFileError, file_sha256, verify_file_sha256
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+OOD_FILE = "ood.safetensors"
 CONFIG_FILE = "config.json"
 # Seeded teachers up to this size are stored beside the head (``<teacher>.safetensors``): a seed
 # does not reproduce the same weights on every torch version (torch 2.11 on an H200 drew other
@@ -55,6 +57,7 @@ class LoadedModel:
         checkpoint_hash: sha256 of ``model.safetensors``.
         model_id: ``"<config name>-<first 12 hex of checkpoint_hash>"``.
         meta: the whole ``config.json``.
+        ood: the in-distribution check (``model.ood``) or None when the checkpoint has none.
     """
 
     model: nn.Module
@@ -64,6 +67,7 @@ class LoadedModel:
     checkpoint_hash: str
     model_id: str
     meta: dict[str, Any]
+    ood: OODCheck | None = None
 
 
 def teacher_modules(model: nn.Module) -> dict[str, Teacher]:
@@ -158,6 +162,8 @@ def save_checkpoint(
     preprocessing: dict[str, Any],
     calibration: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    scope: dict[str, Any] | None = None,
+    ood: OODCheck | None = None,
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir`` (created if needed).
 
@@ -167,6 +173,10 @@ def save_checkpoint(
         preprocessing: ``PreprocessSpec.to_dict()`` the model was trained with.
         calibration: calibration dict (see docs/architecture.md) or None.
         training: free-form training info (epochs, data description, losses) or None.
+        scope: what the model knows (``pdd_batch.ingest.scope.ModelScope.to_dict()``); None
+            records "unknown" (every series is scored, with a warning).
+        ood: the in-distribution check fitted on the training images (``model.ood.fit_ood``),
+            written to ``ood.safetensors``; None: no check.
 
     Returns:
         ``out_dir`` as a Path.
@@ -188,13 +198,44 @@ def save_checkpoint(
         "preprocessing": preprocessing,
         "calibration": calibration,
         "training": training,
+        "scope": scope if scope is not None else "unknown",
         "code_version": _code_version(),
         "checkpoint_hash": checkpoint_hash,
         "model_id": f"{config.name}-{checkpoint_hash[:12]}",
     }
+    if ood is not None:
+        meta["ood"] = _save_ood(ood, out)
     _write_json_atomic(out / CONFIG_FILE, meta)
     log.info("saved checkpoint %s", meta["model_id"])
     return out
+
+
+def _save_ood(ood: OODCheck, out: Path) -> dict[str, Any]:
+    """Write ``ood.safetensors``; the ``config.json`` record of it."""
+    digest = _save_safetensors_atomic(ood.tensors(), out / OOD_FILE)
+    return {**ood.info(), "file": OOD_FILE, "sha256": digest}
+
+
+def read_ood(path: str | Path, meta: dict[str, Any] | None = None) -> OODCheck | None:
+    """The in-distribution check of a checkpoint (None when it records none), sha256 verified."""
+    folder = _checkpoint_dir(path)
+    info = (meta if meta is not None else read_meta(folder)).get("ood")
+    if not info:
+        return None
+    file = folder / str(info.get("file", OOD_FILE))
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint in-distribution check missing: {file}")
+    if file_sha256(file) != info.get("sha256"):
+        raise CheckpointError(f"{file}: sha256 differs from {CONFIG_FILE} (corrupt or replaced)")
+    return ood_from_tensors(load_file(str(file)), info)
+
+
+def set_ood(path: str | Path, ood: OODCheck) -> None:
+    """Add or replace a checkpoint's in-distribution check (weights and model_id unchanged)."""
+    folder = _checkpoint_dir(path)
+    meta = read_meta(folder)
+    meta["ood"] = _save_ood(ood, folder)
+    _write_json_atomic(folder / CONFIG_FILE, meta)
 
 
 def _store_seeded_teachers(model: nn.Module, out: Path) -> dict[str, dict[str, str]]:
@@ -380,6 +421,7 @@ def load_checkpoint(
         checkpoint_hash=actual,
         model_id=meta["model_id"],
         meta=meta,
+        ood=read_ood(folder, meta),
     )
 
 
@@ -417,6 +459,22 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], origin: Path) -> No
     leftover = [k for k in result.missing_keys if k in own]
     if leftover or result.unexpected_keys:  # cannot happen after the checks above
         raise CheckpointError(f"{origin}: keys not loaded {leftover + result.unexpected_keys}")
+
+
+def set_scope(path: str | Path, scope: dict[str, Any]) -> None:
+    """Replace the scope in a checkpoint's ``config.json`` atomically (the weights, hence the
+    ``checkpoint_hash`` and ``model_id``, are unchanged).
+
+    Raises:
+        ValueError: ``scope`` is not a dict with a ``modalities`` list.
+        CheckpointError: the checkpoint's ``config.json`` is missing or unreadable.
+    """
+    if not isinstance(scope, dict) or not isinstance(scope.get("modalities"), list):
+        raise ValueError("scope must be a dict with a 'modalities' list (ModelScope.to_dict())")
+    folder = _checkpoint_dir(path)
+    meta = read_meta(folder)
+    meta["scope"] = scope
+    _write_json_atomic(folder / CONFIG_FILE, meta)
 
 
 def set_calibration(path: str | Path, calibration: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ temp folder) or, for several nodes, ``ray.cluster_utils.Cluster`` with ``ray_nod
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -23,6 +24,10 @@ SHARED = Path(os.environ.get("PDD_SHARED", REPO_ROOT.parent / "shared"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# Ray's background threads (metrics export) may log after pytest closed a test's captured
+# stream; logging would print a "--- Logging error ---" traceback for each such record. Those are
+# writes to a closed capture buffer, not failures of the code under test.
+logging.raiseExceptions = False
 
 
 def shared_path(*parts: str) -> Path:

@@ -56,3 +56,8 @@ def test_doctor_table_output_exits_zero(monkeypatch) -> None:
     assert result.exit_code == 0, result.output
     for word in ("versions", "device", "scan_backend_cpu", "efficientnet_lite0", "default model"):
         assert word in result.output
+
+
+def test_doctor_shows_the_default_models_scope(monkeypatch) -> None:
+    entry = _doctor_json(monkeypatch, None)["weights"]["default model (embedded)"]
+    assert "scope: CT, HEAD, axial" in entry["note"]

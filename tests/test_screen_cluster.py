@@ -61,3 +61,64 @@ def test_cli_screens_the_sample_on_a_two_node_cluster(two_nodes, tmp_path: Path)
     names = {n for n in names if len(n) > 3}
     assert names and not [n for n in names if n in result.output]
     assert m["series_seen"] >= 6 and slices["study_key"].nunique() >= 5
+
+
+def _scoped_checkpoint(out: Path, seed: int, scope: dict, threshold: float) -> Path:
+    """A test-size checkpoint with its own weights (own model_id) and a scope."""
+    from dataclasses import replace
+
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_config
+    from model.pdd import build_model
+    from pdd_batch.ingest.preprocess import PreprocessSpec
+
+    torch.manual_seed(seed)
+    calibration = {"method": "fpr", "fpr": 0.05, "threshold": threshold, "n_normals": 1}
+    return save_checkpoint(
+        build_model(replace(get_config("test"), head_seed=seed)),
+        out,
+        preprocessing=PreprocessSpec(image_size=64).to_dict(),
+        calibration=calibration,
+        scope=scope,
+    )
+
+
+def test_two_models_screen_a_mixed_archive_on_a_two_node_cluster(two_nodes, tmp_path: Path):
+    from scope_support import CHEST_XR, EXPECTED, HEAD_CT, folder_of, make_mixed_archive
+
+    archive = make_mixed_archive(tmp_path / "archive")
+    head = _scoped_checkpoint(tmp_path / "head", 0, HEAD_CT.to_dict(), threshold=1e9)
+    chest = _scoped_checkpoint(tmp_path / "chest", 1, CHEST_XR.to_dict(), threshold=-1e9)
+    out = tmp_path / "out"
+    args = ["screen", str(archive), "--out", str(out), "--model", str(head), "--model",
+            str(chest), "--address", two_nodes.address, "--batch-size", "4"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    ids = [json.loads((p / "config.json").read_text())["model_id"] for p in (head, chest)]
+    assert [e["model_id"] for e in m["models"]] == ids
+    assert [e["series_routed"] for e in m["models"]] == [2, 1]
+    assert m["inputs_seen"] == m["inputs_scored"] + m["inputs_skipped"] + m["inputs_failed"]
+    assert m["status"] == "complete" and m["inputs_lost"] == 0 and m["series_out_of_scope"] == 3
+    slices = pq.read_table(out / "slices").to_pylist()
+    from pdd_batch.ingest.keys import file_key
+
+    folders = {  # rows name files by keyed digests
+        file_key(p.relative_to(archive).as_posix()): folder_of([p.relative_to(archive).as_posix()])
+        for p in archive.rglob("*")
+        if p.is_file()
+    }
+    got = {folders[r["file_key"]]: r["model_id"] for r in slices}
+    assert got == {f: ids[t] for f, (t, _) in EXPECTED.items() if t is not None}
+    # each row flagged against its own model's threshold
+    assert all(r["flagged"] == (r["model_id"] == ids[1]) for r in slices)
+    errors = pq.read_table(out / "errors").to_pylist()
+    scope_rows = [e for e in errors if e["reason"].startswith("outside every model's scope")]
+    assert len(scope_rows) == m["inputs_out_of_scope"] > 0
+    assert {e["status"] for e in scope_rows} == {"skipped"}
+    reasons = {folders[e["file_key"]]: e["reason"] for e in scope_rows}
+    assert reasons["mr_brain"] == "outside every model's scope (MR, BRAIN)"
+    studies = pq.read_table(out / "studies").to_pylist()
+    assert {s["model_id"] for s in studies} == set(ids)

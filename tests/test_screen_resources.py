@@ -32,3 +32,17 @@ def test_impossible_plans_name_the_key() -> None:
         plan_actors({"CPU": 0.0})
     with pytest.raises(ResourceError, match="num_actors=8"):
         plan_actors({"CPU": 2.0}, num_actors=8)
+
+
+def test_model_pools_share_gpus_and_cpus_by_the_stated_rule() -> None:
+    from jobs.resources import plan_model_pools
+
+    two = plan_model_pools({"CPU": 16.0, "GPU": 4.0}, 2)
+    assert [(p.num_actors, p.num_gpus) for p in two] == [(2, 1.0), (2, 1.0)]
+    shared = plan_model_pools({"CPU": 8.0, "GPU": 1.0}, 2)
+    assert [(p.num_actors, p.num_gpus) for p in shared] == [(1, 0.5), (1, 0.5)]
+    cpu = plan_model_pools({"CPU": 2.0}, 2)
+    assert [(p.num_actors, p.num_cpus, p.read_cpus) for p in cpu] == [(1, 0.5, 0.5)] * 2
+    assert plan_model_pools({"CPU": 4.0}, 1)[0] == plan_actors({"CPU": 4.0})
+    with pytest.raises(ResourceError):
+        plan_model_pools({"CPU": 2.0}, 2, num_actors=4)

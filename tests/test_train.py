@@ -122,10 +122,13 @@ def test_cli_train_calibrate_evaluate(dataset: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     ck = tmp_path / "ck"
     r = runner.invoke(app, ["train", str(dataset), "--config", "test", "--epochs", "3",
+                            "--scope", "modality=CT,body_part=HEAD,orientation=axial",
                             "--batch-size", "4", "--map-sigma", "2.5",
                             "--out", str(ck)])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "12 images" in r.output and (ck / "model.safetensors").is_file()
+    assert "model scope (--scope): CT, HEAD, axial" in r.output
+    assert json.loads((ck / "config.json").read_text())["ood"]["n_train"] == 12
     assert json.loads((ck / "config.json").read_text())["model_config"]["map_sigma"] == 2.5
     split = tmp_path / "split.csv"
     rows = ["path,label,split"]
@@ -253,6 +256,7 @@ def test_cli_trains_and_screens_with_site_supplied_teacher_weights(
     cnn_arg, mamba_arg = f"cnn={tmp_path / 'cnn.pth'}", f"mamba={tmp_path / 'vm.safetensors'}"
     weights = ["--teacher-weights", cnn_arg, "--teacher-weights", mamba_arg]
     r = runner.invoke(app, ["train", str(dataset), "--config", "test", "--epochs", "1",
+                            "--scope", "modality=CT,body_part=HEAD",
                             "--batch-size", "4", "--out", str(ck), *weights])  # fmt: skip
     assert r.exit_code == 0, r.output
     recorded = json.loads((ck / "config.json").read_text())["teachers"]
@@ -286,3 +290,11 @@ def test_cli_trains_and_screens_with_site_supplied_teacher_weights(
     assert r.exit_code == 1 and "sha256" in r.output
     r = runner.invoke(app, [*evaluate, "--teacher-weights", "tail=x.pth"])
     assert r.exit_code == 2 and "ROLE=PATH" in r.output
+
+
+def test_cli_train_from_an_image_folder_needs_scope(dataset: Path, tmp_path: Path) -> None:
+    out = ["--out", str(tmp_path / "ck"), "--config", "test", "--epochs", "1"]
+    r = CliRunner().invoke(app, ["train", str(dataset), *out])
+    assert r.exit_code == 2 and "--scope" in r.output and not (tmp_path / "ck").exists()
+    r = CliRunner().invoke(app, ["train", str(dataset), *out, "--scope", "modality=CT"])
+    assert r.exit_code == 2 and "body_part" in r.output

@@ -103,11 +103,21 @@ def _weights() -> dict[str, dict[str, str | None]]:
         out["default model (embedded)"] = {
             "path": str(default),
             "sha256": meta.get("checkpoint_hash"),
-            "note": f"model_id {meta.get('model_id')}",
+            "note": f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}",
         }
     except (FileNotFoundError, OSError, ValueError):
         out["default model (embedded)"] = {"path": None, "sha256": None, "note": "not embedded"}
     return out
+
+
+def _scope_line(meta: dict[str, Any]) -> str:
+    """The checkpoint's scope in one line ("unknown" for checkpoints that record none)."""
+    from pdd_batch.ingest.scope import ModelScope, ScopeError
+
+    try:
+        return ModelScope.from_dict(meta.get("scope")).describe()
+    except ScopeError as exc:
+        return f"unreadable ({exc})"
 
 
 def collect_report() -> dict[str, Any]:

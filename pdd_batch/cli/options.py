@@ -17,6 +17,15 @@ AddressOption = Annotated[
 ModelOption = Annotated[
     Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
 ]
+ModelsOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--model",
+        help="Checkpoint folder, repeatable (or a folder of checkpoint folders, a model set): "
+        "each series goes to the model whose scope matches it; none: skipped. Default: the "
+        "embedded model.",
+    ),
+]
 SplitFileOption = Annotated[Path | None, typer.Option(help="CSV path,label,split.")]
 TeacherWeightsOption = Annotated[
     list[str] | None,

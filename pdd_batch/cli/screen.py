@@ -16,7 +16,7 @@ from pdd_batch.cli.options import (
     MaxMemberOption,
     MaxRatioOption,
     MaxVoxelsOption,
-    ModelOption,
+    ModelsOption,
     TeacherWeightsOption,
 )
 from pdd_batch.cli.pacs import (
@@ -101,7 +101,7 @@ def screen_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for the results.")] = Path(
         "screen-out"
     ),
-    model: ModelOption = None,
+    model: ModelsOption = None,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (else RAY_ADDRESS, else local).")
     ] = None,
@@ -158,7 +158,8 @@ def screen_command(
         cfg = RunConfig(
             archive=out / PACS_FOLDER / SERIES_FOLDER if pacs else Path(archive),
             out_dir=out,
-            model_path=model,
+            model_path=model[0] if model else None,
+            more_models=tuple(model[1:]) if model else (),
             address=address,
             force=force,
             batch_size=batch_size,

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from pdd_batch.ingest.scope import ModelScope
 from pdd_batch.runs.results import RunResults, open_run
 
 MAX_ROWS = 20
@@ -97,7 +98,41 @@ def _counts_table(results: RunResults) -> Table:
     table.add_row("series", str(c["series"]))
     table.add_row("slices", str(c["slices"]))
     table.add_row("flagged slices", str(c["flagged_slices"]))
+    if "out_of_distribution" in results.slices.column_names:
+        ood = results.slices.column("out_of_distribution").to_pylist()
+        table.add_row("out-of-distribution slices (not flagged)", str(sum(v is True for v in ood)))
     table.add_row("errors", str(c["errors"]))
+    return table
+
+
+def _models_table(results: RunResults) -> Table | None:
+    """One row per model of the run (``manifest["models"]``): its scope, what it screened."""
+    models = results.manifest.get("models")
+    if not isinstance(models, list) or not models:
+        return None
+    cols = results.slices.select(["model_id", "series_key", "flagged"]).to_pylist()
+    studies = results.studies.select(["model_id", "decision"]).to_pylist()
+    table = Table(title="Models (each series goes to the model whose scope matches it)")
+    table.add_column("model", no_wrap=True)
+    table.add_column("scope")
+    for col in ("series", "slices", "flagged slices", "flagged studies"):
+        table.add_column(col, justify="right")
+    for entry in models:
+        mid = entry.get("model_id")
+        rows = [r for r in cols if r["model_id"] == mid]
+        scope = ModelScope.from_dict(entry.get("scope"))
+        short = " ".join("/".join(v) for v in (scope.modalities, scope.body_parts) if v)
+        table.add_row(
+            str(mid),
+            short if scope.known else "[yellow]unknown: scores every series[/]",
+            str(len({r["series_key"] for r in rows})),
+            str(len(rows)),
+            str(sum(bool(r["flagged"]) for r in rows)),
+            str(sum(r["model_id"] == mid and r["decision"] == "flagged" for r in studies)),
+        )
+    n_out = results.manifest.get("inputs_out_of_scope")
+    if isinstance(n_out, int) and n_out:
+        table.caption = f"{n_out} input files outside every model's scope: skipped, not scored"
     return table
 
 
@@ -157,6 +192,9 @@ def render_summary(console: Console, run_dir: str | Path | RunResults) -> int:
     results = run_dir if isinstance(run_dir, RunResults) else open_run(run_dir)
     console.print(_header(results))
     console.print(_counts_table(results))
+    models = _models_table(results)
+    if models is not None:
+        console.print(models)
     console.print(_studies_table(results))
     errors = _errors_table(results)
     if errors is not None:

@@ -52,6 +52,13 @@ def train_command(
         bool, typer.Option(help="DATA is an archive of normal DICOM/NIfTI studies (all slices).")
     ] = False,
     address: AddressOption = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            help="What the model will know, e.g. modality=CT,body_part=HEAD,orientation=axial "
+            "(required for image folders; with --archive it is derived from the headers)."
+        ),
+    ] = None,
 ) -> None:
     """Train on the normal images of DATA (the `train` split when a split file is given).
 
@@ -63,6 +70,7 @@ def train_command(
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     items, desc = _training_data(console, data, split_file, archive)
+    scope_dict = _scope_option(console, scope, archive)
     overrides = teacher_overrides(console, teacher_weights)
     if image_size is not None:
         overrides["image_size"] = image_size
@@ -81,7 +89,7 @@ def train_command(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
     result = _train_with_progress(
-        console, items, out, cfg, run, resume=resume, address=address, desc=desc
+        console, items, out, cfg, run, resume=resume, address=address, desc=desc, scope=scope_dict
     )
     for err in result.errors:
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
@@ -91,6 +99,46 @@ def train_command(
         f"{result.epochs_run} epochs, final loss {result.epoch_losses[-1]:.4f}, "
         f"{result.wall_s:.0f} s -> {result.checkpoint}"
     )
+    _print_scope(console, result.checkpoint)
+
+
+def _scope_option(console: Console, text: str | None, archive: bool) -> dict | None:
+    """``--scope`` parsed (exit 2 with the reason when bad, or absent for an image folder)."""
+    from pdd_batch.ingest.preprocess import PreprocessSpec
+    from pdd_batch.ingest.scope import ScopeError, domain_of, parse_scope
+
+    if text is None:
+        if archive:
+            return None  # derived from the archive's headers
+        console.print(
+            "[red]training from an image folder needs --scope, e.g. "
+            "--scope modality=CT,body_part=HEAD,orientation=axial (what the images are; "
+            "screening sends a model only the series its scope matches)[/]"
+        )
+        raise typer.Exit(code=2)
+    try:
+        parsed = parse_scope(text)
+        domain = domain_of(PreprocessSpec().to_dict(), parsed.modalities)
+        return {**parsed.to_dict(), "domain": domain}
+    except ScopeError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+
+
+def _print_scope(console: Console, checkpoint: Path) -> None:
+    """The scope the checkpoint records, in one line (a warning when no body part is known)."""
+    import json
+
+    from pdd_batch.ingest.scope import ModelScope
+
+    meta = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    scope = ModelScope.from_dict(meta.get("scope"))
+    console.print(f"model scope ({scope.source}): {scope.describe()}")
+    if scope.known and not scope.body_parts:
+        console.print(
+            "[yellow]no training header names a body part: the model will take series of any "
+            "body part of its modality; state it with --scope to narrow it[/]"
+        )
 
 
 def _training_data(
@@ -115,6 +163,7 @@ def _train_with_progress(
     resume: bool,
     address: str | None,
     desc: str,
+    scope: dict | None = None,
 ) -> TrainResult:
     """``jobs.train.run_training`` under a progress bar; exit 1 with the reason when it fails."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -143,7 +192,8 @@ def _train_with_progress(
 
         try:
             return run_training(items, out, cfg, run, resume=resume, progress=report,
-                                address=address, data_description=desc)  # fmt: skip
+                                address=address, data_description=desc,
+                                scope=scope)  # fmt: skip
         except (TrainError, TeacherWeightsError, ConfigError) as exc:
             console.print(f"[red]training failed: {exc}[/]")
             raise typer.Exit(code=1) from exc

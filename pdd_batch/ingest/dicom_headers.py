@@ -22,6 +22,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
+from pdd_batch.ingest.anatomy import body_part_of, view_term
 from pdd_batch.ingest.archive_io import BinarySource, IngestLimits, OverLimitError
 from pdd_batch.ingest.dicom_tag_scan import (
     MEDIA_SOP_CLASS,
@@ -151,6 +152,8 @@ class DicomHeader:
     has_image: bool
     frames: tuple[FrameInfo, ...]
     bits_allocated: int = 0
+    body_part: str = ""  # vocabulary term (``anatomy``), from BodyPartExamined or descriptions
+    view: str = ""  # ViewPosition defined term (radiographs)
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -261,7 +264,8 @@ _TAGS = {
         "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "ImageType", "ImagePositionPatient",
         "ImageOrientationPatient", "PixelSpacing", "ImagerPixelSpacing", "InstanceNumber",
         "TemporalPositionIdentifier", "AcquisitionNumber", "RescaleSlope", "RescaleIntercept",
-        "PhotometricInterpretation",
+        "PhotometricInterpretation", "BodyPartExamined", "ViewPosition", "StudyDescription",
+        "SeriesDescription", "ProtocolName",
     )
 }  # fmt: skip
 SCAN_TAGS = frozenset(_TAGS.values())
@@ -399,6 +403,11 @@ def _build_header(
         has_image=has_image,
         frames=frames,
         bits_allocated=f.ushort("BitsAllocated"),
+        body_part=body_part_of(
+            f.text("BodyPartExamined"),
+            (f.text(k) for k in ("StudyDescription", "SeriesDescription", "ProtocolName")),
+        ),
+        view=view_term(f.text("ViewPosition")),
     )
 
 

@@ -22,12 +22,13 @@ import json
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pdd_batch.ingest.anatomy import body_part_of
 from pdd_batch.ingest.archive_io import (
     ArchiveReadError,
     BinarySource,
@@ -208,6 +209,7 @@ def _dicom_series(
     stacks, scouts = plan_stacks(frames)
     by_file = {h.file: h for h in headers}
     modality = Counter(h.modality for h in headers).most_common(1)[0][0]
+    facts = {k: _most_common(getattr(h, k) for h in headers) for k in ("body_part", "view")}
     refs = []
     used: set[str] = set()
     too_big: dict[str, str] = {}
@@ -224,7 +226,8 @@ def _dicom_series(
                 col.record(rel, "used", "", key)
                 used.add(rel)
         syntaxes = sorted({transfer_syntax_name(by_file[r].transfer_syntax) for r in files})
-        refs.append(_ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes))
+        ref = _ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes)
+        refs.append(replace(ref, **facts))
     for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
         if frame.file not in used:
             col.record(frame.file, "skipped", reason)
@@ -232,6 +235,12 @@ def _dicom_series(
         if rel not in used:
             col.record(rel, "failed", reason)
     return refs
+
+
+def _most_common(values: Iterable[str]) -> str:
+    """The most frequent non-empty value ("" when there is none)."""
+    counts = Counter(v for v in values if v)
+    return counts.most_common(1)[0][0] if counts else ""
 
 
 def _files_in_order(plan: StackPlan) -> tuple[str, ...]:
@@ -263,18 +272,28 @@ def _ref_from_plan(
     )
 
 
-def _sidecar_modality(root: Path, rel: str, seen: dict[str, FileRecord]) -> str:
-    """Modality from a BIDS/dcm2niix sidecar (same name, .json) next to a plain NIfTI file."""
+SIDECAR_MAX_BYTES = 1024**2  # a BIDS/dcm2niix sidecar is a few KiB; never read a huge file
+
+
+def _sidecar_facts(root: Path, rel: str, seen: dict[str, FileRecord]) -> tuple[str, str]:
+    """(modality, body part) from a BIDS/dcm2niix sidecar (same name, .json) next to a plain
+    NIfTI file; ("OT", "") without one."""
     stem = rel[: -len(".nii.gz")] if rel.lower().endswith(".nii.gz") else rel[: -len(".nii")]
     sidecar = stem + ".json"
     if sidecar not in seen or "!" in sidecar or seen[sidecar].reason == OUTSIDE_REASON:
-        return "OT"
+        return "OT", ""
     try:
+        if (root / sidecar).stat().st_size > SIDECAR_MAX_BYTES:
+            return "OT", ""
         meta = json.loads((root / sidecar).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "OT"
-    modality = meta.get("Modality") if isinstance(meta, dict) else None
-    return str(modality).upper() if isinstance(modality, str) and modality else "OT"
+        return "OT", ""
+    if not isinstance(meta, dict):
+        return "OT", ""
+    modality = meta.get("Modality")
+    texts = [str(meta.get(k) or "") for k in ("SeriesDescription", "ProtocolName")]
+    body_part = body_part_of(str(meta.get("BodyPartExamined") or ""), texts)
+    return (str(modality).upper() if isinstance(modality, str) and modality else "OT"), body_part
 
 
 def _nifti_series(col: _Collector, rel: str, info: Any) -> SeriesRef:
@@ -284,11 +303,13 @@ def _nifti_series(col: _Collector, rel: str, info: Any) -> SeriesRef:
     warnings = []
     if info.n_volumes > 1:
         warnings.append(f"4D NIfTI: {info.n_volumes} volumes of {z} slices")
+    modality, body_part = _sidecar_facts(col.root, rel, col.records)
     return SeriesRef(
         series_key=key,
         study_key=hash_key("nifti-study", str(PurePosixPath(rel.split("!")[0]).parent)),
         kind="nifti",
-        modality=_sidecar_modality(col.root, rel, col.records),
+        modality=modality,
+        body_part=body_part,
         files=(rel,),
         n_slices=z * info.n_volumes,
         n_volumes=info.n_volumes,

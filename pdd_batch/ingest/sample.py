@@ -89,6 +89,7 @@ def _ct_slice(vol: np.ndarray, z: int, study: str, series: str, tag: str) -> Dat
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     ds.Modality, ds.PatientName, ds.PatientID = "CT", "Sample^Synthetic", "SAMPLE-" + tag
     ds.InstanceNumber, ds.SeriesNumber = z + 1, 1
+    ds.BodyPartExamined = "HEAD"  # what routing matches against a model's scope
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [0.0, 0.0, float(z) * 5.0]
     ds.PixelSpacing, ds.SliceThickness = [0.8, 0.8], 5.0

@@ -34,6 +34,9 @@ class SeriesRef:
         warnings: geometry and content findings (gaps, tilt, 4D, duplicates, scouts).
         n_gaps: missing slices detected between positions (not filled).
         tilt_deg: gantry tilt / shear angle in degrees (0 when none).
+        body_part: body part as a vocabulary term (``ingest.anatomy``: "HEAD", "BRAIN",
+            "CHEST"...), from BodyPartExamined or the descriptions; "" when the header says none.
+        view: radiograph ViewPosition ("PA", "AP", "LL"...); "" when absent.
     """
 
     series_key: str
@@ -50,6 +53,8 @@ class SeriesRef:
     warnings: tuple[str, ...] = ()
     n_gaps: int = 0
     tilt_deg: float = 0.0
+    body_part: str = ""
+    view: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""

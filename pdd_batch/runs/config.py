@@ -37,6 +37,8 @@ class RunConfig:
         archive: folder (or archive file) to screen.
         out_dir: run folder receiving ``slices/``, ``studies/``, ``errors/``, ``manifest.json``.
         model_path: checkpoint folder; ``None`` means the embedded default model.
+        more_models: further checkpoint (or model-set) folders: each series goes to the model
+            whose scope matches it (``pdd_batch.ingest.scope``).
         address: Ray cluster to join; ``None`` falls back to ``RAY_ADDRESS`` then a local cluster.
         force: rescreen every series, replacing earlier results.
         batch_size: slices per model call; ``None`` picks from the device (see jobs.resources).
@@ -79,12 +81,14 @@ class RunConfig:
     max_frames_per_file: int = IngestLimits.max_frames_per_file
     max_member_bytes: int = IngestLimits.max_member_bytes
     max_compression_ratio: float = IngestLimits.max_compression_ratio
+    more_models: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "archive", Path(self.archive))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.model_path is not None:
             object.__setattr__(self, "model_path", Path(self.model_path))
+        object.__setattr__(self, "more_models", tuple(Path(p) for p in self.more_models))
         for key in ("batch_size", "num_actors", "num_cpus"):
             value = getattr(self, key)
             if value is not None and int(value) < 1:
@@ -129,6 +133,7 @@ class RunConfig:
         d = asdict(self)
         for key in ("archive", "out_dir", "model_path"):
             d[key] = None if d[key] is None else str(d[key])
+        d["more_models"] = [str(p) for p in self.more_models]
         return d
 
 

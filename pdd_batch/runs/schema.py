@@ -43,6 +43,10 @@ SLICES_SCHEMA = pa.schema(
         pa.field("preprocessing", pa.string(), nullable=False),  # PreprocessSpec JSON
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("code_version", pa.string(), nullable=False),
+        # distance to the model's training slices and whether it is beyond the model's
+        # in-distribution threshold (then never flagged); null when the model has no check
+        pa.field("ood_distance", pa.float32()),
+        pa.field("out_of_distribution", pa.bool_()),
     ],
     metadata={"pdd_batch_schema": SCHEMA_VERSION, "table": "slices"},
 )
@@ -56,7 +60,8 @@ STUDIES_SCHEMA = pa.schema(
         pa.field("max_score", pa.float32(), nullable=False),
         pa.field("topk_mean", pa.float32(), nullable=False),
         pa.field("n_flagged", pa.int32(), nullable=False),
-        pa.field("decision", pa.string(), nullable=False),  # "flagged" | "normal" | "uncalibrated"
+        # "flagged" | "normal" | "uncalibrated" | "out_of_distribution" (no in-distribution slice)
+        pa.field("decision", pa.string(), nullable=False),
         pa.field("top_slice_key", pa.string()),
         pa.field("modality", pa.string()),
         pa.field("model_id", pa.string(), nullable=False),

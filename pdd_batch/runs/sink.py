@@ -45,6 +45,18 @@ class Provenance:
     run_id: str
     code_version: str
     threshold: float | None = None
+    ood_threshold: float | None = None  # the model's in-distribution check, if it has one
+
+
+def _ood(
+    batch: Mapping[str, np.ndarray], i: int, threshold: float | None
+) -> tuple[float | None, bool | None]:
+    """(distance to the training slices, beyond the threshold?) of row ``i``; (None, None) when
+    the model has no in-distribution check."""
+    if "ood_distance" not in batch or threshold is None:
+        return None, None
+    dist = float(batch["ood_distance"][i])
+    return (None, None) if dist != dist else (dist, dist > threshold)
 
 
 def slice_key(series_key: str, volume_index: int, slice_index: int) -> str:
@@ -87,8 +99,10 @@ class SliceSink:
         rows_per_file: int = 4096,
         flush_seconds: float = 30.0,
         on_commit: Callable[[SinkStats], None] | None = None,
+        models: Mapping[str, Provenance] | None = None,
     ) -> None:
         self.state, self.prov = state, provenance
+        self.models = dict(models or {})  # model_id -> provenance, for routed model sets
         self.series, self.fingerprints = series, fingerprints
         self.part_names = part_names
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
@@ -106,10 +120,17 @@ class SliceSink:
         """Series with some rows but not all (lost if the stream ends now)."""
         return sorted(self._open)
 
+    def _provenance(self, batch: Mapping[str, np.ndarray], i: int) -> Provenance:
+        """The provenance of the model that scored row ``i`` (a model set: by its model_id)."""
+        if self.models and "model_id" in batch:
+            return self.models[str(batch["model_id"][i])]
+        return self.prov
+
     def _row(self, batch: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
-        p = self.prov
+        p = self._provenance(batch, i)
         score = float(batch["score"][i])
-        flagged = p.threshold is not None and score > p.threshold
+        dist, ood = _ood(batch, i, p.ood_threshold)
+        flagged = p.threshold is not None and score > p.threshold and not ood
         key = str(batch["series_key"][i])
         vol, sl = int(batch["volume_index"][i]), int(batch["slice_index"][i])
         return {
@@ -130,6 +151,8 @@ class SliceSink:
             "preprocessing": p.preprocessing,
             "run_id": p.run_id,
             "code_version": p.code_version,
+            "ood_distance": dist,
+            "out_of_distribution": ood,
         }
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:

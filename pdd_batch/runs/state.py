@@ -378,6 +378,9 @@ class RunState:
             flagged = pa.array([False] * n, type=pa.bool_())
         else:
             flagged = pc.greater(pc.cast(table["score"], pa.float64()), thr)
+            if "out_of_distribution" in table.column_names:  # never flag those
+                ood = pc.fill_null(table["out_of_distribution"], False)
+                flagged = pc.and_(flagged, pc.invert(ood))
         threshold = pa.array([thr] * n, type=SLICES_SCHEMA.field("threshold").type)
         table = table.set_column(
             table.schema.get_field_index("threshold"), SLICES_SCHEMA.field("threshold"), threshold

@@ -36,14 +36,16 @@ ROLLUP_COLUMNS = (
     "modality",
     "model_id",
     "checkpoint_hash",
+    "out_of_distribution",
 )
 
 
 def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
     """One ``STUDIES_SCHEMA`` row per study in ``slices`` (needs ``ROLLUP_COLUMNS``).
 
-    Decision: ``"uncalibrated"`` when the model has no threshold, else ``"flagged"`` if any slice
-    is flagged, else ``"normal"``.
+    Decision: ``"uncalibrated"`` when the model has no threshold; ``"out_of_distribution"`` when
+    every slice is beyond the model's in-distribution check; else ``"flagged"`` if any slice is
+    flagged (out-of-distribution slices never are), else ``"normal"``.
     """
     if slices.num_rows == 0:
         return STUDIES_SCHEMA.empty_table()
@@ -61,6 +63,8 @@ def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
         n_flagged = int(np.count_nonzero(cols["flagged"][a:b]))
         if not calibrated:
             decision = "uncalibrated"
+        elif all(v is not None and bool(v) for v in cols["out_of_distribution"][a:b]):
+            decision = "out_of_distribution"
         else:
             decision = "flagged" if n_flagged else "normal"
         modalities = Counter(m for m in cols["modality"][a:b] if m)
@@ -88,8 +92,15 @@ def write_studies(state: RunState, *, topk: int, run_id: str) -> int:
     returns the number of studies."""
     table = STUDIES_SCHEMA.empty_table()
     if state.published_path.is_file():
-        slices = pq.read_table(state.published_path, columns=list(ROLLUP_COLUMNS))
-        table = study_rows(slices, topk=topk, run_id=run_id)
+        present = set(pq.read_schema(state.published_path).names)
+        slices = pq.read_table(
+            state.published_path, columns=[c for c in ROLLUP_COLUMNS if c in present]
+        )
+        if "out_of_distribution" not in present:  # rows written before the check existed
+            slices = slices.append_column(
+                "out_of_distribution", pa.nulls(slices.num_rows, pa.bool_())
+            )
+        table = study_rows(slices.select(list(ROLLUP_COLUMNS)), topk=topk, run_id=run_id)
     write_table_atomic(table, state.out_dir / "studies" / STUDIES_FILE)
     return table.num_rows
 

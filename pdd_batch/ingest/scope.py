@@ -1,0 +1,302 @@
+"""What a model knows (its scope) and which model, if any, a series goes to.
+
+A checkpoint's ``config.json`` holds ``scope``: the modalities, body parts (region groups of
+``ingest.anatomy``) and orientations (planes for volumes, views for radiographs) of its training
+series, the intensity domain, and a fallback policy for series whose headers do not say.
+
+The routing rule (``match_rank``, ``route``), in order:
+
+1. The modality must be one of the model's (CR, DX and DR count as one radiograph modality).
+2. Body part: when the series' header names one, its region must be one of the model's; when it
+   names none, the model's ``fallback`` decides ("accept": screened, "reject": not).
+3. Orientation: a volume's plane must be one of the model's, or the volume must be thick enough
+   (``MIN_REFORMAT_SLICES``) for the reader to reslice it along the model's axis; a radiograph's
+   view (PA/AP...) must be one of the model's when both are known. Unknown: the fallback decides.
+4. Among the models a series matches, a full match beats a fallback match, which beats a model
+   of unknown scope (an old checkpoint: it takes anything, as before scopes existed); ties go to
+   the model named first. A series no model matches is skipped with ``out_of_scope_reason``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pdd_batch.ingest.anatomy import REGIONS, VIEWS, region_of
+from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
+from pdd_batch.ingest.slicing import MIN_REFORMAT_SLICES
+
+PLANES = ("axial", "coronal", "sagittal")
+FALLBACKS = ("accept", "reject")
+RADIOGRAPH = frozenset({"CR", "DX", "DR"})
+NO_MATCH, UNKNOWN_MATCH, FALLBACK_MATCH, FULL_MATCH = 0, 1, 2, 3
+SCOPE_KEYS = {"modality": "modalities", "body_part": "body_parts", "orientation": "orientations"}
+
+
+class ScopeError(ValueError):
+    """A scope that cannot be parsed or used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelScope:
+    """What a model was trained on (empty ``modalities``: unknown, an old checkpoint).
+
+    Attributes:
+        modalities: DICOM modalities ("CT"; "CR", "DX").
+        body_parts: region groups ("HEAD", "CHEST"); empty: any.
+        orientations: planes ("axial") and/or radiograph views ("PA", "AP"); empty: any.
+        domain: intensity domain, e.g. "CT HU, brain window 40/80".
+        fallback: "accept" or "reject" a series whose header lacks a fact the scope names.
+        source: where the scope came from ("archive headers", "--scope", "unknown").
+    """
+
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    orientations: tuple[str, ...] = ()
+    domain: str = ""
+    fallback: str = "accept"
+    source: str = "unknown"
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise ScopeError(f"scope.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        bad = [b for b in self.body_parts if b not in REGIONS]
+        if bad:
+            raise ScopeError(f"scope.body_part: unknown region(s) {bad}; known: {sorted(REGIONS)}")
+        bad = [o for o in self.orientations if o not in PLANES and o not in VIEWS]
+        if bad:
+            raise ScopeError(
+                f"scope.orientation: unknown value(s) {bad}; planes {PLANES} or views "
+                f"{sorted(VIEWS)}"
+            )
+
+    @property
+    def known(self) -> bool:
+        """False for the scope of a checkpoint that recorded none."""
+        return bool(self.modalities)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ModelScope:
+        """Inverse of ``to_dict``; ``None`` or ``"unknown"`` gives the unknown scope."""
+        if not d or d == "unknown":
+            return UNKNOWN_SCOPE
+        if not isinstance(d, Mapping):
+            raise ScopeError(f"scope must be an object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ScopeError(f"scope: unknown keys {sorted(unknown)}")
+        kw = {
+            k: tuple(str(x) for x in v) if isinstance(v, list | tuple) else v for k, v in d.items()
+        }
+        return cls(**kw)
+
+    def describe(self) -> str:
+        """One line for people: ``CT, HEAD, axial (CT HU, brain window 40/80; fallback accept)``."""
+        if not self.known:
+            return "unknown (checkpoint records no scope: every series is scored)"
+        parts = [
+            "/".join(self.modalities),
+            "/".join(self.body_parts) or "any body part",
+            "/".join(self.orientations) or "any orientation",
+        ]
+        tail = "; ".join(t for t in (self.domain, f"fallback {self.fallback}") if t)
+        return f"{', '.join(parts)} ({tail})"
+
+
+UNKNOWN_SCOPE = ModelScope()
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _values(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.replace("|", "/").replace("+", "/").split("/") if v)
+
+
+def parse_scope(text: str, *, domain: str = "", source: str = "--scope") -> ModelScope:
+    """Parse ``modality=CT,body_part=HEAD,orientation=axial`` (several values: ``CR/DX``).
+
+    Keys: ``modality`` and ``body_part`` (required), ``orientation`` (a plane, or radiograph
+    views such as ``PA/AP``; default any), ``fallback`` (``accept``/``reject``).
+
+    Raises:
+        ScopeError: naming the key that is missing, unknown or bad.
+    """
+    found: dict[str, Any] = {}
+    for item in (p.strip() for p in (text or "").split(",") if p.strip()):
+        key, sep, value = item.partition("=")
+        key = key.strip().lower().replace("-", "_")
+        if not sep or not value.strip():
+            raise ScopeError(f"--scope: '{item}' is not key=value")
+        if key == "fallback":
+            found["fallback"] = value.strip().lower()
+        elif key in SCOPE_KEYS:
+            found[SCOPE_KEYS[key]] = _values(value)
+        else:
+            raise ScopeError(f"--scope: unknown key {key!r}; keys: {[*SCOPE_KEYS, 'fallback']}")
+    for key in ("modality", "body_part"):
+        if SCOPE_KEYS[key] not in found:
+            raise ScopeError(f"--scope needs {key}= (e.g. modality=CT,body_part=HEAD)")
+    found["modalities"] = tuple(m.upper() for m in found["modalities"])
+    regions = []
+    for part in found["body_parts"]:
+        region = region_of(part)
+        if not region:
+            raise ScopeError(f"--scope: unknown body_part {part!r}; known: {sorted(REGIONS)}")
+        regions.append(region)
+    found["body_parts"] = tuple(dict.fromkeys(regions))
+    found["orientations"] = tuple(
+        o.lower() if o.lower() in PLANES else o.upper() for o in found.get("orientations", ())
+    )
+    return ModelScope(**found, domain=domain, source=source)
+
+
+def domain_of(preprocessing: Mapping[str, Any], modalities: Iterable[str]) -> str:
+    """The intensity domain a model sees, from its ``PreprocessSpec`` dict."""
+    from pdd_batch.ingest.preprocess import WINDOW_PRESETS
+
+    if "CT" in set(modalities):
+        name = str(preprocessing.get("ct_window", "brain"))
+        level, width = WINDOW_PRESETS.get(name, (float("nan"), float("nan")))
+        return f"CT HU, {name} window {level:g}/{width:g}"
+    lo, hi = preprocessing.get("percentiles", (0.5, 99.5))
+    return f"percentiles {lo:g}-{hi:g} per volume"
+
+
+def plane_of(ref: SeriesRef) -> str:
+    """The plane of a series' stored slices ("axial"...), "" for 2D images without geometry."""
+    word = (ref.orientation or "").split(" ")[0].lower()
+    return word if word in PLANES else ""
+
+
+def derive_scope(refs: Sequence[SeriesRef], preprocessing: Mapping[str, Any]) -> ModelScope:
+    """The scope of a model trained on ``refs`` (the series of a training archive).
+
+    Modalities and regions are those of the series (a region only when some header names it);
+    orientation is the model's slicing axis for volumes, the views seen for radiographs.
+    """
+    if not refs:
+        raise ScopeError("no training series to derive a scope from")
+    modalities = tuple(sorted({r.modality for r in refs if r.modality}))
+    regions = tuple(sorted({region_of(r.body_part) for r in refs if region_of(r.body_part)}))
+    views = {r.view for r in refs if r.view}
+    volumes = any(plane_of(r) for r in refs)
+    orientations = tuple(sorted(views))
+    if volumes:
+        orientations = (str(preprocessing.get("axis", "axial")), *orientations)
+    return ModelScope(
+        modalities=modalities,
+        body_parts=regions,
+        orientations=orientations,
+        domain=domain_of(preprocessing, modalities),
+        source="archive headers",
+    )
+
+
+def _same_modality(scope: ModelScope, modality: str) -> bool:
+    if modality in scope.modalities:
+        return True
+    return modality in RADIOGRAPH and bool(RADIOGRAPH & set(scope.modalities))
+
+
+def _orientation_fact(scope: ModelScope, ref: SeriesRef) -> bool | None:
+    """True/False when the series' orientation fits the scope or not; None when unknown."""
+    planes = [o for o in scope.orientations if o in PLANES]
+    views = [o for o in scope.orientations if o in VIEWS]
+    if not scope.orientations:
+        return True
+    plane = plane_of(ref)
+    if ref.view and views:
+        return ref.view in views
+    if plane and planes:
+        thick = bool(ref.shape) and ref.shape[0] >= MIN_REFORMAT_SLICES
+        return plane in planes or thick
+    if plane and views and not planes:
+        return False  # a volume for a radiograph model
+    return None
+
+
+def match_rank(scope: ModelScope, ref: SeriesRef) -> int:
+    """How well ``ref`` fits ``scope`` (``NO_MATCH`` ... ``FULL_MATCH``; see the module rule)."""
+    if not scope.known:
+        return UNKNOWN_MATCH
+    if not _same_modality(scope, ref.modality):
+        return NO_MATCH
+    facts = [_orientation_fact(scope, ref)]
+    if scope.body_parts:
+        region = region_of(ref.body_part)
+        facts.append(region in scope.body_parts if region else None)
+    if False in facts:
+        return NO_MATCH
+    if None in facts:
+        return FALLBACK_MATCH if scope.fallback == "accept" else NO_MATCH
+    return FULL_MATCH
+
+
+def route(refs: Sequence[SeriesRef], scopes: Sequence[ModelScope]) -> list[int | None]:
+    """Per series, the index of the model it goes to (best rank, first named on ties), or None."""
+    out: list[int | None] = []
+    for ref in refs:
+        ranks = [match_rank(s, ref) for s in scopes]
+        best = max(ranks, default=NO_MATCH)
+        out.append(ranks.index(best) if best > NO_MATCH else None)
+    return out
+
+
+def out_of_scope_reason(ref: SeriesRef) -> str:
+    """``outside every model's scope (MR, BRAIN)``: header facts only, no identifiers."""
+    facts = [ref.modality or "no modality", ref.body_part, ref.view]
+    return f"outside every model's scope ({', '.join(f for f in facts if f)})"
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A discovery split by model: ``disc`` without the out-of-scope series, whose files are
+    ``skipped`` records with the scope reason; ``by_model[i]`` the series of model ``i``."""
+
+    disc: Discovery
+    by_model: tuple[tuple[SeriesRef, ...], ...]
+    out_of_scope_series: int
+    out_of_scope_files: int
+    out_of_scope_keys: tuple[str, ...] = ()
+
+
+def route_discovery(disc: Discovery, scopes: Sequence[ModelScope]) -> Routed:
+    """Route every series of ``disc`` (see ``route``); out-of-scope ones become skipped files.
+
+    A file that also belongs to a series some model takes stays ``used``.
+    """
+    targets = route(disc.series, scopes)
+    by_model: list[list[SeriesRef]] = [[] for _ in scopes]
+    outside: dict[str, str] = {}  # file -> reason
+    kept_files: set[str] = set()
+    for ref, target in zip(disc.series, targets, strict=True):
+        if target is None:
+            reason = out_of_scope_reason(ref)
+            for path in ref.files:
+                outside.setdefault(path, reason)
+        else:
+            by_model[target].append(ref)
+            kept_files.update(ref.files)
+    outside = {p: r for p, r in outside.items() if p not in kept_files}
+    files = [
+        FileRecord(f.path, "skipped", outside[f.path], f.series_key) if f.path in outside else f
+        for f in disc.files
+    ]
+    kept = [r for r, t in zip(disc.series, targets, strict=True) if t is not None]
+    return Routed(
+        disc=Discovery(root=disc.root, series=kept, files=files),
+        by_model=tuple(tuple(refs) for refs in by_model),
+        out_of_scope_series=len(disc.series) - len(kept),
+        out_of_scope_files=len(outside),
+        out_of_scope_keys=tuple(
+            r.series_key for r, t in zip(disc.series, targets, strict=True) if t is None
+        ),
+    )
