@@ -128,21 +128,27 @@ def test_rows_beyond_the_check_are_not_flagged_and_studies_use_the_rest() -> Non
 
 
 def test_recalibration_never_flags_out_of_distribution_rows(tmp_path: Path) -> None:
+    """A changed threshold re-flags every row when the run publishes: out-of-distribution rows
+    stay unflagged whatever their score."""
     import pyarrow.parquet as pq
 
-    from pdd_batch.runs.state import RunState
+    from pdd_batch.runs.schema import SLICES_SCHEMA
+    from pdd_batch.runs.state import RunState, SeriesRecord
+    from pdd_batch.runs.writer import rows_to_table, write_table_atomic
 
-    state = RunState(tmp_path)
-    state.slices_dir.mkdir(parents=True)
-    table = pa.table(
-        {
-            "score": pa.array([5.0, 5.0], pa.float32()),
-            "threshold": pa.array([9.0, 9.0], pa.float32()),
-            "flagged": [False, False],
-            "out_of_distribution": [True, False],
-        }
-    )
-    pq.write_table(table, state.slices_dir / "p.parquet")
-    state.parts = ["p.parquet"]
-    state.bind_threshold(1.0)
-    assert pq.read_table(state.slices_dir / "p.parquet")["flagged"].to_pylist() == [False, True]
+    state = RunState.load(tmp_path)
+    state.bind_model("h1", "m", force=False)
+    rows = [
+        {"slice_key": f"s1:{i}", "study_key": "st1", "series_key": "s1", "volume_index": 0,
+         "slice_index": i, "file_key": f"f{i}", "score": 5.0, "threshold": 9.0,
+         "flagged": False, "heatmap_png": b"", "heatmap_max": 0.0, "model_id": "m",
+         "checkpoint_hash": "h1", "preprocessing": "{}", "run_id": "r", "code_version": "0",
+         "ood_distance": 0.0, "out_of_distribution": ood}
+        for i, ood in enumerate([True, False])
+    ]  # fmt: skip
+    write_table_atomic(rows_to_table(rows, SLICES_SCHEMA), state.store_dir / "a.parquet")
+    state.commit_part("a.parquet", {"s1": SeriesRecord("a.parquet", 2, "fp", "st1")})
+    assert state.bind_threshold(1.0) == 2
+    state.publish("r2")
+    table = pq.read_table(state.published_path).sort_by("slice_index")
+    assert table["flagged"].to_pylist() == [False, True]
