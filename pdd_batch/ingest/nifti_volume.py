@@ -206,6 +206,23 @@ def open_nifti(
         raise NiftiReadError(f"unreadable NIfTI header ({type(exc).__name__})") from exc
 
 
+def _checked_geometry(
+    img: nib.spatialimages.SpatialImage, source: Path | bytes, rel: str, limits: IngestLimits
+) -> tuple[tuple[int, ...], int, np.ndarray]:
+    """The checks every reader of a NIfTI file makes before touching voxels (dimensions, dtype,
+    caps, completeness); returns (spatial shape, volumes, orientation).
+
+    Raises:
+        NiftiReadError: unsupported dimensions or dtype, over a cap, or truncated.
+    """
+    spatial, n_volumes = _spatial_shape(img)
+    _check_dtype(img)
+    gz = rel.lower().endswith(".gz")
+    _check_limits(img, source, gz, limits)
+    _check_complete(source, gz, _expected_bytes(img))
+    return spatial, n_volumes, _orientation(img)
+
+
 def read_nifti_info(
     root: Path, rel: str, raw: bytes | None = None, limits: IngestLimits | None = None
 ) -> NiftiInfo:
@@ -223,12 +240,7 @@ def read_nifti_info(
     limits = limits or IngestLimits()
     img, source = open_nifti(root, rel, raw, limits)
     try:
-        spatial, n_volumes = _spatial_shape(img)
-        _check_dtype(img)
-        gz = rel.lower().endswith(".gz")
-        _check_limits(img, source, gz, limits)
-        _check_complete(source, gz, _expected_bytes(img))
-        ornt = _orientation(img)
+        spatial, n_volumes, ornt = _checked_geometry(img, source, rel, limits)
         zooms_stored = (tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0,) * 3)[:3]
         dtype = str(img.get_data_dtype())
     except NiftiReadError:
@@ -301,12 +313,7 @@ def load_nifti_series(
     limits = limits or IngestLimits()
     try:
         img, source = open_nifti(root, rel, None, limits)
-        spatial, n_volumes = _spatial_shape(img)
-        _check_dtype(img)
-        gz = rel.lower().endswith(".gz")
-        _check_limits(img, source, gz, limits)
-        _check_complete(source, gz, _expected_bytes(img))
-        ornt = _orientation(img)
+        spatial, n_volumes, ornt = _checked_geometry(img, source, rel, limits)
     except NiftiReadError as exc:
         raise SeriesReadError(f"{rel}: {exc}") from exc
     except NIB_ERRORS as exc:
