@@ -81,6 +81,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Anomaly-map blur 2 px (PDD_SPEC's 4 px at 256 px scaled to 128 px; selection round 5):
     # the embedded default's setting.
     "pdd-lite0-sigma2": ("lite0", {"map_sigma": 2.0}),
+    "pdd-lite0-sigma2-paperloss": ("lite0", {"map_sigma": 2.0, "loss_form": "paper"}),
     "rd4ad-lite0-sigma2": ("rd4ad", {"map_sigma": 2.0}),
     # Deeper decoder stages (selection round 6).
     "pdd-lite0-sigma2-deep3": ("lite0", {"map_sigma": 2.0, "blocks_per_stage": 3}),
@@ -248,11 +249,8 @@ def run_one(
     t1 = time.perf_counter()
     scores = predict_from_features(res.model, bank, cfg.image_size).scores.numpy()
     val = [it for it in train_items if it.split == "val" and it.label == 0]
-    val_metrics = {}
-    if val:
-        vbank, vlabels = _val_bank(cfg, val, cache, spec)
-        vscores = predict_from_features(res.model, vbank, cfg.image_size).scores.numpy()
-        val_metrics = {"val_synthetic_auroc": image_metrics(vlabels, vscores)["auroc"]}
+    vbank = _val_bank(cfg, val, cache, spec) if val else None
+    val_metrics = _val_metrics(res.model, vbank, cfg.image_size)
     row = {
         "dataset": args.dataset,
         "variant": label,
@@ -274,11 +272,44 @@ def run_one(
         "checkpoint": str(out_dir),
         "git_commit": _git_commit(),
     }
+    rescored = _rescore(res.model, bank, labels, vbank, getattr(args, "rescore_sigmas", ()))
+    if rescored:
+        row["rescored"] = rescored
     if draw is not None:
         row["dataset"], row["split_tag"] = f"{args.dataset}-resplit", tag
     if trajectory:
         row["test_auroc_by_epoch"] = {int(t["epoch"]): round(t["auroc"], 4) for t in trajectory}
     return row
+
+
+def _val_metrics(model: Any, vbank: Any, image_size: int) -> dict[str, float]:
+    """``{"val_synthetic_auroc": ...}`` on a validation bank (``_val_bank``), or ``{}``."""
+    if vbank is None:
+        return {}
+    feats, vlabels = vbank
+    vscores = predict_from_features(model, feats, image_size).scores.numpy()
+    return {"val_synthetic_auroc": image_metrics(vlabels, vscores)["auroc"]}
+
+
+def _rescore(
+    model: Any, bank: Any, labels: np.ndarray, vbank: Any, sigmas: Any
+) -> dict[str, dict[str, Any]]:
+    """The trained model's test and val-syn figures with other anomaly-map blurs (σ changes only
+    the scoring, not the training): ``{"4": {"auroc", "test_scores", "val_synthetic_auroc"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    original = model.config
+    try:
+        for sigma in sigmas:
+            model.config = replace(original, map_sigma=float(sigma))
+            scores = predict_from_features(model, bank, original.image_size).scores.numpy()
+            out[f"{float(sigma):g}"] = {
+                **image_metrics(labels, scores),
+                **_val_metrics(model, vbank, original.image_size),
+                "test_scores": [round(float(v), 6) for v in scores],
+            }
+    finally:
+        model.config = original
+    return out
 
 
 def _trajectory_recorder(
