@@ -14,7 +14,6 @@ from model.config import ConfigError, ModelConfig, get_config
 from model.loss import pdd_loss
 from model.pdd import PDD, SecondCNNTeacher, build_model
 from model.teachers import TeacherSpec
-from model.train_step import compute_loss
 from pdd_batch.ingest.preprocess import PreprocessSpec
 
 torch.set_num_threads(1)
@@ -78,9 +77,9 @@ def test_diversity_weight_scales_only_the_diversity_term() -> None:
         out = model(torch.rand(2, 1, 64, 64))
     base, half = pdd_loss(out), pdd_loss(out, diversity_weight=0.25)
     assert half.total == pytest.approx(float(base.total - 0.25 * base.diversity), rel=1e-5)
-    light = _model(diversity_weight=0.25)  # the training step's loss (cached features)
+    light = _model(diversity_weight=0.25)  # loss_from_output: what train_step uses
     light.eval()
-    torch.testing.assert_close(compute_loss(light, out).total, half.total)
+    torch.testing.assert_close(light.loss_from_output(out).total, half.total)
 
 
 def test_a_cnn_fills_teacher_ms_slot_with_its_levels_2_to_4() -> None:
