@@ -18,6 +18,7 @@ from tools.experiments.benchmark import (
     main,
     paired_difference,
     parse_variant,
+    render_table,
     rescored_rows,
     select,
     summarise,
@@ -103,6 +104,14 @@ def test_selection_among_pdd_candidates_ignores_the_baseline() -> None:
     summary = summarise(rows)
     assert select(summary) == "rd4ad-x"
     assert select(summary, "pdd") == "pdd-b"
+
+
+def test_a_rescored_variant_is_paired_with_the_baseline_of_the_same_blur() -> None:
+    labels = [0, 0, 1, 1]
+    rows = [_row("h", v, 0, [0.1, 0.2, 0.8, 0.9], labels, val=0.8)
+            for v in ("rd4ad-x", "rd4ad-x~sigma4", "pdd-a", "pdd-a~sigma4")]  # fmt: skip
+    table = render_table(rows)
+    assert "pdd-a~sigma4 − rd4ad-x~sigma4 on h:" in table and "pdd-a − rd4ad-x on h:" in table
 
 
 def test_rescored_blurs_become_rows_of_their_own() -> None:

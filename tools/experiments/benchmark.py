@@ -261,7 +261,7 @@ def render_table(rows: Sequence[dict[str, Any]], baseline_prefix: str = "rd4ad")
     for v in variants:
         if v in baselines or not baselines:
             continue
-        base = baselines[0]
+        base = _matching_baseline(v, baselines)
         diffs = []
         for split in splits:
             a = [r for r in rows if r["split"] == split and r["variant"] == v]
@@ -273,6 +273,13 @@ def render_table(rows: Sequence[dict[str, Any]], baseline_prefix: str = "rd4ad")
         if diffs:
             lines.append(f"{v} − {base}, mean over splits: {np.mean(diffs):+.3f}")
     return "\n".join(lines)
+
+
+def _matching_baseline(variant: str, baselines: Sequence[str]) -> str:
+    """The baseline with the same blur (``~sigmaS`` suffix) as ``variant``, else the first."""
+    suffix = variant.partition("~")[2]
+    same = [b for b in baselines if b.partition("~")[2] == suffix]
+    return (same or list(baselines))[0]
 
 
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
