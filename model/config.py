@@ -13,6 +13,10 @@ Named configs:
         ``astra``) + the same small seeded VMamba. Scored below ``lite0`` on HeadCT
         (docs/results.md).
     ``"rd4ad"``: the RD4AD baseline (``model.rd4ad``) on the ``lite0`` teacher, no Teacher M.
+    ``"lite0-c"``: ``"lite0"`` with Teacher M gated out of the fusion (``mamba_fusion="off"``:
+        targets and student input are Teacher C's features; the two students, MPA and the loss
+        stay PDD's). The random VMamba cost PDD on data it was not tuned on (docs/results.md,
+        cross-dataset benchmark).
 
 Every named config is one entry of ``_REGISTRY``; the config module imports no model code.
 """
@@ -207,6 +211,10 @@ def _astra() -> ModelConfig:
     )
 
 
+def _lite0_c() -> ModelConfig:
+    return replace(_lite0(), name="lite0-c", mamba_fusion="off")
+
+
 def _rd4ad() -> ModelConfig:
     """The RD4AD baseline on the offline ImageNet EfficientNet-Lite0 teacher (as ``"lite0"``).
 
@@ -226,6 +234,7 @@ _REGISTRY: Mapping[str, Callable[[], ModelConfig]] = {
     "paper": _paper,
     "test": _test,
     "lite0": _lite0,
+    "lite0-c": _lite0_c,
     "astra": _astra,
     "rd4ad": _rd4ad,
 }

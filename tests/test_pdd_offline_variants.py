@@ -142,3 +142,10 @@ def test_checkpoint_of_a_new_config_loads_with_the_same_predictions(tmp_path, ov
     assert loaded.config.mamba_fusion == model.config.mamba_fusion
     x = torch.rand(2, 1, 64, 64)
     torch.testing.assert_close(loaded.predict(x).scores, model.predict(x).scores)
+
+
+def test_lite0_c_is_lite0_with_teacher_m_gated_out() -> None:
+    lite0, lite0_c = get_config("lite0"), get_config("lite0-c")
+    assert lite0_c.mamba_fusion == "off" and lite0.mamba_fusion == "add"
+    assert lite0_c.cnn_teacher == lite0.cnn_teacher and lite0_c.map_sigma == lite0.map_sigma
+    assert lite0_c.name == "lite0-c"
