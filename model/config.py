@@ -17,6 +17,10 @@ Named configs:
         targets and student input are Teacher C's features; the two students, MPA and the loss
         stay PDD's). The random VMamba cost PDD on data it was not tuned on (docs/results.md,
         cross-dataset benchmark).
+    ``"lite0-d"``: ``"lite0"`` with the InA targets detached (``mamba_fusion="detach"``: Teacher M
+        still added, through adapters the loss cannot train to reshape its own targets) and the
+        anomaly-map blur ``map_sigma=2`` (128 px): the configuration the issue-17 rule chose
+        (docs/results.md), ``pdd-batch train``'s default.
 
 Every named config is one entry of ``_REGISTRY``; the config module imports no model code.
 """
@@ -215,6 +219,10 @@ def _lite0_c() -> ModelConfig:
     return replace(_lite0(), name="lite0-c", mamba_fusion="off")
 
 
+def _lite0_d() -> ModelConfig:
+    return replace(_lite0(), name="lite0-d", mamba_fusion="detach", map_sigma=2.0)
+
+
 def _rd4ad() -> ModelConfig:
     """The RD4AD baseline on the offline ImageNet EfficientNet-Lite0 teacher (as ``"lite0"``).
 
@@ -235,6 +243,7 @@ _REGISTRY: Mapping[str, Callable[[], ModelConfig]] = {
     "test": _test,
     "lite0": _lite0,
     "lite0-c": _lite0_c,
+    "lite0-d": _lite0_d,
     "astra": _astra,
     "rd4ad": _rd4ad,
 }

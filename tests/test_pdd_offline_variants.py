@@ -149,3 +149,10 @@ def test_lite0_c_is_lite0_with_teacher_m_gated_out() -> None:
     assert lite0_c.mamba_fusion == "off" and lite0.mamba_fusion == "add"
     assert lite0_c.cnn_teacher == lite0.cnn_teacher and lite0_c.map_sigma == lite0.map_sigma
     assert lite0_c.name == "lite0-c"
+
+
+def test_lite0_d_is_the_benchmarked_detach_variant() -> None:
+    from tools.experiments.recipes import variant_config
+
+    chosen = variant_config("pdd-lite0-sigma2-detach", 128)
+    assert get_config("lite0-d") == ModelConfig.from_dict({**chosen.to_dict(), "name": "lite0-d"})
