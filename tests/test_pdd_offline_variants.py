@@ -156,3 +156,11 @@ def test_lite0_d_is_the_benchmarked_detach_variant() -> None:
 
     chosen = variant_config("pdd-lite0-sigma2-detach", 128)
     assert get_config("lite0-d") == ModelConfig.from_dict({**chosen.to_dict(), "name": "lite0-d"})
+
+
+def test_train_commands_default_config_is_the_chosen_one() -> None:
+    import inspect
+
+    from pdd_batch.cli.train import train_command
+
+    assert inspect.signature(train_command).parameters["config"].default == "lite0-d"
