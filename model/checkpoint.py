@@ -75,6 +75,13 @@ def teacher_modules(model: nn.Module) -> dict[str, Teacher]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Teacher)}
 
 
+def _role(module_name: str, kind: str) -> str:
+    """A teacher's role ("cnn" | "mamba") from its slot in the model (a CNN can fill Teacher M's
+    slot, ``model.pdd.SecondCNNTeacher``); its kind for other module names."""
+    slot = module_name.removeprefix("teacher_")
+    return slot if slot in ("cnn", "mamba") else kind
+
+
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict without its teachers (head parameters and BN buffers), on CPU."""
     prefixes = tuple(f"{name}." for name in teacher_modules(model))
@@ -93,7 +100,7 @@ def _config_with_teacher_hashes(model: nn.Module) -> tuple[ModelConfig, dict[str
     changes: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
     for name, teacher in teacher_modules(model).items():
-        role = f"{teacher.spec.kind}_teacher"
+        role = f"{_role(name, teacher.spec.kind)}_teacher"
         declared = getattr(config, role)
         if declared is None or replace(declared, sha256=None) != replace(teacher.spec, sha256=None):
             raise CheckpointError(f"teacher '{name}' does not match config.{role}")
@@ -260,7 +267,7 @@ def _store_seeded_teachers(model: nn.Module, out: Path) -> dict[str, dict[str, s
 def _stored_teachers(folder: Path, recorded: dict[str, Any]) -> dict[str, Path]:
     """The stored copies of seeded teachers a checkpoint records, by role, each verified."""
     stored = {}
-    for info in recorded.values():
+    for name, info in recorded.items():
         copy = info.get("stored_copy") if isinstance(info, dict) else None
         if not copy:
             continue
@@ -271,7 +278,7 @@ def _stored_teachers(folder: Path, recorded: dict[str, Any]) -> dict[str, Path]:
             raise CheckpointError(
                 f"{path}: sha256 differs from {CONFIG_FILE} (corrupt or replaced)"
             )
-        stored[info["kind"]] = path
+        stored[_role(name, info["kind"])] = path
     return stored
 
 

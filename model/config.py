@@ -13,6 +13,14 @@ Named configs:
         ``astra``) + the same small seeded VMamba. Scored below ``lite0`` on HeadCT
         (docs/results.md).
     ``"rd4ad"``: the RD4AD baseline (``model.rd4ad``) on the ``lite0`` teacher, no Teacher M.
+    ``"lite0-c"``: ``"lite0"`` with Teacher M gated out of the fusion (``mamba_fusion="off"``:
+        targets and student input are Teacher C's features; the two students, MPA and the loss
+        stay PDD's). The random VMamba cost PDD on data it was not tuned on (docs/results.md,
+        cross-dataset benchmark).
+    ``"lite0-d"``: ``"lite0"`` with the InA targets detached (``mamba_fusion="detach"``: Teacher M
+        still added, through adapters the loss cannot train to reshape its own targets) and the
+        anomaly-map blur ``map_sigma=2`` (128 px): the configuration the issue-17 rule chose
+        (docs/results.md), ``pdd-batch train``'s default.
 
 Every named config is one entry of ``_REGISTRY``; the config module imports no model code.
 """
@@ -28,6 +36,7 @@ from model.teachers import TeacherSpec
 
 ARCHS = ("pdd", "rd4ad")
 LOSS_FORMS = ("code", "paper")
+MAMBA_FUSIONS = ("add", "detach", "off")
 VMAMBA_WEIGHTS_ENV = "PDD_VMAMBA_WEIGHTS"
 
 
@@ -50,6 +59,15 @@ class ModelConfig:
         blocks_per_stage: de-ResNet blocks per decoder stage.
         map_sigma: Gaussian blur sigma of the anomaly map, in pixels.
         head_seed: seed of the trainable head's initialisation.
+        mamba_fusion: how Teacher M enters the fused targets (InA) and the student input (MMU):
+            ``"add"`` (PDD_SPEC: added through the ECA adapters, the targets not detached);
+            ``"detach"`` (added, but the InA targets are detached, so the distillation loss
+            cannot reshape its own targets through the adapters); ``"off"`` (Teacher M gated
+            out: targets and student input are Teacher C's features alone).
+        diversity_weight: weight of the diversity term (PDD_SPEC: 0.5).
+
+    ``mamba_teacher`` may also be a CNN (kind ``"cnn"``, a "heterogeneous pair"): its levels
+    2, 3, 4, 4 fill Teacher M's slots (the same reductions 8, 16, 32, 32 as VMamba's).
     """
 
     name: str
@@ -62,6 +80,8 @@ class ModelConfig:
     blocks_per_stage: int = 2
     map_sigma: float = 4.0
     head_seed: int = 0
+    mamba_fusion: str = "add"
+    diversity_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 32:
@@ -72,10 +92,20 @@ class ModelConfig:
             raise ConfigError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
         if not isinstance(self.cnn_teacher, TeacherSpec) or self.cnn_teacher.kind != "cnn":
             raise ConfigError("cnn_teacher must be a TeacherSpec of kind 'cnn'")
-        if self.mamba_teacher is not None and (
-            not isinstance(self.mamba_teacher, TeacherSpec) or self.mamba_teacher.kind != "mamba"
-        ):
-            raise ConfigError("mamba_teacher must be a TeacherSpec of kind 'mamba' or None")
+        if self.mamba_teacher is not None and not isinstance(self.mamba_teacher, TeacherSpec):
+            raise ConfigError("mamba_teacher must be a TeacherSpec or None")
+        if self.mamba_teacher is not None and self.mamba_teacher.kind != "mamba":
+            if self.arch != "pdd" or self.mamba_teacher.kind != "cnn":
+                raise ConfigError(
+                    "mamba_teacher must be of kind 'mamba' (or 'cnn' for arch 'pdd', a "
+                    "heterogeneous pair)"
+                )
+        if self.mamba_fusion not in MAMBA_FUSIONS:
+            raise ConfigError(
+                f"mamba_fusion must be one of {MAMBA_FUSIONS}, got {self.mamba_fusion!r}"
+            )
+        if not self.diversity_weight >= 0:
+            raise ConfigError(f"diversity_weight must be >= 0, got {self.diversity_weight!r}")
         if self.arch == "pdd" and self.mamba_teacher is None:
             raise ConfigError("mamba_teacher is required for arch='pdd'")
         if self.adapter_reduction < 1:
@@ -185,6 +215,14 @@ def _astra() -> ModelConfig:
     )
 
 
+def _lite0_c() -> ModelConfig:
+    return replace(_lite0(), name="lite0-c", mamba_fusion="off")
+
+
+def _lite0_d() -> ModelConfig:
+    return replace(_lite0(), name="lite0-d", mamba_fusion="detach", map_sigma=2.0)
+
+
 def _rd4ad() -> ModelConfig:
     """The RD4AD baseline on the offline ImageNet EfficientNet-Lite0 teacher (as ``"lite0"``).
 
@@ -204,6 +242,8 @@ _REGISTRY: Mapping[str, Callable[[], ModelConfig]] = {
     "paper": _paper,
     "test": _test,
     "lite0": _lite0,
+    "lite0-c": _lite0_c,
+    "lite0-d": _lite0_d,
     "astra": _astra,
     "rd4ad": _rd4ad,
 }

@@ -48,6 +48,8 @@ class PDDHead(nn.Module):
             them at run time from the decoder outputs. Only the golden fixture needs this.
         adapter_reduction: ECA ``mid = max(c_in, c_out) // adapter_reduction``.
         blocks_per_stage: de-ResNet blocks per decoder stage.
+        mamba_fusion: ``"add"`` (PDD_SPEC), ``"detach"`` (InA targets detached) or ``"off"``
+            (Teacher M gated out of InA and MMU; ``ModelConfig.mamba_fusion``).
     """
 
     def __init__(
@@ -57,8 +59,12 @@ class PDDHead(nn.Module):
         prior_sizes: list[tuple[int, int]] | None = None,
         adapter_reduction: int = 4,
         blocks_per_stage: int = 2,
+        mamba_fusion: str = "add",
     ) -> None:
         super().__init__()
+        if mamba_fusion not in ("add", "detach", "off"):
+            raise ValueError(f"PDDHead: mamba_fusion must be add|detach|off, got {mamba_fusion!r}")
+        self.mamba_fusion = mamba_fusion
         c1, c2, c3, c4 = self.cnn_channels = _check_channels("cnn_channels", cnn_channels)
         m1, m2, m3, m4 = self.mamba_channels = _check_channels("mamba_channels", mamba_channels)
         # Registration order fixes the state-dict order: layer1..3, up_dim_v_r1..4, mlp.
@@ -105,11 +111,15 @@ class PDDHead(nn.Module):
 
     def fuse(self, cnn_feats: Sequence[Tensor], mamba_feats: Sequence[Tensor]) -> list[Tensor]:
         """InA targets [f_b^1, f_b^2, f_b^3] (high-res first) and MMU f_t as a 4th entry."""
+        if self.mamba_fusion == "off":  # Teacher M gated out: Teacher C's features alone
+            return [*cnn_feats[:3], cnn_feats[3]]
         adapters = (self.up_dim_v_r1, self.up_dim_v_r2, self.up_dim_v_r3)
         fused = [
             F.interpolate(ad(z), scale_factor=2, mode="bilinear", align_corners=True) + y
             for ad, z, y in zip(adapters, mamba_feats[:3], cnn_feats[:3], strict=True)
         ]  # (B, c_i, H_i, W_i)
+        if self.mamba_fusion == "detach":  # the loss cannot reshape its own targets
+            fused = [f.detach() for f in fused]
         fused.append(self.up_dim_v_r4(mamba_feats[3]) + cnn_feats[3])  # (B, c4, h, w)
         return fused
 

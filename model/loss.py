@@ -67,12 +67,15 @@ def _check(out: HeadOutput) -> None:
             )
 
 
-def pdd_loss(out: HeadOutput, form: str = "code") -> LossParts:
+def pdd_loss(
+    out: HeadOutput, form: str = "code", diversity_weight: float = W_DIVERSITY
+) -> LossParts:
     """The PDD loss 0.02·MSE(S2,T) + 0.05·Cos(S2,T) + 0.02·MSE(T,S1) + 0.5·Div(S1,S2).
 
     Args:
         out: head output; levels high-res first (the diversity's low-dim level is level 0).
         form: ``"code"`` (default, +cos as the authors' training code) or ``"paper"`` (1 − cos).
+        diversity_weight: weight of Div(S1, S2) (PDD_SPEC: 0.5).
 
     Returns:
         LossParts with the weighted total and the unweighted parts.
@@ -83,6 +86,9 @@ def pdd_loss(out: HeadOutput, form: str = "code") -> LossParts:
     mse_t_s1 = mse_sum(out.targets, out.student1)
     div = diversity(out.student2, out.student1)
     total = (
-        W_MSE_S2_T * mse_s2_t + W_COS_S2_T * cos_s2_t + W_MSE_T_S1 * mse_t_s1 + W_DIVERSITY * div
+        W_MSE_S2_T * mse_s2_t
+        + W_COS_S2_T * cos_s2_t
+        + W_MSE_T_S1 * mse_t_s1
+        + diversity_weight * div
     )
     return LossParts(total, mse_s2_t, cos_s2_t, mse_t_s1, div)

@@ -57,6 +57,7 @@ class PDD(nn.Module):
                 mamba_channels=teacher_mamba.channels,
                 adapter_reduction=config.adapter_reduction,
                 blocks_per_stage=config.blocks_per_stage,
+                mamba_fusion=config.mamba_fusion,
             )
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -105,8 +106,10 @@ class PDD(nn.Module):
         return self.forward_from_features(*self.teacher_features(x))
 
     def loss_from_output(self, out: HeadOutput) -> LossParts:
-        """The PDD loss of a head output (form from the config)."""
-        return pdd_loss(out, form=self.config.loss_form)
+        """The PDD loss of a head output (form and diversity weight from the config)."""
+        return pdd_loss(
+            out, form=self.config.loss_form, diversity_weight=self.config.diversity_weight
+        )
 
     def loss(self, x: Tensor) -> LossParts:
         """The PDD training loss of a batch of normal images (form from the config)."""
@@ -135,6 +138,28 @@ class PDD(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the head (the teachers are frozen)."""
         return (p for p in self.head.parameters() if p.requires_grad)
+
+
+class SecondCNNTeacher(Teacher):
+    """A CNN in Teacher M's slot (a "heterogeneous pair"): its levels 2, 3, 4, 4, i.e. the
+    reductions 8, 16, 32, 32 of VMamba's levels (each after its stage's downsample)."""
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) ImageNet-normalised → 4 maps at H/8, H/16, H/32, H/32."""
+        feats = super().forward(x)
+        return [feats[1], feats[2], feats[3], feats[3]]
+
+
+def second_teacher(teacher: Teacher) -> Teacher:
+    """Teacher M from a built teacher: VMamba as is; a CNN re-levelled (``SecondCNNTeacher``)."""
+    if teacher.spec.kind != "cnn":
+        return teacher
+    info = teacher.feature_info
+    prov = {k: v for k, v in teacher.provenance.items() if k not in ("input_mean", "input_std")}
+    norm = (teacher.provenance["input_mean"], teacher.provenance["input_std"])
+    return SecondCNNTeacher(
+        teacher.spec, teacher.backbone, [info[1], info[2], info[3], info[3]], prov, norm
+    )
 
 
 def _check_teacher_geometry(cnn: Teacher, mamba: Teacher) -> None:
@@ -179,7 +204,7 @@ def build_model(config: ModelConfig, stored_teachers: dict[str, Path] | None = N
     model = PDD(
         config,
         build_teacher(config.cnn_teacher, stored.get("cnn")),
-        build_teacher(config.mamba_teacher, stored.get("mamba")),
+        second_teacher(build_teacher(config.mamba_teacher, stored.get("mamba"))),
     )
     log.info("built PDD '%s' (%d px)", config.name, config.image_size)
     return model

