@@ -127,27 +127,13 @@ def screen_command(
     netrc: NetrcOption = None,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
-    from jobs.screen import run_screen
     from pdd_batch.cli.summary_view import render_summary
-    from pdd_batch.ingest.dicomweb import (
-        PACS_FOLDER,
-        SERIES_FOLDER,
-        DicomwebError,
-        is_dicomweb_source,
-    )
+    from pdd_batch.ingest.dicomweb import PACS_FOLDER, SERIES_FOLDER, is_dicomweb_source
     from pdd_batch.runs.config import RunConfigError, parse_teacher_weights
-    from pdd_batch.runs.state import RunLockedError
 
     console = Console(stderr=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if sample:
-        from pdd_batch.ingest.sample import build_sample_archive
-
-        archive = str(build_sample_archive(out / SAMPLE_FOLDER))
-        console.print(f"sample archive built in {archive}")
-    if archive is None:
-        console.print("[red]give an ARCHIVE to screen, or --sample[/]")
-        raise typer.Exit(code=2)
+    archive = _archive_or_exit(console, archive, sample, out)
     pacs = is_dicomweb_source(archive)
     pacs_options = {"since": since, "modality": modality, "study_uid_file": study_uid_file}
     pacs_options["netrc"] = netrc
@@ -178,14 +164,44 @@ def screen_command(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
     key_id = _site_key_id(console, crosswalk, out)
+    pacs_options["crosswalk"] = crosswalk
+    result = _run_or_exit(console, cfg, archive if pacs else None, pacs_options)
+    written = f"; crosswalk (keep private) written to {crosswalk}" if crosswalk else ""
+    console.print(f"keys made with site key {key_id}{written}")
+    code = render_summary(console, out)
+    raise typer.Exit(code=max(code, result.exit_code))
+
+
+def _archive_or_exit(console: Console, archive: str | None, sample: bool, out: Path) -> str:
+    """What to screen: ARCHIVE, or the bundled sample built into the run folder; exit 2 if
+    neither was given."""
+    if sample:
+        from pdd_batch.ingest.sample import build_sample_archive
+
+        archive = str(build_sample_archive(out / SAMPLE_FOLDER))
+        console.print(f"sample archive built in {archive}")
+    if archive is None:
+        console.print("[red]give an ARCHIVE to screen, or --sample[/]")
+        raise typer.Exit(code=2)
+    return archive
+
+
+def _run_or_exit(
+    console: Console, cfg: RunConfig, pacs_url: str | None, pacs_options: dict[str, Any]
+) -> Any:
+    """Run the screen (from a folder, or from the PACS at ``pacs_url``) under the live view;
+    a locked folder, an unusable PACS or a failed run is one clear line and an exit code."""
+    from jobs.screen import run_screen
+    from pdd_batch.cli.summary_view import render_summary
+    from pdd_batch.ingest.dicomweb import DicomwebError
+    from pdd_batch.runs.state import RunLockedError
+
     view = LiveView(console)
     try:
-        if pacs:
-            pacs_options["crosswalk"] = crosswalk
-            result = screen_from_pacs(console, archive, cfg, pacs_options, view)
-        else:
-            with view.progress:
-                result = run_screen(cfg, progress=view, crosswalk=crosswalk)
+        if pacs_url is not None:
+            return screen_from_pacs(console, pacs_url, cfg, pacs_options, view)
+        with view.progress:
+            return run_screen(cfg, progress=view, crosswalk=pacs_options["crosswalk"])
     except RunLockedError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=EXIT_LOCKED) from exc
@@ -197,10 +213,6 @@ def screen_command(
 
         console.print(f"[red]screening run failed: {failure_reason(exc)}[/]")
         logging.getLogger(__name__).debug("run failed", exc_info=True)
-        if (out / "manifest.json").is_file():
-            render_summary(console, out)
+        if (cfg.out_dir / "manifest.json").is_file():
+            render_summary(console, cfg.out_dir)
         raise typer.Exit(code=2) from exc
-    written = f"; crosswalk (keep private) written to {crosswalk}" if crosswalk else ""
-    console.print(f"keys made with site key {key_id}{written}")
-    code = render_summary(console, out)
-    raise typer.Exit(code=max(code, result.exit_code))
