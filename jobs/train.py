@@ -368,7 +368,29 @@ def train_model(
     bank = _cached_bank(cache, model, model_config, images, names, run, device)
     losses = _epochs(model, bank, gen, run, out_dir / RESUME_FILE, resume, progress)
     model.eval()
-    training = {
+    training = _training_record(data_description, names, errors, run, losses, device, t0)
+    ood = _fit_ood(bank, run)
+    ckpt = save_checkpoint(
+        model, out_dir, preprocessing=spec.to_dict(), training=training, scope=scope, ood=ood
+    )
+    if progress is not None:
+        last = losses[-1] if losses else float("nan")
+        progress(TrainProgress(run.epochs, run.epochs, 0, 0, last, run.lr, phase="done"))
+    wall = time.perf_counter() - t0
+    return TrainResult(Path(ckpt), len(losses), losses, len(names), errors, wall, model)
+
+
+def _training_record(
+    data_description: str,
+    names: list[str],
+    errors: list[dict[str, str]],
+    run: TrainConfig,
+    losses: list[float],
+    device: torch.device,
+    t0: float,
+) -> dict[str, Any]:
+    """The ``training`` section of the checkpoint: data, counts, run, losses, device, time."""
+    return {
         "data": data_description,
         "n_images": len(names),
         "n_failed": len(errors),
@@ -380,15 +402,6 @@ def train_model(
         "torch": torch.__version__,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    ood = _fit_ood(bank, run)
-    ckpt = save_checkpoint(
-        model, out_dir, preprocessing=spec.to_dict(), training=training, scope=scope, ood=ood
-    )
-    if progress is not None:
-        last = losses[-1] if losses else float("nan")
-        progress(TrainProgress(run.epochs, run.epochs, 0, 0, last, run.lr, phase="done"))
-    wall = time.perf_counter() - t0
-    return TrainResult(Path(ckpt), len(losses), losses, len(names), errors, wall, model)
 
 
 def _fit_ood(bank: Any, run: TrainConfig) -> Any:
