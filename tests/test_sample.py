@@ -72,5 +72,9 @@ def test_sample_holds_a_chest_radiograph_the_default_set_routes_to_its_chest_mod
         (ref, to) for ref, to in zip(found.series, routes, strict=True) if ref.modality == "CR"
     ]
     assert [(r.body_part, r.view, to) for r, to in radiographs] == [("CHEST", "PA", 1)]
-    cts = [to for ref, to in zip(found.series, routes, strict=True) if ref.body_part == "HEAD"]
+    cts = [
+        to
+        for ref, to in zip(found.series, routes, strict=True)
+        if (ref.modality, ref.body_part) == ("CT", "HEAD")
+    ]
     assert cts and set(cts) == {0}
