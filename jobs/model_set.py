@@ -40,10 +40,16 @@ class ModelSetError(ValueError):
 def checkpoint_folders(paths: Sequence[Path | None]) -> list[Path | None]:
     """The checkpoint folders named by ``--model`` options, in order; a folder without
     ``config.json`` is a model set whose checkpoint sub-folders are taken in name order.
-    ``None`` (no ``--model``) stands for the embedded default."""
+    ``None`` (no ``--model``) stands for the embedded default set (head CT, chest X-ray:
+    ``model.default.default_model_paths``)."""
+    from model.default import default_model_paths
+
     out: list[Path | None] = []
     for path in paths or [None]:
-        if path is None or (Path(path) / CONFIG_FILE).is_file() or not Path(path).is_dir():
+        if path is None:
+            out.extend(default_model_paths())
+            continue
+        if (Path(path) / CONFIG_FILE).is_file() or not Path(path).is_dir():
             out.append(path)
             continue
         members = sorted(p for p in Path(path).iterdir() if (p / CONFIG_FILE).is_file())

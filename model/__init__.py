@@ -30,6 +30,7 @@ _EXPORTS = {
     "load_checkpoint": "model.checkpoint",
     "set_calibration": "model.checkpoint",
     "default_model_path": "model.default",
+    "default_model_paths": "model.default",
 }
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "build_teacher",
     "config_names",
     "default_model_path",
+    "default_model_paths",
     "get_config",
     "load_checkpoint",
     "save_checkpoint",
@@ -63,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         set_calibration,
     )
     from model.config import ConfigError, ModelConfig, config_names, get_config
-    from model.default import default_model_path
+    from model.default import default_model_path, default_model_paths
     from model.outputs import AnomalyOutput, HeadOutput, LossParts
     from model.pdd import PDD, build_model
     from model.teachers import Teacher, TeacherSpec, TeacherWeightsError, build_teacher

@@ -59,5 +59,9 @@ def test_doctor_table_output_exits_zero(monkeypatch) -> None:
 
 
 def test_doctor_shows_the_default_models_scope(monkeypatch) -> None:
-    entry = _doctor_json(monkeypatch, None)["weights"]["default model (embedded)"]
-    assert "scope: CT, HEAD, axial" in entry["note"]
+    weights = _doctor_json(monkeypatch, None)["weights"]
+    head = weights["default model (embedded, head CT)"]
+    chest = weights["default model (embedded, chest X-ray)"]
+    assert "scope: CT, HEAD, axial" in head["note"]
+    assert "scope: CR/DX, CHEST, PA/AP" in chest["note"]
+    assert head["sha256"] != chest["sha256"]

@@ -26,7 +26,7 @@ def test_sample_archive_is_deterministic_and_holds_every_kind(tmp_path: Path) ->
     files = _digest(a)
     dicoms = [f for f in files if f.endswith(".dcm") and not f.startswith("broken/")]
     modalities = {pydicom.dcmread(a / f, stop_before_pixels=True).Modality for f in dicoms}
-    assert {"CT", "MR", "SR"} <= modalities
+    assert {"CT", "MR", "SR", "CR"} <= modalities
     lesion = pydicom.dcmread(a / "generated/ct_lesion/slice_006.dcm")
     normal = pydicom.dcmread(a / "generated/ct_normal/slice_006.dcm")
     assert lesion.SeriesInstanceUID != normal.SeriesInstanceUID
@@ -54,3 +54,27 @@ def test_rebuilt_sample_keeps_every_series_fingerprint(tmp_path: Path) -> None:
 
     first = prints()
     assert first and prints() == first
+
+
+def test_sample_holds_a_chest_radiograph_the_default_set_routes_to_its_chest_model(
+    tmp_path: Path,
+) -> None:
+    """The chest X-ray member of the default set has a series of its own in the sample."""
+    from jobs.screen import resolve_model
+    from model.default import default_model_paths
+    from pdd_batch.ingest.discovery import discover
+    from pdd_batch.ingest.scope import route
+
+    found = discover(build_sample_archive(tmp_path / "s"))
+    head, chest = (resolve_model(p).scope for p in default_model_paths())
+    routes = route(found.series, [head, chest])
+    radiographs = [
+        (ref, to) for ref, to in zip(found.series, routes, strict=True) if ref.modality == "CR"
+    ]
+    assert [(r.body_part, r.view, to) for r, to in radiographs] == [("CHEST", "PA", 1)]
+    cts = [
+        to
+        for ref, to in zip(found.series, routes, strict=True)
+        if (ref.modality, ref.body_part) == ("CT", "HEAD")
+    ]
+    assert cts and set(cts) == {0}

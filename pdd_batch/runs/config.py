@@ -36,7 +36,8 @@ class RunConfig:
     Attributes:
         archive: folder (or archive file) to screen.
         out_dir: run folder receiving ``slices/``, ``studies/``, ``errors/``, ``manifest.json``.
-        model_path: checkpoint folder; ``None`` means the embedded default model.
+        model_path: checkpoint folder; ``None`` means the embedded default set (head CT and
+            chest X-ray, ``model.default.default_model_paths``).
         more_models: further checkpoint (or model-set) folders: each series goes to the model
             whose scope matches it (``pdd_batch.ingest.scope``).
         address: Ray cluster to join; ``None`` falls back to ``RAY_ADDRESS`` then a local cluster.

@@ -1,0 +1,101 @@
+"""The embedded default set: a head-CT model and a chest-radiograph model, routed by scope when
+``screen`` is given no ``--model`` (the real embedded checkpoints, on a real local Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from dicom_factory import write_ct_series, write_xray
+from ray_support import start_test_ray
+from scope_support import tag
+
+from model.default import (
+    DEFAULT_CHEST_MODEL_DIR,
+    DEFAULT_MODEL_DIR,
+    default_model_path,
+    default_model_paths,
+)
+
+MAX_DEFAULT_BYTES = 25 * 1024 * 1024  # issue 14: the default set under 25 MB together
+
+
+def _meta(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def test_default_set_is_head_ct_then_chest_xray() -> None:
+    assert default_model_paths() == [DEFAULT_MODEL_DIR, DEFAULT_CHEST_MODEL_DIR]
+    assert default_model_path() == DEFAULT_MODEL_DIR  # one-model commands keep the head-CT one
+    head, chest = (_meta(p) for p in default_model_paths())
+    assert head["model_id"] != chest["model_id"]
+    assert (head["scope"]["modalities"], head["scope"]["body_parts"]) == (["CT"], ["HEAD"])
+
+
+def test_chest_checkpoint_scope_calibration_and_check() -> None:
+    meta = _meta(DEFAULT_CHEST_MODEL_DIR)
+    scope = meta["scope"]
+    assert scope["modalities"] == ["CR", "DX"] and scope["body_parts"] == ["CHEST"]
+    assert scope["orientations"] == ["PA", "AP"]
+    assert meta["preprocessing"]["image_size"] == meta["model_config"]["image_size"] == 128
+    assert meta["model_config"]["map_sigma"] == 4.0 and meta["model_config"]["name"] == "lite0"
+    calib = meta["calibration"]  # held-out normal patients, never the training ones
+    assert calib["split"] == "val" and calib["n_normals"] > 100 and calib["fpr"] == 0.05
+    assert meta["training"]["run"]["augment_views"] == 0 and meta["training"]["n_images"] > 500
+    assert meta["ood"]["n_train"] == meta["training"]["n_images"]
+
+
+def test_chest_checkpoint_loads_and_scores() -> None:
+    import torch
+
+    from model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(DEFAULT_CHEST_MODEL_DIR)
+    out = loaded.model.predict(torch.rand(2, 1, 128, 128))
+    assert out.scores.shape == (2,) and torch.isfinite(out.scores).all()
+    assert loaded.ood is not None
+
+
+def test_both_default_folders_together_under_25_mb() -> None:
+    files = [f for folder in default_model_paths() for f in folder.rglob("*") if f.is_file()]
+    total = sum(f.stat().st_size for f in files)
+    assert 0 < total < MAX_DEFAULT_BYTES
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    start_test_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_screen_without_model_routes_ct_head_and_cr_chest(ray_local, tmp_path: Path) -> None:
+    from jobs.screen import run_screen
+    from pdd_batch.ingest.keys import file_key
+    from pdd_batch.runs.config import RunConfig
+
+    archive = tmp_path / "archive"
+    head = write_ct_series(archive / "ct_head", n_slices=3, rows=32, cols=32, seed=1)
+    tag(head, BodyPartExamined="HEAD")
+    cr = write_xray(archive / "cr_chest" / "cr.dcm", rows=48, cols=40, modality="CR", seed=4)
+    tag([cr], BodyPartExamined="CHEST", ViewPosition="PA")
+    mr = write_ct_series(archive / "mr", n_slices=2, rows=32, cols=32, modality="MR", seed=3)
+    tag(mr, BodyPartExamined="BRAIN")
+    out = tmp_path / "out"
+    m = run_screen(RunConfig(archive=archive, out_dir=out, batch_size=4)).manifest  # no --model
+    ids = [_meta(p)["model_id"] for p in default_model_paths()]
+    assert [e["model_id"] for e in m["models"]] == ids
+    assert [e["series_routed"] for e in m["models"]] == [1, 1]
+    assert m["series_out_of_scope"] == 1 and m["inputs_out_of_scope"] == 2
+    assert m["status"] == "complete" and m["inputs_lost"] == 0
+    folder = {file_key(p.relative_to(archive).as_posix()): p.parent.name for p in [*head, cr]}
+    rows = pq.read_table(out / "slices").to_pylist()
+    got = {(folder[r["file_key"]], r["model_id"]) for r in rows}
+    assert got == {("ct_head", ids[0]), ("cr_chest", ids[1])}
+    studies = pq.read_table(out / "studies").to_pylist()
+    assert sorted(s["model_id"] for s in studies) == sorted(ids)
