@@ -60,3 +60,28 @@ def test_hostile_archive_screens_with_every_file_accounted_for(tmp_path: Path) -
     for rel, status in built["expected"].items():
         if status != "used" and rel not in built["undecodable"]:
             assert by_file.loc[key[rel], "status"] == status, rel
+    _assert_no_identifier_in_outputs(out, built, tmp_path / "archive")
+
+
+def _assert_no_identifier_in_outputs(out: Path, built: dict, root: Path) -> None:
+    """No file of the run names a hostile input (its path parts of 6+ characters: shorter ones
+    here are words like "links" that the manifest's own keys contain; the archive's own path) or
+    holds its patient identifiers and UIDs: Parquet values read as text, and raw bytes."""
+    import pyarrow as pa
+
+    secrets = set(built["identifiers"]) | {str(root)}
+    for rel in built["paths"]:
+        secrets.update(part for part in Path(rel.rstrip("/").replace("!", "/")).parts
+                       if len(part) >= 6)  # fmt: skip
+    secrets -= {"series", "slices", "errors", "studies"}  # the run's own folder names
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        texts = [path.read_bytes().decode("latin-1")]
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            texts += [" ".join(map(str, table.column(c).to_pylist()))
+                      for c in table.column_names
+                      if not pa.types.is_binary(table.schema.field(c).type)]  # fmt: skip
+        hits = sorted(s for s in secrets if any(s in t for t in texts))
+        assert not hits, f"{path.relative_to(out)} names {hits[:5]}"
