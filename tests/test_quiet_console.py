@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 # Ray's Python log records ("INFO worker.py:2038 -- Started a local Ray instance."), lines
 # forwarded from its raylets, logging-machinery tracebacks
-RAY_LINE = re.compile(r"\b(INFO|WARNING)\b.*(--|\.py:\d+)|\(raylet\)|logging\.cc|Logging error")
+# C++ lines of the core worker ("[… E …] core_worker.cc:2465: Actor …")
+RAY_LINE = re.compile(
+    r"\b(INFO|WARNING)\b.*(--|\.py:\d+)|\(raylet\)|logging\.cc|Logging error|\.cc:\d+:"
+)
 
 
 def test_screen_console_has_no_ray_log_lines(tmp_path: Path) -> None:
