@@ -35,6 +35,29 @@ def test_default_set_is_head_ct_then_chest_xray() -> None:
     assert (head["scope"]["modalities"], head["scope"]["body_parts"]) == (["CT"], ["HEAD"])
 
 
+def test_head_ct_default_is_trained_with_trains_default_recipe() -> None:
+    """Issue 17: the embedded head-CT default follows the rule, like ``train``'s defaults: its
+    config and augmentation are what ``pdd-batch train`` uses when given no option."""
+    import inspect
+
+    from model.config import get_config
+    from pdd_batch.cli.train import train_command
+
+    params = inspect.signature(train_command).parameters
+    meta = _meta(DEFAULT_MODEL_DIR)
+    stored = meta["model_config"]
+    wanted = get_config(params["config"].default, image_size=128).to_dict()
+    teachers = ("cnn_teacher", "mamba_teacher")  # stored ones also record resolved hashes
+    assert {k: v for k, v in stored.items() if k not in teachers} == {
+        k: v for k, v in wanted.items() if k not in teachers
+    }
+    for role in teachers:
+        assert {k: stored[role][k] for k in ("name", "source", "arch", "seed")} == {
+            k: wanted[role][k] for k in ("name", "source", "arch", "seed")
+        }
+    assert meta["training"]["run"]["augment_views"] == params["augment_views"].default
+
+
 def test_chest_checkpoint_scope_calibration_and_check() -> None:
     meta = _meta(DEFAULT_CHEST_MODEL_DIR)
     scope = meta["scope"]

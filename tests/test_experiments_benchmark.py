@@ -137,6 +137,23 @@ def test_chest_epochs_apply_to_chest_splits_only(tmp_path: Path) -> None:
     assert _run_args(argv, chest, parse_variant("pdd-lite0")).epochs == 40
 
 
+def test_only_keeps_the_named_splits_and_rejects_unknown_names(tmp_path: Path) -> None:
+    _images(tmp_path / "headct", normals=73, abnormal=4)
+    argv = argparse.Namespace(headct=tmp_path / "headct", resplits=3, chest=None, folder=[],
+                              out=tmp_path, only=["headct-r0", "headct-r2"])  # fmt: skip
+    assert [s.name for s in build_splits(argv)] == ["headct-r0", "headct-r2"]
+    argv.only = None
+    assert [s.name for s in build_splits(argv)] == [
+        "headct-fixed",
+        "headct-r0",
+        "headct-r1",
+        "headct-r2",
+    ]
+    argv.only = ["headct-r9"]
+    with pytest.raises(ValueError, match="headct-r9"):
+        build_splits(argv)
+
+
 @pytest.mark.slow
 def test_benchmark_command_end_to_end(tmp_path: Path) -> None:
     """Two variants on a HeadCT-like set (fixed split + one re-draw) and a site folder, 1 epoch:
@@ -161,3 +178,7 @@ def test_benchmark_command_end_to_end(tmp_path: Path) -> None:
     again: list[str] = []
     assert main(["--table", str(out / "bench.jsonl"), "--out", str(out)], emit=again.append) == 0
     assert again[-1] == table
+    only_pdd: list[str] = []
+    argv = ["--table", str(out / "bench.jsonl"), "--variants", "pdd-lite0", "--out", str(out)]
+    assert main(argv, emit=only_pdd.append) == 0
+    assert "pdd-lite0" in only_pdd[-1] and "rd4ad-lite0" not in only_pdd[-1]

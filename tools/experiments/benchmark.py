@@ -101,6 +101,12 @@ def build_splits(args: argparse.Namespace) -> list[Split]:
         if not test:
             raise ValueError(f"--folder {name}: no 'test' split (give a split CSV)")
         splits.append(Split(name, name, items, test, f"site data {name}"))
+    only = getattr(args, "only", None)
+    if only:
+        unknown = sorted(set(only) - {s.name for s in splits})
+        if unknown:
+            raise ValueError(f"--only: no split named {', '.join(unknown)}")
+        splits = [s for s in splits if s.name in only]
     return splits
 
 
@@ -286,7 +292,9 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     """Command-line entry point (``python -m tools.experiments.benchmark``)."""
     p = argparse.ArgumentParser(prog="python -m tools.experiments.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--variants", nargs="+", default=["pdd-lite0", "rd4ad-lite0"])
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="variants to run (default: pdd-lite0 rd4ad-lite0); with --table, the "
+                   "variants whose rows are tabled (default: all)")  # fmt: skip
     p.add_argument("--headct", type=Path, help="HeadCT folder (with split.csv)")
     p.add_argument("--resplits", type=int, default=5, help="HeadCT re-draws (0: fixed split only)")
     p.add_argument("--chest", type=Path, help="chest X-ray folder (with index.csv)")
@@ -294,6 +302,9 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
                    help="caps on chest training normals, one split each (default: all)",
                    )  # fmt: skip
     p.add_argument("--folder", action="append", default=[], metavar="NAME=PATH[::SPLIT_CSV]")
+    p.add_argument("--only", nargs="+", metavar="SPLIT",
+                   help="run only these splits (e.g. headct-r0 chest-n240): adds runs to an "
+                   "earlier benchmark without repeating its splits")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--chest-epochs", type=int, default=None,
@@ -313,8 +324,11 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     args = p.parse_args(argv)
     if args.table:
         rows = [json.loads(ln) for f in args.table for ln in f.read_text().splitlines()]
+        if args.variants:
+            rows = [r for r in rows if r["variant"] in args.variants]
         emit(render_table(rows))
         return 0
+    args.variants = args.variants or ["pdd-lite0", "rd4ad-lite0"]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     rows = run_benchmark(args, emit)

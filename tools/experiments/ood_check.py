@@ -8,7 +8,8 @@ Measures, in-process (no Ray):
   cached views, ``model.ood.fit_ood``), and what it changes: CQ500 flagged before/after, HeadCT
   test AUROC (scores are unchanged by construction) and flagged rates of test normals/abnormals.
 
-``--write`` adds the check to ``model/default_model`` (``model.checkpoint.set_ood``).
+``--write`` adds the check to the model (``model.checkpoint.set_ood``); ``--model DIR`` checks a
+checkpoint other than the embedded head-CT default (e.g. a candidate default).
 
     PYTHONPATH=. .venv/bin/python -m tools.experiments.ood_check [--write]
 """
@@ -185,11 +186,18 @@ def variants(cache: dict[str, np.ndarray]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="add the check to the default")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a checkpoint folder (default: the embedded head-CT default)",
+    )
+    parser.add_argument("--write", action="store_true", help="add the check to the model")
     parser.add_argument("--out", type=Path, default=Path("ood_check.json"))
     parser.add_argument("--cache", type=Path, help="write the features and scores (.npz), stop")
     parser.add_argument("--variants", type=Path, help="compare checks on a --cache file")
     args = parser.parse_args()
+    model_dir = args.model or default_model_path()
     if args.variants:
         cache = dict(np.load(args.variants))
         for row in variants(cache):
@@ -197,18 +205,18 @@ def main() -> None:
         if args.write:  # the check train_model fits: all levels, 0.99, one group per image
             groups = torch.from_numpy(cache["groups"])
             check = fit_ood(torch.from_numpy(cache["train"]), groups=groups)
-            set_ood(default_model_path(), check)
-            print("written to", default_model_path(), json.dumps(check.info()))
+            set_ood(model_dir, check)
+            print("written to", model_dir, json.dumps(check.info()))
         return
     if args.cache:
         torch.set_num_threads(2)
-        loaded = load_checkpoint(default_model_path())
+        loaded = load_checkpoint(model_dir)
         spec = PreprocessSpec.from_dict(loaded.preprocessing)
         thr = float(loaded.calibration["threshold"])
         np.savez(args.cache, **collect(loaded.model, spec, loaded.meta, thr))
         return
     torch.set_num_threads(2)
-    loaded = load_checkpoint(default_model_path())
+    loaded = load_checkpoint(model_dir)
     model, meta = loaded.model, loaded.meta
     spec = PreprocessSpec.from_dict(loaded.preprocessing)
     threshold = float(loaded.calibration["threshold"])
@@ -222,8 +230,8 @@ def main() -> None:
     summary = {k: v for k, v in report["cq500"].items() if k != "slices"}
     print(json.dumps({"check": report["check"], "headct": report["headct_test"], "cq500": summary}))
     if args.write:
-        set_ood(default_model_path(), check)
-        print("written to", default_model_path())
+        set_ood(model_dir, check)
+        print("written to", model_dir)
 
 
 if __name__ == "__main__":
