@@ -79,6 +79,9 @@ def parse_variant(text: str) -> Variant:
     return Variant(text, name, int(aug[3:]) if aug else 0)
 
 
+DEFAULT_VARIANTS = ("pdd-lite0", "rd4ad-lite0")  # what a run without --variants trains
+
+
 def build_splits(args: argparse.Namespace) -> list[Split]:
     """Every split the arguments name, in a fixed order."""
     splits: list[Split] = []
@@ -293,8 +296,8 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p = argparse.ArgumentParser(prog="python -m tools.experiments.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--variants", nargs="+", default=None,
-                   help="variants to run (default: pdd-lite0 rd4ad-lite0); with --table, the "
-                   "variants whose rows are tabled (default: all)")  # fmt: skip
+                   help=f"variants to run (default: {' '.join(DEFAULT_VARIANTS)}); with --table, "
+                   "the variants whose rows are tabled (default: all)")  # fmt: skip
     p.add_argument("--headct", type=Path, help="HeadCT folder (with split.csv)")
     p.add_argument("--resplits", type=int, default=5, help="HeadCT re-draws (0: fixed split only)")
     p.add_argument("--chest", type=Path, help="chest X-ray folder (with index.csv)")
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
             rows = [r for r in rows if r["variant"] in args.variants]
         emit(render_table(rows))
         return 0
-    args.variants = args.variants or ["pdd-lite0", "rd4ad-lite0"]
+    args.variants = args.variants or list(DEFAULT_VARIANTS)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     rows = run_benchmark(args, emit)

@@ -208,18 +208,14 @@ def main() -> None:
             set_ood(model_dir, check)
             print("written to", model_dir, json.dumps(check.info()))
         return
-    if args.cache:
-        torch.set_num_threads(2)
-        loaded = load_checkpoint(model_dir)
-        spec = PreprocessSpec.from_dict(loaded.preprocessing)
-        thr = float(loaded.calibration["threshold"])
-        np.savez(args.cache, **collect(loaded.model, spec, loaded.meta, thr))
-        return
     torch.set_num_threads(2)
     loaded = load_checkpoint(model_dir)
     model, meta = loaded.model, loaded.meta
     spec = PreprocessSpec.from_dict(loaded.preprocessing)
     threshold = float(loaded.calibration["threshold"])
+    if args.cache:
+        np.savez(args.cache, **collect(model, spec, meta, threshold))
+        return
     check = fit_default_check(model, spec, meta)
     report = {
         "check": check.info(),
