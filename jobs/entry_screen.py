@@ -42,6 +42,7 @@ def build_parser(prog: str = "python -m jobs.entry_screen") -> argparse.Argument
     p.add_argument("--max-frames-per-file", type=int, default=RunConfig.max_frames_per_file)
     p.add_argument("--max-member-bytes", type=int, default=RunConfig.max_member_bytes)
     p.add_argument("--max-compression-ratio", type=float, default=RunConfig.max_compression_ratio)
+    p.add_argument("--min-assessed", type=float, default=RunConfig.min_assessed)
     return p
 
 
@@ -65,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_frames_per_file=args.max_frames_per_file,
         max_member_bytes=args.max_member_bytes,
         max_compression_ratio=args.max_compression_ratio,
+        min_assessed=args.min_assessed,
     )
 
 

@@ -639,7 +639,9 @@ def _publish(run: _Run, status: str, error: str | None) -> ScreenResult:
     cfg, state, disc, sink = run.cfg, run.state, run.disc, run.sink
     t = time.perf_counter()
     state.publish(cfg.run_id)
-    n_study = write_studies(state, topk=cfg.topk, run_id=cfg.run_id)
+    n_study = write_studies(
+        state, topk=cfg.topk, run_id=cfg.run_id, min_assessed=cfg.min_assessed
+    )
     done = _dropped_paths(disc, state)
     files = [(f.path, f.status, f.reason) for f in disc.files]
     outcomes = file_outcomes(files, {r.series_key: r.files for r in disc.series}, done, sink.failed)

@@ -226,7 +226,12 @@ def _study_row(key: str, rows: list[dict], modality: str) -> dict:
     scores = sorted((r["score"] for r in rows), reverse=True)
     n_flagged = sum(r["flagged"] for r in rows)
     top = max(rows, key=lambda r: r["score"])
+    added = {}  # the study outcome's columns (2.1): every slice assessed, the rows' threshold
+    if version == SCHEMA_VERSION:
+        added = {"reason": None, "n_assessed": len(rows), "n_out_of_distribution": 0}
+        added["threshold"] = rows[0]["threshold"]
     return {
+        **added,
         "schema_version": version,
         "study_key": key,
         "n_series": 1,

@@ -16,8 +16,8 @@ from model.config import get_config
 from model.ood import fit_ood, pool_levels
 from model.pdd import build_model
 from pdd_batch.ingest.preprocess import PreprocessSpec
+from pdd_batch.runs.outcome import study_rows
 from pdd_batch.runs.sink import Provenance, _ood
-from pdd_batch.runs.tables import study_rows
 
 
 def _cloud(n: int, d: int, centre: float, seed: int) -> torch.Tensor:
@@ -119,12 +119,12 @@ def test_rows_beyond_the_check_are_not_flagged_and_studies_use_the_rest() -> Non
 
     table = pa.Table.from_pylist(
         rows("a", [True, True], [False, False])  # only unfamiliar slices
-        + rows("b", [True, False], [False, False])  # the familiar one is normal
+        + rows("b", [True, False], [False, False])  # half assessed (the default share): normal
         + rows("c", [True, False], [False, True])
         + rows("d", [None, None], [True, False])  # a model without a check: as before
     )
     got = {r["study_key"]: r["decision"] for r in study_rows(table, topk=2, run_id="r").to_pylist()}
-    assert got == {"a": "out_of_distribution", "b": "normal", "c": "flagged", "d": "flagged"}
+    assert got == {"a": "not_assessed", "b": "normal", "c": "flagged", "d": "flagged"}
 
 
 def test_recalibration_never_flags_out_of_distribution_rows(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def test_flagged_studies_selection(run) -> None:
     assert flagged.column("decision").to_pylist() == ["flagged", "flagged"]
     scores = flagged.column("max_score").to_pylist()
     assert scores == sorted(scores, reverse=True)
-    assert res.flagged_studies(top=3).num_rows == 3  # top N ignores the decision
+    # top N takes the review queue (flagged, then not assessed): never a normal study
+    assert res.flagged_studies(top=3).column("decision").to_pylist() == ["flagged", "flagged"]
     assert res.flagged_studies(top=1).column("study_key").to_pylist() == [run.study_keys[0]]
     above = res.flagged_studies(min_score=0.5).column("max_score").to_pylist()
     assert above and min(above) >= 0.5 and len(above) == 2

@@ -77,6 +77,18 @@ CrosswalkOption = Annotated[
 ]
 
 
+MinAssessedOption = Annotated[
+    float,
+    typer.Option(
+        "--min-assessed",
+        min=0.0,
+        max=1.0,
+        help="Share of a study's slices that must be within the model's in-distribution check "
+        "for the study to be called normal; else it is not_assessed (kept in the manifest).",
+    ),
+]
+
+
 def _site_key_id(console: Console, crosswalk: Path | None, out: Path) -> str:
     """The site key's id, once the key file is trusted and the crosswalk lies outside the run
     folder; else the reason and exit 2."""
@@ -114,6 +126,7 @@ def screen_command(
         str, typer.Option(help="Model arithmetic: fp32, or bf16 (faster on GPUs).")
     ] = "fp32",
     sample: Annotated[bool, typer.Option(help="Screen the bundled sample archive.")] = False,
+    min_assessed: MinAssessedOption = RunConfig.min_assessed,
     teacher_weights: TeacherWeightsOption = None,
     follow_links_outside: FollowLinksOption = False,
     max_series_voxels: MaxVoxelsOption = RunConfig.max_series_voxels,
@@ -159,6 +172,7 @@ def screen_command(
             max_frames_per_file=max_frames_per_file,
             max_member_bytes=max_member_bytes,
             max_compression_ratio=max_compression_ratio,
+            min_assessed=min_assessed,
         )
     except RunConfigError as exc:
         console.print(f"[red]{exc}[/]")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pdd_batch.ingest.archive_io import IngestLimits
+from pdd_batch.runs.outcome import DEFAULT_MIN_ASSESSED, check_min_assessed
 
 PRECISIONS = ("fp32", "bf16")
 TEACHER_ROLES = ("cnn", "mamba")
@@ -48,6 +49,9 @@ class RunConfig:
         rows_per_file: slices buffered before a Parquet part is committed (sane file counts).
         flush_seconds: commit buffered complete series at least this often (bounds crash loss).
         topk: k of the study ``topk_mean``.
+        min_assessed: share of a study's slices that must be assessed (within the model's
+            in-distribution check) for the study to be ``normal`` (``runs.outcome``); recorded
+            in the manifest's ``run_config``.
         open_archives: also look inside .zip/.tar files during discovery.
         run_id: identifier written on every row.
         precision: model arithmetic, ``"fp32"`` (default) or ``"bf16"`` (autocast; for GPUs,
@@ -73,6 +77,7 @@ class RunConfig:
     rows_per_file: int = 4096
     flush_seconds: float = 30.0
     topk: int = 5
+    min_assessed: float = DEFAULT_MIN_ASSESSED
     open_archives: bool = False
     run_id: str = field(default_factory=new_run_id)
     precision: str = "fp32"
@@ -100,6 +105,10 @@ class RunConfig:
             raise RunConfigError(f"flush_seconds must be > 0, got {self.flush_seconds}")
         if self.topk < 1:
             raise RunConfigError(f"topk must be >= 1, got {self.topk}")
+        try:
+            check_min_assessed(self.min_assessed)
+        except ValueError as exc:
+            raise RunConfigError(str(exc)) from None
         for key in IngestLimits.__dataclass_fields__:
             if not getattr(self, key) > 0:
                 raise RunConfigError(f"{key} must be > 0, got {getattr(self, key)}")

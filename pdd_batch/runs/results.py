@@ -8,7 +8,10 @@ so schema details live in one place.
 
 Runs of schema 1.0 named files by their archive-relative path (``slices.source_file``,
 ``errors.file``); they are read with those columns renamed to ``file_key`` (holding the path) and
-``RunResults.legacy_paths`` set, so every reader works on both versions.
+``RunResults.legacy_paths`` set, so every reader works on both versions. Studies written before
+2.1 (no study outcome) are read with their outcome recomputed from the run's slices
+(``outcome.upgrade_studies``, under the run's recorded ``min_assessed``), so an older run never
+shows a study ``normal`` that was not assessed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pdd_batch.runs.outcome import (
+    DEFAULT_MIN_ASSESSED,
+    FLAGGED,
+    NORMAL,
+    NOT_ASSESSED,
+    REVIEW_QUEUE,
+    review_order,
+    upgrade_studies,
+)
 from pdd_batch.runs.schema import LEGACY_RENAMES, LEGACY_VERSION, TABLES
 
 log = logging.getLogger(__name__)
@@ -94,28 +106,38 @@ def _upgrade(table: pa.Table, name: str) -> pa.Table:
     return table.rename_columns([renames.get(c, c) for c in table.column_names])
 
 
-def _read_tables(run_dir: Path, name: str) -> tuple[pa.Table, bool]:
-    """One dataset, conformed to the current schema, and whether it was written by a 1.0 run."""
+def _read_tables(run_dir: Path, name: str) -> tuple[pa.Table, bool, bool]:
+    """One dataset, conformed to the current schema, whether it was written by a 1.0 run, and
+    whether (studies) it predates the study outcome (2.1: no ``n_assessed`` column)."""
     schema = TABLES[name]
     files = _data_files(run_dir / name)
     if not files:
-        return schema.empty_table(), False
-    parts, legacy = [], False
+        return schema.empty_table(), False, False
+    parts, legacy, before_outcome = [], False, False
     for f in files:
         try:
             table = pq.read_table(f)
             if _is_legacy(table, name):
                 table, legacy = _upgrade(table, name), True
+            before_outcome |= name == "studies" and "n_assessed" not in table.column_names
             parts.append(_conform(table, schema, f"{name}/{f.name}"))
         except (OSError, pa.ArrowException) as exc:
             raise ResultsError(f"{name}/{f.name}: unreadable Parquet file ({exc})") from exc
-    return pa.concat_tables(parts, promote_options="permissive"), legacy
+    return pa.concat_tables(parts, promote_options="permissive"), legacy, before_outcome
 
 
 def read_table(run_dir: Path, name: str) -> pa.Table:
     """Read one dataset of a run folder (``slices``/``studies``/``errors``); empty when absent.
     1.0 files are read with their path columns as ``file_key`` (see the module docstring)."""
     return _read_tables(run_dir, name)[0]
+
+
+def recorded_min_assessed(manifest: dict[str, Any]) -> float:
+    """The run's ``min_assessed`` (its recorded run config), else the default."""
+    value = (manifest.get("run_config") or {}).get("min_assessed")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    return DEFAULT_MIN_ASSESSED
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -195,20 +217,33 @@ class RunResults:
         """All studies, highest ``max_score`` first (ties broken by ``study_key``)."""
         return self.studies.sort_by([("max_score", "descending"), ("study_key", "ascending")])
 
+    def review_queue(self) -> pa.Table:
+        """The studies a reader should see: ``flagged`` ones, then ``not_assessed`` ones (each
+        by ``max_score``, ties by ``study_key``); ``normal`` studies are not in it."""
+        ranked = self.ranked_studies()
+        queue = ranked.filter(pc.is_in(ranked.column("decision"), pa.array(REVIEW_QUEUE)))
+        order = review_order(queue.column("decision").to_pylist())
+        return queue.take(sorted(range(queue.num_rows), key=lambda i: (order[i], i)))
+
     def flagged_studies(self, top: int | None = None, min_score: float | None = None) -> pa.Table:
-        """Studies selected for review, ranked by ``max_score``.
+        """Studies selected for review or export.
 
         Args:
-            top: the ``top`` highest-scoring studies, whatever their decision.
-            min_score: studies whose ``max_score`` is at least this, whatever their decision.
+            top: the first ``top`` studies of the review queue (``review_queue``: flagged, then
+                not assessed; never a normal study).
+            min_score: studies whose ``max_score`` is at least this, whatever their outcome,
+                ranked by ``max_score``.
 
-        With neither, the studies whose decision is ``"flagged"``. With both, both filters apply.
+        With neither, the ``flagged`` studies by ``max_score``. With both, the review queue's
+        studies with ``max_score >= min_score``, the first ``top`` of them.
         """
         if top is not None and top < 0:
             raise ResultsError(f"top must be >= 0, got {top}")
         ranked = self.ranked_studies()
         if top is None and min_score is None:
-            return ranked.filter(pc.equal(ranked.column("decision"), "flagged"))
+            return ranked.filter(pc.equal(ranked.column("decision"), FLAGGED))
+        if top is not None:
+            ranked = self.review_queue()
         if min_score is not None:
             ranked = ranked.filter(pc.greater_equal(ranked.column("max_score"), float(min_score)))
         if top is not None:
@@ -227,12 +262,26 @@ class RunResults:
             rows = rows.filter(rows.column("flagged"))
         return rows.slice(0, max(k, 0))
 
+    def study_outcomes(self) -> dict[str, int]:
+        """Studies (one row per study and model) per outcome, every outcome present."""
+        decisions = self.studies.column("decision").to_pylist()
+        return {d: decisions.count(d) for d in (FLAGGED, NOT_ASSESSED, NORMAL)}
+
     def counts(self) -> dict[str, int]:
-        """Row counts and flagged counts, for summaries."""
-        decision = self.studies.column("decision")
+        """Row counts and outcome counts, for summaries (``studies``: distinct study keys;
+        the outcome counts are per study and model)."""
+        outcomes = self.study_outcomes()
+        ood = (
+            self.slices.column("out_of_distribution")
+            if "out_of_distribution" in self.slices.column_names
+            else pa.nulls(0, pa.bool_())
+        )
         return {
-            "studies": self.studies.num_rows,
-            "flagged_studies": int(pc.sum(pc.equal(decision, "flagged")).as_py() or 0),
+            "studies": len(pc.unique(self.studies.column("study_key"))),
+            "flagged_studies": outcomes[FLAGGED],
+            "not_assessed_studies": outcomes[NOT_ASSESSED],
+            "normal_studies": outcomes[NORMAL],
+            "ood_slices": int(pc.sum(pc.fill_null(ood, False)).as_py() or 0),
             "slices": self.slices.num_rows,
             "flagged_slices": int(pc.sum(self.slices.column("flagged")).as_py() or 0),
             "errors": self.errors.num_rows,
@@ -250,14 +299,18 @@ def open_run(run_dir: str | Path) -> RunResults:
     if not run_dir.is_dir():
         raise ResultsError(f"run folder not found: {run_dir}")
     read = {name: _read_tables(run_dir, name) for name in TABLES}
-    tables = {name: table for name, (table, _) in read.items()}
+    tables = {name: table for name, (table, _, _) in read.items()}
     if not any((run_dir / n).exists() for n in TABLES) and not (run_dir / "manifest.json").exists():
         raise ResultsError(f"{run_dir} is not a screening run folder (no slices/studies/manifest)")
+    manifest = read_manifest(run_dir)
+    studies = tables["studies"]
+    if read["studies"][2]:  # written before the study outcome: recomputed from the slices
+        studies = upgrade_studies(studies, tables["slices"], recorded_min_assessed(manifest))
     return RunResults(
         run_dir=run_dir,
         slices=tables["slices"],
-        studies=tables["studies"],
+        studies=studies,
         errors=tables["errors"],
-        manifest=read_manifest(run_dir),
-        legacy_paths=any(legacy for _, legacy in read.values()),
+        manifest=manifest,
+        legacy_paths=any(legacy for _, legacy, _ in read.values()),
     )

@@ -14,13 +14,19 @@ writes the key -> path/UID table to a private file outside the run folder.
 
 Version 2.0 renamed ``slices.source_file`` and ``errors.file`` (relative paths in 1.0) to
 ``file_key``; ``LEGACY_TABLES`` keeps the 1.0 schemas for readers of older runs.
+
+Version 2.1 gave studies one row per study and model with the study outcome
+(``pdd_batch.runs.outcome``): ``decision`` is ``flagged`` | ``normal`` | ``not_assessed`` (2.0 also
+wrote ``uncalibrated`` and ``out_of_distribution``), with ``reason``, ``n_assessed``,
+``n_out_of_distribution`` and the model's ``threshold``. ``runs.results`` reads 2.0 studies
+with their outcome recomputed from the run's slices (``outcome.upgrade_studies``).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 LEGACY_VERSION = "1.0"
 
 SLICES_SCHEMA = pa.schema(
@@ -60,8 +66,12 @@ STUDIES_SCHEMA = pa.schema(
         pa.field("max_score", pa.float32(), nullable=False),
         pa.field("topk_mean", pa.float32(), nullable=False),
         pa.field("n_flagged", pa.int32(), nullable=False),
-        # "flagged" | "normal" | "uncalibrated" | "out_of_distribution" (no in-distribution slice)
+        # the study outcome for this model: "flagged" | "normal" | "not_assessed"
         pa.field("decision", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),  # why "not_assessed" (null otherwise)
+        pa.field("n_assessed", pa.int32()),  # slices within the in-distribution check
+        pa.field("n_out_of_distribution", pa.int32()),  # slices beyond it (never flagged)
+        pa.field("threshold", pa.float32()),  # the model's threshold (null: uncalibrated)
         pa.field("top_slice_key", pa.string()),
         pa.field("modality", pa.string()),
         pa.field("model_id", pa.string(), nullable=False),
@@ -88,11 +98,14 @@ TABLES = {"slices": SLICES_SCHEMA, "studies": STUDIES_SCHEMA, "errors": ERRORS_S
 
 # 1.0 column name -> 2.0 name, per table (1.0 held archive-relative paths there).
 LEGACY_RENAMES = {"slices": {"source_file": "file_key"}, "errors": {"file": "file_key"}}
+# Columns added by 2.1, per table (absent from files of earlier versions).
+ADDED_IN_2_1 = {"studies": ("reason", "n_assessed", "n_out_of_distribution", "threshold")}
 
 
 def _legacy(schema: pa.Schema, table: str) -> pa.Schema:
     back = {new: old for old, new in LEGACY_RENAMES.get(table, {}).items()}
-    fields = [f.with_name(back.get(f.name, f.name)) for f in schema]
+    added = ADDED_IN_2_1.get(table, ())
+    fields = [f.with_name(back.get(f.name, f.name)) for f in schema if f.name not in added]
     return pa.schema(fields, metadata={"pdd_batch_schema": LEGACY_VERSION, "table": table})
 
 

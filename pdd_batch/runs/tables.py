@@ -9,15 +9,13 @@ any path (``keys.redact_paths``).
 
 from __future__ import annotations
 
-from collections import Counter
-
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pdd_batch.ingest.discovery import Discovery
 from pdd_batch.ingest.keys import file_key, redact_paths
 from pdd_batch.runs.manifest import LOST, SCORED, SKIPPED
+from pdd_batch.runs.outcome import DEFAULT_MIN_ASSESSED, ROLLUP_COLUMNS, study_rows
 from pdd_batch.runs.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
 from pdd_batch.runs.state import RunState
 from pdd_batch.runs.writer import rows_to_table, write_table_atomic
@@ -26,70 +24,13 @@ STUDIES_FILE = "studies.parquet"
 ERRORS_FILE = "errors.parquet"
 LOST_REASON = "not finished by this run (interrupted or lost); rerun to complete it"
 
-ROLLUP_COLUMNS = (
-    "study_key",
-    "series_key",
-    "slice_key",
-    "score",
-    "flagged",
-    "threshold",
-    "modality",
-    "model_id",
-    "checkpoint_hash",
-    "out_of_distribution",
-)
 
-
-def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
-    """One ``STUDIES_SCHEMA`` row per study in ``slices`` (needs ``ROLLUP_COLUMNS``).
-
-    Decision: ``"uncalibrated"`` when the model has no threshold; ``"out_of_distribution"`` when
-    every slice is beyond the model's in-distribution check; else ``"flagged"`` if any slice is
-    flagged (out-of-distribution slices never are), else ``"normal"``.
-    """
-    if slices.num_rows == 0:
-        return STUDIES_SCHEMA.empty_table()
-    t = slices.sort_by(
-        [("study_key", "ascending"), ("score", "descending"), ("slice_key", "ascending")]
-    )
-    cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in ROLLUP_COLUMNS}
-    studies = cols["study_key"]
-    starts = np.flatnonzero(np.r_[True, studies[1:] != studies[:-1]])
-    ends = np.r_[starts[1:], len(studies)]
-    rows = []
-    for a, b in zip(starts, ends, strict=True):
-        scores = cols["score"][a:b].astype(np.float64)
-        calibrated = any(v is not None and v == v for v in cols["threshold"][a:b])
-        n_flagged = int(np.count_nonzero(cols["flagged"][a:b]))
-        if not calibrated:
-            decision = "uncalibrated"
-        elif all(v is not None and bool(v) for v in cols["out_of_distribution"][a:b]):
-            decision = "out_of_distribution"
-        else:
-            decision = "flagged" if n_flagged else "normal"
-        modalities = Counter(m for m in cols["modality"][a:b] if m)
-        rows.append(
-            {
-                "study_key": str(studies[a]),
-                "n_series": len(set(cols["series_key"][a:b])),
-                "n_slices": int(b - a),
-                "max_score": float(scores[0]),
-                "topk_mean": float(scores[:topk].mean()),
-                "n_flagged": n_flagged,
-                "decision": decision,
-                "top_slice_key": str(cols["slice_key"][a]),
-                "modality": modalities.most_common(1)[0][0] if modalities else None,
-                "model_id": str(cols["model_id"][a]),
-                "checkpoint_hash": str(cols["checkpoint_hash"][a]),
-                "run_id": run_id,
-            }
-        )
-    return rows_to_table(rows, STUDIES_SCHEMA)
-
-
-def write_studies(state: RunState, *, topk: int, run_id: str) -> int:
-    """Recompute ``studies/`` from the published ``slices/`` file (after ``state.publish``);
-    returns the number of studies."""
+def write_studies(
+    state: RunState, *, topk: int, run_id: str, min_assessed: float = DEFAULT_MIN_ASSESSED
+) -> int:
+    """Recompute ``studies/`` (one row per study and model, with its outcome:
+    ``runs.outcome``) from the published ``slices/`` file (after ``state.publish``); returns the
+    number of rows."""
     table = STUDIES_SCHEMA.empty_table()
     if state.published_path.is_file():
         present = set(pq.read_schema(state.published_path).names)
@@ -100,7 +41,12 @@ def write_studies(state: RunState, *, topk: int, run_id: str) -> int:
             slices = slices.append_column(
                 "out_of_distribution", pa.nulls(slices.num_rows, pa.bool_())
             )
-        table = study_rows(slices.select(list(ROLLUP_COLUMNS)), topk=topk, run_id=run_id)
+        table = study_rows(
+            slices.select(list(ROLLUP_COLUMNS)),
+            topk=topk,
+            run_id=run_id,
+            min_assessed=min_assessed,
+        )
     write_table_atomic(table, state.out_dir / "studies" / STUDIES_FILE)
     return table.num_rows
 
