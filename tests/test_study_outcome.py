@@ -133,8 +133,8 @@ def _old_study(study: str, n: int, n_flagged: int, decision: str) -> dict:
     }
 
 
-def test_a_run_written_before_the_outcome_is_read_with_it(tmp_path: Path) -> None:
-    """A 2.0 run called a mostly out-of-distribution study normal: read today, it is not."""
+def _old_run(tmp_path: Path) -> Path:
+    """A 2.0 run: study "a" has 3 of 4 slices out of distribution and was called normal."""
     run = tmp_path / "run"
     old_studies = pa.schema(
         [f for f in TABLES["studies"] if f.name in LEGACY_TABLES["studies"].names]
@@ -150,7 +150,12 @@ def test_a_run_written_before_the_outcome_is_read_with_it(tmp_path: Path) -> Non
     ]
     _write(run, "studies", studies, old_studies)
     (run / "manifest.json").write_text(json.dumps({"status": "complete", "run_id": "old"}))
-    res = open_run(run)
+    return run
+
+
+def test_a_run_written_before_the_outcome_is_read_with_it(tmp_path: Path) -> None:
+    """A 2.0 run called a mostly out-of-distribution study normal: read today, it is not."""
+    res = open_run(_old_run(tmp_path))
     got = {r["study_key"]: r for r in res.studies.to_pylist()}
     assert {k: r["decision"] for k, r in got.items()} == {
         "a": "not_assessed",
@@ -168,3 +173,22 @@ def test_a_run_written_before_the_outcome_is_read_with_it(tmp_path: Path) -> Non
         "flagged",
         "not_assessed",
     ]
+
+
+def test_summary_lists_the_review_queue_with_each_outcome_and_reason(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from pdd_batch.cli.summary_view import render_summary
+
+    console = Console(record=True, width=220)
+    render_summary(console, _old_run(tmp_path))
+    text = console.export_text()
+    assert "Review queue" in text
+    assert "not_assessed: 3/4 slices out of distribution" in text
+    assert "not_assessed: 2/2 slices out of distribution" in text
+    counts = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in text.splitlines()
+        if line.count("│") == 3
+    }
+    assert counts["flagged"] == "1" and counts["not assessed"] == "2" and counts["normal"] == "0"

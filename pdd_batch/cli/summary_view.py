@@ -1,7 +1,10 @@
-"""The rich summary of a screening run: flagged studies ranked by score, counts, accounting.
+"""The rich summary of a screening run: the review queue (flagged, then not-assessed studies,
+each ranked by score, with the outcome's reason), study outcomes, counts, accounting.
 
 Shown at the end of ``pdd-batch screen`` and by ``pdd-batch summary``. Only hashed keys
-(``study_key``) appear, never names, IDs, UIDs or dates.
+(``study_key``) appear, never names, IDs, UIDs or dates. The exit status is the run's
+(``exit_code_for``): it says whether the run finished with every input accounted for, not what
+was found; study outcomes never change it.
 """
 
 from __future__ import annotations
@@ -53,35 +56,42 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}g}"
 
 
+OUTCOME_STYLE = {"flagged": "red", "not_assessed": "yellow"}
+
+
+def outcome_text(row: dict) -> str:
+    """A study row's outcome with its reason (``not_assessed: 3/4 slices out of ...``)."""
+    return f"{row['decision']}: {row['reason']}" if row.get("reason") else str(row["decision"])
+
+
 def _studies_table(results: RunResults) -> Table:
-    flagged = results.flagged_studies()
-    title = "Flagged studies, ranked by score"
-    rows = flagged
-    if flagged.num_rows == 0:
+    rows = results.review_queue()
+    title = "Review queue: flagged, then not assessed studies, each ranked by score"
+    if rows.num_rows == 0:
         rows = results.ranked_studies()
-        title = "No study flagged; highest-scoring studies"
+        title = "No study to review (none flagged or not assessed); highest-scoring studies"
     table = Table(title=title, show_lines=False, header_style="bold")
     table.add_column("#", justify="right")
     table.add_column("study", no_wrap=True, min_width=16)  # hashed keys must stay whole
     for col, justify in (
+        ("model", "left"),
         ("modality", "left"),
         ("max score", "right"),
-        ("top-k mean", "right"),
-        ("flagged / slices", "right"),
-        ("decision", "left"),
+        ("flagged / assessed / slices", "right"),
+        ("outcome", "left"),
     ):
         table.add_column(col, justify=justify)
     for i, r in enumerate(rows.slice(0, MAX_ROWS).to_pylist(), start=1):
-        style = "red" if r["decision"] == "flagged" else None
+        assessed = "-" if r.get("n_assessed") is None else str(r["n_assessed"])
         table.add_row(
             str(i),
             r["study_key"],
+            r["model_id"],
             r.get("modality") or "-",
             _fmt(r["max_score"]),
-            _fmt(r["topk_mean"]),
-            f"{r['n_flagged']} / {r['n_slices']}",
-            r["decision"],
-            style=style,
+            f"{r['n_flagged']} / {assessed} / {r['n_slices']}",
+            outcome_text(r),
+            style=OUTCOME_STYLE.get(r["decision"]),
         )
     if rows.num_rows > MAX_ROWS:
         table.caption = f"... and {rows.num_rows - MAX_ROWS} more"
@@ -94,14 +104,17 @@ def _counts_table(results: RunResults) -> Table:
     table.add_column("what")
     table.add_column("n", justify="right")
     table.add_row("studies", str(c["studies"]))
-    table.add_row("flagged studies", str(c["flagged_studies"]))
+    table.add_row("  flagged", str(c["flagged_studies"]))
+    table.add_row("  not assessed", str(c["not_assessed_studies"]))
+    table.add_row("  normal", str(c["normal_studies"]))
     table.add_row("series", str(c["series"]))
     table.add_row("slices", str(c["slices"]))
     table.add_row("flagged slices", str(c["flagged_slices"]))
-    if "out_of_distribution" in results.slices.column_names:
-        ood = results.slices.column("out_of_distribution").to_pylist()
-        table.add_row("out-of-distribution slices (not flagged)", str(sum(v is True for v in ood)))
+    table.add_row("out-of-distribution slices (not assessed)", str(c["ood_slices"]))
     table.add_row("errors", str(c["errors"]))
+    share = (results.manifest.get("run_config") or {}).get("min_assessed")
+    if isinstance(share, int | float):
+        table.caption = f"normal: no slice flagged and at least {share:.0%} of slices assessed"
     return table
 
 
@@ -115,7 +128,7 @@ def _models_table(results: RunResults) -> Table | None:
     table = Table(title="Models (each series goes to the model whose scope matches it)")
     table.add_column("model", no_wrap=True)
     table.add_column("scope")
-    for col in ("series", "slices", "flagged slices", "flagged studies"):
+    for col in ("series", "slices", "flagged slices", "flagged studies", "not assessed"):
         table.add_column(col, justify="right")
     for entry in models:
         mid = entry.get("model_id")
@@ -129,6 +142,7 @@ def _models_table(results: RunResults) -> Table | None:
             str(len(rows)),
             str(sum(bool(r["flagged"]) for r in rows)),
             str(sum(r["model_id"] == mid and r["decision"] == "flagged" for r in studies)),
+            str(sum(r["model_id"] == mid and r["decision"] == "not_assessed" for r in studies)),
         )
     n_out = results.manifest.get("inputs_out_of_scope")
     if isinstance(n_out, int) and n_out:

@@ -23,7 +23,42 @@ from model.checkpoint import load_checkpoint
 from pdd_batch.evaluation.datasets import list_images
 from pdd_batch.evaluation.metrics import auroc_ci, image_metrics
 from pdd_batch.ingest.preprocess import PreprocessSpec, load_image_file
+from pdd_batch.runs.outcome import DEFAULT_MIN_ASSESSED, OUTCOMES, study_rows
 from tools.experiments.ood_check import _score
+
+
+def product_outcomes(
+    scores: np.ndarray,
+    threshold: float,
+    ood: np.ndarray | None,
+    min_assessed: float = DEFAULT_MIN_ASSESSED,
+) -> list[str]:
+    """The study outcome of each image (its own one-slice study), as ``pdd-batch screen`` rolls
+    it up: a slice beyond the check is never flagged; ``ood`` None: a model without a check."""
+    import pyarrow as pa
+
+    n = len(scores)
+    beyond = np.zeros(n, bool) if ood is None else ood
+    table = pa.table(
+        {
+            "study_key": [f"s{i:06d}" for i in range(n)],
+            "series_key": [f"s{i:06d}" for i in range(n)],
+            "slice_key": [f"s{i:06d}:0:0" for i in range(n)],
+            "score": scores.astype(np.float32),
+            "flagged": (scores > threshold) & ~beyond,
+            "threshold": np.full(n, threshold, np.float32),
+            "modality": ["CR"] * n,
+            "model_id": ["m"] * n,
+            "checkpoint_hash": ["h"] * n,
+            "out_of_distribution": (
+                pa.nulls(n, pa.bool_()) if ood is None else pa.array(ood.tolist(), pa.bool_())
+            ),
+        }
+    )
+    rows = study_rows(table, topk=1, run_id="chest", min_assessed=min_assessed)
+    keys, decisions = rows.column("study_key").to_pylist(), rows.column("decision").to_pylist()
+    by_key = dict(zip(keys, decisions, strict=True))
+    return [by_key[f"s{i:06d}"] for i in range(n)]
 
 
 def split_rates(model_dir: Path, data: Path, split_file: Path, split: str) -> dict:
@@ -38,6 +73,8 @@ def split_rates(model_dir: Path, data: Path, split_file: Path, split: str) -> di
     scores, dists = _score(loaded.model, loaded.ood, x)
     ood = dists > loaded.ood.threshold if loaded.ood is not None else np.zeros(len(x), bool)
     flagged = scores > threshold
+    with_check = np.array(product_outcomes(scores, threshold, ood))
+    without_check = np.array(product_outcomes(scores, threshold, None))
     out = {"model_id": loaded.model_id, "split": split, "threshold": threshold, "n": len(x)}
     if len(set(labels.tolist())) == 2:
         out["auroc"] = image_metrics(labels, scores)["auroc"]
@@ -49,6 +86,8 @@ def split_rates(model_dir: Path, data: Path, split_file: Path, split: str) -> di
             "flagged_before": int(flagged[sel].sum()),
             "flagged_after": int((flagged & ~ood)[sel].sum()),
             "out_of_distribution": int(ood[sel].sum()),
+            "outcome_with_check": {o: int((with_check[sel] == o).sum()) for o in OUTCOMES},
+            "outcome_without_check": {o: int((without_check[sel] == o).sum()) for o in OUTCOMES},
         }
     return out
 
