@@ -364,7 +364,7 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
             items = _sr_items(sr)
             assert items["Model id"] == [manifest["model_id"]]
             assert items["Checkpoint hash"] == [manifest["checkpoint_hash"]]
-            assert items["Study decision"] == ["flagged"]
+            assert items["Study outcome"] == ["flagged"]
             assert items["Decision threshold"][0][0] == pytest.approx(manifest["threshold"])
             got = {refs[0]: value for value, refs in items["Slice anomaly score"]}
             assert got.keys() == want.keys()

@@ -1,7 +1,10 @@
-"""Results back to the PACS: per flagged study, a DICOM Comprehensive SR (model, checkpoint hash,
-threshold, decision, each flagged slice's score referencing its source image) and a Key Object
-Selection document ("Of Interest") pointing at the flagged images, stored into the original study
-with STOW-RS.
+"""Results back to the PACS: per selected study and per model that scored it, a DICOM
+Comprehensive SR (that model's id, checkpoint hash and own threshold, the study outcome with its
+reason, each reported slice's score referencing its source image) and a Key Object Selection
+document ("Of Interest") pointing at the reported images, stored into the original study with
+STOW-RS. Without ``--top``/``--min-score`` the flagged studies are selected; ``--top N`` takes
+the review queue (flagged, then not assessed), and the documents of a not-assessed study say so
+(never "flagged images").
 
 A run holds no raw UIDs, so the source images are found again on the PACS: a QIDO-RS series search
 (the run's recorded query filters) matched by recomputing the run's series keys, then the series'
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pdd_batch.ingest.dicomweb import (
     PACS_FOLDER,
@@ -37,18 +41,14 @@ from pdd_batch.ingest.dicomweb import (
     paged,
 )
 from pdd_batch.ingest.keys import file_key, series_key
-from pdd_batch.review.secondary_capture import derived_uid
+from pdd_batch.review.pacs_types import ModelRef, ResolvedSlice, SliceRef, StudyTarget, run_date
 from pdd_batch.runs.results import RunResults
 
 log = logging.getLogger(__name__)
 
 TAG_SOP_CLASS = "00080016"
-SR_SERIES_NUMBER, KOS_SERIES_NUMBER = 9902, 9903  # 9901: the overlays' Secondary Capture
 MAX_REFERENCED = 100  # slices listed per study (highest scores first)
 FALLBACK_SLICES = 3  # a study exported by --top/--min-score without flagged slices
-SCHEME = "99PDD"  # private coding scheme of the report's concepts
-MANUFACTURER = "pdd-batch"
-NOT_FOR_DIAGNOSIS = "PDD anomaly screening (research use, not for diagnosis)"
 # Header attributes the documents copy from a source image (patient, study, equipment-free).
 EVIDENCE_KEYWORDS = (
     "PatientName",
@@ -66,27 +66,8 @@ EVIDENCE_KEYWORDS = (
     "SOPClassUID",
     "SOPInstanceUID",
 )
-IMAGE_KEYWORDS = ("Rows", "Columns")  # copied when present: the KOS then lists IMAGE items
-
-
-@dataclass(frozen=True)
-class SliceRef:
-    """A slice to report: its series, source file (by its run key) and score."""
-
-    series_key: str
-    file_key: str
-    score: float
-    flagged: bool
-
-
-@dataclass(frozen=True)
-class StudyTarget:
-    """A study to write back: its decision, max score and the slices to reference."""
-
-    study_key: str
-    decision: str
-    max_score: float
-    slices: tuple[SliceRef, ...]
+# copied when present: the KOS then lists IMAGE items; the overlays name their source slice
+IMAGE_KEYWORDS = ("Rows", "Columns", "InstanceNumber")
 
 
 @dataclass
@@ -101,29 +82,55 @@ class PacsExportSummary:
 def export_targets(
     results: RunResults, top: int | None = None, min_score: float | None = None
 ) -> list[StudyTarget]:
-    """The studies to write back (``RunResults.flagged_studies``) with their referenced slices:
-    the flagged ones, else (a study chosen by ``top``/``min_score``) the top few."""
+    """The studies to write back (``RunResults.flagged_studies``: one row per study and
+    model) with that model's provenance and outcome and their referenced slices: the flagged
+    ones, else (a study chosen by ``top``/``min_score``) the top few."""
     targets = []
+    rid = str(results.manifest.get("run_id", ""))
     for study in results.flagged_studies(top=top, min_score=min_score).to_pylist():
-        slices = tuple(_slice_refs(reported_slices(results, study["study_key"])))
+        rows = reported_slices(results, study["study_key"], study["model_id"])
+        threshold = study.get("threshold")
+        model = ModelRef(
+            model_id=str(study["model_id"]),
+            checkpoint_hash=str(study["checkpoint_hash"]),
+            threshold=None if threshold is None else float(threshold),
+            run_id=rid,
+            run_date=run_date(rid),
+        )
+        n_ood = study.get("n_out_of_distribution") or 0
+        n_assessed = study.get("n_assessed")
         targets.append(
-            StudyTarget(study["study_key"], study["decision"], float(study["max_score"]), slices)
+            StudyTarget(
+                study_key=study["study_key"],
+                model=model,
+                decision=study["decision"],
+                reason=study.get("reason"),
+                n_slices=int(study["n_slices"]),
+                n_assessed=int(study["n_slices"] - n_ood if n_assessed is None else n_assessed),
+                n_out_of_distribution=int(n_ood),
+                max_score=float(study["max_score"]),
+                slices=tuple(_slice_refs(rows)),
+            )
         )
     return targets
 
 
-def reported_slices(results: RunResults, study_key: str) -> pa.Table:
-    """The slices a study's documents report: its flagged ones (highest scores first, at most
-    ``MAX_REFERENCED``), else its top few."""
-    rows = results.top_slices(study_key, k=MAX_REFERENCED, flagged_only=True)
-    if rows.num_rows == 0:
-        rows = results.top_slices(study_key, k=FALLBACK_SLICES)
-    return rows
+def reported_slices(results: RunResults, study_key: str, model_id: str) -> pa.Table:
+    """The slices a study's documents for one model report: its flagged ones (highest scores
+    first, at most ``MAX_REFERENCED``), else its top few."""
+    rows = results.study_slices(study_key)
+    rows = rows.filter(pc.equal(rows.column("model_id"), model_id))
+    flagged = rows.filter(rows.column("flagged"))
+    if flagged.num_rows:
+        return flagged.slice(0, MAX_REFERENCED)
+    return rows.slice(0, FALLBACK_SLICES)
 
 
 def _slice_refs(rows: pa.Table) -> Iterator[SliceRef]:
-    for r in rows.select(["series_key", "file_key", "score", "flagged"]).to_pylist():
-        yield SliceRef(r["series_key"], r["file_key"], float(r["score"]), bool(r["flagged"]))
+    has_ood = "out_of_distribution" in rows.column_names
+    for r in rows.to_pylist():
+        ood = r.get("out_of_distribution") if has_ood else None
+        yield SliceRef(r["series_key"], r["file_key"], float(r["score"]), bool(r["flagged"]), ood)
 
 
 def recorded_query(run_dir: Path) -> Query:
@@ -199,7 +206,7 @@ def export_to_pacs(
     secondary_capture: bool = False,
 ) -> PacsExportSummary:
     """Store an SR and a KOS (and with ``secondary_capture`` a series of heatmap overlays,
-    ``pacs_overlays.py``) into each selected study's original study on the PACS.
+    ``pacs_overlays.py``) per model into each selected study's original study on the PACS.
 
     A study whose images cannot be found again (or whose store fails) is an error of the
     summary, by study key; the others are still written.
@@ -214,19 +221,19 @@ def export_to_pacs(
     query = recorded_query(results.run_dir)
     series = _http("QIDO-RS series search", find_series, client, query, wanted) if wanted else {}
     summary = PacsExportSummary()
-    provenance = _provenance(results)
     overlays = _Overlays(results, targets) if secondary_capture and targets else None
     for target in targets:
         try:
             refs = _resolve(client, target, series)
-            documents = _documents(target, refs, provenance)
+            documents = _documents(target, refs)
             if overlays is not None:
-                documents += overlays.datasets(target, refs[0].evidence, provenance)
+                documents += overlays.datasets(target, refs)
             _store(client, documents)
         except DicomwebError as exc:
             summary.errors[target.study_key] = str(exc)
             continue
-        summary.studies.append(target.study_key)
+        if target.study_key not in summary.studies:
+            summary.studies.append(target.study_key)
         summary.instances += len(documents)
     log.info("PACS export: %d studies, %d errors", len(summary.studies), len(summary.errors))
     return summary
@@ -241,28 +248,43 @@ class _Overlays:
         self.results = results
         self.locator = cache_locator(results)
         self.rows = {
-            t.study_key: reported_slices(results, t.study_key).to_pylist() for t in targets
+            (t.study_key, t.model.model_id): reported_slices(
+                results, t.study_key, t.model.model_id
+            ).to_pylist()
+            for t in targets
         }
         self.scale = overlay_scale([r for rows in self.rows.values() for r in rows])
 
-    def datasets(self, target: StudyTarget, evidence: Any, provenance: dict) -> list[Any]:
+    def datasets(self, target: StudyTarget, refs: list[ResolvedSlice]) -> list[Any]:
         from pdd_batch.review.pacs_overlays import overlay_datasets
 
-        seed = (str(provenance["checkpoint_hash"]), target.study_key)
-        return overlay_datasets(
-            self.rows[target.study_key], evidence, self.locator, self.scale, seed
-        )
+        rows = self.rows[(target.study_key, target.model.model_id)]
+        return overlay_datasets(rows, refs, self.locator, self.scale, target)
 
 
-def _documents(target: StudyTarget, refs: list[Any], provenance: dict[str, Any]) -> list[Any]:
-    """The SR and the KOS of a study (raises ``DicomwebError`` for a header highdicom refuses)."""
+def _documents(target: StudyTarget, refs: list[ResolvedSlice]) -> list[Any]:
+    """The SR and the KOS of a study for one model (raises ``DicomwebError`` for a header
+    highdicom refuses)."""
     from pdd_batch.review.pacs_documents import build_kos, build_sr
 
     try:
-        return [build_sr(target, refs, provenance), build_kos(target, refs, provenance)]
+        return [build_sr(target, refs), build_kos(target, refs)]
     except (ValueError, TypeError, AttributeError) as exc:
         reason = f"SR/KOS not built from the source headers ({type(exc).__name__})"
         raise DicomwebError(reason) from None
+
+
+def complete_file_meta(ds: Any) -> Any:
+    """``ds`` with a complete, standard file meta group (group length and version included,
+    which pydicom writes only when present) and a preamble: how every document is sent."""
+    from pydicom.dataset import validate_file_meta
+
+    ds.ensure_file_meta()
+    validate_file_meta(ds.file_meta, enforce_standard=True)  # adds the version
+    if "FileMetaInformationGroupLength" not in ds.file_meta:
+        ds.file_meta.FileMetaInformationGroupLength = 0  # recomputed when written
+    ds.preamble = getattr(ds, "preamble", None) or b"\x00" * 128
+    return ds
 
 
 def _store(client: Any, documents: list[Any]) -> None:
@@ -272,39 +294,14 @@ def _store(client: Any, documents: list[Any]) -> None:
     a dataset as it is, and an archive stores the bytes it receives.
     """
     import requests
-    from pydicom.dataset import validate_file_meta
     from retrying import RetryError
 
     for ds in documents:
-        ds.ensure_file_meta()
-        validate_file_meta(ds.file_meta, enforce_standard=True)
-        ds.preamble = getattr(ds, "preamble", None) or b"\x00" * 128
+        complete_file_meta(ds)
     try:
         client.store_instances(documents, study_instance_uid=str(documents[0].StudyInstanceUID))
     except (requests.RequestException, RetryError) as exc:
         raise http_failure("STOW-RS store", exc) from None
-
-
-def _provenance(results: RunResults) -> dict[str, Any]:
-    threshold = results.manifest.get("threshold")
-    if threshold is None and results.slices.num_rows:
-        threshold = results.slices.column("threshold")[0].as_py()
-    return {
-        "model_id": results.model_id or "unknown",
-        "checkpoint_hash": results.checkpoint_hash or "unknown",
-        "threshold": threshold,
-        "run_id": str(results.manifest.get("run_id", "")),
-    }
-
-
-@dataclass(frozen=True)
-class ResolvedSlice:
-    """A slice with its source image found on the PACS (UIDs in memory only)."""
-
-    slice: SliceRef
-    sop_class_uid: str
-    sop_instance_uid: str
-    evidence: Any  # pydicom Dataset
 
 
 def _resolve(client: Any, target: StudyTarget, series: dict[str, SeriesHit]) -> list[Any]:
@@ -338,12 +335,3 @@ def _http(what: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
     except (requests.RequestException, RetryError) as exc:
         raise http_failure(what, exc) from None
-
-
-def document_uids(kind: str, checkpoint_hash: str, study_key: str) -> tuple[str, str]:
-    """(series UID, SOP Instance UID) of a document: stable per model and study, so a
-    re-export replaces it (no run-specific part)."""
-    return (
-        derived_uid("pdd-batch", kind, "series", checkpoint_hash, study_key),
-        derived_uid("pdd-batch", kind, "instance", checkpoint_hash, study_key),
-    )

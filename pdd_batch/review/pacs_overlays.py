@@ -22,7 +22,8 @@ from pdd_batch.review.overlay import (
     model_input_slices,
     overlay_png,
 )
-from pdd_batch.review.secondary_capture import ScStudy, derived_uid, sc_dataset
+from pdd_batch.review.pacs_types import ResolvedSlice, StudyTarget, series_description
+from pdd_batch.review.secondary_capture import ScSource, ScStudy, derived_uid, sc_dataset
 from pdd_batch.runs.results import RunResults
 
 
@@ -55,22 +56,33 @@ def _bases(locator: SourceLocator, rows: list[dict]) -> dict[tuple[str, int, int
     return out
 
 
+def _comment(row: dict, source: ResolvedSlice | None) -> str:
+    """The overlay's ImageComments: its source image by InstanceNumber (the run's own slice
+    index only when the source is unknown or has none), and its score."""
+    number = getattr(source.evidence, "InstanceNumber", None) if source is not None else None
+    where = f"source image {number}" if number not in (None, "") else f"slice {row['slice_index']}"
+    return f"{where} anomaly score {row['score']:.4f} (not for diagnosis)"
+
+
 def overlay_datasets(
     rows: list[dict],
-    evidence: Any,
+    refs: list[ResolvedSlice],
     locator: SourceLocator,
     scale: tuple[float, float],
-    series_seed: tuple[str, str],
+    target: StudyTarget,
 ) -> list[Any]:
-    """The Secondary Capture datasets of one study's reported slices.
+    """The Secondary Capture datasets of one study's reported slices for one model.
 
     Args:
         rows: slice rows (with ``heatmap_png``/``heatmap_max``), highest score first.
-        evidence: a source image's header (patient and study attributes).
+        refs: the rows' source images found on the PACS (headers, UIDs).
         locator: where the run's source files are (``cache_locator``).
         scale: the export's colour scale.
-        series_seed: (checkpoint hash, study key): a stable series, so re-export replaces it.
+        target: the study and model (a stable series per model and study, so a re-export
+            replaces it; the series description names the model and the run's date).
     """
+    evidence = refs[0].evidence
+    by_file = {r.slice.file_key: r for r in refs}
     study = ScStudy(
         study_uid=str(evidence.StudyInstanceUID),
         patient_id=str(evidence.PatientID or ""),
@@ -79,7 +91,10 @@ def overlay_datasets(
         deidentified=False,
         burned_in="YES",
     )
-    series_uid = derived_uid("pdd-batch", "sc", "series", *series_seed)
+    series_uid = derived_uid(
+        "pdd-batch", "sc", "series", target.model.checkpoint_hash, target.study_key
+    )
+    description = series_description("sc", target.model)
     bases = _bases(locator, rows)
     out = []
     for number, r in enumerate([r for r in rows if r.get("heatmap_png")], start=1):
@@ -88,6 +103,8 @@ def overlay_datasets(
             base = np.zeros((1, 1), dtype=np.float32)
         png = overlay_png(base, r["heatmap_png"], r["heatmap_max"], scale)
         rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # (H, W, 3) uint8
-        comment = f"slice {r['slice_index']} anomaly score {r['score']:.4f} (not for diagnosis)"
-        out.append(sc_dataset(rgb, study, series_uid, number, comment))
+        ref = by_file.get(r["file_key"])
+        source = None if ref is None else ScSource(ref.sop_class_uid, ref.sop_instance_uid)
+        comment = _comment(r, ref)
+        out.append(sc_dataset(rgb, study, series_uid, number, comment, source, description))
     return out

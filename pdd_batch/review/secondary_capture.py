@@ -1,7 +1,9 @@
 """A DICOM Secondary Capture series of heatmap overlays, attached to the exported study.
 
 Each overlay becomes one single-frame RGB Secondary Capture Image (PS3.3 A.8.1) in a new
-series of the (de-identified) study, so a PACS viewer shows the overlays beside the images.
+series of the (de-identified) study, so a PACS viewer shows the overlays beside the images. Each
+carries a complete file meta group (group length included) and, when its source image is known
+(``ScSource``), a SourceImageSequence to it and the source's InstanceNumber in its comment.
 """
 
 from __future__ import annotations
@@ -42,13 +44,29 @@ class ScStudy:
     burned_in: str | None = None
 
 
+@dataclass(frozen=True)
+class ScSource:
+    """The source image an overlay is derived from (SOP Class and Instance UIDs, in memory)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
 def derived_uid(*parts: str) -> str:
     """A deterministic ``2.25.<int>`` UID from text parts (SHA-256, 128 bits)."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).digest()[:16]
     return f"2.25.{int.from_bytes(digest, 'big')}"
 
 
-def sc_dataset(rgb: np.ndarray, study: ScStudy, series_uid: str, number: int, comment: str):
+def sc_dataset(
+    rgb: np.ndarray,
+    study: ScStudy,
+    series_uid: str,
+    number: int,
+    comment: str,
+    source: ScSource | None = None,
+    series_description: str = SERIES_DESCRIPTION,
+):
     """One Secondary Capture dataset holding an RGB overlay.
 
     Args:
@@ -57,6 +75,8 @@ def sc_dataset(rgb: np.ndarray, study: ScStudy, series_uid: str, number: int, co
         series_uid: the overlay series UID.
         number: InstanceNumber (1-based).
         comment: ImageComments text (slice position and score; no identifiers).
+        source: the image the overlay derives from (SourceImageSequence), when known.
+        series_description: SeriesDescription (at most 64 characters).
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"overlay must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
@@ -65,6 +85,8 @@ def sc_dataset(rgb: np.ndarray, study: ScStudy, series_uid: str, number: int, co
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SC_IMAGE_STORAGE, sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.FileMetaInformationGroupLength = 0  # recomputed whenever the dataset is written
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = SC_IMAGE_STORAGE, sop_uid
@@ -75,10 +97,16 @@ def sc_dataset(rgb: np.ndarray, study: ScStudy, series_uid: str, number: int, co
     ds.ContentDate = dt.date.today().strftime("%Y%m%d") if not study.deidentified else ""
     ds.Modality, ds.ConversionType = "OT", "WSD"
     ds.SeriesNumber, ds.InstanceNumber = 9901, number
-    ds.SeriesDescription = SERIES_DESCRIPTION
+    ds.SeriesDescription = series_description[:64]
+    ds.Laterality = ds.PatientOrientation = ""  # type 2C: unknown for a derived overlay
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "PDD anomaly map blended over the model-input slice"
     ds.ImageComments = comment
+    if source is not None:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = source.sop_class_uid
+        ref.ReferencedSOPInstanceUID = source.sop_instance_uid
+        ds.SourceImageSequence = [ref]
     if study.burned_in is not None:
         if study.burned_in not in ("YES", "NO"):
             raise ValueError(f"burned_in must be YES, NO or None, got {study.burned_in!r}")
