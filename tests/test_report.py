@@ -66,7 +66,9 @@ def test_report_is_self_contained_and_private(report) -> None:
             assert s not in text
     for s in [*run.uids, "Doe/series", "Poe_Edgar", str(run.archive)]:
         assert s not in text
-    assert "Trained on <b>synthetic</b> normals." in text and "<li>AUROC: n/a</li>" in text
+    assert (
+        "Trained on <strong>synthetic</strong> normals." in text and "<li>AUROC: n/a</li>" in text
+    )
 
 
 def test_report_renders_in_chromium(report, tmp_path: Path) -> None:
@@ -75,7 +77,7 @@ def test_report_renders_in_chromium(report, tmp_path: Path) -> None:
     dom = _browse(exe, tmp_path, page, "--dump-dom").stdout
     expected_texts = [
         "Top slices with anomaly heatmaps",
-        "Flagged studies, ranked by score",
+        "Review queue: flagged, then not assessed studies",
         "Score distributions",
         "Model card",
         "PDD test model",
@@ -209,3 +211,23 @@ def test_end_to_end_screen_export_report(tmp_path: Path) -> None:
     if shutil.which("chromium"):
         dom = _browse(shutil.which("chromium"), tmp_path, page, "--dump-dom").stdout
         assert len(re.findall(r'data-rect="[\d,]+"', dom)) == 3
+
+
+def test_report_shows_each_outcome_its_ood_slices_and_the_model_cards_tables(
+    tmp_path: Path,
+) -> None:
+    from test_study_outcome import _old_run
+
+    card_dir = tmp_path / "ckpt"
+    card_dir.mkdir()
+    card = "# Card\n\n| split | AUROC |\n|---|---|\n| test | 0.865 |\n\n<script>x</script>\n"
+    (card_dir / "model_card.md").write_text(card)
+    text = build_report(open_run(_old_run(tmp_path)), model_dir=card_dir)
+    body = text.split('<div class="card-md">', 1)[1]
+    assert "<th>split</th>" in body and "<td>0.865</td>" in body
+    assert "| split |" not in body and "<script>x" not in body
+    studies = text.split('id="studies-table"', 1)[1].split("</table>", 1)[0]
+    assert studies.count('class="badge not_assessed"') == 2
+    assert "3/4 slices out of distribution" in studies
+    ood = text.split('id="ood-table"', 1)[1].split("</table>", 1)[0]
+    assert "3 / 4" in ood and ": 0, 1, 2<" in ood and "2 / 2" in ood

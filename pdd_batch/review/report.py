@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 import pdd_batch
 from pdd_batch.review.overlay import SourceLocator, display_scale, model_input_slices, overlay_png
+from pdd_batch.review.report_studies import ood_table, studies_table
 from pdd_batch.runs.results import RunResults
 from pdd_batch.runs.writer import write_bytes_atomic
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 MODEL_CARD_NAMES = ("model_card.md", "MODEL_CARD.md", "docs/model_card.md")
-MAX_TABLE_ROWS = 100
 INPUT_KEYS = ("inputs_seen", "inputs_scored", "inputs_skipped", "inputs_failed")
 
 
@@ -45,9 +45,12 @@ def _cards(results: RunResults) -> str:
     items = [
         ("studies", c["studies"]),
         ("flagged studies", c["flagged_studies"]),
+        ("not assessed studies", c["not_assessed_studies"]),
+        ("normal studies", c["normal_studies"]),
         ("series", c["series"]),
         ("slices", c["slices"]),
         ("flagged slices", c["flagged_slices"]),
+        ("out-of-distribution slices", c["ood_slices"]),
         ("errors", c["errors"]),
     ]
     total = (results.manifest.get("timings") or {}).get("total_s")
@@ -73,44 +76,13 @@ def _accounting(manifest: dict) -> tuple[str, str]:
     return "bad", text + f" - {seen - scored - skipped - failed} unaccounted for."
 
 
-def _studies_table(results: RunResults) -> tuple[str, str]:
-    rows = results.flagged_studies()
-    title = "Flagged studies, ranked by score"
-    if rows.num_rows == 0:
-        rows, title = results.ranked_studies(), "No study flagged - studies ranked by score"
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "#",
-            "study",
-            "modality",
-            "max score",
-            "top-k mean",
-            "flagged / slices",
-            "decision",
-        )  # fmt: skip
-    )
-    body = []
-    for i, r in enumerate(rows.slice(0, MAX_TABLE_ROWS).to_pylist(), start=1):
-        body.append(
-            f'<tr><td class="num">{i}</td><td class="key">{_e(r["study_key"])}</td>'
-            f"<td>{_e(r.get('modality') or '-')}</td>"
-            f'<td class="num">{r["max_score"]:.4g}</td><td class="num">{r["topk_mean"]:.4g}</td>'
-            f'<td class="num">{r["n_flagged"]} / {r["n_slices"]}</td>'
-            f'<td><span class="badge {_e(r["decision"])}">{_e(r["decision"])}</span></td></tr>'
-        )
-    more = rows.num_rows - MAX_TABLE_ROWS
-    note = f'<p class="note">... and {more} more</p>' if more > 0 else ""
-    table = f'<table id="studies-table"><tr>{head}</tr>{"".join(body)}</table>{note}'
-    return title, table
-
-
 def _thumbnails(
     results: RunResults, n: int, locator: SourceLocator | None
 ) -> tuple[str, tuple[float, float]]:
-    """``<figure>`` elements for the top slice of the top ``n`` studies, and the colour scale
-    (over the source slice when ``locator`` finds its file, else the heatmap alone)."""
-    studies = results.flagged_studies()
+    """``<figure>`` elements for the top slice of the top ``n`` studies of the review queue,
+    and the colour scale (over the source slice when ``locator`` finds its file, else the
+    heatmap alone)."""
+    studies = results.review_queue()
     if studies.num_rows == 0:
         studies = results.ranked_studies()
     chosen = [results.top_slices(k, 1).to_pylist() for k in studies.column("study_key").to_pylist()]
@@ -230,13 +202,16 @@ def _charts(results: RunResults) -> str:
     st = results.studies.to_pylist()
     study_chart = svg_histogram(
         {
-            "normal / uncalibrated": ([r["max_score"] for r in st if r["decision"] != "flagged"],
-                                      "#8fb3d9"),
-            "flagged": ([r["max_score"] for r in st if r["decision"] == "flagged"], "#e07b39"),
+            label: ([r["max_score"] for r in st if r["decision"] == decision], colour)
+            for label, decision, colour in (
+                ("normal", "normal", "#8fb3d9"),
+                ("not assessed", "not_assessed", "#b7bcc4"),
+                ("flagged", "flagged", "#e07b39"),
+            )
         },
-        "Study max scores",
+        "Study max scores (by outcome)",
         threshold,
-    )  # fmt: skip
+    )
     return slice_chart + study_chart
 
 
@@ -257,50 +232,14 @@ def _errors_table(results: RunResults) -> str:
 
 
 def markdown_to_html(text: str) -> str:
-    """A small Markdown subset (headings, lists, paragraphs, code, bold) as escaped HTML."""
-    out, para, in_list, in_code = [], [], False, False
+    """Markdown (CommonMark with GitHub tables, by markdown-it) as HTML; raw HTML in the text is
+    escaped, never passed through; headings two levels down (the card sits under an h2)."""
+    from markdown_it import MarkdownIt
 
-    def inline(s: str) -> str:
-        s = _e(s)
-        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-        return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
-
-    def flush() -> None:
-        nonlocal in_list
-        if para:
-            out.append(f"<p>{inline(' '.join(para))}</p>")
-            para.clear()
-        if in_list:
-            out.append("</ul>")
-            in_list = False
-
-    for line in text.splitlines():
-        if line.strip().startswith("```"):
-            flush()
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-        elif in_code:
-            out.append(_e(line))
-        elif m := re.match(r"^(#{1,6})\s+(.*)", line):
-            flush()
-            level = min(len(m.group(1)) + 2, 6)
-            out.append(f"<h{level}>{inline(m.group(2))}</h{level}>")
-        elif m := re.match(r"^\s*[-*]\s+(.*)", line):
-            if para:
-                out.append(f"<p>{inline(' '.join(para))}</p>")
-                para.clear()
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append(f"<li>{inline(m.group(1))}</li>")
-        elif not line.strip():
-            flush()
-        else:
-            para.append(line.strip())
-    flush()
-    if in_code:
-        out.append("</pre>")
-    return "\n".join(out)
+    rendered = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    return re.sub(
+        r"<(/?)h([1-6])>", lambda m: f"<{m.group(1)}h{min(int(m.group(2)) + 2, 6)}>", rendered
+    )
 
 
 def find_model_card(model_dir: Path | None) -> str | None:
@@ -321,18 +260,28 @@ def find_model_card(model_dir: Path | None) -> str | None:
     return None
 
 
-def _model_section(results: RunResults, model_dir: Path | None) -> str:
-    facts = [
-        ("model id", results.model_id or "-"),
-        ("checkpoint hash", results.checkpoint_hash or "-"),
-    ]
+def _model_facts(results: RunResults) -> list[tuple[str, str, str]]:
+    """(model id, checkpoint hash, threshold) of each model that scored slices (the run's
+    model when none did)."""
+    seen: dict[str, tuple[str, str, str]] = {}
+    cols = ["model_id", "checkpoint_hash", "threshold"]
+    for r in results.slices.select(cols).to_pylist():
+        if r["model_id"] not in seen or seen[r["model_id"]][2] == "uncalibrated":
+            thr = "uncalibrated" if r["threshold"] is None else f"{float(r['threshold']):.6g}"
+            seen[r["model_id"]] = (r["model_id"], r["checkpoint_hash"], thr)
+    if seen:
+        return list(seen.values())
     thr = results.manifest.get("threshold")
-    if thr is None and results.slices.num_rows:
-        thr = next(
-            (t for t in results.slices.column("threshold").to_pylist() if t is not None), None
-        )
-    facts.append(("threshold", "uncalibrated" if thr is None else f"{float(thr):.6g}"))
-    table = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in facts)
+    thr_text = "uncalibrated" if thr is None else f"{float(thr):.6g}"
+    return [(results.model_id or "-", results.checkpoint_hash or "-", thr_text)]
+
+
+def _model_section(results: RunResults, model_dir: Path | None) -> str:
+    rows = "".join(
+        f"<tr><td><code>{_e(m)}</code></td><td><code>{_e(h)}</code></td><td>{_e(t)}</td></tr>"
+        for m, h, t in _model_facts(results)
+    )
+    table = f"<tr><th>model id</th><th>checkpoint hash</th><th>threshold</th></tr>{rows}"
     card = find_model_card(model_dir)
     body = (
         markdown_to_html(card)
@@ -360,7 +309,7 @@ def build_report(
     if locator is None and results.archive_root is not None:
         locator = SourceLocator.for_run(results)  # 1.0: files named by path under the root
     accounted_class, accounted_text = _accounting(results.manifest)
-    title, table = _studies_table(results)
+    title, table = studies_table(results)
     thumbs, scale = _thumbnails(results, thumbnails, locator)
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         run_id=_e(results.manifest.get("run_id", "-")),
@@ -376,6 +325,7 @@ def build_report(
         vmax=f"{scale[1]:.3g}",
         studies_title=_e(title),
         studies_table=table,
+        ood_table=ood_table(results),
         charts=_charts(results),
         errors_table=_errors_table(results),
         model_card=_model_section(results, model_dir),
