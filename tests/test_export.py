@@ -168,10 +168,16 @@ def test_keep_identifiers_copies_bytes(tmp_path: Path) -> None:
 def test_selection_and_bad_options(tmp_path: Path) -> None:
     run = build_run(tmp_path)
     res = open_run(run.run_dir)
+    # top N: the review queue (flagged, then not assessed); the normal study is never in it
     s = export_run(res, tmp_path / "top3", ExportOptions(top=3))
+    assert [x.study["study_key"] for x in s.studies] == [run.study_keys[0], run.study_keys[2]]
+    s = export_run(res, tmp_path / "any", ExportOptions(min_score=-1e9))
     assert [x.study["study_key"] for x in s.studies] == [run.study_keys[0], run.study_keys[2],
                                                          run.study_keys[1]]  # fmt: skip
     assert len(s.studies[2].overlays) == 1  # no flagged slice: its top slice
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "any" / "manifest.csv").read_text())))
+    assert [r["decision"] for r in rows] == ["flagged", "flagged", "normal"]
+    assert {r["model_id"] for r in rows} == {"pdd-test"} and rows[2]["reason"] == ""
     s = export_run(res, tmp_path / "min", ExportOptions(min_score=0.8))
     assert [x.study["study_key"] for x in s.studies] == [run.study_keys[0]]
     with pytest.raises(ExportError, match="not empty"):

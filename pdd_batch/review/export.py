@@ -1,5 +1,10 @@
 """Export flagged studies of a screening run for review, de-identified by default.
 
+Selection (``RunResults.flagged_studies``): the flagged studies; ``top`` N: the first N of the
+review queue (flagged, then not assessed; never a normal study); ``min_score``: by score, any
+outcome. Each study is exported once, with its outcome (``runs.outcome``) for the model listed
+first in that order; ``manifest.csv`` gives the outcome, its reason and the model.
+
 Layout of ``OUT/``::
 
     OUT/export.json                     options used, run provenance, counts, error records
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
@@ -71,8 +77,9 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MANIFEST_COLUMNS = [
-    "export_id", "rank", "kind", "modality", "decision", "max_score", "topk_mean", "n_flagged",
-    "n_slices", "new_study_uid", "new_patient_id", "files", "overlays", "secondary_capture",
+    "export_id", "rank", "kind", "modality", "decision", "reason", "model_id", "max_score",
+    "topk_mean", "n_flagged", "n_assessed", "n_out_of_distribution", "n_slices",
+    "new_study_uid", "new_patient_id", "files", "overlays", "secondary_capture",
     "withheld", "withheld_reason",
 ]  # fmt: skip
 WITHHELD_REASON = "withheld: possible burned-in text"
@@ -106,8 +113,9 @@ class ExportOptions:
     """How to export (recorded in ``export.json``).
 
     Attributes:
-        top: export the ``top`` highest-scoring studies (any decision).
-        min_score: export studies with ``max_score >= min_score`` (any decision).
+        top: export the first ``top`` studies of the review queue (flagged, then not
+            assessed, each by score).
+        min_score: export studies with ``max_score >= min_score`` (any outcome).
         deidentify: apply the PS3.15 basic profile (default); False keeps identifiers.
         secondary_capture: also write a DICOM Secondary Capture series of the overlays.
         crosswalk: file for the new -> original identifier table (mode 0600); None: not written.
@@ -132,7 +140,11 @@ class ExportOptions:
         d = asdict(self)
         d["crosswalk"] = self.crosswalk is not None  # whether one was written, not where
         d["selection"] = (
-            "decision == flagged" if self.top is None and self.min_score is None else "by score"
+            "decision == flagged"
+            if self.top is None and self.min_score is None
+            else "review queue (flagged, then not assessed)"
+            if self.top is not None
+            else "by score"
         )
         return d
 
@@ -215,10 +227,10 @@ def export_run(
     _prepare_out(out_dir, options)
     deid = Deidentifier() if options.deidentify else None
     summary = ExportSummary(out_dir)
-    selected = results.flagged_studies(top=options.top, min_score=options.min_score)
-    scale = _display_scale(results, selected.column("study_key").to_pylist())
+    selected = _once_per_study(results.flagged_studies(options.top, options.min_score))
+    scale = _display_scale(results, [s["study_key"] for s in selected])
     with MemberReader(root) as reader:
-        for rank, study in enumerate(selected.to_pylist(), start=1):
+        for rank, study in enumerate(selected, start=1):
             item = StudyExport(export_id=f"S{rank:03d}", rank=rank, study=study)
             rows = locator.attach(results.study_slices(study["study_key"]).to_pylist())
             _export_sources(reader, rows, out_dir, item, deid, summary, options.allow_burned_in)
@@ -234,6 +246,14 @@ def export_run(
              len(summary.studies), summary.n_files, summary.n_overlays, len(summary.withheld),
              len(summary.errors))  # fmt: skip
     return summary
+
+
+def _once_per_study(studies: pa.Table) -> list[dict]:
+    """Study rows (one per study and model) with each study once, at its first place."""
+    seen: dict[str, dict] = {}
+    for row in studies.to_pylist():
+        seen.setdefault(row["study_key"], row)
+    return list(seen.values())
 
 
 def _warn_burned_in(item: StudyExport, summary: ExportSummary) -> None:
@@ -457,6 +477,10 @@ def _write_sc(
     item.secondary_capture = [p.relative_to(out_dir).as_posix() for p in paths]
 
 
+def _blank(value: object) -> object:
+    return "" if value is None else value
+
+
 def _write_manifest_csv(out_dir: Path, summary: ExportSummary) -> None:
     fh = io.StringIO(newline="")
     writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
@@ -466,8 +490,11 @@ def _write_manifest_csv(out_dir: Path, summary: ExportSummary) -> None:
         writer.writerow({
             "export_id": s.export_id, "rank": s.rank, "kind": s.kind,
             "modality": st.get("modality") or "", "decision": st["decision"],
+            "reason": st.get("reason") or "", "model_id": st["model_id"],
             "max_score": f"{st['max_score']:.6g}", "topk_mean": f"{st['topk_mean']:.6g}",
-            "n_flagged": st["n_flagged"], "n_slices": st["n_slices"],
+            "n_flagged": st["n_flagged"], "n_assessed": _blank(st.get("n_assessed")),
+            "n_out_of_distribution": _blank(st.get("n_out_of_distribution")),
+            "n_slices": st["n_slices"],
             "new_study_uid": s.new_study_uid, "new_patient_id": s.new_patient_id,
             "files": ";".join(s.files), "overlays": ";".join(s.overlays),
             "secondary_capture": ";".join(s.secondary_capture),
