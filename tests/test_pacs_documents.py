@@ -184,3 +184,15 @@ def test_dciodvfy_reports_no_error_for_sr_kos_and_sc(sources, tmp_path: Path) ->
         errors = [line for line in report.splitlines() if line.startswith("Error")]
         assert not errors, (name, errors)
         assert report.strip(), name  # dciodvfy ran and said what it checked
+
+
+def test_no_import_circle_among_review_and_run_modules_even_through_lazy_imports() -> None:
+    """``pacs_export`` and ``pacs_documents`` used to import each other (issue 24 item 6)."""
+    from test_import_cycles import REPO, find_cycle, import_graph, project_packages
+
+    graph = import_graph(REPO, project_packages(REPO), lazy=True)
+    ours = ("pdd_batch.review", "pdd_batch.runs")
+    sub = {
+        k: {v for v in vs if v.startswith(ours)} for k, vs in graph.items() if k.startswith(ours)
+    }
+    assert find_cycle(sub) is None
