@@ -15,7 +15,13 @@ from pdd_batch.runs.results import ResultsError
 def summary_command(
     results: Annotated[Path, typer.Argument(help="Run folder written by `pdd-batch screen`.")],
 ) -> None:
-    """Reprint the summary of a run: flagged studies ranked by score, counts, accounting."""
+    """Reprint the summary of a run: the review queue (flagged, then not-assessed studies, by
+    score), outcome counts, accounting.
+
+    Exit status: the run's exit code (its manifest's; docs/screening.md "Exit codes"), 0 only
+    when it completed with every input accounted for, 2 when the folder cannot be read; never
+    the findings: flagged or not-assessed studies do not change it.
+    """
     console = Console()
     try:
         code = render_summary(console, results)
