@@ -192,3 +192,20 @@ def test_summary_lists_the_review_queue_with_each_outcome_and_reason(tmp_path: P
         if line.count("│") == 3
     }
     assert counts["flagged"] == "1" and counts["not assessed"] == "2" and counts["normal"] == "0"
+
+
+def test_summary_command_exit_status_is_the_runs_not_the_findings(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pdd_batch.cli.app import app
+
+    run = _old_run(tmp_path)
+    counts = {"inputs_seen": 8, "inputs_scored": 8, "inputs_skipped": 0, "inputs_failed": 0}
+    manifest = {"status": "complete", "run_id": "old", "exit_code": 0, **counts}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["summary", str(run)])
+    assert "not_assessed: 3/4 slices out of distribution" in result.output
+    assert result.exit_code == 0  # two studies not assessed, one flagged: still a good run
+    manifest.update(status="incomplete", exit_code=1)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert CliRunner().invoke(app, ["summary", str(run)]).exit_code == 1
