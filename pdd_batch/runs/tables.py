@@ -10,6 +10,7 @@ any path (``keys.redact_paths``).
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pdd_batch.ingest.discovery import Discovery
@@ -30,7 +31,7 @@ def write_studies(
 ) -> int:
     """Recompute ``studies/`` (one row per study and model, with its outcome:
     ``runs.outcome``) from the published ``slices/`` file (after ``state.publish``); returns the
-    number of rows."""
+    number of studies (distinct study keys)."""
     table = STUDIES_SCHEMA.empty_table()
     if state.published_path.is_file():
         present = set(pq.read_schema(state.published_path).names)
@@ -48,7 +49,7 @@ def write_studies(
             min_assessed=min_assessed,
         )
     write_table_atomic(table, state.out_dir / "studies" / STUDIES_FILE)
-    return table.num_rows
+    return len(pc.unique(table.column("study_key")))
 
 
 def error_rows(
