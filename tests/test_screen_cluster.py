@@ -25,6 +25,7 @@ def two_nodes():
         yield cluster
 
 
+@pytest.mark.fallback  # .ci/run also runs it where Ray's default temp folder is absent
 def test_cli_screens_the_sample_on_a_two_node_cluster(two_nodes, tmp_path: Path) -> None:
     # the test cluster's address file sits in the private temp folder, not Ray's /tmp/ray
     address_file = ray_temp_dir() / "ray_current_cluster"
