@@ -7,16 +7,14 @@ zeros, so the tests themselves stay small in memory."""
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import tarfile
 import tracemalloc
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from dicom_factory import write_ct_series, write_nifti
+from hostile_factory import BOMB_BYTES, padded_nifti_bomb, ratio_tar
 from typer.testing import CliRunner
 
 from pdd_batch.cli.app import app
@@ -25,37 +23,8 @@ from pdd_batch.ingest.discovery import discover
 from pdd_batch.ingest.nifti_volume import NiftiReadError, read_nifti_info
 from pdd_batch.ingest.volume import load_series
 
-BOMB_BYTES = 64 * 2**20  # zeros: gzip packs them ~1000x, over the default cap of 800x
 RATIO = IngestLimits().max_compression_ratio
-TAR_MODES = {"tar.gz": "w:gz", "tgz": "w:gz", "tar.bz2": "w:bz2"}
-
-
-class _Zeros(io.RawIOBase):
-    """``n`` zero bytes, read in pieces."""
-
-    def __init__(self, n: int) -> None:
-        self.left = n
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        k = min(len(buf), self.left)
-        buf[:k] = bytes(k)
-        self.left -= k
-        return k
-
-
-def _tar(path: Path, members: list[tuple[str, bytes | int]]) -> Path:
-    """A compressed tar of ``members``: (name, bytes) or (name, number of zero bytes)."""
-    mode = TAR_MODES[path.name.split(".", 1)[1]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, mode) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = data if isinstance(data, int) else len(data)
-            tf.addfile(info, _Zeros(data) if isinstance(data, int) else io.BytesIO(data))
-    return path
+TAR_SUFFIXES = ("tar.gz", "tgz", "tar.bz2")
 
 
 def _inspect(root: Path) -> tuple[dict, int]:
@@ -73,7 +42,7 @@ def _inspect(root: Path) -> tuple[dict, int]:
     return json.loads(result.output), peak
 
 
-@pytest.mark.parametrize("suffix", list(TAR_MODES))
+@pytest.mark.parametrize("suffix", TAR_SUFFIXES)
 def test_compressed_tar_member_past_the_ratio_cap_is_refused_unread(
     tmp_path: Path, suffix: str
 ) -> None:
@@ -82,7 +51,7 @@ def test_compressed_tar_member_past_the_ratio_cap_is_refused_unread(
     archive's own failed row says so); nothing near the member's size is allocated."""
     good = write_ct_series(tmp_path / "src", n_slices=1, seed=3)[0].read_bytes()
     root = tmp_path / "root"
-    archive = _tar(root / f"batch.{suffix}", [("good.dcm", good), ("zeros.dcm", BOMB_BYTES),
+    archive = ratio_tar(root / f"batch.{suffix}", [("good.dcm", good), ("zeros.dcm", BOMB_BYTES),
                                               ("after.dcm", good)])  # fmt: skip
     assert BOMB_BYTES > RATIO * archive.stat().st_size  # the member alone is over the cap
     report, peak = _inspect(root)
@@ -100,7 +69,7 @@ def test_workers_read_members_before_the_cap_and_refuse_those_past_it(tmp_path: 
     """``MemberReader`` (the read tasks' reader) finds a member without listing the whole
     archive, so a bomb after it never blocks it; the bomb and what follows it are refused."""
     good = write_ct_series(tmp_path / "src", n_slices=1, seed=3)[0].read_bytes()
-    _tar(tmp_path / "root" / "b.tgz", [("good.dcm", good), ("zeros.dcm", BOMB_BYTES),
+    ratio_tar(tmp_path / "root" / "b.tgz", [("good.dcm", good), ("zeros.dcm", BOMB_BYTES),
                                        ("after.dcm", good)])  # fmt: skip
     with MemberReader(tmp_path / "root") as reader:
         assert reader.read("b.tgz!good.dcm") == good
@@ -113,7 +82,7 @@ def test_workers_read_members_before_the_cap_and_refuse_those_past_it(tmp_path: 
 def test_compressed_tar_under_the_cap_reads_whole(tmp_path: Path) -> None:
     """The same archive is read whole under a higher cap (the cap, not the shape, refuses)."""
     good = write_ct_series(tmp_path / "src", n_slices=1, seed=3)[0].read_bytes()
-    _tar(tmp_path / "root" / "b.tar.gz", [("zeros.dcm", BOMB_BYTES), ("after.dcm", good)])
+    ratio_tar(tmp_path / "root" / "b.tar.gz", [("zeros.dcm", BOMB_BYTES), ("after.dcm", good)])
     limits = IngestLimits(max_compression_ratio=100_000)
     by_path = {
         r.path: r for r in discover(tmp_path / "root", open_archives=True, limits=limits).files
@@ -125,23 +94,6 @@ def test_compressed_tar_under_the_cap_reads_whole(tmp_path: Path) -> None:
 # ---- .nii.gz: several gzip members, padding ------------------------------------------------
 
 
-def _nifti_bomb(path: Path, tail: bytes, tail_as_member: bool) -> Path:
-    """A .nii.gz whose header promises ``BOMB_BYTES`` uint8 zeros, in one gzip member, then
-    ``tail``: raw bytes after the stream or a gzip member of its own past the promised size."""
-    header = nib.Nifti1Header()
-    header.set_data_shape((256, 256, BOMB_BYTES // 256 // 256))
-    header.set_data_dtype(np.uint8)
-    header.set_sform(np.eye(4), code=1)
-    chunk = bytes(1 << 22)
-    with open(path, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9) as fh:
-            fh.write(header.binaryblock + b"\x00" * 4)  # 348-byte header + no extension
-            for _ in range(BOMB_BYTES // len(chunk)):
-                fh.write(chunk)
-        raw.write(gzip.compress(tail, compresslevel=0) if tail_as_member else tail)
-    return path
-
-
 @pytest.mark.parametrize("tail_as_member", [False, True], ids=["padded", "second_member"])
 def test_nifti_gz_padded_past_its_stream_is_capped_on_its_gzip_output(
     tmp_path: Path, tail_as_member: bool
@@ -149,7 +101,7 @@ def test_nifti_gz_padded_past_its_stream_is_capped_on_its_gzip_output(
     """64 MiB of zeros in ~65 kB plus 40 kB of random bytes: the file size alone would put it
     under the cap (~640x); the bytes that inflate to the promised size are over it (~1000x)."""
     tail = np.random.default_rng(0).bytes(40_000)
-    path = _nifti_bomb(tmp_path / "vol.nii.gz", tail, tail_as_member)
+    path = padded_nifti_bomb(tmp_path / "vol.nii.gz", tail, tail_as_member)
     assert BOMB_BYTES < RATIO * path.stat().st_size  # what the file-size check let through
     with pytest.raises(NiftiReadError, match="compression-ratio cap"):
         read_nifti_info(tmp_path, "vol.nii.gz")
