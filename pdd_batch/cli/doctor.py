@@ -183,7 +183,10 @@ def doctor_command(
         console = Console(width=max(Console().width, 140))
         _render(report, console)
         if dicomweb:
-            ok = report["dicomweb"]["answers"]
-            console.print(f"[{'green' if ok else 'red'}]DICOMweb: {report['dicomweb']['note']}[/]")
+            ok, note = report["dicomweb"]["answers"], report["dicomweb"]["note"]
+            line = (
+                note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
+            )  # no "DICOMweb" twice
+            console.print(f"[{'green' if ok else 'red'}]{line}[/]")
     if dicomweb and not report["dicomweb"]["answers"]:
         raise typer.Exit(code=1)

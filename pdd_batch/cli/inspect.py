@@ -141,11 +141,12 @@ def inspect_command(
         console = Console(width=max(console.width, MIN_WIDTH))
     console.print(_series_table(result))
     counts = result.counts()
-    n_studies = len({r.study_key for r in result.series})
+    from pdd_batch.cli.summary_view import counted
+
+    studies = counted(len({r.study_key for r in result.series}), "study", "studies")
     console.print(
         f"files: {counts['seen']} seen = {counts['used']} used + {counts['skipped']} skipped"
-        f" + {counts['failed']} failed; {len(result.series)} series in {n_studies} "
-        + ("study" if n_studies == 1 else "studies")
+        f" + {counts['failed']} failed; {len(result.series)} series in {studies}"
     )
     if result.errors():
         console.print(_errors_table(result, show_paths))
