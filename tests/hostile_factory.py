@@ -56,7 +56,7 @@ FORGED_ROWS_SLICES = 12
 DEEP_LEVELS = 500
 BOMB_SHAPE = (512, 512, 512)  # uint8 zeros: 128 MiB inflated (512 MiB as float32)
 BOMB_BYTES = 64 * 2**20  # zeros: gzip packs them ~1000x, over the default ratio cap of 800x
-_TAR_MODES = {"tar.gz": "w:gz", "tgz": "w:gz", "tar.bz2": "w:bz2"}
+_TAR_MODES = {"tar.gz": "w:gz", "tgz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz", "tar": "w"}
 
 
 def _raw_is(ds: pydicom.Dataset, tag: int, text: bytes) -> None:

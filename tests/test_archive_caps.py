@@ -24,7 +24,7 @@ from pdd_batch.ingest.nifti_volume import NiftiReadError, read_nifti_info
 from pdd_batch.ingest.volume import load_series
 
 RATIO = IngestLimits().max_compression_ratio
-TAR_SUFFIXES = ("tar.gz", "tgz", "tar.bz2")
+TAR_SUFFIXES = ("tar.gz", "tgz", "tar.bz2", "tar.xz")
 
 
 def _inspect(root: Path) -> tuple[dict, int]:
@@ -89,6 +89,17 @@ def test_compressed_tar_under_the_cap_reads_whole(tmp_path: Path) -> None:
     }
     assert by_path["b.tar.gz!after.dcm"].status == "used"
     assert "b.tar.gz" not in by_path  # no archive-level failure
+
+
+def test_plain_tar_whose_first_name_looks_like_bzip2_is_read_as_tar(tmp_path: Path) -> None:
+    """Compression is told by the stream's magic, not a prefix a member name can have."""
+    good = write_ct_series(tmp_path / "src", n_slices=1, seed=3)[0].read_bytes()
+    archive = ratio_tar(tmp_path / "root" / "b.tar", [("BZh91AY_notes.txt", b"x"), ("a.dcm", good)])
+    assert archive.read_bytes().startswith(b"BZh9")
+    by_path = {r.path: r for r in discover(tmp_path / "root", open_archives=True).files}
+    assert by_path["b.tar!a.dcm"].status == "used" and "b.tar" not in by_path
+    with MemberReader(tmp_path / "root") as reader:
+        assert reader.read("b.tar!a.dcm") == good
 
 
 # ---- .nii.gz: several gzip members, padding ------------------------------------------------

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 MEMBER_SEP = "!"
-# Magic bytes of the compressed streams tarfile reads (gzip, bzip2, xz).
-_COMPRESSED_MAGIC = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+# Magic bytes of the compressed streams tarfile reads: gzip, xz, and bzip2 ("BZh", the block
+# size digit, then the block magic: a plain tar's first member name may well start "BZh").
+_GZIP_MAGIC, _XZ_MAGIC, _BZ2_MAGIC, _BZ2_BLOCK = b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh", b"1AY&SY"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
@@ -185,20 +186,32 @@ class _CappedStream:
         self._raw.close()
 
 
+def _decompressor(path: Path) -> Callable[..., BinaryIO] | None:
+    """``gzip.open``, ``bz2.open`` or ``lzma.open`` for a compressed file, from its first
+    bytes; ``None`` for anything else (a plain tar)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(10)
+    if magic.startswith(_GZIP_MAGIC):
+        return gzip.open
+    if magic.startswith(_XZ_MAGIC):
+        return lzma.open
+    if magic.startswith(_BZ2_MAGIC) and magic[4:10] == _BZ2_BLOCK:
+        return bz2.open
+    return None
+
+
 def _open_tar(path: Path, limits: IngestLimits) -> tuple[tarfile.TarFile, _CappedStream | None]:
     """A tar archive opened for reading: a compressed one through a ``_CappedStream`` (returned
     too: the caller closes it after the archive), a plain one directly."""
-    with open(path, "rb") as fh:
-        magic = fh.read(6)
-    for prefix, opener in _COMPRESSED_MAGIC:
-        if magic.startswith(prefix):
-            stream = _CappedStream(opener(path, "rb"), path.stat().st_size, limits)
-            try:
-                return tarfile.open(fileobj=stream, mode="r:"), stream  # type: ignore[arg-type]
-            except BaseException:
-                stream.close()
-                raise
-    return tarfile.open(path, mode="r:"), None
+    opener = _decompressor(path)
+    if opener is None:
+        return tarfile.open(path, mode="r:"), None
+    stream = _CappedStream(opener(path, "rb"), path.stat().st_size, limits)
+    try:
+        return tarfile.open(fileobj=stream, mode="r:"), stream  # type: ignore[arg-type]
+    except BaseException:
+        stream.close()
+        raise
 
 
 def iter_archive_members(
