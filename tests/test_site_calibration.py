@@ -109,12 +109,25 @@ def _study_of_slices(archive: Path) -> dict[str, str]:
     return {ref.series_key: ref.study_key for ref in discover(archive).series}
 
 
+@pytest.fixture
+def ray_local():
+    """One local Ray cluster for the commands of a test (each joins it: no start per command)."""
+    import ray
+    from ray_support import start_test_ray
+
+    start_test_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_calibrate_archive_on_synthetic_studies(tmp_path: Path) -> None:
+def test_calibrate_archive_on_synthetic_studies(tmp_path: Path, ray_local) -> None:
     archive = tmp_path / "normals"
     uids = write_site_archive(archive, 10)
-    ckpt = make_checkpoint(tmp_path / "ckpt")  # uncalibrated, no in-distribution check
+    # a threshold from a development set (no in-distribution check): screen and report warn
+    ckpt = make_checkpoint(tmp_path / "ckpt", threshold=0.5)
+    assert "threshold not set on this site's data" in _screen_and_report(archive, ckpt, tmp_path)
     r = runner.invoke(
         app,
         ["calibrate", str(archive), "--archive", "--model", str(ckpt), "--fpr", "0.1",
@@ -151,3 +164,23 @@ def test_calibrate_archive_on_synthetic_studies(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     note = json.loads(r.output)["weights"][f"model {ckpt.name}"]["note"]
     assert "from site data (7 studies" in note and "study FPR" in note
+    # screened again with the site's threshold: no warning in the summary or the report
+    assert "threshold not set" not in _screen_and_report(archive, ckpt, tmp_path)
+
+
+def _screen_and_report(archive: Path, ckpt: Path, tmp_path: Path) -> str:
+    """`screen` then `report` of the archive with ``ckpt``: the summary and the report HTML
+    (asserting that the report's warning block says what the summary says)."""
+    out, html_file = tmp_path / "run", tmp_path / "report.html"
+    r = runner.invoke(
+        app, ["screen", str(archive), "--out", str(out), "--model", str(ckpt), "--num-cpus", "2"]
+    )
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {m["threshold_source"] for m in manifest["models"]} <= {"site", "development set"}
+    r2 = runner.invoke(app, ["report", str(out), "--out", str(html_file), "--heatmaps-only"])
+    assert r2.exit_code == 0, r2.output
+    page = html_file.read_text()
+    warned = 'id="site-calibration"' in page
+    assert warned == ("threshold not set on this site" in r.output)
+    return " ".join(r.output.split())

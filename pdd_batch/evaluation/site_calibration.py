@@ -98,9 +98,7 @@ def split_studies(study_keys: Sequence[str], holdout: float, seed: int) -> Study
         )
     order = np.random.default_rng(seed).permutation(len(keys))
     held = {keys[i] for i in order[:n_held]}
-    return StudySplit(
-        tuple(k for k in keys if k not in held), tuple(k for k in keys if k in held)
-    )
+    return StudySplit(tuple(k for k in keys if k not in held), tuple(k for k in keys if k in held))
 
 
 def heldout_rates(
@@ -170,9 +168,11 @@ def site_calibration_record(
         raise CalibrationError("no calibration study has a slice in distribution")
     scores = slices.scores[calib]
     threshold = threshold_at_fpr(scores, fpr)
-    held = heldout_rates(slices, split.heldout, threshold, n_boot=n_boot, seed=seed) if (
-        split.heldout
-    ) else None
+    held = (
+        heldout_rates(slices, split.heldout, threshold, n_boot=n_boot, seed=seed)
+        if (split.heldout)
+        else None
+    )
     record = {
         "method": "fpr",
         "fpr": float(fpr),
