@@ -99,4 +99,6 @@ def test_train_from_dicomweb_fetches_the_listed_studies(
     assert meta["training"]["n_images"] == sum(ref.n_slices for ref in listed.series)
     assert meta["scope"]["modalities"] == ["CT"]  # derived from the fetched headers
     _no_uid(r.output + json.dumps(meta), pacs["uids"])
-    assert not list(Path(tempfile.gettempdir()).glob("pdd-pacs-*"))  # the fetched studies were deleted
+    assert not list(
+        Path(tempfile.gettempdir()).glob("pdd-pacs-*")
+    )  # the fetched studies were deleted
