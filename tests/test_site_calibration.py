@@ -104,6 +104,25 @@ def test_threshold_source_reads_old_and_new_calibrations() -> None:
     assert threshold_source({**old, "source": "site"}) == "site"
 
 
+def test_warning_names_the_models_that_screened_without_a_site_threshold() -> None:
+    from pdd_batch.review.site_note import threshold_warning, threshold_warning_html
+
+    models = [
+        {"model_id": "head-a", "threshold_source": "development set", "series_routed": 3},
+        {"model_id": "chest-b", "threshold_source": "uncalibrated", "series_routed": 0},
+        {"model_id": "site-c", "threshold_source": "site", "series_routed": 2},
+    ]
+    text = threshold_warning({"models": models})
+    assert text is not None and "head-a (development set)" in text
+    assert "chest-b" not in text and "site-c" not in text  # unused, or set on site data
+    assert "calibrate" in text and 'id="site-calibration"' in threshold_warning_html(
+        {"models": models}
+    )
+    assert threshold_warning({"models": models[2:]}) is None
+    old = {"models": [{"model_id": "x", "threshold": 4.5, "series_routed": 1}]}  # before 1.x
+    assert threshold_warning(old) is None and threshold_warning_html(old) == ""
+
+
 def _study_of_slices(archive: Path) -> dict[str, str]:
     """series key -> study key of the archive (keys as the screen makes them)."""
     return {ref.series_key: ref.study_key for ref in discover(archive).series}
