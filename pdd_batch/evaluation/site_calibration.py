@@ -168,11 +168,9 @@ def site_calibration_record(
         raise CalibrationError("no calibration study has a slice in distribution")
     scores = slices.scores[calib]
     threshold = threshold_at_fpr(scores, fpr)
-    held = (
-        heldout_rates(slices, split.heldout, threshold, n_boot=n_boot, seed=seed)
-        if (split.heldout)
-        else None
-    )
+    held = None
+    if split.heldout:
+        held = heldout_rates(slices, split.heldout, threshold, n_boot=n_boot, seed=seed)
     record = {
         "method": "fpr",
         "fpr": float(fpr),
