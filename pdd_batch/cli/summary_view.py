@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -208,6 +209,15 @@ def _header(results: RunResults) -> Panel:
     return Panel("\n".join(lines), title="pdd-batch screening run", expand=False)
 
 
+def _site_calibration_warning(console: Console, results: RunResults) -> None:
+    """One line when a model's threshold was not set on this site's data."""
+    from pdd_batch.review.site_note import threshold_warning
+
+    text = threshold_warning(results.manifest)
+    if text is not None:
+        console.print(f"[yellow]warning:[/] {escape(text)}")
+
+
 def render_summary(console: Console, run_dir: str | Path | RunResults) -> int:
     """Print the run summary and return the exit code it implies (see ``exit_code_for``).
 
@@ -217,6 +227,7 @@ def render_summary(console: Console, run_dir: str | Path | RunResults) -> int:
     """
     results = run_dir if isinstance(run_dir, RunResults) else open_run(run_dir)
     console.print(_header(results))
+    _site_calibration_warning(console, results)
     console.print(_counts_table(results))
     models = _models_table(results)
     if models is not None:
