@@ -27,6 +27,7 @@ from pdd_batch.ingest.archive_io import (
 )
 from pdd_batch.ingest.dicom_headers import (
     NATIVE_SYNTAXES,
+    NO_PIXEL_DATA,
     PYDICOM_READ_ERRORS,
     DicomHeader,
     DicomHeaderError,
@@ -165,7 +166,9 @@ def _fill_volumes(
 def _pixel_problem(ds: Dataset, header: DicomHeader, limits: IngestLimits) -> str | None:
     """Why this instance's pixel data cannot give its image (None: try to decode it)."""
     if "PixelData" not in ds:
-        return None  # float pixel data: pydicom decides
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            return None  # float pixel data: pydicom decides
+        return NO_PIXEL_DATA
     length = len(ds.PixelData)
     if header.transfer_syntax in NATIVE_SYNTAXES or length == 0:
         return pixel_length_problem(header, length)

@@ -203,8 +203,17 @@ def _dicom_series(
 ) -> list[SeriesRef]:
     """SeriesRefs of one (study, series) group; records every file's fate.
 
-    A stack over ``max_series_voxels`` is not a series: its files are failed records.
+    A stack over ``max_series_voxels`` is not a series: its files are failed records. Files
+    whose headers passed the pixel checks of ``read_header`` are the only ones here, so a copy
+    of an instance kept below is always a readable one (damaged copies are failed records).
     """
+    n_seen = len(headers)
+    headers = _one_per_instance(col, headers)
+    copies = (
+        (f"{n_seen - len(headers)} duplicate instance(s) excluded",)
+        if n_seen > len(headers)
+        else ()
+    )
     frames: list[FrameInfo] = [f for h in headers for f in h.frames]
     stacks, scouts = plan_stacks(frames)
     by_file = {h.file: h for h in headers}
@@ -227,7 +236,7 @@ def _dicom_series(
                 used.add(rel)
         syntaxes = sorted({transfer_syntax_name(by_file[r].transfer_syntax) for r in files})
         ref = _ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes)
-        refs.append(replace(ref, **facts))
+        refs.append(replace(ref, **facts, warnings=(*ref.warnings, *copies)))
     for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
         if frame.file not in used:
             col.record(frame.file, "skipped", reason)
@@ -235,6 +244,22 @@ def _dicom_series(
         if rel not in used:
             col.record(rel, "failed", reason)
     return refs
+
+
+SAME_INSTANCE_REASON = "duplicate instance (another file with the same SOP Instance UID kept)"
+
+
+def _one_per_instance(col: _Collector, headers: list[DicomHeader]) -> list[DicomHeader]:
+    """One file per SOP Instance UID (the first by path); the other copies are skipped."""
+    kept: dict[str, DicomHeader] = {}
+    out = []
+    for h in sorted(headers, key=lambda h: h.file):
+        if h.sop_uid and h.sop_uid in kept:
+            col.record(h.file, "skipped", SAME_INSTANCE_REASON)
+            continue
+        kept.setdefault(h.sop_uid, h)
+        out.append(h)
+    return out
 
 
 def _most_common(values: Iterable[str]) -> str:
