@@ -590,15 +590,17 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
     }
 
 
-def _dropped_paths(disc: Discovery, state: RunState) -> dict[str, list[str]]:
-    """Committed series of this archive -> the paths of the files they dropped (the state
-    records them by file key)."""
+def _dropped_paths(disc: Discovery, state: RunState) -> dict[str, dict[str, str]]:
+    """Committed series of this archive -> the paths of the files they dropped -> why (the
+    state records them by file key)."""
     done = {}
     for ref in disc.series:
         rec = state.series.get(ref.series_key)
         if rec is not None:
-            dropped = {k for k, _ in rec.dropped}
-            done[ref.series_key] = [f for f in ref.files if keys.file_key(f) in dropped]
+            dropped = dict(rec.dropped)  # file key -> reason
+            done[ref.series_key] = {
+                f: dropped[k] for f in ref.files if (k := keys.file_key(f)) in dropped
+            }
     return done
 
 

@@ -297,4 +297,6 @@ def load_dicom_series(
         warnings.append(_left_out_note(bad))
         log.warning("series %s: %d unreadable instance(s) left out", ref.series_key, len(bad))
     log.debug("series %s: %d volume(s), %d slices", ref.series_key, len(volumes), plan.n_slices)
-    return LoadedSeries(ref=ref, modality=ref.modality, volumes=volumes, warnings=warnings)
+    return LoadedSeries(
+        ref=ref, modality=ref.modality, volumes=volumes, warnings=warnings, unreadable=dict(bad)
+    )

@@ -133,12 +133,17 @@ class Volume:
 
 @dataclass
 class LoadedSeries:
-    """A decoded series: its reference, modality, volumes and warnings (no identifiers)."""
+    """A decoded series: its reference, modality, volumes and warnings (no identifiers).
+
+    ``unreadable``: the files of ``ref`` left out because they could not be read or decoded,
+    each with why (the reason names no path); they are ``failed`` inputs of a screen.
+    """
 
     ref: SeriesRef
     modality: str
     volumes: list[Volume]
     warnings: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_slices(self) -> int:

@@ -31,6 +31,10 @@ MANIFEST_NAME = "manifest.json"
 SCORED, SKIPPED, FAILED, LOST = "scored", "skipped", "failed", "lost"
 OUTCOMES = (SCORED, SKIPPED, FAILED, LOST)
 
+# The reason of a file its series left out because the read stage could not read or decode it
+# starts with this (the run state records dropped files by reason): such a file is ``failed``.
+UNREADABLE_PREFIX = "unreadable instance, left out of its series: "
+
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"  # every input accounted for
 STATUS_INCOMPLETE = "incomplete"  # some inputs lost: rerun to finish
@@ -172,10 +176,16 @@ def record_failure(out_dir: Path, manifest: Mapping[str, Any]) -> bool:
 _RANK = {SCORED: 3, SKIPPED: 2, FAILED: 1, LOST: 0}
 
 
+def dropped_outcome(reason: str) -> str:
+    """The outcome of a file its committed series dropped: ``failed`` when the read stage could
+    not read it (``UNREADABLE_PREFIX``), else ``skipped`` (a file that gave no slice)."""
+    return FAILED if reason.startswith(UNREADABLE_PREFIX) else SKIPPED
+
+
 def file_outcomes(
     files: Iterable[tuple[str, str, str]],
     series_files: Mapping[str, Iterable[str]],
-    done: Mapping[str, Iterable[str]],
+    done: Mapping[str, Mapping[str, str]],
     failed: Iterable[str],
 ) -> dict[str, str]:
     """The outcome of every discovered file.
@@ -183,7 +193,7 @@ def file_outcomes(
     Args:
         files: ``(path, discovery status "used"/"skipped"/"failed", reason)`` per file.
         series_files: files of each series of the run.
-        done: committed series -> the files it dropped (gave no slice).
+        done: committed series -> the files it dropped (gave no slice) -> why.
         failed: series that failed to read.
 
     A file of several series gets its best outcome; a used file of no finished series is lost.
@@ -191,10 +201,10 @@ def file_outcomes(
     failed = set(failed)
     out: dict[str, str] = {}
     for key, paths in series_files.items():
-        dropped = set(done[key]) if key in done else set()
+        dropped = done.get(key, {})
         for path in paths:
             if key in done:
-                outcome = SKIPPED if path in dropped else SCORED
+                outcome = dropped_outcome(dropped[path]) if path in dropped else SCORED
             else:
                 outcome = FAILED if key in failed else LOST
             if path not in out or _RANK[outcome] > _RANK[out[path]]:
