@@ -206,16 +206,14 @@ def fragments_problem(fh: BinaryIO, start: int, file_size: int) -> str | None:
     """Why the encapsulated pixel data whose first item starts at ``start`` is cut short (None:
     every fragment item ends inside the file).
 
-    Walks the item headers only (a seek and an 8-byte read per fragment). Like pydicom, a data
-    set that ends at an item boundary without the sequence delimiter is accepted; anything other
-    than an item or the delimiter is left to the decoder.
+    Walks the item headers only (a seek and an 8-byte read per fragment). A file that ends at an
+    item boundary without the sequence delimiter is cut short too (pydicom then drops the pixel
+    data); anything other than an item or the delimiter is left to the decoder.
     """
     pos = start
     for _ in range(MAX_FRAGMENT_ITEMS):
         fh.seek(pos)
         head = fh.read(8)
-        if not head and pos == file_size:
-            return None
         if len(head) < 8:
             return CUT_SHORT
         tag, length = _TAG_LEN.unpack(head)
