@@ -106,7 +106,10 @@ def test_screen_without_model_routes_ct_head_and_cr_chest(ray_local, tmp_path: P
     head = write_ct_series(archive / "ct_head", n_slices=3, rows=32, cols=32, seed=1)
     tag(head, BodyPartExamined="HEAD")
     cr = write_xray(archive / "cr_chest" / "cr.dcm", rows=48, cols=40, modality="CR", seed=4)
-    tag([cr], BodyPartExamined="CHEST", ViewPosition="PA")
+    tag([cr], BodyPartExamined="CHEST", ViewPosition="PA", PatientAge="004Y")
+    # an adult's chest radiograph: outside the chest default's population (children aged 1-5)
+    adult = write_xray(archive / "cr_adult" / "cr.dcm", rows=48, cols=40, modality="CR", seed=5)
+    tag([adult], BodyPartExamined="CHEST", ViewPosition="PA", PatientAge="045Y")
     mr = write_ct_series(archive / "mr", n_slices=2, rows=32, cols=32, modality="MR", seed=3)
     tag(mr, BodyPartExamined="BRAIN")
     out = tmp_path / "out"
@@ -114,8 +117,12 @@ def test_screen_without_model_routes_ct_head_and_cr_chest(ray_local, tmp_path: P
     ids = [_meta(p)["model_id"] for p in default_model_paths()]
     assert [e["model_id"] for e in m["models"]] == ids
     assert [e["series_routed"] for e in m["models"]] == [1, 1]
-    assert m["series_out_of_scope"] == 1 and m["inputs_out_of_scope"] == 2
+    assert m["series_out_of_scope"] == 2 and m["inputs_out_of_scope"] == 3
     assert m["status"] == "complete" and m["inputs_lost"] == 0
+    errors = pq.read_table(out / "errors").to_pandas().set_index("file_key")
+    row = errors.loc[file_key(adult.relative_to(archive).as_posix())]
+    assert row["status"] == "skipped" and row["reason"].startswith("outside every model's scope")
+    assert "age outside its range" in row["reason"] and "45" not in row["reason"]
     folder = {file_key(p.relative_to(archive).as_posix()): p.parent.name for p in [*head, cr]}
     rows = pq.read_table(out / "slices").to_pylist()
     got = {(folder[r["file_key"]], r["model_id"]) for r in rows}

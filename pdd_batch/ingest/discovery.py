@@ -219,6 +219,8 @@ def _dicom_series(
     by_file = {h.file: h for h in headers}
     modality = Counter(h.modality for h in headers).most_common(1)[0][0]
     facts = {k: _most_common(getattr(h, k) for h in headers) for k in ("body_part", "view")}
+    ages = Counter(h.age_years for h in headers if h.age_years is not None)
+    age = ages.most_common(1)[0][0] if ages else None  # in memory only (``SeriesRef``)
     refs = []
     used: set[str] = set()
     too_big: dict[str, str] = {}
@@ -236,7 +238,7 @@ def _dicom_series(
                 used.add(rel)
         syntaxes = sorted({transfer_syntax_name(by_file[r].transfer_syntax) for r in files})
         ref = _ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes)
-        refs.append(replace(ref, **facts, warnings=(*ref.warnings, *copies)))
+        refs.append(replace(ref, **facts, warnings=(*ref.warnings, *copies), age_years=age))
     for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
         if frame.file not in used:
             col.record(frame.file, "skipped", reason)

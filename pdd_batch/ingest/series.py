@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 STATUSES = ("used", "skipped", "failed")
+IN_MEMORY_ONLY = frozenset({"age_years"})  # SeriesRef facts never serialised
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class SeriesRef:
         body_part: body part as a vocabulary term (``ingest.anatomy``: "HEAD", "BRAIN",
             "CHEST"...), from BodyPartExamined or the descriptions; "" when the header says none.
         view: radiograph ViewPosition ("PA", "AP", "LL"...); "" when absent.
+        age_years: the patient's age at the study in completed years (``ingest.age``), None
+            when the headers cannot say. For scope matching only, in memory: never in
+            ``to_dict`` (so never sent, stored or printed), nor in ``repr``.
     """
 
     series_key: str
@@ -55,10 +59,15 @@ class SeriesRef:
     tilt_deg: float = 0.0
     body_part: str = ""
     view: str = ""
+    age_years: int | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready dict (tuples become lists), without the in-memory ``age_years``."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if k not in IN_MEMORY_ONLY
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeriesRef:
