@@ -22,7 +22,7 @@ from pydicom.uid import RLELossless, generate_uid
 from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
-from pdd_batch.ingest.discovery import discover
+from pdd_batch.ingest.discovery import discover, discovery_report
 from pdd_batch.ingest.volume import load_series
 
 SLICES = 5
@@ -150,6 +150,24 @@ def test_rle_cut_at_a_fragment_boundary_is_failed_at_discovery(tmp_path: Path) -
     assert status == "failed" and "cut short" in reason
 
 
+def test_an_undecodable_copy_kept_at_discovery_gives_way_to_the_original(tmp_path: Path) -> None:
+    # Header and fragment items intact: only decoding finds the copy bad. Discovery keeps it (it
+    # sorts first) and the original is a spare of the series; the read stage falls back to it.
+    good = write_ct_series(
+        tmp_path / "z_good", n_slices=SLICES, rows=32, cols=32, seed=9, transfer_syntax=RLELossless
+    )
+    copy = _undecodable(good[2], tmp_path / "a_copy" / good[2].name)
+    disc = discover(tmp_path)
+    (ref,) = disc.series
+    copy_rel, good_rel = (p.relative_to(tmp_path).as_posix() for p in (copy, good[2]))
+    assert copy_rel in ref.files and ref.spares == (good_rel,)
+    assert "spares" not in discovery_report(disc)["series"][0]  # paths stay out of inspect
+    loaded = load_series(tmp_path, ref)
+    assert loaded.n_slices == SLICES and set(loaded.unreadable) == {copy_rel}
+    assert good_rel in loaded.volumes[0].source_files
+    assert loaded.volumes[0].data[2].tolist() == (slice_values(2, 32, 32)).tolist()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_screen_scores_the_good_slice_and_fails_each_damaged_copy(tmp_path: Path) -> None:
@@ -169,6 +187,9 @@ def test_screen_scores_the_good_slice_and_fails_each_damaged_copy(tmp_path: Path
     }
     # the RLE series' last slice decodes to nothing: only the read stage can find it bad
     bad_rle = _undecodable(rle[-1], root / "z_rle" / rle[-1].name)
+    # an undecodable copy of another RLE slice that discovery keeps (it sorts first): the read
+    # stage falls back to the original
+    bad_copy = _undecodable(rle[2], root / "a_rle_copy" / rle[2].name)
     out = tmp_path / "run"
     start_test_ray(num_cpus=2)
     try:
@@ -193,6 +214,7 @@ def test_screen_scores_the_good_slice_and_fails_each_damaged_copy(tmp_path: Path
     for path, reason in damaged.items():
         row = errors.loc[file_key(path.relative_to(root).as_posix())]
         assert row["status"] == "failed" and reason in row["reason"], path.name
-    row = errors.loc[file_key(bad_rle.relative_to(root).as_posix())]
-    assert (row["status"], row["stage"]) == ("failed", "read") and "decode" in row["reason"]
-    assert m["inputs_failed"] == len(damaged) + 1 and m["inputs_skipped"] == 0
+    for path in (bad_rle, bad_copy):
+        row = errors.loc[file_key(path.relative_to(root).as_posix())]
+        assert (row["status"], row["stage"]) == ("failed", "read") and "decode" in row["reason"]
+    assert m["inputs_failed"] == len(damaged) + 2 and m["inputs_skipped"] == 0
