@@ -144,7 +144,7 @@ def series_fingerprint(root: Path, ref: SeriesRef) -> str:
     Members of .zip/.tar files count with the size and time of the archive file that holds them.
     """
     h = hashlib.sha256()
-    for rel in sorted(ref.files):
+    for rel in sorted((*ref.files, *ref.spares)):  # a spare may give a slice: it counts too
         container, member = split_member(rel)  # a .zip/.tar member: its container's stat
         try:
             st = (root / (container if member else rel)).stat()
@@ -599,7 +599,9 @@ def _dropped_paths(disc: Discovery, state: RunState) -> dict[str, dict[str, str]
         if rec is not None:
             dropped = dict(rec.dropped)  # file key -> reason
             done[ref.series_key] = {
-                f: dropped[k] for f in ref.files if (k := keys.file_key(f)) in dropped
+                f: dropped[k]
+                for f in (*ref.files, *ref.spares)
+                if (k := keys.file_key(f)) in dropped
             }
     return done
 
@@ -644,7 +646,9 @@ def _publish(run: _Run, status: str, error: str | None) -> ScreenResult:
     n_study = write_studies(state, topk=cfg.topk, run_id=cfg.run_id)
     done = _dropped_paths(disc, state)
     files = [(f.path, f.status, f.reason) for f in disc.files]
-    outcomes = file_outcomes(files, {r.series_key: r.files for r in disc.series}, done, sink.failed)
+    spares = {r.series_key: r.spares for r in disc.series if r.spares}
+    series_files = {r.series_key: r.files for r in disc.series}
+    outcomes = file_outcomes(files, series_files, done, sink.failed, spares=spares)
     n_err = write_errors(state, disc, sink.failed, outcomes, run_id=cfg.run_id)
     counts = InputCounts.from_outcomes(outcomes)
     if status == STATUS_COMPLETE and counts.inputs_lost:

@@ -206,9 +206,13 @@ def _read_instance(
 
 
 def _read_files(
-    reader: MemberReader, ref: SeriesRef, bad: dict[str, str], limits: IngestLimits
+    reader: MemberReader,
+    ref: SeriesRef,
+    files: tuple[str, ...],
+    bad: dict[str, str],
+    limits: IngestLimits,
 ) -> tuple[dict[str, Dataset], dict[str, DicomHeader]]:
-    """Every file of the series not in ``bad``, read whole, with its header facts; files that
+    """Every file of ``files`` not in ``bad``, read whole, with its header facts; files that
     cannot be used are added to ``bad``.
 
     Raises:
@@ -216,7 +220,7 @@ def _read_files(
     """
     datasets: dict[str, Dataset] = {}
     headers: dict[str, DicomHeader] = {}
-    for rel in ref.files:
+    for rel in files:
         if rel in bad:
             continue
         try:
@@ -232,15 +236,20 @@ def _read_files(
 def _decode_series(
     root: Path, ref: SeriesRef, limits: IngestLimits
 ) -> tuple[StackPlan, list[np.ndarray], list[str], dict[str, str]]:
-    """Plan and decode the series without its unusable instances.
+    """Plan and decode the series without its unusable instances. Once one of ``ref.files`` is
+    unusable, the series' spares (copies discovery left out) are read too: the plan then takes a
+    readable copy for the slice of an unusable instance.
 
     Returns:
         (plan, volumes (Z, H, W) each, notes, left-out files -> reason).
     """
     bad: dict[str, str] = {}
+    files = ref.files
     with MemberReader(root, limits) as reader:
-        for _ in range(MAX_PASSES):
-            datasets, headers = _read_files(reader, ref, bad, limits)
+        for _ in range(MAX_PASSES + 1):
+            if bad and ref.spares and files == ref.files:
+                files = (*ref.files, *ref.spares)
+            datasets, headers = _read_files(reader, ref, files, bad, limits)
             frames = [f for h in headers.values() for f in h.frames]
             stacks, scouts = plan_stacks(frames)
             plan, notes = _choose_stack(stacks, ref, headers)
@@ -250,7 +259,7 @@ def _decode_series(
             except OverLimitError as exc:
                 raise SeriesReadError(f"series {ref.series_key}: {exc}") from exc
             arrays, failed = _fill_volumes(plan, datasets, headers)
-            if not failed:
+            if not failed and not (bad and ref.spares and files == ref.files):
                 if scouts:
                     notes.append(f"{len(scouts)} scout/localizer frame(s) excluded at load")
                 return plan, arrays, notes, bad
@@ -276,7 +285,8 @@ def load_dicom_series(
     Raises:
         SeriesReadError: no instance of the series can be used, or it is over ``limits``.
     """
-    plan, arrays, notes, bad = _decode_series(root, ref, limits or IngestLimits())
+    plan, arrays, notes, left_out = _decode_series(root, ref, limits or IngestLimits())
+    bad = {f: r for f, r in left_out.items() if f in ref.files}  # a spare that fails: not needed
     directions = None if plan.directions is None else np.asarray(plan.directions, dtype=np.float64)
     volumes = [
         Volume(

@@ -52,7 +52,7 @@ from pdd_batch.ingest.dicom_headers import (
 from pdd_batch.ingest.keys import hash_key, series_key, study_key
 from pdd_batch.ingest.nifti_volume import NiftiReadError, is_nifti_name, read_nifti_info
 from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
-from pdd_batch.ingest.stack_plan import StackPlan, plan_stacks
+from pdd_batch.ingest.stack_plan import DUPLICATE_POSITION, StackPlan, plan_stacks
 
 log = logging.getLogger(__name__)
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
@@ -208,7 +208,7 @@ def _dicom_series(
     of an instance kept below is always a readable one (damaged copies are failed records).
     """
     n_seen = len(headers)
-    headers = _one_per_instance(col, headers)
+    headers, copies_of = _one_per_instance(col, headers)
     copies = (
         (f"{n_seen - len(headers)} duplicate instance(s) excluded",)
         if n_seen > len(headers)
@@ -236,9 +236,11 @@ def _dicom_series(
             if rel not in used:
                 col.record(rel, "used", "", key)
                 used.add(rel)
+        spares = _spares(plan, files, copies_of)
         syntaxes = sorted({transfer_syntax_name(by_file[r].transfer_syntax) for r in files})
         ref = _ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes)
-        refs.append(replace(ref, **facts, warnings=(*ref.warnings, *copies), age_years=age))
+        ref = replace(ref, **facts, warnings=(*ref.warnings, *copies), spares=spares)
+        refs.append(replace(ref, age_years=age))
     for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
         if frame.file not in used:
             col.record(frame.file, "skipped", reason)
@@ -251,17 +253,34 @@ def _dicom_series(
 SAME_INSTANCE_REASON = "duplicate instance (another file with the same SOP Instance UID kept)"
 
 
-def _one_per_instance(col: _Collector, headers: list[DicomHeader]) -> list[DicomHeader]:
-    """One file per SOP Instance UID (the first by path); the other copies are skipped."""
+def _one_per_instance(
+    col: _Collector, headers: list[DicomHeader]
+) -> tuple[list[DicomHeader], dict[str, str]]:
+    """One file per SOP Instance UID (the first by path); the other copies are skipped.
+
+    Returns:
+        The kept headers, and each copy left out -> the file kept in its place.
+    """
     kept: dict[str, DicomHeader] = {}
     out = []
+    copies_of: dict[str, str] = {}
     for h in sorted(headers, key=lambda h: h.file):
         if h.sop_uid and h.sop_uid in kept:
             col.record(h.file, "skipped", SAME_INSTANCE_REASON)
+            copies_of[h.file] = kept[h.sop_uid].file
             continue
         kept.setdefault(h.sop_uid, h)
         out.append(h)
-    return out
+    return out, copies_of
+
+
+def _spares(plan: StackPlan, files: tuple[str, ...], copies_of: dict[str, str]) -> tuple[str, ...]:
+    """Files of a stack left out as copies (same SOP Instance UID as a file of the stack, or a
+    duplicate slice position in it), for the read stage to fall back to (``SeriesRef.spares``)."""
+    in_stack = set(files)
+    found = {f.file: None for f, reason in plan.excluded if reason == DUPLICATE_POSITION}
+    found.update((copy, None) for copy, kept in copies_of.items() if kept in in_stack)
+    return tuple(sorted(f for f in found if f not in in_stack))
 
 
 def _most_common(values: Iterable[str]) -> str:
@@ -432,6 +451,7 @@ def discovery_report(result: Discovery) -> dict[str, Any]:
     for ref in result.series:
         row = ref.to_dict()
         row["n_files"] = len(row.pop("files"))
+        row.pop("spares")  # paths (folder names can be patient names)
         series.append(row)
     return {
         "files": result.counts(),

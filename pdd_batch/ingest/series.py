@@ -26,6 +26,9 @@ class SeriesRef:
         kind: "dicom" or "nifti".
         modality: DICOM Modality (NIfTI: from a BIDS/dcm2niix sidecar .json, else "OT").
         files: relative posix paths (``archive!member`` inside archives), in slice order.
+        spares: files left out as copies of instances in ``files`` (same SOP Instance UID, or the
+            same slice position): the read stage uses them only when an instance of ``files``
+            cannot be decoded, so a slice is not lost to a damaged copy that discovery kept.
         n_slices: slices over all volumes (4D: slices per volume x volumes).
         n_volumes: volumes (time points) in the series.
         shape: (slices per volume, rows, cols) before any reformatting.
@@ -59,6 +62,7 @@ class SeriesRef:
     tilt_deg: float = 0.0
     body_part: str = ""
     view: str = ""
+    spares: tuple[str, ...] = ()
     age_years: int | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -187,6 +187,7 @@ def file_outcomes(
     series_files: Mapping[str, Iterable[str]],
     done: Mapping[str, Mapping[str, str]],
     failed: Iterable[str],
+    spares: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, str]:
     """The outcome of every discovered file.
 
@@ -195,6 +196,8 @@ def file_outcomes(
         series_files: files of each series of the run.
         done: committed series -> the files it dropped (gave no slice) -> why.
         failed: series that failed to read.
+        spares: each series' spare files (``SeriesRef.spares``): scored when a committed series
+            used them (not among its dropped files), else their discovery record decides.
 
     A file of several series gets its best outcome; a used file of no finished series is lost.
     """
@@ -209,6 +212,9 @@ def file_outcomes(
                 outcome = FAILED if key in failed else LOST
             if path not in out or _RANK[outcome] > _RANK[out[path]]:
                 out[path] = outcome
+    for key, paths in (spares or {}).items():
+        if key in done:
+            out.update((path, SCORED) for path in paths if path not in done[key])
     for path, status, _reason in files:
         if status == "skipped":
             out.setdefault(path, SKIPPED)

@@ -215,7 +215,7 @@ class SliceSink:
             reason = f"{NO_SLICE_REASON} ({entry.warnings})"
         dropped = tuple(
             (file_key(f), _unreadable(entry.unreadable[f]) if f in entry.unreadable else reason)
-            for f in ref.files
+            for f in (*ref.files, *ref.spares)
             if f not in used
         )
         return SeriesRecord(part, n, self.fingerprints[key], ref.study_key, dropped)
