@@ -233,6 +233,11 @@ def _read_files(
     return datasets, headers
 
 
+def _files_to_read(ref: SeriesRef, bad: dict[str, str]) -> tuple[str, ...]:
+    """The series' files; with its spares once one of them proved unusable."""
+    return (*ref.files, *ref.spares) if bad else ref.files
+
+
 def _decode_series(
     root: Path, ref: SeriesRef, limits: IngestLimits
 ) -> tuple[StackPlan, list[np.ndarray], list[str], dict[str, str]]:
@@ -244,11 +249,9 @@ def _decode_series(
         (plan, volumes (Z, H, W) each, notes, left-out files -> reason).
     """
     bad: dict[str, str] = {}
-    files = ref.files
     with MemberReader(root, limits) as reader:
         for _ in range(MAX_PASSES + 1):
-            if bad and ref.spares and files == ref.files:
-                files = (*ref.files, *ref.spares)
+            files = _files_to_read(ref, bad)
             datasets, headers = _read_files(reader, ref, files, bad, limits)
             frames = [f for h in headers.values() for f in h.frames]
             stacks, scouts = plan_stacks(frames)
@@ -259,11 +262,11 @@ def _decode_series(
             except OverLimitError as exc:
                 raise SeriesReadError(f"series {ref.series_key}: {exc}") from exc
             arrays, failed = _fill_volumes(plan, datasets, headers)
-            if not failed and not (bad and ref.spares and files == ref.files):
+            bad.update(failed)
+            if not failed and files == _files_to_read(ref, bad):
                 if scouts:
                     notes.append(f"{len(scouts)} scout/localizer frame(s) excluded at load")
                 return plan, arrays, notes, bad
-            bad.update(failed)
     raise SeriesReadError(f"series {ref.series_key}: instances keep failing to decode")
 
 

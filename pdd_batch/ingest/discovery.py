@@ -209,11 +209,8 @@ def _dicom_series(
     """
     n_seen = len(headers)
     headers, copies_of = _one_per_instance(col, headers)
-    copies = (
-        (f"{n_seen - len(headers)} duplicate instance(s) excluded",)
-        if n_seen > len(headers)
-        else ()
-    )
+    n_copies = n_seen - len(headers)
+    copy_note = (f"{n_copies} duplicate instance(s) excluded",) if n_copies else ()
     frames: list[FrameInfo] = [f for h in headers for f in h.frames]
     stacks, scouts = plan_stacks(frames)
     by_file = {h.file: h for h in headers}
@@ -239,8 +236,8 @@ def _dicom_series(
         spares = _spares(plan, files, copies_of)
         syntaxes = sorted({transfer_syntax_name(by_file[r].transfer_syntax) for r in files})
         ref = _ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes)
-        ref = replace(ref, **facts, warnings=(*ref.warnings, *copies), spares=spares)
-        refs.append(replace(ref, age_years=age))
+        warnings = (*ref.warnings, *copy_note)
+        refs.append(replace(ref, **facts, warnings=warnings, spares=spares, age_years=age))
     for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
         if frame.file not in used:
             col.record(frame.file, "skipped", reason)
