@@ -128,6 +128,21 @@ def test_a_copied_folder_without_instance_numbers_is_one_volume(tmp_path: Path) 
     assert any("duplicate instance" in w for w in ref.warnings)
 
 
+def test_copy_cut_inside_a_long_header_is_failed(tmp_path: Path) -> None:
+    # a 200 kB private element (like a Siemens CSA header): the file is longer than the first
+    # read of the header scan, and the copy ends inside that element
+    good = write_ct_series(tmp_path / "z_good", n_slices=SLICES, seed=10)
+    ds = pydicom.dcmread(good[0])
+    ds.private_block(0x0029, "TEST LONG HEADER", create=True).add_new(0x10, "OB", bytes(200_000))
+    ds.save_as(good[0], enforce_file_format=True)
+    cut = tmp_path / "a_cut" / good[0].name
+    cut.parent.mkdir()
+    cut.write_bytes(good[0].read_bytes()[:150_000])
+    status = _statuses(tmp_path)
+    assert status[f"a_cut/{cut.name}"] == ("failed", "truncated file: data set cut short")
+    assert all(status[p.relative_to(tmp_path).as_posix()][0] == "used" for p in good)
+
+
 def test_truncated_rle_file_is_failed_at_discovery(tmp_path: Path) -> None:
     (path,) = write_ct_series(
         tmp_path, n_slices=1, rows=32, cols=32, seed=5, transfer_syntax=RLELossless

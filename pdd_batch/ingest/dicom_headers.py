@@ -437,16 +437,22 @@ def quiet_pydicom() -> Iterator[None]:
 
 
 def _fast_scan(fh: BinaryIO) -> dict[int, bytes] | None:
-    """``scan_header`` on the start of the file, reading more while the header continues."""
+    """``scan_header`` on the start of the file, reading more while the header continues; None
+    when the file needs pydicom, or its header runs past ``FAST_READ_MAX`` (pydicom reads it).
+
+    Raises:
+        HeaderCutShort: the whole file was read and an element's value runs past its end.
+    """
     head = fh.read(FAST_READ_BYTES)
+    whole = len(head) < FAST_READ_BYTES  # the scan may call an element cut short only then
     while True:
-        complete = len(head) < FAST_READ_BYTES or len(head) >= FAST_READ_MAX
         try:
-            return scan_header(head, SCAN_TAGS, complete=complete)
+            return scan_header(head, SCAN_TAGS, complete=whole)
         except HeaderIncomplete:
-            more = fh.read(len(head))  # double what we hold
-            if not more:
+            if len(head) >= FAST_READ_MAX:
                 return None
+            more = fh.read(len(head))  # double what we hold
+            whole = len(more) < len(head)
             head += more
 
 
