@@ -333,6 +333,9 @@ def route(refs: Sequence[SeriesRef], scopes: Sequence[ModelScope]) -> list[int |
     return out
 
 
+OUT_OF_SCOPE_PREFIX = "outside every model's scope"
+
+
 def out_of_scope_reason(ref: SeriesRef, scopes: Sequence[ModelScope] = ()) -> str:
     """``outside every model's scope (MR, BRAIN)``: header facts only, no identifiers. When some
     model would take the series but for the patient's age: ``(CR, CHEST, PA; age outside its
@@ -342,7 +345,7 @@ def out_of_scope_reason(ref: SeriesRef, scopes: Sequence[ModelScope] = ()) -> st
     ageless = [replace(s, age_range=()) for s in scopes if s.age_range]
     if any(match_rank(s, ref) > NO_MATCH for s in ageless):
         text += "; age outside its range" if ref.age_years is not None else "; age unknown"
-    return f"outside every model's scope ({text})"
+    return f"{OUT_OF_SCOPE_PREFIX} ({text})"
 
 
 @dataclass(frozen=True)
