@@ -412,7 +412,7 @@ def evaluate_synthetic(
         checkpoint_hash=loaded.checkpoint_hash,
         config=getattr(loaded.config, "name", ""),
         data=data_description,
-        errors=errors,
+        errors=[{k: v for k, v in e.items() if k != "file"} for e in errors],  # no paths: names
         wall_s=round(time.perf_counter() - t0, 2),
     )
     out_dir = Path(out_dir)

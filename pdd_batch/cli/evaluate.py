@@ -149,6 +149,6 @@ def _synthetic(
         table.add_row(f"  {name}", f"{value:.3f}")
     console.print(table)
     for err in f["errors"]:
-        console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
+        console.print(f"[yellow]skipped an unreadable input ({err['stage']}): {err['reason']}[/]")
     console.print("a ranking figure for comparing models on the same normals, not a test AUROC")
     console.print(f"wrote {Path(out) / 'synthetic.json'}")

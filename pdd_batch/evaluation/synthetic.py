@@ -151,6 +151,14 @@ def _lesioned(img: np.ndarray, family: str, rng: np.random.Generator,
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def _donor(n: int, i: int, key: list[int]) -> int:
+    """Index of another normal than ``i`` (itself when it is the only one), seeded by ``key``."""
+    if n < 2:
+        return i
+    j = int(np.random.default_rng(key).integers(n - 1))
+    return j + (j >= i)
+
+
 def lesioned_copies(
     images: np.ndarray,
     *,
@@ -176,8 +184,7 @@ def lesioned_copies(
         for code in codes:
             for copy in range(copies_per_family):
                 rng = np.random.default_rng([seed, i, code, copy])
-                j = int(rng.integers(len(images) - 1)) if len(images) > 1 else 0
-                donor = images[j + (j >= i) if len(images) > 1 else i]  # another normal
+                donor = images[_donor(len(images), i, [seed, i, code, copy, 1])]
                 out.append(_lesioned(img, FAMILIES[code], rng, donor))
                 source.append(i)
                 family.append(code)
