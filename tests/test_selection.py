@@ -87,6 +87,10 @@ def test_train_selects_by_default_and_never_reads_test_rows(phantoms: Path, tmp_
     assert [c["config"] for c in record["candidates"]] == ["test"]
     assert record["candidates"][0]["n_train"] == 24 and "highest" in record["why"]
     assert "never_read" not in r.output
+    r = CliRunner().invoke(app, ["doctor", "--model", str(out)])
+    assert r.exit_code == 0, r.output
+    figure = f"{record['candidates'][0]['figure']['auroc']:.3f}"
+    assert "selection of" in r.output and figure in r.output and "highest" in r.output
 
 
 def test_train_with_too_few_normals_says_so_and_trains_the_default(tmp_path: Path) -> None:
@@ -166,3 +170,26 @@ def test_evaluate_synthetic_on_a_dicom_archive(small_checkpoint: Path, tmp_path:
     f = json.loads((tmp_path / "ev" / "synthetic.json").read_text())
     assert f["n_normal"] == 7 and f["n_lesioned"] == 35 and len(f["errors"]) == 1
     assert 0.0 <= f["auroc"] <= 1.0 and "bad.dcm" not in r.output
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_candidates_train_as_ray_actors_on_a_cluster(phantoms: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from ray_support import start_test_ray
+
+    items = list_images(phantoms, phantoms / "split.csv", splits=("train", "val"))
+    cfg = get_config("test", image_size=32)
+    cands = [Candidate("a", cfg), Candidate("b", cfg, TrainConfig(epochs=1, batch_size=8))]
+    seen: set[str] = set()
+    start_test_ray(num_cpus=2)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        sel = run_selection(items, tmp_path / "ck", cands, TrainConfig(epochs=2, batch_size=8),
+                            address=address, progress=lambda n, p: seen.add(n))  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert seen == {"a", "b"} and sel.result.model is None
+    epochs = {r["config"]: r["epochs"] for r in sel.record["candidates"]}
+    assert epochs == {"a": 2, "b": 1}
+    assert load_checkpoint(tmp_path / "ck").meta["training"]["selection"]["chosen"] == sel.chosen

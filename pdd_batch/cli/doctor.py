@@ -6,6 +6,7 @@ import json
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -112,12 +113,25 @@ def _default_models() -> dict[str, dict[str, str | None]]:
         except (OSError, ValueError):
             out[key] = {"path": None, "sha256": None, "note": "not embedded"}
             continue
-        out[key] = {
-            "path": str(folder),
-            "sha256": meta.get("checkpoint_hash"),
-            "note": f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}",
-        }
+        note = f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}"
+        selection = (meta.get("training") or {}).get("selection")
+        if selection:
+            note += f"; selection: {selection.get('why', '')}"
+        out[key] = {"path": str(folder), "sha256": meta.get("checkpoint_hash"), "note": note}
     return out
+
+
+def selection_report(model_dir: Path) -> dict[str, Any]:
+    """How a checkpoint's configuration was chosen (``training.selection`` of its config.json):
+    every candidate's synthetic-lesion figure and why the winner won."""
+    try:
+        meta = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"model": str(model_dir), "note": f"no readable config.json ({exc})"}
+    selection = (meta.get("training") or {}).get("selection")
+    if not selection:
+        return {"model_id": meta.get("model_id"), "note": "trained without selection (--config)"}
+    return {"model_id": meta.get("model_id"), **selection}
 
 
 def _scope_line(meta: dict[str, Any]) -> str:
@@ -156,6 +170,23 @@ def _render(report: dict[str, Any], console: Console) -> None:
     console.print(weights)
 
 
+def _render_selection(sel: dict[str, Any], console: Console) -> None:
+    """The selection of one checkpoint: a row per candidate, then the reason."""
+    if "candidates" not in sel:
+        console.print(f"selection: {sel.get('why') or sel.get('note')}")
+        return
+    table = Table(title=f"selection of {sel.get('model_id')} ({sel.get('holdout')})")
+    for col in ("candidate", "model", "synthetic-lesion AUROC", "95% interval", "kept"):
+        table.add_column(col)
+    for c in sel["candidates"]:
+        f = c["figure"]
+        table.add_row(c["config"], f"{c['arch']}, σ {c['map_sigma']:g}", f"{f['auroc']:.3f}",
+                      f"{f['ci95'][0]:.3f}–{f['ci95'][1]:.3f}",
+                      "yes" if c["config"] == sel["chosen"] else "")  # fmt: skip
+    console.print(table)
+    console.print(sel["why"])
+
+
 def _dicomweb(source: str) -> dict[str, Any]:
     """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials."""
     from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, probe
@@ -172,16 +203,24 @@ def doctor_command(
         str | None,
         typer.Option(help="Also check a DICOMweb endpoint: dicomweb+http(s)://HOST/ROOT."),
     ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Also show how this checkpoint was selected (every candidate's figure)."),
+    ] = None,
 ) -> None:
     """Show versions, the device and scan backend, and which weights were found where."""
     report = collect_report()
     if dicomweb:
         report["dicomweb"] = _dicomweb(dicomweb)
+    if model is not None:
+        report["selection"] = selection_report(model)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         console = Console(width=max(Console().width, 140))
         _render(report, console)
+        if model is not None:
+            _render_selection(report["selection"], console)
         if dicomweb:
             ok = report["dicomweb"]["answers"]
             console.print(f"[{'green' if ok else 'red'}]DICOMweb: {report['dicomweb']['note']}[/]")
