@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 
-from jobs.evaluate import synthetic_figure_of
+from jobs.evaluate import score_arrays, synthetic_figure_of
 from jobs.train import load_images
 from model.checkpoint import load_checkpoint
 from pdd_batch.evaluation.datasets import list_images
+from pdd_batch.evaluation.synthetic import bright_ellipses
 from pdd_batch.ingest.preprocess import PreprocessSpec
 
 
@@ -40,21 +42,52 @@ def validation_items(row: dict[str, Any], args: argparse.Namespace) -> list[Any]
     return list_images(args.chest, split_csv, "val")
 
 
+def _old_figure(model: Any, images: np.ndarray) -> float:
+    """The earlier figure ("val-syn"): normals vs ``bright_ellipses`` copies (3 each, seed 0)."""
+    copies = bright_ellipses(images)
+    labels = np.r_[np.zeros(len(images)), np.ones(len(copies))]
+    scores = np.r_[score_arrays(model, images), score_arrays(model, copies)]
+    return float(roc_auc_score(labels, scores))
+
+
+def _test_auroc(model: Any, row: dict[str, Any], args: argparse.Namespace, spec: Any,
+                cache: dict[Any, Any]) -> float:  # fmt: skip
+    """Test AUROC of a re-scored model (HeadCT's fixed split; for the correlation only)."""
+    key = ("test", row["split"], spec.image_size)
+    if key not in cache:
+        items = list_images(args.headct, args.headct / "split.csv", "test")
+        images, kept, _ = load_images(items, spec)
+        cache[key] = (images, np.array([it.label for it in kept]))
+    images, labels = cache[key]
+    return float(roc_auc_score(labels, score_arrays(model, images)))
+
+
 def rescore(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each row with ``new_figure`` (the five-family figure of its checkpoint) added."""
-    cache: dict[tuple[str, int], np.ndarray] = {}
+    """Each row with ``new_figure`` (the five-family figure of its checkpoint) added; with
+    ``--sigmas`` (HeadCT rows), one row per blur, its test AUROC and old figure re-computed."""
+    cache: dict[Any, Any] = {}
     out = []
     for row in rows:
         loaded = load_checkpoint(Path(row["checkpoint"]))
-        _, _, sigma = row["variant"].partition("~sigma")
-        if sigma:  # a benchmark row re-scored with another blur: the same weights
-            loaded.model.config = replace(loaded.model.config, map_sigma=float(sigma))
         spec = PreprocessSpec.from_dict(loaded.preprocessing)
         key = (row["split"], spec.image_size)
         if key not in cache:
             cache[key], _, _ = load_images(validation_items(row, args), spec)
-        figure = synthetic_figure_of(loaded.model, cache[key], seed=0)
-        out.append({**row, "new_figure": figure})
+        _, _, sigma = row["variant"].partition("~sigma")
+        original = loaded.model.config
+        blurs = [float(sigma)] if sigma else [None]
+        if args.sigmas and row["source"] == "headct" and not sigma:
+            blurs = list(args.sigmas)
+        for blur in blurs:
+            new = dict(row)
+            if blur is not None:  # the same weights scored with another anomaly-map blur
+                loaded.model.config = replace(original, map_sigma=blur)
+                if not sigma:
+                    new["variant"] = f"{row['variant'].split('~')[0]}~sigma{blur:g}"
+                    new["auroc"] = _test_auroc(loaded.model, row, args, spec, cache)
+                    new["val_synthetic_auroc"] = _old_figure(loaded.model, cache[key])
+            new["new_figure"] = synthetic_figure_of(loaded.model, cache[key], seed=0)
+            out.append(new)
     return out
 
 
@@ -96,6 +129,14 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p.add_argument("--chest", type=Path, help="chest X-ray folder (with index.csv)")
     p.add_argument("--out", type=Path, help="also write the re-scored rows here (JSON lines)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--sigmas",
+        type=float,
+        nargs="*",
+        default=[],
+        help="HeadCT rows: also score each model with these blurs (test AUROC and both "
+        "figures re-computed: more ranked points from the same trainings)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [json.loads(ln) for f in args.bench for ln in f.read_text().splitlines() if ln.strip()]
