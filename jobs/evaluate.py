@@ -362,11 +362,14 @@ def synthetic_figure_of(model: nn.Module, normals: np.ndarray, seed: int = 0) ->
             f"the synthetic-lesion figure needs at least 2 normals, got {len(normals)}"
         )
     copies = lesioned_copies(normals, seed=seed)
-    figure = synthetic_figure(
-        score_arrays(model, normals), score_arrays(model, copies.images), copies.source,
-        copies.family, seed=seed,
-    )  # fmt: skip
+    normal, lesion = score_arrays(model, normals), score_arrays(model, copies.images)
+    figure = synthetic_figure(normal, lesion, copies.source, copies.family, seed=seed)
     figure.update(seed=seed, families=list(FAMILIES))
+    figure["scores"] = {  # for paired comparisons of models on the same copies; not recorded
+        "normal": normal.tolist(),
+        "lesion": lesion.tolist(),
+        "source": copies.source.tolist(),
+    }
     return figure
 
 
@@ -407,6 +410,7 @@ def evaluate_synthetic(
     if progress is not None:
         progress(len(images), len(images))
     figure = synthetic_figure_of(loaded.model, images, seed)
+    figure.pop("scores", None)
     figure.update(
         model_id=loaded.model_id,
         checkpoint_hash=loaded.checkpoint_hash,

@@ -251,36 +251,71 @@ def _train_all(
     return run_remote_many(calls, address=addr, progress=report_many)
 
 
-def _why(rows: list[dict[str, Any]], chosen: str) -> str:
-    """One sentence: the winner's figure against the others'."""
-    win = next(r for r in rows if r["config"] == chosen)
-    lo, hi = win["figure"]["ci95"]
-    others = ", ".join(
-        f"{r['config']} {r['figure']['auroc']:.3f}" for r in rows if r["config"] != chosen
-    )
-    text = (
-        f"{chosen} has the highest synthetic-lesion AUROC on the held-out validation normals: "
-        f"{win['figure']['auroc']:.3f} [{lo:.3f}–{hi:.3f}]"
-    )
+def _margin(figures: list[dict[str, Any]], best: int) -> dict[str, Any] | None:
+    """The best candidate's figure minus the default's (candidate 0), paired on the same copies
+    (``synthetic.paired_difference``); None when the best is the default or the copies differ
+    (candidates of different input sizes)."""
+    from pdd_batch.evaluation.synthetic import paired_difference
+
+    a, b = figures[best]["scores"], figures[0]["scores"]
+    if best == 0 or a["source"] != b["source"] or len(a["normal"]) != len(b["normal"]):
+        return None
+    d, lo, hi = paired_difference((a["normal"], a["lesion"]), (b["normal"], b["lesion"]),
+                                  a["source"], seed=FIGURE_SEED)  # fmt: skip
+    return {"difference": d, "ci95": [lo, hi]}
+
+
+def choose(figures: Sequence[dict[str, Any]]) -> tuple[int, int, dict[str, Any] | None]:
+    """Rule 4 on the candidates' figures (``synthetic_figure_of`` dicts, the default first):
+    (index of the highest figure, index kept, paired margin of the highest over the default).
+    The highest replaces the default only when the margin's 95 % interval is above 0."""
+    best = max(range(len(figures)), key=lambda i: (figures[i]["auroc"], -i))
+    margin = _margin(list(figures), best)
+    keep = 0 if margin is not None and margin["ci95"][0] <= 0 else best
+    return best, keep, margin
+
+
+def _why(rows: list[dict[str, Any]], best: int, chosen: int, margin: dict[str, Any] | None) -> str:
+    """The choice in words: the best figure against the others and, when the best is not the
+    default, its paired difference to the default."""
+    top, default = rows[best], rows[0]
+    lo, hi = top["figure"]["ci95"]
+    text = (f"{top['config']} has the highest synthetic-lesion AUROC on the held-out validation "
+            f"normals: {top['figure']['auroc']:.3f} [{lo:.3f}–{hi:.3f}]")  # fmt: skip
+    others = [f"{r['config']} {r['figure']['auroc']:.3f}" for r in rows if r is not top]
     if others:
-        text += f", against {others}"
-    if win["arch"] == "rd4ad":
+        text += f", against {', '.join(others)}"
+    if margin is not None:
+        d, (mlo, mhi) = margin["difference"], margin["ci95"]
+        name = default["config"]
+        paired = f"paired difference to the default {name} {d:+.3f} [{mlo:+.3f}, {mhi:+.3f}]"
+        if chosen == 0:
+            return (
+                f"{text}; but its {paired} does not exclude 0, so the default {name} is "
+                "kept (the normals do not speak against it)"
+            )
+        text += f"; {paired}, above 0"
+    if rows[chosen]["arch"] == "rd4ad":
         text += (
             ". The kept model is RD4AD (one student), not PDD: on these normals PDD scored lower"
         )
     return text
 
 
-def _record(holdout: Holdout, rows: list[dict[str, Any]], chosen: str) -> dict[str, Any]:
+def _record(holdout: Holdout, rows: list[dict[str, Any]], best: int, chosen: int,
+            margin: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     return {
         "rule": "highest synthetic-lesion AUROC (pdd_batch.evaluation.synthetic, seed "
-        f"{FIGURE_SEED}) on validation normals held out by patient/study; ties keep the earlier "
-        "candidate",
+        f"{FIGURE_SEED}) on validation normals held out by patient/study; a candidate other than "
+        "the default (the first) replaces it only when its paired bootstrap difference to the "
+        "default's figure is above 0 (95 % interval); ties keep the earlier candidate",
         "holdout": holdout.how,
         "n_validation_groups": holdout.n_groups,
         "candidates": rows,
-        "chosen": chosen,
-        "why": _why(rows, chosen),
+        "best_figure": rows[best]["config"],
+        "versus_default": margin,
+        "chosen": rows[chosen]["config"],
+        "why": _why(rows, best, chosen, margin),
     }
 
 
@@ -390,12 +425,14 @@ def run_selection(
         }
         for c, (res, fig) in zip(cands, results, strict=True)
     ]
-    best = max(range(len(rows)), key=lambda i: (rows[i]["figure"]["auroc"], -i))
-    chosen = cands[best].label
+    best, keep, margin = choose([fig for _, fig in results])
+    for row in rows:
+        row["figure"].pop("scores", None)  # per-image scores: compared above, not recorded
+    chosen = cands[keep].label
     _keep(out_dir / CANDIDATE_DIR / chosen, out_dir)
     shutil.rmtree(out_dir / CANDIDATE_DIR, ignore_errors=True)
-    record = _record(holdout, rows, chosen)
-    return _finish(out_dir, results[best][0], chosen, record)
+    record = _record(holdout, rows, best, keep, margin)
+    return _finish(out_dir, results[keep][0], chosen, record)
 
 
 def _finish(

@@ -60,6 +60,7 @@ def test_selection_keeps_the_trained_candidate_over_a_crippled_one(
                         progress=lambda name, p: seen.add(name))  # fmt: skip
     rows = {r["config"]: r for r in sel.record["candidates"]}
     assert sel.chosen == "trained" and seen == {"crippled", "trained"}
+    assert sel.record["versus_default"]["ci95"][0] > 0  # clearly better than the default
     assert rows["trained"]["figure"]["auroc"] > rows["crippled"]["figure"]["auroc"]
     for r in rows.values():
         lo, hi = r["figure"]["ci95"]
@@ -193,3 +194,28 @@ def test_candidates_train_as_ray_actors_on_a_cluster(phantoms: Path, tmp_path: P
     epochs = {r["config"]: r["epochs"] for r in sel.record["candidates"]}
     assert epochs == {"a": 2, "b": 1}
     assert load_checkpoint(tmp_path / "ck").meta["training"]["selection"]["chosen"] == sel.chosen
+
+
+def _figure(normal: list[float], lesion: list[float], source: list[int]) -> dict:
+    from pdd_batch.evaluation.synthetic import synthetic_figure
+
+    f = synthetic_figure(normal, lesion, source)
+    f["scores"] = {"normal": normal, "lesion": lesion, "source": source}
+    return f
+
+
+def test_another_candidate_replaces_the_default_only_when_clearly_better() -> None:
+    from jobs.selection import choose
+
+    rng = np.random.default_rng(0)
+    normal = rng.random(12).tolist()
+    source = [i for i in range(12) for _ in range(5)]
+    weak = _figure(normal, rng.random(60).tolist(), source)  # chance
+    strong = _figure(normal, (rng.random(60) + 1.0).tolist(), source)  # every copy above
+    jitter = np.random.default_rng(104).normal(0, 0.15, 60)  # a little higher by chance
+    nudged = _figure(normal, (np.array(weak["scores"]["lesion"]) + jitter).tolist(), source)
+    assert choose([weak, strong])[:2] == (1, 1)  # clearly better: replaces the default
+    best, keep, margin = choose([weak, nudged])
+    assert nudged["auroc"] > weak["auroc"] and (best, keep) == (1, 0)  # higher, not clearly
+    assert margin is not None and margin["ci95"][0] <= 0 <= margin["ci95"][1]
+    assert choose([strong, weak])[:2] == (0, 0) and choose([strong, weak])[2] is None
