@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,6 +17,7 @@ from pdd_batch.cli.options import (
     load_items,
     teacher_overrides,
 )
+from pdd_batch.cli.pacs import NetrcOption, StudyUidFileOption
 from pdd_batch.evaluation.datasets import ImageItem
 
 # jobs.selection.CANDIDATES, repeated here so `--help` loads no torch (a test keeps them equal).
@@ -27,7 +30,13 @@ if TYPE_CHECKING:  # jobs and model load torch: imported only inside the command
 
 
 def train_command(
-    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders) or split CSV.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Image folder (class sub-folders) or split CSV; with --archive a folder of "
+            "studies or dicomweb+http(s)://HOST/ROOT with --study-uid-file."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write.")],
     split_file: Annotated[
         Path | None, typer.Option(help="CSV path,label,split (paths relative to DATA or above).")
@@ -66,8 +75,14 @@ def train_command(
     ] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pt.")] = False,
     archive: Annotated[
-        bool, typer.Option(help="DATA is an archive of normal DICOM/NIfTI studies (all slices).")
+        bool,
+        typer.Option(
+            help="DATA is a site's normal DICOM/NIfTI studies (all slices): a folder, or a PACS "
+            "(dicomweb+http(s)://...) with --study-uid-file."
+        ),
     ] = False,
+    study_uid_file: StudyUidFileOption = None,
+    netrc: NetrcOption = None,
     address: AddressOption = None,
     scope: Annotated[
         str | None,
@@ -82,14 +97,17 @@ def train_command(
     Without --config, every --candidates config is trained on the training normals and the one
     with the best synthetic-lesion AUROC on held-out validation normals (the split file's `val`
     rows, else 20 % of the patients / files / studies) is kept. `test` rows are never read.
-    With --archive, DATA is a folder of normal studies read exactly as `screen` reads them.
+    With --archive, DATA is a folder of normal studies read exactly as `screen` reads them, or
+    a PACS whose listed studies are fetched into a private temporary folder first.
     """
     from jobs.train import TrainConfig, TrainError
     from model.config import ConfigError, get_config
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    items, desc = _training_data(console, data, split_file, archive, select=config is None)
+    items, desc = _training_data(
+        console, data, split_file, archive, (study_uid_file, netrc), select=config is None
+    )
     scope_dict = _scope_option(console, scope, archive)
     overrides = teacher_overrides(console, teacher_weights)
     if image_size is not None:
@@ -111,13 +129,15 @@ def train_command(
     except (ConfigError, TrainError) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
-    if config is None:
-        _select(console, items, out, cands, run, resume=resume, address=address, desc=desc,
-                scope=scope_dict)  # fmt: skip
-        return
-    result = _train_with_progress(
-        console, items, out, cfg, run, resume=resume, address=address, desc=desc, scope=scope_dict
-    )
+    with _fetched(console, items, address) as data_in:
+        if config is None:
+            _select(console, data_in, out, cands, run, resume=resume, address=address, desc=desc,
+                    scope=scope_dict)  # fmt: skip
+            return
+        result = _train_with_progress(
+            console, data_in, out, cfg, run, resume=resume, address=address, desc=desc,
+            scope=scope_dict,
+        )  # fmt: skip
     for err in result.errors:
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
     console.print(
@@ -169,18 +189,52 @@ def _print_scope(console: Console, checkpoint: Path) -> None:
 
 
 def _training_data(
-    console: Console, data: Path, split_file: Path | None, archive: bool, *, select: bool = False
-) -> tuple[list[ImageItem] | Path, str]:
-    """DATA as training input: an archive folder, or the listed images (exit 2 when absent);
-    with ``select``, a split file's ``val`` rows too (never its ``test`` rows)."""
+    console: Console,
+    data: str,
+    split_file: Path | None,
+    archive: bool,
+    pacs: tuple[Path | None, Path | None],
+    *,
+    select: bool = False,
+) -> tuple[Any, str]:
+    """DATA as training input: an archive folder, a PACS's listed studies
+    (``jobs.pacs_studies.PacsStudies``), or the listed images (exit 2 when unusable); with
+    ``select``, a split file's ``val`` rows too (never its ``test`` rows)."""
+    from pdd_batch.cli.site_source import archive_source, describe_source
+
     if not archive:
+        if any(p is not None for p in pacs):
+            console.print("[red]--study-uid-file and --netrc go with --archive dicomweb+...[/]")
+            raise typer.Exit(code=2)
         if select and split_file is not None:
-            return load_items(console, data, split_file, None, splits=("train", "val"))
-        return load_items(console, data, split_file, "train" if split_file else None)
-    if not data.exists():
-        console.print(f"[red]archive not found: {data}[/]")
-        raise typer.Exit(code=2)
-    return data, f"archive {data.name} (all slices)"
+            return load_items(console, Path(data), split_file, None, splits=("train", "val"))
+        return load_items(console, Path(data), split_file, "train" if split_file else None)
+    source = archive_source(console, data, *pacs)
+    if isinstance(source, Path):
+        return source, f"archive {source.name} (all slices)"
+    return source, describe_source(source) + " (all slices)"
+
+
+@contextmanager
+def _fetched(console: Console, data: Any, address: str | None) -> Iterator[Any]:
+    """The training input itself, or for a PACS the folder its studies were fetched into (a
+    private temporary folder, deleted afterwards); exit 2 when the PACS cannot be used."""
+    if isinstance(data, (Path, list)):
+        yield data
+        return
+    from jobs.pacs_studies import fetched_studies
+    from pdd_batch.ingest.dicomweb import DicomwebError
+
+    try:
+        with fetched_studies(data, address=address) as (folder, report):
+            console.print(
+                f"PACS {data.endpoint.host}: {report.fetched} series fetched "
+                f"({report.instances} instances), {len(report.failed)} failed"
+            )
+            yield folder
+    except DicomwebError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from None
 
 
 def _train_with_progress(
