@@ -219,3 +219,20 @@ def test_another_candidate_replaces_the_default_only_when_clearly_better() -> No
     assert nudged["auroc"] > weak["auroc"] and (best, keep) == (1, 0)  # higher, not clearly
     assert margin is not None and margin["ci95"][0] <= 0 <= margin["ci95"][1]
     assert choose([strong, weak])[:2] == (0, 0) and choose([strong, weak])[2] is None
+
+
+def test_train_selects_on_an_archive_holding_out_whole_studies(tmp_path: Path) -> None:
+    from tests.dicom_factory import write_ct_series
+
+    for k, n in enumerate((4, 5, 6)):
+        write_ct_series(tmp_path / "arch" / f"s{k}", n_slices=n, rows=40, cols=40, seed=k,
+                        series_uid=f"1.2.3.9.{k}.1", study_uid=f"1.2.3.9.{k}")  # fmt: skip
+    out = tmp_path / "ck"
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "arch"), "--archive", "--candidates",
+                                 "test", "--image-size", "32", "--epochs", "1", "--batch-size",
+                                 "4", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "config.json").read_text())["training"]["selection"]
+    assert record["holdout"] == "1 of 3 studies held out (by study)"
+    n_val = record["candidates"][0]["figure"]["n_normal"]
+    assert n_val in (4, 5, 6) and record["candidates"][0]["n_train"] == 15 - n_val  # whole studies
