@@ -36,17 +36,20 @@ def test_default_set_is_head_ct_then_chest_xray() -> None:
 
 
 def test_head_ct_default_is_trained_with_trains_default_recipe() -> None:
-    """Issue 17: the embedded head-CT default follows the rule, like ``train``'s defaults: its
-    config and augmentation are what ``pdd-batch train`` uses when given no option."""
+    """Issue 17/23: the embedded head-CT default follows ``train``'s defaults: its config is the
+    one selection kept (recorded in ``training.selection``) or, for a checkpoint trained before
+    selection existed, the documented default candidate; its augmentation is ``train``'s."""
     import inspect
 
     from model.config import get_config
-    from pdd_batch.cli.train import train_command
+    from pdd_batch.cli.train import SELECTION_CANDIDATES, train_command
 
     params = inspect.signature(train_command).parameters
     meta = _meta(DEFAULT_MODEL_DIR)
     stored = meta["model_config"]
-    wanted = get_config(params["config"].default, image_size=128).to_dict()
+    chosen = (meta["training"].get("selection") or {}).get("chosen", SELECTION_CANDIDATES[0])
+    assert params["config"].default is None and chosen in SELECTION_CANDIDATES
+    wanted = get_config(chosen, image_size=128).to_dict()
     teachers = ("cnn_teacher", "mamba_teacher")  # stored ones also record resolved hashes
     assert {k: v for k, v in stored.items() if k not in teachers} == {
         k: v for k, v in wanted.items() if k not in teachers

@@ -122,11 +122,11 @@ def _checkpoint_entry(folder: Path, meta: dict[str, Any]) -> dict[str, str | Non
     from pdd_batch.evaluation.site_calibration import describe_threshold
 
     note = f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}; "
-    return {
-        "path": str(folder),
-        "sha256": meta.get("checkpoint_hash"),
-        "note": note + describe_threshold(meta.get("calibration")),
-    }
+    note += describe_threshold(meta.get("calibration"))
+    selection = (meta.get("training") or {}).get("selection")
+    if selection:
+        note += f"; selection: {selection.get('why', '')}"
+    return {"path": str(folder), "sha256": meta.get("checkpoint_hash"), "note": note}
 
 
 def _checkpoints(paths: list[Path]) -> dict[str, dict[str, str | None]]:
@@ -141,6 +141,19 @@ def _checkpoints(paths: list[Path]) -> dict[str, dict[str, str | None]]:
             continue
         out[key] = _checkpoint_entry(folder, meta)
     return out
+
+
+def selection_report(model_dir: Path) -> dict[str, Any]:
+    """How a checkpoint's configuration was chosen (``training.selection`` of its config.json):
+    every candidate's synthetic-lesion figure and why the winner won."""
+    try:
+        meta = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"model": str(model_dir), "note": f"no readable config.json ({exc})"}
+    selection = (meta.get("training") or {}).get("selection")
+    if not selection:
+        return {"model_id": meta.get("model_id"), "note": "trained without selection (--config)"}
+    return {"model_id": meta.get("model_id"), **selection}
 
 
 def _scope_line(meta: dict[str, Any]) -> str:
@@ -182,6 +195,23 @@ def _render(report: dict[str, Any], console: Console) -> None:
     console.print(weights)
 
 
+def _render_selection(sel: dict[str, Any], console: Console) -> None:
+    """The selection of one checkpoint: a row per candidate, then the reason."""
+    if "candidates" not in sel:
+        console.print(f"selection: {sel.get('why') or sel.get('note')}")
+        return
+    table = Table(title=f"selection of {sel.get('model_id')} ({sel.get('holdout')})")
+    for col in ("candidate", "model", "synthetic-lesion AUROC", "95% interval", "kept"):
+        table.add_column(col)
+    for c in sel["candidates"]:
+        f = c["figure"]
+        table.add_row(c["config"], f"{c['arch']}, σ {c['map_sigma']:g}", f"{f['auroc']:.3f}",
+                      f"{f['ci95'][0]:.3f}–{f['ci95'][1]:.3f}",
+                      "yes" if c["config"] == sel["chosen"] else "")  # fmt: skip
+    console.print(table)
+    console.print(sel["why"])
+
+
 def _dicomweb(source: str) -> dict[str, Any]:
     """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials."""
     from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, probe
@@ -200,7 +230,10 @@ def doctor_command(
     ] = None,
     model: Annotated[
         list[Path] | None,
-        typer.Option(help="Also show this checkpoint: scope, threshold and its source."),
+        typer.Option(
+            help="Also show this checkpoint: scope, threshold and its source, and how its "
+            "configuration was selected (every candidate's synthetic-lesion figure)."
+        ),
     ] = None,
 ) -> None:
     """Show versions, the device and scan backend, which weights were found where, and where
@@ -208,11 +241,15 @@ def doctor_command(
     report = collect_report(model)
     if dicomweb:
         report["dicomweb"] = _dicomweb(dicomweb)
+    if model:
+        report["selection"] = {str(p): selection_report(p) for p in model}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         console = Console(width=max(Console().width, 140))
         _render(report, console)
+        for sel in report.get("selection", {}).values():
+            _render_selection(sel, console)
         if dicomweb:
             ok, note = report["dicomweb"]["answers"], report["dicomweb"]["note"]
             line = (
