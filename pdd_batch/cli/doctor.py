@@ -6,11 +6,14 @@ import json
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from pdd_batch.cli.pacs import AllowInsecureHttpOption, NetrcOption
 
 DISTRIBUTIONS = (
     "pdd-batch",
@@ -156,14 +159,31 @@ def _render(report: dict[str, Any], console: Console) -> None:
     console.print(weights)
 
 
-def _dicomweb(source: str) -> dict[str, Any]:
-    """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials."""
-    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, probe
+def _dicomweb(source: str, netrc: Path | None, allow_insecure_http: bool) -> dict[str, Any]:
+    """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials,
+    and where the login came from (never the login itself)."""
+    from pdd_batch.ingest.dicomweb import (
+        USER_ENV,
+        DicomwebError,
+        endpoint_from_source,
+        netrc_path,
+        probe,
+    )
 
     try:
-        return {"answers": True, "note": probe(endpoint_from_source(source))}
+        endpoint = endpoint_from_source(source, netrc, allow_insecure_http)
     except DicomwebError as exc:
-        return {"answers": False, "note": str(exc)}
+        return {"answers": False, "login": None, "note": str(exc)}
+    if not endpoint.user:
+        login = "none (no environment variables, no netrc entry for the host)"
+    elif os.environ.get(USER_ENV):
+        login = f"from {USER_ENV}"
+    else:
+        login = f"from netrc file {netrc_path(netrc).name}"
+    try:
+        return {"answers": True, "login": login, "note": probe(endpoint)}
+    except DicomwebError as exc:
+        return {"answers": False, "login": login, "note": str(exc)}
 
 
 def doctor_command(
@@ -172,18 +192,23 @@ def doctor_command(
         str | None,
         typer.Option(help="Also check a DICOMweb endpoint: dicomweb+http(s)://HOST/ROOT."),
     ] = None,
+    netrc: NetrcOption = None,
+    allow_insecure_http: AllowInsecureHttpOption = False,
 ) -> None:
     """Show versions, the device and scan backend, and which weights were found where."""
     report = collect_report()
     if dicomweb:
-        report["dicomweb"] = _dicomweb(dicomweb)
+        report["dicomweb"] = _dicomweb(dicomweb, netrc, allow_insecure_http)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         console = Console(width=max(Console().width, 140))
         _render(report, console)
         if dicomweb:
-            ok = report["dicomweb"]["answers"]
-            console.print(f"[{'green' if ok else 'red'}]DICOMweb: {report['dicomweb']['note']}[/]")
+            found = report["dicomweb"]
+            ok = found["answers"]
+            console.print(f"[{'green' if ok else 'red'}]DICOMweb: {found['note']}[/]")
+            if found["login"]:
+                console.print(f"DICOMweb login: {found['login']}")
     if dicomweb and not report["dicomweb"]["answers"]:
         raise typer.Exit(code=1)

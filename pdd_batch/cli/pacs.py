@@ -22,19 +22,58 @@ StudyUidFileOption = Annotated[
 ]
 NetrcOption = Annotated[
     Path | None,
-    typer.Option(help="PACS source: netrc file with the login (default ~/.netrc, or env vars)."),
+    typer.Option(
+        help="PACS: netrc file with the login (default ~/.netrc, or env vars); must be 0600."
+    ),
 ]
+AllOption = Annotated[
+    bool,
+    typer.Option(
+        "--all",
+        help="PACS source: fetch every study the query matches (a first --since last-run "
+        "asks for this or --since DATE).",
+    ),
+]
+AllowInsecureHttpOption = Annotated[
+    bool,
+    typer.Option(
+        help="PACS: send the login over plain http:// to a host that is not this machine."
+    ),
+]
+MaxInstanceBytesOption = Annotated[
+    int,
+    typer.Option(min=1, help="PACS source: refuse an instance (one WADO-RS part) over this."),
+]
+MaxSeriesBytesOption = Annotated[
+    int,
+    typer.Option(min=1, help="PACS source: refuse a series whose instances total over this."),
+]
+
+
+def first_last_run_refusal(found: Any) -> str:
+    """The line that stops a first ``--since last-run`` (nothing recorded yet)."""
+    return (
+        f"no earlier run in this folder: --since last-run would fetch all {found.n_studies} "
+        f"studies ({len(found.hits)} series) the query matches; give --since YYYY-MM-DD for "
+        "the first run, or --all"
+    )
 
 
 def pacs_query(
     out: Path, since: str | None, modality: str | None, study_uid_file: Path | None
-) -> Any:
-    """The ``pdd_batch.dicomweb.Query`` of the options (raises ``DicomwebError``)."""
+) -> tuple[Any, bool]:
+    """The ``pdd_batch.dicomweb.Query`` of the options, and whether it is a first
+    ``--since last-run`` (no earlier query recorded: it would ask for everything).
+
+    Raises:
+        DicomwebError: an unreadable --since or study UID file.
+    """
     from pdd_batch.ingest.dicomweb import Query, parse_since, read_study_uid_file
 
-    since_date, _ = parse_since(since, out)
+    since_date, is_last_run = parse_since(since, out)
     uids = read_study_uid_file(study_uid_file) if study_uid_file else ()
-    return Query(since=since_date, modality=modality or None, study_uids=uids)
+    query = Query(since=since_date, modality=modality or None, study_uids=uids)
+    return query, is_last_run and since_date is None
 
 
 def screen_from_pacs(
@@ -50,7 +89,8 @@ def screen_from_pacs(
         console: where messages go.
         source: ``dicomweb+http(s)://HOST[:PORT]/ROOT``.
         cfg: the run's ``RunConfig`` (its archive is replaced by the run's series cache).
-        options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk`` of the
+        options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk``, ``all``,
+            ``allow_insecure_http``, ``max_instance_bytes``, ``max_series_bytes`` of the
             command line.
         view: the live progress view (a ``LiveView``).
 
@@ -58,22 +98,41 @@ def screen_from_pacs(
         The ``jobs.screen.ScreenResult`` of the folder screen of the fetched series.
     """
     from jobs.dicomweb_fetch import screen_pacs
-    from pdd_batch.ingest.dicomweb import endpoint_from_source, run_query
+    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, run_query
+    from pdd_batch.ingest.dicomweb_retrieve import FetchLimits
 
-    endpoint = endpoint_from_source(source, options.get("netrc"))
-    query = pacs_query(
+    endpoint = endpoint_from_source(
+        source, options.get("netrc"), bool(options.get("allow_insecure_http"))
+    )
+    query, first_last_run = pacs_query(
         cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
     )
     found = run_query(endpoint, query)  # before the live view: a refusal is one line
-    console.print(f"PACS {endpoint.host}: {len(found.hits)} series found")
+    if first_last_run and not options.get("all"):
+        raise DicomwebError(first_last_run_refusal(found))  # exit 2, nothing fetched
+    own = f" ({found.own_skipped} of pdd-batch's own SR/KOS/overlay series left out)"
+    console.print(
+        f"PACS {endpoint.host}: {len(found.hits)} series found" + (own if found.own_skipped else "")
+    )
+    limits = FetchLimits(
+        options.get("max_instance_bytes") or FetchLimits.max_instance_bytes,
+        options.get("max_series_bytes") or FetchLimits.max_series_bytes,
+    )
     with view.progress:
         result = screen_pacs(
-            cfg, endpoint, query, progress=view, found=found, crosswalk=options.get("crosswalk")
+            cfg,
+            endpoint,
+            query,
+            progress=view,
+            found=found,
+            crosswalk=options.get("crosswalk"),
+            limits=limits,
         )
     f = result.fetch
     console.print(
         f"PACS {endpoint.host}: {f.cached} series fetched by earlier runs, "
         f"{f.fetched} fetched ({f.instances} instances), {len(f.failed)} failed"
+        + (" (the run is incomplete: rerun to fetch them)" if f.failed else "")
     )
     return result.screen
 
@@ -91,6 +150,7 @@ def export_to_pacs_command(
     min_score: float | None,
     netrc: Path | None,
     secondary_capture: bool = False,
+    allow_insecure_http: bool = False,
 ) -> None:
     """`pdd-batch export RUN --to dicomweb+...`: always ends with ``typer.Exit`` (0, 1: some
     studies failed, 2: the PACS or the run cannot be used)."""
@@ -99,7 +159,7 @@ def export_to_pacs_command(
     from pdd_batch.runs.results import ResultsError, open_run
 
     try:
-        endpoint = endpoint_from_source(to, netrc)
+        endpoint = endpoint_from_source(to, netrc, allow_insecure_http)
         summary = export_to_pacs(
             open_run(results),
             endpoint,

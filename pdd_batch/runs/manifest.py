@@ -33,7 +33,7 @@ OUTCOMES = (SCORED, SKIPPED, FAILED, LOST)
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"  # every input accounted for
-STATUS_INCOMPLETE = "incomplete"  # some inputs lost: rerun to finish
+STATUS_INCOMPLETE = "incomplete"  # inputs lost or not fetched: rerun to finish
 STATUS_FAILED = "failed"  # the run itself failed
 
 VERSIONED_PACKAGES = ("pdd-batch", "torch", "timm", "ray", "pydicom", "nibabel", "pyarrow", "numpy")
@@ -99,7 +99,8 @@ def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str
 
 
 def exit_code_for(status: str) -> int:
-    """0: every input accounted for (bad inputs included); 1: some lost; 2: the run failed."""
+    """0: every input accounted for (bad inputs included); 1: incomplete (inputs lost, or PACS
+    series not fetched: rerun to finish); 2: the run failed (also a usage error's code)."""
     return {STATUS_COMPLETE: 0, STATUS_INCOMPLETE: 1}.get(status, 2)
 
 
