@@ -200,18 +200,20 @@ def _value(item: dict, tag: str) -> str:
     return str(values[0])
 
 
-def paged(search: Any, page_size: int = PAGE_SIZE, **kwargs: Any) -> Iterator[dict]:
+def paged(
+    search: Any, page_size: int = PAGE_SIZE, max_pages: int = MAX_PAGES, **kwargs: Any
+) -> Iterator[dict]:
     """Every result of a QIDO-RS search, page by page (``limit``/``offset``).
 
     An empty page, a short page or a page the server sent before (it ignores ``offset``) ends
-    the query; more than ``MAX_PAGES`` pages is an error (a server that never ends).
+    the query; more than ``max_pages`` pages is an error (a server that never ends).
 
     Raises:
-        DicomwebError: over ``MAX_PAGES`` pages.
+        DicomwebError: over ``max_pages`` pages.
     """
     offset = 0
     seen: set[str] = set()
-    for _ in range(MAX_PAGES):
+    for _ in range(max_pages):
         page = search(limit=page_size, offset=offset, **kwargs)
         if not page:
             return
@@ -224,7 +226,7 @@ def paged(search: Any, page_size: int = PAGE_SIZE, **kwargs: Any) -> Iterator[di
         if len(page) < page_size:
             return
         offset += len(page)
-    raise DicomwebError(f"QIDO-RS query: the server sent more than {MAX_PAGES} pages")
+    raise DicomwebError(f"QIDO-RS query: the server sent more than {max_pages} pages")
 
 
 def qido_search(session: Any, endpoint: Endpoint, path: str, filters: dict[str, str]) -> Any:
@@ -272,7 +274,9 @@ class QueryResult:
         return len({h.study_uid for h in self.hits})
 
 
-def query_series(endpoint: Endpoint, query: Query, page_size: int = PAGE_SIZE) -> QueryResult:
+def query_series(
+    endpoint: Endpoint, query: Query, page_size: int = PAGE_SIZE, max_pages: int = MAX_PAGES
+) -> QueryResult:
     """The series of the studies matching ``query`` (QIDO-RS, paged), without the series the
     export stored (``is_own_series``).
 
@@ -287,7 +291,8 @@ def query_series(endpoint: Endpoint, query: Query, page_size: int = PAGE_SIZE) -
     own = 0
     with new_session(endpoint) as session:
         for path in paths:
-            for item in paged(qido_search(session, endpoint, path, filters), page_size):
+            search = qido_search(session, endpoint, path, filters)
+            for item in paged(search, page_size, max_pages):
                 if is_own_series(item):
                     own += 1
                     continue

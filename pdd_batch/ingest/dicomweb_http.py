@@ -30,6 +30,7 @@ QUIET_LOGGERS = {
     "dicomweb_client": logging.WARNING,
     "retrying": logging.ERROR,
     "urllib3": logging.ERROR,
+    "pydicom": logging.ERROR,  # its value warnings are logged too, quoting the value
 }
 
 
