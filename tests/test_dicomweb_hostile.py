@@ -272,3 +272,12 @@ def test_a_login_wanted_and_none_given_is_not_called_refused(serve) -> None:
         probe(_endpoint(server.url, user="u", password="secret-pw"))
     assert "refused the credentials (HTTP 401)" in str(refused.value)
     assert "secret-pw" not in str(refused.value)
+
+
+def test_a_part_that_is_not_a_dicom_file_is_refused_without_parsing_it(serve, tmp_path) -> None:
+    def junk(request) -> None:
+        _multipart(request, iter([iter([b"\0" * MIB])]))  # no preamble, no DICM
+
+    outcome, series_root, staging = _fetch(serve({"/studies/": junk}), tmp_path, FetchLimits())
+    assert outcome.error == "a retrieved instance is not a DICOM file (no DICM header)"
+    assert not any(series_root.iterdir()) and not any(staging.iterdir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pdd_batch.cli.pacs import AllowInsecureHttpOption, NetrcOption
+from pdd_batch.cli.pacs import AllowInsecureHttpOption, NetrcOption, PacsTimeoutOption
 
 DISTRIBUTIONS = (
     "pdd-batch",
@@ -159,7 +160,9 @@ def _render(report: dict[str, Any], console: Console) -> None:
     console.print(weights)
 
 
-def _dicomweb(source: str, netrc: Path | None, allow_insecure_http: bool) -> dict[str, Any]:
+def _dicomweb(
+    source: str, netrc: Path | None, allow_insecure_http: bool, timeout_s: float
+) -> dict[str, Any]:
     """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials,
     and where the login came from (never the login itself)."""
     from pdd_batch.ingest.dicomweb import (
@@ -172,6 +175,7 @@ def _dicomweb(source: str, netrc: Path | None, allow_insecure_http: bool) -> dic
 
     try:
         endpoint = endpoint_from_source(source, netrc, allow_insecure_http)
+        endpoint = dataclasses.replace(endpoint, timeout_s=timeout_s)
     except DicomwebError as exc:
         return {"answers": False, "login": None, "note": str(exc)}
     if not endpoint.user:
@@ -194,11 +198,12 @@ def doctor_command(
     ] = None,
     netrc: NetrcOption = None,
     allow_insecure_http: AllowInsecureHttpOption = False,
+    pacs_timeout: PacsTimeoutOption = 15.0,
 ) -> None:
     """Show versions, the device and scan backend, and which weights were found where."""
     report = collect_report()
     if dicomweb:
-        report["dicomweb"] = _dicomweb(dicomweb, netrc, allow_insecure_http)
+        report["dicomweb"] = _dicomweb(dicomweb, netrc, allow_insecure_http, pacs_timeout)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

@@ -3,6 +3,7 @@ credentials, one-line errors); the screening itself is ``jobs.dicomweb_fetch.scr
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,6 +41,15 @@ AllowInsecureHttpOption = Annotated[
         help="PACS: send the login over plain http:// to a host that is not this machine."
     ),
 ]
+PacsTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        min=1.0,
+        help="PACS: seconds to wait for a connection or an answer (a refused or unknown host "
+        "fails at once).",
+    ),
+]
+DEFAULT_PACS_TIMEOUT_S = 60.0
 MaxInstanceBytesOption = Annotated[
     int,
     typer.Option(min=1, help="PACS source: refuse an instance (one WADO-RS part) over this."),
@@ -90,8 +100,8 @@ def screen_from_pacs(
         source: ``dicomweb+http(s)://HOST[:PORT]/ROOT``.
         cfg: the run's ``RunConfig`` (its archive is replaced by the run's series cache).
         options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk``, ``all``,
-            ``allow_insecure_http``, ``max_instance_bytes``, ``max_series_bytes`` of the
-            command line.
+            ``allow_insecure_http``, ``pacs_timeout``, ``max_instance_bytes``,
+            ``max_series_bytes`` of the command line.
         view: the live progress view (a ``LiveView``).
 
     Returns:
@@ -104,6 +114,8 @@ def screen_from_pacs(
     endpoint = endpoint_from_source(
         source, options.get("netrc"), bool(options.get("allow_insecure_http"))
     )
+    timeout_s = options.get("pacs_timeout") or DEFAULT_PACS_TIMEOUT_S
+    endpoint = dataclasses.replace(endpoint, timeout_s=float(timeout_s))
     query, first_last_run = pacs_query(
         cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
     )

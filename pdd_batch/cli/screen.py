@@ -26,6 +26,7 @@ from pdd_batch.cli.pacs import (
     MaxSeriesBytesOption,
     ModalityOption,
     NetrcOption,
+    PacsTimeoutOption,
     SinceOption,
     StudyUidFileOption,
     screen_from_pacs,
@@ -132,6 +133,7 @@ def screen_command(
     netrc: NetrcOption = None,
     fetch_all: AllOption = False,
     allow_insecure_http: AllowInsecureHttpOption = False,
+    pacs_timeout: PacsTimeoutOption = 60.0,
     max_instance_bytes: MaxInstanceBytesOption = DEFAULT_MAX_INSTANCE_BYTES,
     max_series_bytes: MaxSeriesBytesOption = DEFAULT_MAX_SERIES_BYTES,
 ) -> None:
@@ -154,7 +156,7 @@ def screen_command(
             "dicomweb+ sources[/]"
         )
         raise typer.Exit(code=2)
-    pacs_options.update(switches, max_instance_bytes=max_instance_bytes)
+    pacs_options.update(switches, max_instance_bytes=max_instance_bytes, pacs_timeout=pacs_timeout)
     pacs_options["max_series_bytes"] = max_series_bytes
     try:
         cfg = RunConfig(

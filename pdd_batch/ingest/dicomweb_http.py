@@ -238,7 +238,7 @@ def probe(endpoint: Endpoint) -> str:
     Raises:
         DicomwebError: the endpoint does not answer as a DICOMweb server (auth included).
     """
-    once = Endpoint(endpoint.url, endpoint.user, endpoint.password, min(endpoint.timeout_s, 15), 1)
+    once = Endpoint(endpoint.url, endpoint.user, endpoint.password, endpoint.timeout_s, 1)
     what = f"DICOMweb {endpoint.host}"
     with new_session(once) as session:
         response = get(session, once, "/studies", what=what, params={"limit": 1})

@@ -4,8 +4,9 @@ The ``multipart/related`` answer is parsed as it arrives: each part goes straigh
 (0600) file, so memory stays at one network chunk whatever the server sends, and a part larger
 than ``max_instance_bytes`` or a series larger than ``max_series_bytes`` stops the retrieve with
 a ``FetchCapError`` (the series becomes one error row; the partial files are removed by the
-caller). Each part is then named by a digest of its SOP Instance UID (``instance_file_name``),
-read without pydicom's value validation (its warnings quote UIDs).
+caller). Each part must be a DICOM file (PS3.10, as ``application/dicom`` is defined) and is
+named by a digest of its SOP Instance UID (``instance_file_name``), read without pydicom's value
+validation (its warnings quote UIDs).
 """
 
 from __future__ import annotations
@@ -136,21 +137,24 @@ def _boundary(content_type: str) -> bytes:
 
 
 def _sop_uid(path: Path) -> str:
-    """The SOP Instance UID of a received part (header only); rewrites a part without the
-    Part 10 preamble as a file with one."""
+    """The SOP Instance UID of a received part (a DICOM file: PS3.10 preamble and ``DICM``;
+    header only, without value validation).
+
+    Raises:
+        DicomwebError: not a DICOM file, or no SOP Instance UID.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    with path.open("rb") as f:
+        if f.read(132)[128:] != b"DICM":
+            raise DicomwebError("a retrieved instance is not a DICOM file (no DICM header)")
     with quiet_pydicom():
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        except InvalidDicomError:
-            try:
-                ds = pydicom.dcmread(path, force=True)
-                ds.save_as(path, enforce_file_format=True)
-            except Exception as exc:  # noqa: BLE001 - any unreadable part: the series' error
-                name = type(exc).__name__
-                raise DicomwebError(f"a retrieved instance is not DICOM ({name})") from None
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            name = type(exc).__name__
+            raise DicomwebError(f"a retrieved instance is not readable ({name})") from None
     uid = str(ds.get("SOPInstanceUID", "") or "")
     if not uid:
         raise DicomwebError("a retrieved instance has no SOP Instance UID")
