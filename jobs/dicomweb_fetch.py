@@ -198,5 +198,5 @@ def screen_pacs(
             source_errors=report.records(),
         )
     if not report.failed and result.status == STATUS_COMPLETE:
-        record_query(cfg.out_dir, found.started, query, len(hits))
+        record_query(cfg.out_dir, found.started, query, len(hits), found)
     return PacsScreenResult(report, result)

@@ -500,3 +500,49 @@ def test_a_first_since_last_run_says_how_many_studies_and_wants_a_date_or_all(
     assert json.loads((out / "_pacs" / "query.json").read_text())["series_found"] >= 1
     again = runner.invoke(app, [*base, "--batch-size", "4"])  # a recorded run: no question
     assert again.exit_code == 0, again.output
+
+
+def _wait_stable(orthanc, since: int) -> None:  # noqa: F811
+    """Until Orthanc logs a StableStudy after ``since`` (StableAge is 1 s in the test config)."""
+    import time
+
+    with orthanc.session() as s:
+        for _ in range(120):
+            page = s.get(f"{orthanc.http_url}/changes", params={"since": since}, timeout=10).json()
+            if any(c["ChangeType"] == "StableStudy" for c in page["Changes"]):
+                return
+            time.sleep(0.25)
+    raise AssertionError("Orthanc logged no StableStudy")
+
+
+def test_last_run_screens_a_study_received_late_with_an_old_study_date(
+    ray_local,
+    world,
+    orthanc,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+) -> None:
+    _cli_env(monkeypatch, orthanc)
+    out = tmp_path / "received"
+    common = ["--modality", "CT", "--out", str(out), "--model", str(world["ckpt"])]
+    common += ["--batch-size", "4"]
+    first = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", "2024-02-29", *common])
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((out / "_pacs" / "query.json").read_text())
+    assert isinstance(recorded["orthanc_changes_last"], int)
+    late = write_ct_series(tmp_path / "late", n_slices=4, rows=32, cols=32, seed=31)
+    for f in late:
+        ds = pydicom.dcmread(f)
+        ds.StudyDate = "20010102"  # acquired long ago, received now
+        ds.save_as(f)
+    orthanc.upload(late)
+    _wait_stable(orthanc, recorded["orthanc_changes_last"])
+    second = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", "last-run", *common])
+    assert second.exit_code == 0, second.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["series_screened_this_run"] == 1
+    late_key = series_key(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    assert late_key in set(pq.read_table(out / "slices").to_pandas()["series_key"])
+    after = json.loads((out / "_pacs" / "query.json").read_text())
+    assert after["orthanc_changes_last"] > recorded["orthanc_changes_last"]
+    assert after["earliest_since"] <= "2001-01-02"  # the export finds the late study again

@@ -110,6 +110,7 @@ def screen_from_pacs(
     from jobs.dicomweb_fetch import screen_pacs
     from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, run_query
     from pdd_batch.ingest.dicomweb_retrieve import FetchLimits
+    from pdd_batch.ingest.orthanc_changes import change_cursor, with_received_studies
 
     endpoint = endpoint_from_source(
         source, options.get("netrc"), bool(options.get("allow_insecure_http"))
@@ -119,9 +120,15 @@ def screen_from_pacs(
     query, first_last_run = pacs_query(
         cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
     )
+    last_run = options.get("since") == "last-run"
+    cursor = change_cursor(endpoint)  # before the query: nothing received meanwhile is missed
     found = run_query(endpoint, query)  # before the live view: a refusal is one line
     if first_last_run and not options.get("all"):
         raise DicomwebError(first_last_run_refusal(found))  # exit 2, nothing fetched
+    if last_run:  # and what the PACS received since, whatever its StudyDate (Orthanc)
+        found = with_received_studies(endpoint, query, found, cfg.out_dir, cursor)
+    else:
+        found = dataclasses.replace(found, cursor=cursor)
     own = f" ({found.own_skipped} of pdd-batch's own SR/KOS/overlay series left out)"
     console.print(
         f"PACS {endpoint.host}: {len(found.hits)} series found" + (own if found.own_skipped else "")

@@ -232,7 +232,7 @@ def paged(
 def qido_search(session: Any, endpoint: Endpoint, path: str, filters: dict[str, str]) -> Any:
     """A ``search(limit=, offset=)`` of ``path`` (``/series``, ``/studies/UID/series``): one
     QIDO-RS request per call, DICOM JSON list out (a connection failure is not retried)."""
-    fields = ",".join((TAG_MANUFACTURER, TAG_SERIES_DESCRIPTION, TAG_MODALITY))
+    fields = ",".join((TAG_MANUFACTURER, TAG_SERIES_DESCRIPTION, TAG_MODALITY, TAG_STUDY_DATE))
 
     def search(limit: int, offset: int) -> list[dict]:
         params = {**filters, "limit": limit, "offset": offset, "includefield": fields}
@@ -267,6 +267,8 @@ class QueryResult:
     started: datetime
     hits: list[SeriesHit]
     own_skipped: int = 0
+    earliest_study_date: date | None = None  # of the hits (the export's search window)
+    cursor: int | None = None  # Orthanc's change log position before the query, if any
 
     @property
     def n_studies(self) -> int:
@@ -288,7 +290,7 @@ def query_series(
     filters = query.series_filters()
     paths = [f"/studies/{uid}/series" for uid in query.study_uids] or ["/series"]
     hits: dict[str, SeriesHit] = {}
-    own = 0
+    own, dates = 0, set()
     with new_session(endpoint) as session:
         for path in paths:
             search = qido_search(session, endpoint, path, filters)
@@ -299,8 +301,21 @@ def query_series(
                 modality = _value(item, TAG_MODALITY)
                 hit = SeriesHit(_value(item, TAG_STUDY_UID), _value(item, TAG_SERIES_UID), modality)
                 hits.setdefault(hit.key, hit)
+                dates.add(_value(item, TAG_STUDY_DATE))
     log.info("QIDO-RS: %d series (%d of this product's own output left out)", len(hits), own)
-    return QueryResult(started, sorted(hits.values(), key=lambda h: h.key), own)
+    hit_list = sorted(hits.values(), key=lambda h: h.key)
+    return QueryResult(started, hit_list, own, _earliest(dates))
+
+
+def _earliest(dates: set[str]) -> date | None:
+    """The earliest valid YYYYMMDD of ``dates`` (others ignored)."""
+    parsed = []
+    for text in dates:
+        try:
+            parsed.append(datetime.strptime(text, "%Y%m%d").date())
+        except ValueError:
+            continue
+    return min(parsed, default=None)
 
 
 def run_query(endpoint: Endpoint, query: Query) -> QueryResult:
@@ -339,6 +354,13 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def recorded_cursor(out_dir: Path) -> int | None:
+    """The Orthanc change-log cursor the previous complete run recorded, if any."""
+    path = Path(out_dir) / PACS_FOLDER / QUERY_STATE
+    value = json.loads(path.read_text()).get("orthanc_changes_last") if path.is_file() else None
+    return value if isinstance(value, int) else None
+
+
 def last_query_time(out_dir: Path) -> datetime | None:
     """When the previous complete run of this folder queried the PACS (UTC), if one did."""
     path = Path(out_dir) / PACS_FOLDER / QUERY_STATE
@@ -358,12 +380,20 @@ def since_for_last_run(out_dir: Path) -> date | None:
     return None if stamp is None else (stamp - timedelta(days=1)).date()
 
 
-def record_query(out_dir: Path, started: datetime, query: Query, n_series: int) -> None:
-    """Remember this query's start time (UTC) for the next ``--since last-run``, and the widest
-    date window asked so far (``earliest_since``, for finding the studies again on export)."""
+def record_query(
+    out_dir: Path, started: datetime, query: Query, n_series: int, found: Any = None
+) -> None:
+    """Remember this query's start time (UTC) for the next ``--since last-run``, the Orthanc
+    change-log cursor (``found.cursor``), and the widest date window asked so far
+    (``earliest_since``, for finding the studies again on export; it reaches back to the
+    earliest study found, ``found.earliest_study_date``, a late-received study included)."""
     path = pacs_root(out_dir) / QUERY_STATE
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    earliest = query.since.isoformat() if query.since else None
+    since = query.since
+    found_date = getattr(found, "earliest_study_date", None)
+    if since is not None and found_date is not None:
+        since = min(since, found_date)
+    earliest = since.isoformat() if since else None
     if "earliest_since" in previous:
         before = previous["earliest_since"]
         earliest = None if before is None or earliest is None else min(before, earliest)
@@ -374,6 +404,7 @@ def record_query(out_dir: Path, started: datetime, query: Query, n_series: int) 
         "modality": query.modality,
         "study_uid_list": bool(query.study_uids),  # whether a list was given (never the UIDs)
         "series_found": n_series,
+        "orthanc_changes_last": getattr(found, "cursor", None),
     }
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
