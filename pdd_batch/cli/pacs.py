@@ -86,6 +86,30 @@ def pacs_query(
     return query, is_last_run and since_date is None
 
 
+def find_series(endpoint: Any, out: Path, options: dict[str, Any]) -> tuple[Any, Any]:
+    """The query of the options and what it found: the Orthanc change-log cursor read first
+    (nothing received meanwhile is missed), and for ``--since last-run`` the studies received
+    since the previous run added (``pdd_batch.ingest.orthanc_changes``).
+
+    Raises:
+        DicomwebError: the PACS cannot be queried, or a first ``--since last-run`` without
+            ``--all`` (the message says how many studies it would fetch).
+    """
+    from pdd_batch.ingest.dicomweb import DicomwebError, run_query
+    from pdd_batch.ingest.orthanc_changes import change_cursor, with_received_studies
+
+    query, first_last_run = pacs_query(
+        out, options.get("since"), options.get("modality"), options.get("study_uid_file")
+    )
+    cursor = change_cursor(endpoint)
+    found = run_query(endpoint, query)  # before the live view: a refusal is one line
+    if first_last_run and not options.get("all"):
+        raise DicomwebError(first_last_run_refusal(found))  # exit 2, nothing fetched
+    if options.get("since") == "last-run":  # and what the PACS received since (Orthanc)
+        return query, with_received_studies(endpoint, query, found, out, cursor)
+    return query, dataclasses.replace(found, cursor=cursor)
+
+
 def screen_from_pacs(
     console: Console,
     source: str,
@@ -108,27 +132,15 @@ def screen_from_pacs(
         The ``jobs.screen.ScreenResult`` of the folder screen of the fetched series.
     """
     from jobs.dicomweb_fetch import screen_pacs
-    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, run_query
+    from pdd_batch.ingest.dicomweb import endpoint_from_source
     from pdd_batch.ingest.dicomweb_retrieve import FetchLimits
-    from pdd_batch.ingest.orthanc_changes import change_cursor, with_received_studies
 
     endpoint = endpoint_from_source(
         source, options.get("netrc"), bool(options.get("allow_insecure_http"))
     )
     timeout_s = options.get("pacs_timeout") or DEFAULT_PACS_TIMEOUT_S
     endpoint = dataclasses.replace(endpoint, timeout_s=float(timeout_s))
-    query, first_last_run = pacs_query(
-        cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
-    )
-    last_run = options.get("since") == "last-run"
-    cursor = change_cursor(endpoint)  # before the query: nothing received meanwhile is missed
-    found = run_query(endpoint, query)  # before the live view: a refusal is one line
-    if first_last_run and not options.get("all"):
-        raise DicomwebError(first_last_run_refusal(found))  # exit 2, nothing fetched
-    if last_run:  # and what the PACS received since, whatever its StudyDate (Orthanc)
-        found = with_received_studies(endpoint, query, found, cfg.out_dir, cursor)
-    else:
-        found = dataclasses.replace(found, cursor=cursor)
+    query, found = find_series(endpoint, cfg.out_dir, options)
     own = f" ({found.own_skipped} of pdd-batch's own SR/KOS/overlay series left out)"
     console.print(
         f"PACS {endpoint.host}: {len(found.hits)} series found" + (own if found.own_skipped else "")
