@@ -116,11 +116,33 @@ def _default_models() -> dict[str, dict[str, str | None]]:
         except (OSError, ValueError):
             out[key] = {"path": None, "sha256": None, "note": "not embedded"}
             continue
-        out[key] = {
-            "path": str(folder),
-            "sha256": meta.get("checkpoint_hash"),
-            "note": f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}",
-        }
+        out[key] = _checkpoint_entry(folder, meta)
+    return out
+
+
+def _checkpoint_entry(folder: Path, meta: dict[str, Any]) -> dict[str, str | None]:
+    """A checkpoint's row: its id, scope and where its threshold came from."""
+    from pdd_batch.evaluation.site_calibration import describe_threshold
+
+    note = f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}; "
+    return {
+        "path": str(folder),
+        "sha256": meta.get("checkpoint_hash"),
+        "note": note + describe_threshold(meta.get("calibration")),
+    }
+
+
+def _checkpoints(paths: list[Path]) -> dict[str, dict[str, str | None]]:
+    """``--model`` checkpoints: one row each (unreadable: the reason)."""
+    out: dict[str, dict[str, str | None]] = {}
+    for folder in paths:
+        key = f"model {folder.name}"
+        try:
+            meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            out[key] = {"path": str(folder), "sha256": None, "note": f"unreadable ({exc})"}
+            continue
+        out[key] = _checkpoint_entry(folder, meta)
     return out
 
 
@@ -134,9 +156,12 @@ def _scope_line(meta: dict[str, Any]) -> str:
         return f"unreadable ({exc})"
 
 
-def collect_report() -> dict[str, Any]:
-    """Everything ``doctor`` reports, as a JSON-ready dict."""
-    return {"versions": _versions(), "device": _device(), "weights": _weights()}
+def collect_report(models: list[Path] | None = None) -> dict[str, Any]:
+    """Everything ``doctor`` reports, as a JSON-ready dict (``models``: checkpoints to show
+    besides the embedded defaults)."""
+    weights = _weights()
+    weights.update(_checkpoints(list(models or [])))
+    return {"versions": _versions(), "device": _device(), "weights": weights}
 
 
 def _render(report: dict[str, Any], console: Console) -> None:
@@ -196,12 +221,17 @@ def doctor_command(
         str | None,
         typer.Option(help="Also check a DICOMweb endpoint: dicomweb+http(s)://HOST/ROOT."),
     ] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(help="Also show this checkpoint: scope, threshold and its source."),
+    ] = None,
     netrc: NetrcOption = None,
     allow_insecure_http: AllowInsecureHttpOption = False,
     pacs_timeout: PacsTimeoutOption = 15.0,
 ) -> None:
-    """Show versions, the device and scan backend, and which weights were found where."""
-    report = collect_report()
+    """Show versions, the device and scan backend, which weights were found where, and where
+    each model's threshold came from (development set or site)."""
+    report = collect_report(model)
     if dicomweb:
         report["dicomweb"] = _dicomweb(dicomweb, netrc, allow_insecure_http, pacs_timeout)
     if as_json:
@@ -211,8 +241,9 @@ def doctor_command(
         _render(report, console)
         if dicomweb:
             found = report["dicomweb"]
-            ok = found["answers"]
-            console.print(f"[{'green' if ok else 'red'}]DICOMweb: {found['note']}[/]")
+            ok, note = found["answers"], found["note"]
+            line = note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
+            console.print(f"[{'green' if ok else 'red'}]{line}[/]")
             if found["login"]:
                 console.print(f"DICOMweb login: {found['login']}")
     if dicomweb and not report["dicomweb"]["answers"]:

@@ -239,7 +239,7 @@ def probe(endpoint: Endpoint) -> str:
         DicomwebError: the endpoint does not answer as a DICOMweb server (auth included).
     """
     once = Endpoint(endpoint.url, endpoint.user, endpoint.password, endpoint.timeout_s, 1)
-    what = f"DICOMweb {endpoint.host}"
+    what = "QIDO-RS query"
     with new_session(once) as session:
         response = get(session, once, "/studies", what=what, params={"limit": 1})
         try:
