@@ -245,6 +245,6 @@ def doctor_command(
             line = note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
             console.print(f"[{'green' if ok else 'red'}]{line}[/]")
             if found["login"]:
-                console.print(f"DICOMweb login: {found['login']}")
+                console.print(f"PACS login: {found['login']}")  # "DICOMweb" said once
     if dicomweb and not report["dicomweb"]["answers"]:
         raise typer.Exit(code=1)
