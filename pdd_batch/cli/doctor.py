@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -12,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from pdd_batch.cli.pacs import AllowInsecureHttpOption, NetrcOption, PacsTimeoutOption
 
 DISTRIBUTIONS = (
     "pdd-batch",
@@ -212,14 +215,34 @@ def _render_selection(sel: dict[str, Any], console: Console) -> None:
     console.print(sel["why"])
 
 
-def _dicomweb(source: str) -> dict[str, Any]:
-    """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials."""
-    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, probe
+def _dicomweb(
+    source: str, netrc: Path | None, allow_insecure_http: bool, timeout_s: float
+) -> dict[str, Any]:
+    """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials,
+    and where the login came from (never the login itself)."""
+    from pdd_batch.ingest.dicomweb import (
+        USER_ENV,
+        DicomwebError,
+        endpoint_from_source,
+        netrc_path,
+        probe,
+    )
 
     try:
-        return {"answers": True, "note": probe(endpoint_from_source(source))}
+        endpoint = endpoint_from_source(source, netrc, allow_insecure_http)
+        endpoint = dataclasses.replace(endpoint, timeout_s=timeout_s)
     except DicomwebError as exc:
-        return {"answers": False, "note": str(exc)}
+        return {"answers": False, "login": None, "note": str(exc)}
+    if not endpoint.user:
+        login = "none (no environment variables, no netrc entry for the host)"
+    elif os.environ.get(USER_ENV):
+        login = f"from {USER_ENV}"
+    else:
+        login = f"from netrc file {netrc_path(netrc).name}"
+    try:
+        return {"answers": True, "login": login, "note": probe(endpoint)}
+    except DicomwebError as exc:
+        return {"answers": False, "login": login, "note": str(exc)}
 
 
 def doctor_command(
@@ -235,12 +258,15 @@ def doctor_command(
             "configuration was selected (every candidate's synthetic-lesion figure)."
         ),
     ] = None,
+    netrc: NetrcOption = None,
+    allow_insecure_http: AllowInsecureHttpOption = False,
+    pacs_timeout: PacsTimeoutOption = 15.0,
 ) -> None:
     """Show versions, the device and scan backend, which weights were found where, and where
     each model's threshold came from (development set or site)."""
     report = collect_report(model)
     if dicomweb:
-        report["dicomweb"] = _dicomweb(dicomweb)
+        report["dicomweb"] = _dicomweb(dicomweb, netrc, allow_insecure_http, pacs_timeout)
     if model:
         report["selection"] = {str(p): selection_report(p) for p in model}
     if as_json:
@@ -251,10 +277,11 @@ def doctor_command(
         for sel in report.get("selection", {}).values():
             _render_selection(sel, console)
         if dicomweb:
-            ok, note = report["dicomweb"]["answers"], report["dicomweb"]["note"]
-            line = (
-                note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
-            )  # no "DICOMweb" twice
+            found = report["dicomweb"]
+            ok, note = found["answers"], found["note"]
+            line = note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
             console.print(f"[{'green' if ok else 'red'}]{line}[/]")
+            if found["login"]:
+                console.print(f"PACS login: {found['login']}")  # "DICOMweb" said once
     if dicomweb and not report["dicomweb"]["answers"]:
         raise typer.Exit(code=1)

@@ -37,8 +37,10 @@ UNREADABLE_PREFIX = "unreadable instance, left out of its series: "
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"  # every input accounted for
-STATUS_INCOMPLETE = "incomplete"  # some inputs lost: rerun to finish
+STATUS_INCOMPLETE = "incomplete"  # inputs lost or not fetched: rerun to finish
 STATUS_FAILED = "failed"  # the run itself failed
+# exit codes of `pdd-batch screen` and `summary` (docs/screening.md); 3: the folder is locked
+EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
 
 VERSIONED_PACKAGES = ("pdd-batch", "torch", "timm", "ray", "pydicom", "nibabel", "pyarrow", "numpy")
 
@@ -103,8 +105,9 @@ def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str
 
 
 def exit_code_for(status: str) -> int:
-    """0: every input accounted for (bad inputs included); 1: some lost; 2: the run failed."""
-    return {STATUS_COMPLETE: 0, STATUS_INCOMPLETE: 1}.get(status, 2)
+    """0: every input accounted for (bad inputs included); 1: incomplete (inputs lost, or PACS
+    series not fetched: rerun to finish); 2: the run failed (also a usage error's code)."""
+    return {STATUS_COMPLETE: EXIT_OK, STATUS_INCOMPLETE: EXIT_INCOMPLETE}.get(status, EXIT_FAILED)
 
 
 def build_manifest(
