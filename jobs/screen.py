@@ -32,10 +32,11 @@ from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
 from pdd_batch.ingest import keys
 from pdd_batch.ingest.archive_io import IngestLimits, split_member
-from pdd_batch.ingest.discovery import Discovery, FileRecord, SeriesRef, discover
+from pdd_batch.ingest.discovery import Discovery, FileRecord, SeriesRef
 from pdd_batch.ingest.scope import UNKNOWN_SCOPE, ModelScope, Routed
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.crosswalk import check_location, write_crosswalk
+from pdd_batch.runs.discovery_index import discover_indexed
 from pdd_batch.runs.manifest import (
     STATUS_COMPLETE,
     STATUS_FAILED,
@@ -312,6 +313,7 @@ class _Run:
     published_manifest: dict[str, Any] | None = None
     models: list[ModelInfo] = field(default_factory=list)  # a routed set: each with its series
     routed: Routed | None = None
+    discovery: dict[str, int] = field(default_factory=dict)  # header_reads, files_unchanged
 
 
 def public_config(cfg: RunConfig) -> dict[str, Any]:
@@ -420,7 +422,8 @@ def _prepare(
         cfg, state, model, key_id, progress, single=len(models) == 1
     )
     t = time.perf_counter()
-    disc = discover(
+    disc, discovery_stats = discover_indexed(  # headers of new or changed files only
+        state,
         cfg.archive,
         open_archives=cfg.open_archives,
         limits=cfg.limits,
@@ -464,6 +467,7 @@ def _prepare(
     run = _Run(cfg, state, model, disc, pending, sink, progress, t_start, key_id=key_id)
     run.models, run.routed = models, routed
     run.timings["discover_s"] = discover_s
+    run.discovery = discovery_stats
     run.warnings, run.published_manifest = warnings, published_manifest
     run.manifest = _running_manifest(run)
     write_manifest(cfg.out_dir, run.manifest)
@@ -569,11 +573,12 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
         "run_config": public_config(run.cfg),
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
         "series_seen": len(seen),
+        "discovery": run.discovery,
         "series_screened_this_run": stats.series_committed,
-        "series_reused": len(seen & set(state.series)) - stats.series_committed,
+        "series_reused": sum(1 for k in seen if k in state.series) - stats.series_committed,
         "series_failed": len(run.sink.failed),
         "slices_written_this_run": stats.slices_written,
-        "slices_total": sum(state.part_rows().values()),
+        "slices_total": state.committed_rows(),
         "studies": n_study,
         "error_rows": n_err,
         "slices_per_s": round(stats.slices_written / max(run.timings["pipeline_s"], 1e-9), 2),

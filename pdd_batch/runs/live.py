@@ -343,3 +343,41 @@ def reconcile(state: RunState) -> list[str]:
     if current is not None and current != live_list(state):
         write_live_list(state)
     return orphans
+
+
+def _small_batches(files: list[tuple[str, int]], target_rows: int) -> list[list[str]]:
+    """Consecutive small files grouped into batches of about ``target_rows`` (2+ files each)."""
+    batches: list[list[str]] = []
+    current: list[str] = []
+    rows = 0
+    for name, n in files:
+        if n >= target_rows:
+            continue
+        if current and rows + n > target_rows:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(name)
+        rows += n
+    batches.append(current)
+    return [b for b in batches if len(b) > 1]
+
+
+def compact(state: RunState, run_id: str, target_rows: int = 1 << 20) -> dict[str, int]:
+    """Merge the small live files of each table into files of about ``target_rows`` rows (an
+    explicit maintenance step: ``pdd-batch compact``). The merged files are retired, never
+    rewritten. Returns files merged per table."""
+    merged: dict[str, int] = {}
+    for tbl in ("slices", "heatmaps", "studies"):
+        q = "SELECT name, live_rows FROM files WHERE tbl = ? AND state = 'live' ORDER BY rowid"
+        if tbl == "studies":
+            q = q.replace("live_rows", "n_rows")
+        files = state.conn.execute(q, (tbl,)).fetchall()
+        merged[tbl] = 0
+        for batch in _small_batches(files, target_rows):
+            new = _rewrite(state, tbl, [(n, "live") for n in batch], run_id, reflag=False)
+            with store.transaction(state.conn):
+                _swap(state, tbl, batch, new)
+            merged[tbl] += len(batch)
+    write_live_list(state)
+    delete_retired(state)
+    return merged

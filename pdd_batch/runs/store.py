@@ -58,15 +58,11 @@ CREATE TABLE IF NOT EXISTS file_index (
     status TEXT NOT NULL,
     reason TEXT NOT NULL,
     series_key TEXT,
+    token TEXT,
     position INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS file_index_by_series ON file_index(series_key);
-CREATE TABLE IF NOT EXISTS index_series (
-    series_key TEXT PRIMARY KEY,
-    group_token TEXT NOT NULL,
-    ref TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS index_series_by_group ON index_series(group_token);
+CREATE TABLE IF NOT EXISTS index_series (series_key TEXT PRIMARY KEY, ref TEXT NOT NULL);
 """
 
 
