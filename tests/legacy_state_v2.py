@@ -1,4 +1,8 @@
-"""Incremental and resumable bookkeeping of a run folder (``OUT/_state/state.json``).
+"""A verbatim copy of ``pdd_batch/runs/state.py`` at commit 758f64a (run state version 2:
+``_state/state.json`` and one merged ``slices/slices.parquet``), kept so tests can write run
+folders exactly as the earlier version did and check that they are read and migrated.
+
+Incremental and resumable bookkeeping of a run folder (``OUT/_state/state.json``).
 
 Readers only ever see *published* results: ``slices/slices.parquet`` (one file),
 ``studies/studies.parquet``, ``errors/errors.parquet`` and ``manifest.json``. A run writes its

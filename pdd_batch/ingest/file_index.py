@@ -17,7 +17,7 @@ the run store (``pdd_batch.runs.discovery_index``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from pdd_batch.ingest.discovery import (
     read_one,
     walk_files,
 )
-from pdd_batch.ingest.keys import file_key, redact_paths, series_key
+from pdd_batch.ingest.keys import KEY_LENGTH, file_key, redact_paths, series_key, site_key
 from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
 
 
@@ -78,13 +78,19 @@ class _Seen:
     mtime_ns: int
 
 
-def _stat(path: Path, rel: str) -> _Seen:
+def _file_keys() -> Callable[[str], str]:
+    """``keys.file_key`` with the site key looked up once (not once per file)."""
+    key = site_key()
+    return lambda rel: key.digest("file", "file", rel, length=KEY_LENGTH)
+
+
+def _stat(path: Path, rel: str, key_of: Callable[[str], str]) -> _Seen:
     try:
         st = path.stat()
         size, mtime = st.st_size, st.st_mtime_ns
     except OSError:
         size, mtime = -1, -1  # read, and recorded as failed, by the reader
-    return _Seen(path, rel, file_key(rel), size, mtime)
+    return _Seen(path, rel, key_of(rel), size, mtime)
 
 
 def _nifti_stem(rel: str) -> str | None:
@@ -148,7 +154,8 @@ def discover_incremental(
         disc = discover(archive, open_archives=open_archives, limits=limits)
         return disc, IndexUpdate(header_reads=len(disc.files))
     col = Collector(archive, limits or IngestLimits(), follow_links_outside)
-    seen = [_stat(p, p.relative_to(archive).as_posix()) for p in walk_files(archive, col)]
+    key_of = _file_keys()
+    seen = [_stat(p, p.relative_to(archive).as_posix(), key_of) for p in walk_files(archive, col)]
     unchanged, to_read = _split(seen, index)
     update = IndexUpdate()
     for s in to_read:

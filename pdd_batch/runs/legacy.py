@@ -46,10 +46,10 @@ def _read_state(path: Path) -> dict[str, Any]:
     return data
 
 
-def _split(state: RunState, src: Path, keys: list[str], name: str, where: str) -> int:
-    """Write the rows of ``keys`` in ``src`` as slices file + heatmaps file ``name`` in
-    ``where`` (pending | live); returns the rows."""
-    wanted = pa.array(sorted(keys), type=pa.string())
+def _split(state: RunState, src: Path, keys: list[str] | None, name: str, where: str) -> int:
+    """Write the rows of ``keys`` (None: every row) in ``src`` as slices file + heatmaps file
+    ``name`` in ``where`` (pending | live); returns the rows."""
+    wanted = None if keys is None else pa.array(sorted(keys), type=pa.string())
     pf = pq.ParquetFile(src)
     heat = state.file_path("heatmaps", name, where)
     if "heatmap_png" not in pf.schema_arrow.names and heat.is_file():
@@ -57,7 +57,7 @@ def _split(state: RunState, src: Path, keys: list[str], name: str, where: str) -
     parts = []
     for i in range(pf.num_row_groups):
         t = pf.read_row_group(i)
-        parts.append(t.filter(pc.is_in(t["series_key"], value_set=wanted)))
+        parts.append(t if wanted is None else t.filter(pc.is_in(t["series_key"], value_set=wanted)))
     table = conform_slices(pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table())
     write_table_atomic(table.select(HEATMAP_COLUMNS), heat)
     scores = table.select(SLICES_FILE_SCHEMA.names).cast(SLICES_FILE_SCHEMA)
@@ -85,13 +85,15 @@ def migrate_state_json(state: RunState, path: Path) -> None:
         if rec.part:
             by_part[rec.part].append(k)
     sources = _sources(state, data)
-    files: list[tuple[str, str, int]] = []  # (new name, state, rows)
+    files: list[tuple[str, str, int, int]] = []  # (new name, state, rows, current rows)
     renamed: dict[str, str] = {}
-    for part, keys in by_part.items():
-        src, name, where = sources.get(part, (Path("/nonexistent"), part, "pending"))
-        if not src.is_file():
-            continue  # rows gone: the series are forgotten below and screened again
-        files.append((name, where, _split(state, src, keys, name, where)))
+    for part, (src, name, where) in sources.items():
+        if not src.is_file() or (part != LEGACY_PUBLISHED and part not in by_part):
+            continue  # rows gone: their series are forgotten below and screened again
+        # the published file stays readable whole (as before) until this version publishes
+        keys = None if part == LEGACY_PUBLISHED else by_part[part]
+        current = sum(records[k].n_slices for k in by_part.get(part, []))
+        files.append((name, where, _split(state, src, keys, name, where), current))
         renamed[part] = name
     _record_all(state, data, records, files, renamed)
     from pdd_batch.runs.live import write_live_list
@@ -121,7 +123,7 @@ def _record_all(
     state: RunState,
     data: dict[str, Any],
     records: dict[str, SeriesRecord],
-    files: list[tuple[str, str, int]],
+    files: list[tuple[str, str, int, int]],
     renamed: dict[str, str],
 ) -> None:
     """The one transaction of the migration."""
@@ -144,11 +146,11 @@ def _record_all(
         rows.append((k, name, name, n, r.fingerprint, r.study_key, r.dropped_json()))
     with store.transaction(state.conn) as c:
         store.set_meta(c, **meta)
-        for name, where, n in files:
+        for name, where, n, current in files:
             for tbl in ("slices", "heatmaps"):
                 c.execute(
                     "INSERT INTO files(name, tbl, state, n_rows, live_rows) VALUES (?, ?, ?, ?, ?)",
-                    (name, tbl, where, n, n),
+                    (name, tbl, where, n, current),
                 )
         c.executemany(
             "INSERT INTO series(series_key, part, heatmap_part, n_slices, fingerprint, "
@@ -158,4 +160,5 @@ def _record_all(
         studies = _register_table(c, state, "studies", "studies.parquet")
         c.executemany("INSERT INTO studies VALUES (?, 'studies.parquet')", [(k,) for k in studies])
         c.execute("INSERT OR IGNORE INTO dirty_studies SELECT study_key FROM studies")
+        c.execute("INSERT OR IGNORE INTO dirty_studies SELECT study_key FROM series")
         _register_table(c, state, "errors", "errors.parquet")
