@@ -76,8 +76,8 @@ def test_earlier_run_folder_is_read_then_migrated_once(tmp_path: Path) -> None:
     assert sorted(slices.groupby("series_key").size().items()) == [
         ("s1", 3), ("s2", 2), ("s3", 5), ("s4", 2)
     ]  # fmt: skip
-    assert all(p == f"png-{k.replace(':0:', '-')}".encode()
-               for k, p in zip(slices["slice_key"], slices["heatmap_png"], strict=True))  # fmt: skip
+    pairs = zip(slices["slice_key"], slices["heatmap_png"], strict=True)
+    assert all(png == f"png-{k.replace(':0:', '-')}".encode() for k, png in pairs)
     studies = after.studies.to_pandas().set_index("study_key")
     assert studies.loc["st2", "n_slices"] == 5 and studies.loc["st1", "n_slices"] == 5
     assert "heatmap_png" not in read_table(out, "slices").column_names
