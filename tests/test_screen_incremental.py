@@ -62,6 +62,8 @@ def test_a_night_that_adds_one_series_only_adds_files(tmp_path: Path) -> None:
         assert nothing["series_screened_this_run"] == 0
         write_ct_series(archive / "s2", n_slices=3, rows=32, cols=32, seed=402)
         third = screen("n3")
+        # the Ray Data recipe of docs/screening.md
+        assert ray.data.read_parquet(_live(out, "slices")).count() == 9
     finally:
         ray.shutdown()
     assert third["discovery"] == {"header_reads": 3, "files_unchanged": 6}
