@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pdd_batch.runs import live, store
+from pdd_batch.runs.bench_discovery import time_discovery
 from pdd_batch.runs.schema import SCHEMA_VERSION, SLICES_SCHEMA, STUDIES_SCHEMA
 from pdd_batch.runs.state import RunState, SeriesRecord
 from pdd_batch.runs.tables import write_studies
@@ -214,8 +215,6 @@ def run_nightly_benchmark(
         for state in stores.values():
             state.close()
         if discovery_files:
-            from pdd_batch.runs.bench_discovery import time_discovery
-
             figures.update(time_discovery(Path(tmp) / "archive", discovery_files, print_fn))
     small, large = min(sizes), max(sizes)
     ratio = figures[f"per_series_s_{large}"] / figures[f"per_series_s_{small}"]

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pdd_batch.runs import store
+from pdd_batch.runs.live import write_live_list
 from pdd_batch.runs.records import RunStateError, SeriesRecord, conform_slices
 from pdd_batch.runs.schema import HEATMAP_COLUMNS, SLICES_FILE_SCHEMA
 from pdd_batch.runs.writer import write_table_atomic
@@ -96,8 +97,6 @@ def migrate_state_json(state: RunState, path: Path) -> None:
         files.append((name, where, _split(state, src, keys, name, where), current))
         renamed[part] = name
     _record_all(state, data, records, files, renamed)
-    from pdd_batch.runs.live import write_live_list
-
     write_live_list(state)
     (state.slices_dir / LEGACY_PUBLISHED).unlink(missing_ok=True)  # now slices-migrated
     path.unlink(missing_ok=True)

@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pdd_batch.runs import live, store
+from pdd_batch.runs.legacy import migrate_state_json
 from pdd_batch.runs.records import RunStateError, SeriesRecord, conform_slices
 from pdd_batch.runs.schema import HEATMAP_COLUMNS, SLICES_SCHEMA
 from pdd_batch.runs.writer import (
@@ -235,8 +236,6 @@ class RunState:
         state._conn = store.connect(state.path)
         if not store.has_meta(state._conn, "version"):
             if legacy_file.is_file():
-                from pdd_batch.runs.legacy import migrate_state_json
-
                 migrate_state_json(state, legacy_file)
             else:
                 store.set_meta(state._conn, version=store.STORE_VERSION)
