@@ -16,7 +16,7 @@ from dicom_factory import write_corrupt_dicom, write_non_image, write_text
 from screen_support import make_checkpoint
 
 import pdd_batch.runs.manifest as manifest_mod
-import pdd_batch.runs.tables as run_tables
+import pdd_batch.runs.live as run_live
 from jobs.screen import run_screen
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.writer import WriteError, write_atomic, write_json_atomic
@@ -57,7 +57,7 @@ def test_full_disk_at_the_end_of_a_run_is_recorded_as_failed(
     tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(tmp_path, ckpt)
-    monkeypatch.setattr(run_tables, "write_table_atomic", lambda table, final: _full_disk(final))
+    monkeypatch.setattr(run_live, "write_tables_atomic", lambda schema, t, final: _full_disk(final))
     with pytest.raises(WriteError, match="No space left on device"):
         run_screen(cfg)
     m = _manifest(cfg)
@@ -70,7 +70,7 @@ def test_the_first_error_is_kept_when_finalising_fails_too(
     tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(tmp_path, ckpt)
-    monkeypatch.setattr(run_tables, "write_table_atomic", lambda table, final: _full_disk(final))
+    monkeypatch.setattr(run_live, "write_tables_atomic", lambda schema, t, final: _full_disk(final))
 
     def progress(event) -> None:
         if event.stage == "series":
@@ -86,7 +86,7 @@ def test_failure_is_recorded_even_when_the_manifest_cannot_be_rewritten(
     tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(tmp_path, ckpt)
-    monkeypatch.setattr(run_tables, "write_table_atomic", lambda table, final: _full_disk(final))
+    monkeypatch.setattr(run_live, "write_tables_atomic", lambda schema, t, final: _full_disk(final))
 
     def json_on_a_full_disk(data, final):
         if data.get("status") == "failed":
