@@ -15,8 +15,8 @@ import pytest
 from dicom_factory import write_corrupt_dicom, write_non_image, write_text
 from screen_support import make_checkpoint
 
-import pdd_batch.runs.manifest as manifest_mod
 import pdd_batch.runs.live as run_live
+import pdd_batch.runs.manifest as manifest_mod
 from jobs.screen import run_screen
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.writer import WriteError, write_atomic, write_json_atomic

@@ -26,13 +26,13 @@ import numpy as np
 
 from pdd_batch.ingest.discovery import SeriesRef
 from pdd_batch.ingest.keys import file_key
+from pdd_batch.runs.rows import KIND_EMPTY, KIND_END, KIND_ERROR, KIND_SLICE
 from pdd_batch.runs.schema import SLICES_SCHEMA
 from pdd_batch.runs.state import RunState, SeriesRecord
 from pdd_batch.runs.writer import rows_to_table
 
 log = logging.getLogger(__name__)
 
-KIND_SLICE, KIND_END, KIND_ERROR, KIND_EMPTY = "slice", "end", "error", "empty"
 NO_SLICE_REASON = "no slice was taken from this file"
 
 
