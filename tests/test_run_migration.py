@@ -85,3 +85,9 @@ def test_earlier_run_folder_is_read_then_migrated_once(tmp_path: Path) -> None:
     assert len(live["studies"]) >= 1 and all(p.startswith("studies/") for p in live["studies"])
     again = RunState.load(out)  # nothing left to migrate
     assert again.series.keys() == {"s1", "s2", "s3", "s4"} and not again.parts
+    # killed after the migration's transaction, before it deleted the old merged file:
+    write_table_atomic(
+        rows_to_table(_rows("s9", "st9", 1), SLICES_SCHEMA), out / "slices" / "slices.parquet"
+    )
+    again.reconcile()
+    assert not (out / "slices" / "slices.parquet").exists() and len(open_run(out).slices) == 12

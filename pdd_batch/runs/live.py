@@ -329,7 +329,8 @@ def reconcile(state: RunState) -> list[str]:
         ours = folder in (state.store_dir, state.heatmap_store_dir)
         for p in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
             # in a table folder only names this module gives (never a file someone put there)
-            if (tbl, p.name) not in named and (ours or p.name.startswith(f"{tbl}-")):
+            mine = ours or p.name.startswith(f"{tbl}-") or p.name == "slices.parquet"
+            if (tbl, p.name) not in named and mine:  # slices.parquet: a migrated folder's
                 p.unlink(missing_ok=True)
                 if folder == state.store_dir:
                     orphans.append(p.name)
