@@ -21,6 +21,7 @@ import ray
 
 from jobs.graph import build_dataset
 from jobs.resources import ActorPlan, plan_model_pools
+from pdd_batch.evaluation.site_calibration import threshold_source
 from pdd_batch.ingest.archive_io import IngestLimits
 from pdd_batch.ingest.discovery import SeriesRef
 from pdd_batch.ingest.scope import ModelScope
@@ -128,6 +129,7 @@ def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = No
         scope=ModelScope.from_dict(meta.get("scope")),
         ood_threshold=float(meta["ood"]["threshold"]) if meta.get("ood") else None,
         ood_sha256=str(meta["ood"]["sha256"]) if meta.get("ood") else None,
+        threshold_source=threshold_source(calib),
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdd_batch.evaluation.site_calibration import SOURCE_NONE
 from pdd_batch.ingest.scope import UNKNOWN_SCOPE, ModelScope, Routed
 from pdd_batch.runs.config import RunConfig
 
@@ -56,6 +57,7 @@ class ModelInfo:
     scope: ModelScope = UNKNOWN_SCOPE
     ood_threshold: float | None = None  # the in-distribution check's, when it has one
     ood_sha256: str | None = None
+    threshold_source: str = SOURCE_NONE  # "site", "development set" or "uncalibrated"
 
 
 @dataclass
