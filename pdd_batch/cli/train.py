@@ -63,6 +63,14 @@ def train_command(
             "(required for image folders; with --archive it is derived from the headers)."
         ),
     ] = None,
+    framing: Annotated[
+        str,
+        typer.Option(
+            help="Field of view the model sees (stored in the checkpoint; screen, calibrate and "
+            "evaluate apply it): auto (by the scope's modality: CT ct-head-v1, MR mr-v1, "
+            "CR/DX radiograph-v1), ct-head-v1, radiograph-v1, mr-v1, none (whole image)."
+        ),
+    ] = "auto",
 ) -> None:
     """Train on the normal images of DATA (the `train` split when a split file is given).
 
@@ -93,8 +101,9 @@ def train_command(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
     result = _train_with_progress(
-        console, items, out, cfg, run, resume=resume, address=address, desc=desc, scope=scope_dict
-    )
+        console, items, out, cfg, run, resume=resume, address=address, desc=desc,
+        scope=scope_dict, framing=framing,
+    )  # fmt: skip
     for err in result.errors:
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
     console.print(
@@ -138,6 +147,7 @@ def _print_scope(console: Console, checkpoint: Path) -> None:
     meta = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
     scope = ModelScope.from_dict(meta.get("scope"))
     console.print(f"model scope ({scope.source}): {scope.describe()}")
+    console.print(f"framing: {meta['preprocessing'].get('framing') or 'none (the whole image)'}")
     if scope.known and not scope.body_parts:
         console.print(
             "[yellow]no training header names a body part: the model will take series of any "
@@ -168,6 +178,7 @@ def _train_with_progress(
     address: str | None,
     desc: str,
     scope: dict | None = None,
+    framing: str = "auto",
 ) -> TrainResult:
     """``jobs.train.run_training`` under a progress bar; exit 1 with the reason when it fails."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -197,7 +208,7 @@ def _train_with_progress(
         try:
             return run_training(items, out, cfg, run, resume=resume, progress=report,
                                 address=address, data_description=desc,
-                                scope=scope)  # fmt: skip
+                                scope=scope, framing=framing)  # fmt: skip
         except (TrainError, TeacherWeightsError, ConfigError) as exc:
             console.print(f"[red]training failed: {exc}[/]")
             raise typer.Exit(code=1) from exc

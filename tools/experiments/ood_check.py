@@ -9,7 +9,10 @@ Measures, in-process (no Ray):
   test AUROC (scores are unchanged by construction) and flagged rates of test normals/abnormals.
 
 ``--write`` adds the check to the model (``model.checkpoint.set_ood``); ``--model DIR`` checks a
-checkpoint other than the embedded head-CT default (e.g. a candidate default).
+checkpoint other than the embedded head-CT default (e.g. a candidate default). A checkpoint that
+holds its own check (``ood.safetensors``, fitted by ``train``) is measured with it; the refit is
+only for one without. ``--levels N`` also prints the CQ500 series as a Markdown table, one row
+per N slices along z (inferior -> superior): normal / flagged / out of distribution.
 
     PYTHONPATH=. .venv/bin/python -m tools.experiments.ood_check [--write]
 """
@@ -184,6 +187,23 @@ def variants(cache: dict[str, np.ndarray]) -> list[dict]:
     return out
 
 
+def level_table(rows: list[dict], threshold: float, ood_threshold: float, per_row: int) -> str:
+    """CQ500 slices as Markdown, ``per_row`` slices a row along z: each slice is
+    out of distribution (distance above the check's threshold), else flagged (score above the
+    model's), else normal; with the median score of the row."""
+    lines = ["| slices (z) | normal | flagged | out of distribution | median score |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    ordered = sorted(rows, key=lambda r: r["slice"])
+    for start in range(0, len(ordered), per_row):
+        part = ordered[start : start + per_row]
+        ood = sum(r["dist"] > ood_threshold for r in part)
+        flagged = sum(r["score"] > threshold and r["dist"] <= ood_threshold for r in part)
+        median = float(np.median([r["score"] for r in part]))
+        lines.append(f"| {part[0]['slice']}-{part[-1]['slice']} | {len(part) - ood - flagged} "
+                     f"| {flagged} | {ood} | {median:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -196,6 +216,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("ood_check.json"))
     parser.add_argument("--cache", type=Path, help="write the features and scores (.npz), stop")
     parser.add_argument("--variants", type=Path, help="compare checks on a --cache file")
+    parser.add_argument("--levels", type=int, default=0, help="CQ500 table, N slices per row")
     args = parser.parse_args()
     model_dir = args.model or default_model_path()
     if args.variants:
@@ -216,7 +237,7 @@ def main() -> None:
     if args.cache:
         np.savez(args.cache, **collect(model, spec, meta, threshold))
         return
-    check = fit_default_check(model, spec, meta)
+    check = loaded.ood if loaded.ood is not None else fit_default_check(model, spec, meta)
     report = {
         "check": check.info(),
         "headct_test": headct_test(model, check, spec, threshold),
@@ -225,6 +246,8 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=1))
     summary = {k: v for k, v in report["cq500"].items() if k != "slices"}
     print(json.dumps({"check": report["check"], "headct": report["headct_test"], "cq500": summary}))
+    if args.levels:
+        print(level_table(report["cq500"]["slices"], threshold, check.threshold, args.levels))
     if args.write:
         set_ood(model_dir, check)
         print("written to", model_dir)
