@@ -220,3 +220,42 @@ def test_mr_volume_bounding_box_without_zeroing() -> None:
     assert framer.frame is not None and framer.frame.keep is None
     assert framer.frame.rows == (19, 41) and framer.frame.cols == (9, 31)  # 5 % of 20 px: 1 px
     assert framer.apply(0, vol[0]).min() == pytest.approx(0.02)
+
+
+def test_train_records_its_framing_and_calibrate_uses_it(tmp_path: Path) -> None:
+    """``train`` stores the framing its scope asks for (auto) and ``calibrate``/``evaluate``
+    read images through the checkpoint's spec: a table-like bar beside a head-like disc in a
+    PNG changes no score once framing has removed it."""
+    import torch
+
+    from jobs.evaluate import calibrate_checkpoint
+    from jobs.train import TrainConfig, train_model
+    from model.checkpoint import load_checkpoint
+    from model.config import get_config
+    from pdd_batch.evaluation.datasets import list_images
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    for i in range(6):
+        img = np.zeros((96, 96), np.float32)
+        disc = (yy - 40) ** 2 + (xx - 44) ** 2 < 22**2
+        img[disc] = 0.5 + rng.normal(0, 0.03, int(disc.sum()))
+        bar = img.copy()
+        bar[80:86, 5:90] = 1.0  # a separate component: the table
+        for name, pixels in (("plain", img), ("bar", bar)):
+            (tmp_path / name / "normal").mkdir(parents=True, exist_ok=True)
+            _export_png(np.clip(pixels, 0, 1), tmp_path / name / "normal" / f"{i}.png")
+    items = list_images(tmp_path / "plain")
+    scope = {"modalities": ["CT"], "body_parts": ["HEAD"], "orientations": ["axial"]}
+    cfg, run = get_config("test"), TrainConfig(epochs=1, batch_size=3)
+    train_model(items, tmp_path / "ck", cfg, run, scope=scope)
+    train_model(items, tmp_path / "plain", cfg, run, scope=scope, framing="none")
+    assert load_checkpoint(tmp_path / "ck").preprocessing["framing"] == "ct-head-v1"
+    assert "framing" not in load_checkpoint(tmp_path / "plain").preprocessing
+    bar_items = list_images(tmp_path / "bar")
+    normal = calibrate_checkpoint(items, tmp_path / "ck", 0.5)["threshold"]
+    with_bar = calibrate_checkpoint(bar_items, tmp_path / "ck", 0.5)["threshold"]
+    assert with_bar == pytest.approx(normal, abs=1e-5)
+    plain = calibrate_checkpoint(items, tmp_path / "plain", 0.5)["threshold"]
+    assert calibrate_checkpoint(bar_items, tmp_path / "plain", 0.5)["threshold"] != plain

@@ -217,7 +217,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="write the features and scores (.npz), stop")
     parser.add_argument("--variants", type=Path, help="compare checks on a --cache file")
     parser.add_argument("--levels", type=int, default=0, help="CQ500 table, N slices per row")
+    parser.add_argument("--shared", type=Path, help=f"the shared data folder (default {SHARED})")
     args = parser.parse_args()
+    if args.shared:  # a worktree elsewhere than beside ../shared
+        global HEADCT, CQ500
+        HEADCT, CQ500 = args.shared / "headct", args.shared / "dicom" / "cq500_ct1_head_ct"
     model_dir = args.model or default_model_path()
     if args.variants:
         cache = dict(np.load(args.variants))
