@@ -259,3 +259,18 @@ def test_train_records_its_framing_and_calibrate_uses_it(tmp_path: Path) -> None
     assert with_bar == pytest.approx(normal, abs=1e-5)
     plain = calibrate_checkpoint(items, tmp_path / "plain", 0.5)["threshold"]
     assert calibrate_checkpoint(bar_items, tmp_path / "plain", 0.5)["threshold"] != plain
+
+
+def test_large_volume_found_on_a_strided_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over ``MAX_LABEL_VOXELS`` the component is labelled on a strided grid: the same head,
+    table removed, every head voxel above the threshold kept, nothing of the table."""
+    from pdd_batch.ingest import framing
+
+    hu, head = _head_and_table(7)
+    unit = window_ct(hu, 40.0, 80.0)  # (N, H, W)
+    full = Framer("ct-head-v1", lambda i: unit[i], len(unit), (PIXEL_MM, PIXEL_MM)).frame
+    monkeypatch.setattr(framing, "MAX_LABEL_VOXELS", unit.size // 20)  # stride 3
+    grid = Framer("ct-head-v1", lambda i: unit[i], len(unit), (PIXEL_MM, PIXEL_MM)).frame
+    assert full is not None and grid is not None and grid.keep is not None
+    assert (grid.rows, grid.cols) == (full.rows, full.cols)
+    np.testing.assert_array_equal(grid.keep, full.keep)

@@ -102,7 +102,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray | None:
     """The largest 6-connected component of a (N, H, W) mask, or None when it is empty.
 
     Volumes over ``MAX_LABEL_VOXELS`` are labelled on a strided grid; the component is mapped back
-    (nearest grid cell, widened by one cell) and intersected with the full-resolution mask.
+    (its grid cell, widened by one cell in every direction) and intersected with the
+    full-resolution mask.
     """
     n, h, w = mask.shape
     stride = max(1, int(np.ceil((mask.size / MAX_LABEL_VOXELS) ** (1.0 / 3.0))))
@@ -114,7 +115,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray | None:
     component = labels == (int(np.argmax(sizes)) + 1)
     if stride == 1:
         return component
-    component = ndimage.binary_dilation(component)
+    component = ndimage.binary_dilation(component, structure=np.ones((3, 3, 3), dtype=bool))
     zi, ri, ci = (np.minimum(np.arange(k) // stride, g - 1) for k, g in
                   zip((n, h, w), component.shape, strict=True))  # fmt: skip
     return mask & component[np.ix_(zi, ri, ci)]  # (N, H, W)
