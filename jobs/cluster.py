@@ -6,7 +6,8 @@ mode, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, keeps it on the loopback.) Other 
 same host can still reach the loopback, so a local cluster always uses Ray's token
 authentication (Ray >= 2.60):
 ``RAY_AUTH_MODE`` is set to ``token`` whatever the environment says (``disabled`` is
-overridden, with a warning). The token is the caller's own (``RAY_AUTH_TOKEN`` or
+overridden, with a warning: in the log, and one line on the console of ``pdd-batch screen``).
+The token is the caller's own (``RAY_AUTH_TOKEN`` or
 ``RAY_AUTH_TOKEN_PATH``), or else one generated once into a private file,
 ``$XDG_CONFIG_HOME/pdd-batch/ray_auth_token`` (folder 0700, file 0600). Session files, logs
 and object spills go to ``<tmp>/pdd-batch-<uid>/ray`` inside a private (0700) folder, not the
@@ -148,19 +149,35 @@ def use_loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _auth_override_note(mode: str) -> str:
+    return (
+        f"{AUTH_MODE_ENV}={mode} ignored: a Ray cluster started by pdd-batch always uses token "
+        f"authentication (the token is in {TOKEN_ENV} or {config_dir()}/{TOKEN_FILE})"
+    )
+
+
+def override_auth_mode_for_local(address: str | None) -> str | None:
+    """For a command about to run on a local cluster (no ``address``, no ``RAY_ADDRESS``): set
+    ``RAY_AUTH_MODE=token`` now and return the warning for the command's console when the
+    environment asked for another mode; ``None`` otherwise (joining keeps the caller's mode).
+
+    ``use_token_auth`` would override it too, but only into the run's log: during a run the
+    console shows the live view, and descriptor 2 goes to the run's log folder.
+    """
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is None or mode.lower() == "token":
+        return None
+    os.environ[AUTH_MODE_ENV] = "token"
+    return _auth_override_note(mode)
+
+
 def use_token_auth() -> None:
     """Token auth for a cluster started by this process (and every process it starts)."""
     mode = os.environ.get(AUTH_MODE_ENV)
     if mode is not None and mode.lower() != "token":
-        log.warning(
-            "%s=%s ignored: a Ray cluster started by pdd-batch always uses token "
-            "authentication (the token is in %s or %s/%s)",
-            AUTH_MODE_ENV,
-            mode,
-            TOKEN_ENV,
-            config_dir(),
-            TOKEN_FILE,
-        )
+        log.warning("%s", _auth_override_note(mode))
     os.environ[AUTH_MODE_ENV] = "token"
     if not _has_own_token():
         os.environ[TOKEN_PATH_ENV] = str(auth_token_file())

@@ -164,6 +164,7 @@ def model_summaries(
                 "model_id": m.model_id,
                 "checkpoint_hash": m.checkpoint_hash,
                 "threshold": m.threshold,
+                "threshold_source": m.threshold_source,
                 "ood_threshold": m.ood_threshold,
                 "scope": m.scope.to_dict() if m.scope.known else "unknown",
                 "series_routed": len(refs),

@@ -30,6 +30,7 @@ from jobs.predictor import SlicePredictor, encode_heatmaps_fn
 from jobs.ray_logs import ray_logs_to
 from jobs.read_task import failure_reason, read_series_fn
 from jobs.resources import ActorPlan, plan_actors
+from pdd_batch.evaluation.site_calibration import SOURCE_NONE, threshold_source
 from pdd_batch.ingest import keys
 from pdd_batch.ingest.archive_io import IngestLimits, split_member
 from pdd_batch.ingest.discovery import Discovery, FileRecord, SeriesRef, discover
@@ -101,6 +102,7 @@ class ModelInfo:
     scope: ModelScope = UNKNOWN_SCOPE
     ood_threshold: float | None = None  # the in-distribution check's, when it has one
     ood_sha256: str | None = None
+    threshold_source: str = SOURCE_NONE  # "site", "development set" or "uncalibrated"
 
 
 def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = None) -> ModelInfo:
@@ -128,6 +130,7 @@ def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = No
         scope=ModelScope.from_dict(meta.get("scope")),
         ood_threshold=float(meta["ood"]["threshold"]) if meta.get("ood") else None,
         ood_sha256=str(meta["ood"]["sha256"]) if meta.get("ood") else None,
+        threshold_source=threshold_source(calib),
     )
 
 

@@ -4,7 +4,9 @@ of each test's own (never the real ~/.config/pdd-batch/site.key), and Ray.
 Every Ray cluster a test starts uses token authentication, with a test-only token (0600 file in
 a 0700 folder) given through ``RAY_AUTH_TOKEN_PATH``; start one with
 ``ray_support.start_test_ray`` (the project's own local cluster: token auth, 127.0.0.1, private
-temp folder) or, for several nodes, ``ray.cluster_utils.Cluster`` with ``ray_node_args()``.
+temp folder) or, for several nodes, ``ray_support.local_cluster`` (``ray.cluster_utils.Cluster``
+with ``ray_node_args()``, Ray's default temp folder moved to the private one: ``/tmp/ray`` need
+not exist).
 """
 
 from __future__ import annotations

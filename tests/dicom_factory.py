@@ -178,6 +178,7 @@ def write_ct_series(
     patient_id: str = FAKE_PATIENT_ID,
     prefix: str = "IM",
     seed: int = 0,
+    study_date: str = FAKE_STUDY_DATE,
 ) -> list[Path]:
     """Write one single-frame series (CT by default; ``modality="MR"`` for MR) into ``directory``.
 
@@ -192,6 +193,7 @@ def write_ct_series(
         monochrome1: stored pixels inverted and PhotometricInterpretation MONOCHROME1.
         transfer_syntax: Explicit/Implicit VR LE, RLE Lossless or JPEG 2000 Lossless (J2K
             needs rows and cols >= 32).
+        study_date: StudyDate (YYYYMMDD; "" for an empty, type-2 StudyDate).
 
     Returns:
         Paths of the main instances ordered by (time point, position index), then any extra
@@ -220,6 +222,7 @@ def write_ct_series(
             sop_class, modality, study_uid, series_uid, patient_name, patient_id, transfer_syntax
         )
         ds.InstanceNumber = number
+        ds.StudyDate = study_date
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if this_iop == iop else "LOCALIZER"]
         ds.ImageOrientationPatient = list(this_iop)
         ds.ImagePositionPatient = [float(v) for v in origin + k * slice_step * step_dir]

@@ -13,7 +13,8 @@
 * forged sizes: NumberOfFrames 2**31, a series of Rows = Columns = 65535 instances, a gzip
   "bomb" .nii.gz (128 MiB of zeros in ~130 kB, gzip size field consistent);
 * .zip members with a bad CRC, an "encrypted" flag, and a forged 4 GiB declared size; a .tar.gz
-  cut inside its second member;
+  cut inside its second member; a .tgz holding 64 MiB of zeros (over the ratio cap on the tar's
+  output) and a .nii.gz of 64 MiB of zeros padded with random bytes after its gzip stream;
 * links to a file and to a folder outside the archive root;
 * the usual junk: a corrupt DICOM, a zero-byte file, an SR object, a README.
 
@@ -54,6 +55,8 @@ GOOD_SLICES = 30
 FORGED_ROWS_SLICES = 12
 DEEP_LEVELS = 500
 BOMB_SHAPE = (512, 512, 512)  # uint8 zeros: 128 MiB inflated (512 MiB as float32)
+BOMB_BYTES = 64 * 2**20  # zeros: gzip packs them ~1000x, over the default ratio cap of 800x
+_TAR_MODES = {"tar.gz": "w:gz", "tgz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz", "tar": "w"}
 
 
 def _raw_is(ds: pydicom.Dataset, tag: int, text: bytes) -> None:
@@ -108,6 +111,52 @@ def _gzip_bomb(path: Path) -> Path:
         fh.write(header.binaryblock + b"\x00" * 4)  # 348-byte header + empty extension flag
         for _ in range(n_bytes // len(chunk)):
             fh.write(chunk)
+    return path
+
+
+class _Zeros(io.RawIOBase):
+    """``n`` zero bytes, read in pieces."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        k = min(len(buf), self.left)
+        buf[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def ratio_tar(path: Path, members: list[tuple[str, bytes | int]]) -> Path:
+    """A compressed tar of ``members``: (name, bytes) or (name, number of zero bytes)."""
+    mode = _TAR_MODES[path.name.split(".", 1)[1]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = data if isinstance(data, int) else len(data)
+            tf.addfile(info, _Zeros(data) if isinstance(data, int) else io.BytesIO(data))
+    return path
+
+
+def padded_nifti_bomb(path: Path, tail: bytes, tail_as_member: bool) -> Path:
+    """A .nii.gz whose header promises ``BOMB_BYTES`` uint8 zeros, in one gzip member, then
+    ``tail``: raw bytes after the stream or a gzip member of its own past the promised size."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((256, 256, BOMB_BYTES // 256 // 256))
+    header.set_data_dtype(np.uint8)
+    header.set_sform(np.eye(4), code=1)
+    chunk = bytes(1 << 22)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9) as fh:
+            fh.write(header.binaryblock + b"\x00" * 4)  # 348-byte header + no extension
+            for _ in range(BOMB_BYTES // len(chunk)):
+                fh.write(chunk)
+        raw.write(gzip.compress(tail, compresslevel=0) if tail_as_member else tail)
     return path
 
 
@@ -234,6 +283,15 @@ def _archives(root: Path, template: Path) -> dict[str, str]:
     out["zips/cut.tar.gz!notes.txt"] = "skipped"
     out["zips/cut.tar.gz!big.dcm"] = "failed"
     out["zips/cut.tar.gz"] = "failed"  # the part after the cut
+    ratio_tar(root / "zips" / "bomb.tgz", [("notes.txt", b"notes\n"), ("zeros.dcm", BOMB_BYTES),
+                                           ("never.dcm", data)])  # fmt: skip
+    out["zips/bomb.tgz!notes.txt"] = "skipped"
+    out["zips/bomb.tgz!zeros.dcm"] = "failed"  # past the ratio cap on the tar's output
+    out["zips/bomb.tgz"] = "failed"  # listing stopped there
+    tail = np.random.default_rng(6).bytes(40_000)
+    out[_rel(root, padded_nifti_bomb(root / "nifti" / "padded_bomb.nii.gz", tail, False))] = (
+        "failed"
+    )
     return out
 
 

@@ -3,6 +3,12 @@ conftest), node address 127.0.0.1, private temp folder, no dashboard."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ray.cluster_utils import Cluster
+
 from jobs.cluster import (
     LOCAL_HOST,
     ray_temp_dir,
@@ -10,6 +16,9 @@ from jobs.cluster import (
     use_loopback_only,
     use_token_auth,
 )
+
+# Ray's default temp folder is ``$RAY_TMPDIR/ray`` (else ``$TMPDIR/ray``, else ``/tmp/ray``).
+RAY_TMPDIR_ENV = "RAY_TMPDIR"
 
 
 def start_test_ray(num_cpus: int = 2, **kwargs: object) -> None:
@@ -27,3 +36,38 @@ def ray_node_args(num_cpus: int = 1) -> dict[str, object]:
         "temp_dir": str(ray_temp_dir()),
         "include_dashboard": False,
     }
+
+
+@contextmanager
+def private_default_temp() -> Iterator[None]:
+    """Point Ray's *default* temp folder at the project's private one while the block runs.
+
+    ``ray.cluster_utils.Cluster`` writes (and on shutdown removes) ``ray_current_cluster`` in
+    Ray's default temp folder whatever ``temp_dir`` its nodes use; that folder (``/tmp/ray``)
+    does not exist on a machine where Ray never ran, and must not be created there.
+    ``RAY_TMPDIR=<tmp>/pdd-batch-<uid>`` makes the default ``ray_temp_dir()`` itself.
+    """
+    previous = os.environ.get(RAY_TMPDIR_ENV)
+    os.environ[RAY_TMPDIR_ENV] = str(ray_temp_dir().parent)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RAY_TMPDIR_ENV, None)
+        else:
+            os.environ[RAY_TMPDIR_ENV] = previous
+
+
+@contextmanager
+def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[Cluster]:
+    """A Ray cluster of ``nodes`` nodes on this machine (``ray.cluster_utils.Cluster``) with the
+    project's node arguments and its address file in the private temp folder."""
+    with private_default_temp():
+        cluster = Cluster(initialize_head=True, head_node_args=ray_node_args(cpus_per_node))
+        try:
+            for _ in range(nodes - 1):
+                cluster.add_node(**ray_node_args(cpus_per_node))
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            cluster.shutdown()

@@ -65,3 +65,17 @@ def test_doctor_shows_the_default_models_scope(monkeypatch) -> None:
     assert "scope: CT, HEAD, axial" in head["note"]
     assert "scope: CR/DX, CHEST, PA/AP" in chest["note"]
     assert head["sha256"] != chest["sha256"]
+
+
+def test_doctor_names_a_dicomweb_endpoint_that_does_not_answer_once(monkeypatch) -> None:
+    """A refused port (nothing listens on it): one line, "DICOMweb" said once, exit 1."""
+    import socket
+
+    with socket.socket() as s:  # a free loopback port, closed again: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = runner.invoke(app, ["doctor", "--dicomweb", f"dicomweb+http://127.0.0.1:{port}/dw"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if "DICOMweb" in line]
+    assert len(lines) == 1 and lines[0].count("DICOMweb") == 1, lines
+    assert f"127.0.0.1:{port}" in lines[0]

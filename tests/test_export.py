@@ -201,6 +201,7 @@ def test_export_command(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (out / "manifest.csv").is_file() and list(out.rglob("SC0001.dcm"))
+    assert "exported 1 study, " in result.output  # not "1 studies"
     again = CliRunner().invoke(app, ["export", str(run.run_dir), "--out", str(out)])
     assert again.exit_code == 2 and "not empty" in again.output
     shutil.rmtree(out)

@@ -24,6 +24,7 @@ from dicom_factory import (
 from typer.testing import CliRunner
 
 from pdd_batch.cli.app import app
+from pdd_batch.ingest.keys import file_key, short_key
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def _run(*args: str) -> tuple[int, str]:
 
 def test_json_is_one_object_with_accounted_files(archive: tuple[Path, list[str]]) -> None:
     root, secrets = archive
-    code, out = _run(str(root), "--json")
+    code, out = _run(str(root), "--json", "--show-paths")
     assert code == 0
     report = json.loads(out)  # exactly one JSON document
     files = report["files"]
@@ -79,7 +80,7 @@ def test_table_shows_short_keys_and_no_identifiers(archive: tuple[Path, list[str
     code, out = _run(str(root))
     assert code == 0
     assert "files: 11 seen = 7 used + 2 skipped + 2 failed" in out
-    assert "gap" in out and "bad.dcm" in out
+    assert "gap" in out and short_key(file_key("bad.dcm")) in out
     for secret in secrets:
         assert secret not in out
 
@@ -142,3 +143,34 @@ def test_links_outside_and_caps_are_options(tmp_path: Path) -> None:
     capped = report("--follow-links-outside", "--max-series-voxels", "100")
     assert capped["files"]["failed"] == 3
     assert all("--max-series-voxels" in e["reason"] for e in capped["errors"])
+
+
+def test_paths_of_skipped_and_failed_files_only_with_show_paths(tmp_path: Path) -> None:
+    """Folder names are patient names: without ``--show-paths`` files are named by key, in the
+    table and in the JSON, and no reason carries a path; with it, the relative paths appear."""
+    root = tmp_path / "archive"
+    patient = root / "SMITH^ANNA_1957"
+    write_ct_series(patient / "CT_head", n_slices=3, seed=4)
+    write_corrupt_dicom(patient / "SMITH_ANNA_scan.dcm")  # failed
+    write_text(patient / "notes_SMITH.txt")  # skipped
+    write_zero_byte(patient / "CT_head" / "SMITH_empty.dcm")  # failed
+    names = ["SMITH^ANNA_1957", "SMITH_ANNA_scan", "notes_SMITH", "SMITH_empty", "CT_head"]
+    rels = ["SMITH^ANNA_1957/SMITH_ANNA_scan.dcm", "SMITH^ANNA_1957/notes_SMITH.txt",
+            "SMITH^ANNA_1957/CT_head/SMITH_empty.dcm"]  # fmt: skip
+    hidden_table, hidden_json = _run(str(root))[1], _run(str(root), "--json")[1]
+    for out in (hidden_table, hidden_json):
+        assert not [n for n in names if n in out]
+    report = json.loads(hidden_json)
+    assert {e["file_key"] for e in report["errors"]} == {file_key(r) for r in rels}
+    assert all("file" not in e for e in report["errors"])
+    assert all(short_key(file_key(r)) in hidden_table for r in rels)
+    shown = json.loads(_run(str(root), "--json", "--show-paths")[1])
+    assert {e["file"] for e in shown["errors"]} == set(rels)  # the positive control
+    assert "SMITH_ANNA_scan.dcm" in _run(str(root), "--show-paths")[1]
+
+
+def test_summary_line_says_study_for_one_study(tmp_path: Path) -> None:
+    write_ct_series(tmp_path / "one", n_slices=2, seed=1)
+    assert "1 series in 1 study\n" in _run(str(tmp_path))[1]
+    write_ct_series(tmp_path / "two", n_slices=2, seed=2)
+    assert "2 series in 2 studies" in _run(str(tmp_path))[1]

@@ -26,10 +26,12 @@ RAY_LINE = re.compile(
 
 
 def test_screen_console_has_no_ray_log_lines(tmp_path: Path) -> None:
+    """Run with ``RAY_AUTH_MODE=disabled``: the local cluster overrides it, and the console says
+    so in one line (the log's warning alone would land in the run's log folder)."""
     write_ct_series(tmp_path / "arc" / "ct", n_slices=3, rows=32, cols=32, seed=1)
     ckpt = make_checkpoint(tmp_path / "ck", threshold=1.0)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pdd_batch", "screen", str(tmp_path / "arc"), "--out", str(out),
            "--model", str(ckpt), "--num-cpus", "2", "--batch-size", "4"]  # fmt: skip
@@ -39,5 +41,7 @@ def test_screen_console_has_no_ray_log_lines(tmp_path: Path) -> None:
     assert "screening run" in console  # the summary is there
     noisy = [line for line in console.splitlines() if RAY_LINE.search(line)]
     assert not noisy, noisy[:5]
+    override = [line for line in console.splitlines() if "RAY_AUTH_MODE=disabled ignored" in line]
+    assert len(override) == 1 and override[0].startswith("warning:"), override
     log = (out / "_logs" / "ray.log").read_text()
     assert "Dataset" in log  # Ray Data's execution lines went to the run folder

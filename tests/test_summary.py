@@ -139,3 +139,53 @@ def test_summary_uses_the_recorded_exit_code(run, tmp_path: Path) -> None:
     assert render_summary(console, copy) == 2
     text = console.export_text()
     assert "status: failed" in text and "time: 12.3 s, 5.5 slices/s" in text
+
+
+def test_counts_keep_out_of_scope_and_skipped_inputs_apart_from_errors(tmp_path: Path) -> None:
+    """Inputs outside every model's scope are skipped by design: counted on a row of their own,
+    never under errors; unusable skipped inputs too; failed inputs are the errors."""
+    import pyarrow as pa
+    from run_factory import RUN_ID
+
+    from pdd_batch.ingest import keys
+    from pdd_batch.runs.schema import SCHEMA_VERSION
+
+    run = build_run(tmp_path, schema_version=SCHEMA_VERSION)
+    base = {"schema_version": SCHEMA_VERSION, "series_key": None, "run_id": RUN_ID}
+    extra = [
+        {**base, "file_key": keys.file_key(f"mr/{i}.dcm"), "stage": "discover",
+         "status": "skipped", "reason": "outside every model's scope (MR, BRAIN)"}
+        for i in range(3)
+    ] + [{**base, "file_key": keys.file_key("notes.txt"), "stage": "discover",
+          "status": "skipped", "reason": "not a DICOM or NIfTI file (.txt)"}]  # fmt: skip
+    table = pa.Table.from_pylist(extra, schema=ERRORS_SCHEMA)
+    pq.write_table(table, run.run_dir / "errors" / "part-1.parquet")
+    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    manifest["inputs_seen"] += len(extra)
+    manifest["inputs_skipped"] += len(extra)
+    (run.run_dir / "manifest.json").write_text(json.dumps(manifest))
+    console = Console(record=True, width=160)
+    assert render_summary(console, run.run_dir) == 0
+    rows = {}
+    for line in console.export_text().splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 2 and cells[1].isdigit():
+            rows[cells[0]] = int(cells[1])
+    errors = open_run(run.run_dir).errors.to_pylist()
+    assert rows["failed inputs (errors)"] == sum(r["status"] == "failed" for r in errors) == 1
+    assert rows["skipped inputs (not usable)"] == 1
+    assert rows["inputs outside every model's scope (not screened)"] == 3
+    assert "errors" not in rows  # no row counts every error-table row as an error
+
+
+def test_counted_says_one_study_and_two_studies() -> None:
+    from pdd_batch.cli.summary_view import counted
+
+    assert [counted(n, "study", "studies") for n in (0, 1, 2)] == [
+        "0 studies",
+        "1 study",
+        "2 studies",
+    ]
+    assert (
+        counted(1, "input file") == "1 input file" and counted(3, "input file") == "3 input files"
+    )

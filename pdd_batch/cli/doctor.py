@@ -6,6 +6,7 @@ import json
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -112,11 +113,33 @@ def _default_models() -> dict[str, dict[str, str | None]]:
         except (OSError, ValueError):
             out[key] = {"path": None, "sha256": None, "note": "not embedded"}
             continue
-        out[key] = {
-            "path": str(folder),
-            "sha256": meta.get("checkpoint_hash"),
-            "note": f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}",
-        }
+        out[key] = _checkpoint_entry(folder, meta)
+    return out
+
+
+def _checkpoint_entry(folder: Path, meta: dict[str, Any]) -> dict[str, str | None]:
+    """A checkpoint's row: its id, scope and where its threshold came from."""
+    from pdd_batch.evaluation.site_calibration import describe_threshold
+
+    note = f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}; "
+    return {
+        "path": str(folder),
+        "sha256": meta.get("checkpoint_hash"),
+        "note": note + describe_threshold(meta.get("calibration")),
+    }
+
+
+def _checkpoints(paths: list[Path]) -> dict[str, dict[str, str | None]]:
+    """``--model`` checkpoints: one row each (unreadable: the reason)."""
+    out: dict[str, dict[str, str | None]] = {}
+    for folder in paths:
+        key = f"model {folder.name}"
+        try:
+            meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            out[key] = {"path": str(folder), "sha256": None, "note": f"unreadable ({exc})"}
+            continue
+        out[key] = _checkpoint_entry(folder, meta)
     return out
 
 
@@ -130,9 +153,12 @@ def _scope_line(meta: dict[str, Any]) -> str:
         return f"unreadable ({exc})"
 
 
-def collect_report() -> dict[str, Any]:
-    """Everything ``doctor`` reports, as a JSON-ready dict."""
-    return {"versions": _versions(), "device": _device(), "weights": _weights()}
+def collect_report(models: list[Path] | None = None) -> dict[str, Any]:
+    """Everything ``doctor`` reports, as a JSON-ready dict (``models``: checkpoints to show
+    besides the embedded defaults)."""
+    weights = _weights()
+    weights.update(_checkpoints(list(models or [])))
+    return {"versions": _versions(), "device": _device(), "weights": weights}
 
 
 def _render(report: dict[str, Any], console: Console) -> None:
@@ -172,9 +198,14 @@ def doctor_command(
         str | None,
         typer.Option(help="Also check a DICOMweb endpoint: dicomweb+http(s)://HOST/ROOT."),
     ] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(help="Also show this checkpoint: scope, threshold and its source."),
+    ] = None,
 ) -> None:
-    """Show versions, the device and scan backend, and which weights were found where."""
-    report = collect_report()
+    """Show versions, the device and scan backend, which weights were found where, and where
+    each model's threshold came from (development set or site)."""
+    report = collect_report(model)
     if dicomweb:
         report["dicomweb"] = _dicomweb(dicomweb)
     if as_json:
@@ -183,7 +214,10 @@ def doctor_command(
         console = Console(width=max(Console().width, 140))
         _render(report, console)
         if dicomweb:
-            ok = report["dicomweb"]["answers"]
-            console.print(f"[{'green' if ok else 'red'}]DICOMweb: {report['dicomweb']['note']}[/]")
+            ok, note = report["dicomweb"]["answers"], report["dicomweb"]["note"]
+            line = (
+                note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
+            )  # no "DICOMweb" twice
+            console.print(f"[{'green' if ok else 'red'}]{line}[/]")
     if dicomweb and not report["dicomweb"]["answers"]:
         raise typer.Exit(code=1)

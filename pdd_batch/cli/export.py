@@ -85,9 +85,11 @@ def export_command(
         raise typer.Exit(code=2) from exc
     if not deidentify:
         console.print("[yellow]warning:[/] identifiers kept (--keep-identifiers)")
+    from pdd_batch.cli.summary_view import counted
+
     console.print(
-        f"exported {len(summary.studies)} studies, {summary.n_files} files, "
-        f"{summary.n_overlays} overlays to {out}"
+        f"exported {counted(len(summary.studies), 'study', 'studies')}, "
+        f"{counted(summary.n_files, 'file')}, {counted(summary.n_overlays, 'overlay')} to {out}"
         + (f"; [red]{len(summary.errors)} errors[/] (see export.json)" if summary.errors else "")
     )
     if summary.withheld:

@@ -72,14 +72,18 @@ def _series_table(result: Discovery) -> Table:
     return table
 
 
-def _errors_table(result: Discovery) -> Table:
+def _errors_table(result: Discovery, show_paths: bool) -> Table:
+    from pdd_batch.ingest.discovery import error_row
+
     table = Table(title="files not used")
-    table.add_column("file")
+    table.add_column("file" if show_paths else "file key")
     table.add_column("status")
     table.add_column("reason")
     errors = result.errors()
     for rec in errors[:MAX_ERRORS_SHOWN]:
-        table.add_row(rec.path, rec.status, rec.reason)
+        row = error_row(rec, show_paths)
+        name = row["file"] if show_paths else short_key(row["file_key"])
+        table.add_row(name, row["status"], row["reason"])
     if len(errors) > MAX_ERRORS_SHOWN:
         table.add_row(f"... {len(errors) - MAX_ERRORS_SHOWN} more (use --json)", "", "")
     return table
@@ -98,8 +102,20 @@ def inspect_command(
     max_frames_per_file: MaxFramesOption = RunConfig.max_frames_per_file,
     max_member_bytes: MaxMemberOption = RunConfig.max_member_bytes,
     max_compression_ratio: MaxRatioOption = RunConfig.max_compression_ratio,
+    show_paths: Annotated[
+        bool,
+        typer.Option(
+            "--show-paths",
+            help="Name skipped and failed files by their relative path (folder names are often "
+            "patient names: by default they are named by file key only).",
+        ),
+    ] = False,
 ) -> None:
-    """List studies and series (modality, slices, spacing, orientation, syntax, warnings)."""
+    """List studies and series (modality, slices, spacing, orientation, syntax, warnings).
+
+    Skipped and failed files are named by their file key (the ``file_key`` of ``screen``'s
+    error rows), not by path, unless ``--show-paths``.
+    """
     # pydicom/nibabel load here, not at `pdd-batch --help`.
     from pdd_batch.ingest.archive_io import IngestLimits
     from pdd_batch.ingest.discovery import DiscoveryError, discover, discovery_report
@@ -118,17 +134,19 @@ def inspect_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     if as_json:
-        typer.echo(json.dumps(discovery_report(result), sort_keys=True))
+        typer.echo(json.dumps(discovery_report(result, show_paths), sort_keys=True))
         return
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, MIN_WIDTH))
     console.print(_series_table(result))
     counts = result.counts()
+    from pdd_batch.cli.summary_view import counted
+
+    studies = counted(len({r.study_key for r in result.series}), "study", "studies")
     console.print(
         f"files: {counts['seen']} seen = {counts['used']} used + {counts['skipped']} skipped"
-        f" + {counts['failed']} failed; {len(result.series)} series in "
-        f"{len({r.study_key for r in result.series})} studies"
+        f" + {counts['failed']} failed; {len(result.series)} series in {studies}"
     )
     if result.errors():
-        console.print(_errors_table(result))
+        console.print(_errors_table(result, show_paths))

@@ -165,11 +165,21 @@ def screen_command(
         raise typer.Exit(code=2) from exc
     key_id = _site_key_id(console, crosswalk, out)
     pacs_options["crosswalk"] = crosswalk
+    _warn_auth_override(console, cfg.resolved_address)
     result = _run_or_exit(console, cfg, archive if pacs else None, pacs_options)
     written = f"; crosswalk (keep private) written to {crosswalk}" if crosswalk else ""
     console.print(f"keys made with site key {key_id}{written}")
     code = render_summary(console, out)
     raise typer.Exit(code=max(code, result.exit_code))
+
+
+def _warn_auth_override(console: Console, address: str | None) -> None:
+    """One console line when a local cluster will override the environment's Ray auth mode."""
+    from jobs.cluster import override_auth_mode_for_local
+
+    note = override_auth_mode_for_local(address)
+    if note:
+        console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
 
 
 def _archive_or_exit(console: Console, archive: str | None, sample: bool, out: Path) -> str:

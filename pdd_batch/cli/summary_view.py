@@ -10,10 +10,11 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from pdd_batch.ingest.scope import ModelScope
+from pdd_batch.ingest.scope import OUT_OF_SCOPE_PREFIX, ModelScope
 from pdd_batch.runs.results import RunResults, open_run
 
 MAX_ROWS = 20
@@ -47,6 +48,25 @@ def exit_code_for(results: RunResults) -> int:
         return recorded if ok is not False else max(recorded, 1)
     finished = results.status.lower() in OK_STATUSES
     return 0 if ok and finished else 1
+
+
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """``"1 study"``, ``"2 studies"``: ``n`` and the word in the form its number wants."""
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def _input_rows(results: RunResults) -> dict[str, int]:
+    """Rows of the error table by what they are: failed inputs, inputs skipped as unusable
+    (not images, duplicates, ...), and inputs outside every model's scope (skipped by design:
+    not errors)."""
+    rows = results.errors.select(["status", "reason"]).to_pylist()
+    out_of_scope = sum(str(r["reason"]).startswith(OUT_OF_SCOPE_PREFIX) for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    return {
+        "failed": failed,
+        "skipped": len(rows) - failed - out_of_scope,
+        "out_of_scope": out_of_scope,
+    }
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -101,7 +121,13 @@ def _counts_table(results: RunResults) -> Table:
     if "out_of_distribution" in results.slices.column_names:
         ood = results.slices.column("out_of_distribution").to_pylist()
         table.add_row("out-of-distribution slices (not flagged)", str(sum(v is True for v in ood)))
-    table.add_row("errors", str(c["errors"]))
+    inputs = _input_rows(results)
+    table.add_row("failed inputs (errors)", str(inputs["failed"]))
+    table.add_row("skipped inputs (not usable)", str(inputs["skipped"]))
+    if inputs["out_of_scope"]:
+        table.add_row(
+            "inputs outside every model's scope (not screened)", str(inputs["out_of_scope"])
+        )
     return table
 
 
@@ -132,7 +158,8 @@ def _models_table(results: RunResults) -> Table | None:
         )
     n_out = results.manifest.get("inputs_out_of_scope")
     if isinstance(n_out, int) and n_out:
-        table.caption = f"{n_out} input files outside every model's scope: skipped, not scored"
+        files = counted(n_out, "input file")
+        table.caption = f"{files} outside every model's scope: skipped, not scored"
     return table
 
 
@@ -182,6 +209,15 @@ def _header(results: RunResults) -> Panel:
     return Panel("\n".join(lines), title="pdd-batch screening run", expand=False)
 
 
+def _site_calibration_warning(console: Console, results: RunResults) -> None:
+    """One line when a model's threshold was not set on this site's data."""
+    from pdd_batch.review.site_note import threshold_warning
+
+    text = threshold_warning(results.manifest)
+    if text is not None:
+        console.print(f"[yellow]warning:[/] {escape(text)}")
+
+
 def render_summary(console: Console, run_dir: str | Path | RunResults) -> int:
     """Print the run summary and return the exit code it implies (see ``exit_code_for``).
 
@@ -191,6 +227,7 @@ def render_summary(console: Console, run_dir: str | Path | RunResults) -> int:
     """
     results = run_dir if isinstance(run_dir, RunResults) else open_run(run_dir)
     console.print(_header(results))
+    _site_calibration_warning(console, results)
     console.print(_counts_table(results))
     models = _models_table(results)
     if models is not None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +17,7 @@ from pdd_batch.cli.options import (
     load_items,
     teacher_overrides,
 )
+from pdd_batch.cli.pacs import NetrcOption, StudyUidFileOption
 from pdd_batch.evaluation.datasets import ImageItem
 
 if TYPE_CHECKING:  # jobs and model load torch: imported only inside the command
@@ -23,7 +26,13 @@ if TYPE_CHECKING:  # jobs and model load torch: imported only inside the command
 
 
 def train_command(
-    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders) or split CSV.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Image folder (class sub-folders) or split CSV; with --archive a folder of "
+            "studies or dicomweb+http(s)://HOST/ROOT with --study-uid-file."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write.")],
     split_file: Annotated[
         Path | None, typer.Option(help="CSV path,label,split (paths relative to DATA or above).")
@@ -53,8 +62,14 @@ def train_command(
     ] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pt.")] = False,
     archive: Annotated[
-        bool, typer.Option(help="DATA is an archive of normal DICOM/NIfTI studies (all slices).")
+        bool,
+        typer.Option(
+            help="DATA is a site's normal DICOM/NIfTI studies (all slices): a folder, or a PACS "
+            "(dicomweb+http(s)://...) with --study-uid-file."
+        ),
     ] = False,
+    study_uid_file: StudyUidFileOption = None,
+    netrc: NetrcOption = None,
     address: AddressOption = None,
     scope: Annotated[
         str | None,
@@ -74,14 +89,15 @@ def train_command(
 ) -> None:
     """Train on the normal images of DATA (the `train` split when a split file is given).
 
-    With --archive, DATA is a folder of normal studies read exactly as `screen` reads them.
+    With --archive, DATA is a folder of normal studies read exactly as `screen` reads them, or
+    a PACS whose listed studies are fetched into a private temporary folder first.
     """
     from jobs.train import TrainConfig, TrainError
     from model.config import ConfigError, get_config
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    items, desc = _training_data(console, data, split_file, archive)
+    items, desc = _training_data(console, data, split_file, archive, (study_uid_file, netrc))
     scope_dict = _scope_option(console, scope, archive)
     overrides = teacher_overrides(console, teacher_weights)
     if image_size is not None:
@@ -100,10 +116,11 @@ def train_command(
     except (ConfigError, TrainError) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
-    result = _train_with_progress(
-        console, items, out, cfg, run, resume=resume, address=address, desc=desc,
-        scope=scope_dict, framing=framing,
-    )  # fmt: skip
+    with _fetched(console, items, address) as data_in:
+        result = _train_with_progress(
+            console, data_in, out, cfg, run, resume=resume, address=address, desc=desc,
+            scope=scope_dict, framing=framing,
+        )  # fmt: skip
     for err in result.errors:
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
     console.print(
@@ -156,15 +173,47 @@ def _print_scope(console: Console, checkpoint: Path) -> None:
 
 
 def _training_data(
-    console: Console, data: Path, split_file: Path | None, archive: bool
-) -> tuple[list[ImageItem] | Path, str]:
-    """DATA as training input: an archive folder, or the listed images (exit 2 when absent)."""
+    console: Console,
+    data: str,
+    split_file: Path | None,
+    archive: bool,
+    pacs: tuple[Path | None, Path | None],
+) -> tuple[Any, str]:
+    """DATA as training input: an archive folder, a PACS's listed studies
+    (``jobs.pacs_studies.PacsStudies``), or the listed images (exit 2 when unusable)."""
+    from pdd_batch.cli.site_source import archive_source, describe_source
+
     if not archive:
-        return load_items(console, data, split_file, "train" if split_file else None)
-    if not data.exists():
-        console.print(f"[red]archive not found: {data}[/]")
-        raise typer.Exit(code=2)
-    return data, f"archive {data.name} (all slices)"
+        if any(p is not None for p in pacs):
+            console.print("[red]--study-uid-file and --netrc go with --archive dicomweb+...[/]")
+            raise typer.Exit(code=2)
+        return load_items(console, Path(data), split_file, "train" if split_file else None)
+    source = archive_source(console, data, *pacs)
+    if isinstance(source, Path):
+        return source, f"archive {source.name} (all slices)"
+    return source, describe_source(source) + " (all slices)"
+
+
+@contextmanager
+def _fetched(console: Console, data: Any, address: str | None) -> Iterator[Any]:
+    """The training input itself, or for a PACS the folder its studies were fetched into (a
+    private temporary folder, deleted afterwards); exit 2 when the PACS cannot be used."""
+    if isinstance(data, (Path, list)):
+        yield data
+        return
+    from jobs.pacs_studies import fetched_studies
+    from pdd_batch.ingest.dicomweb import DicomwebError
+
+    try:
+        with fetched_studies(data, address=address) as (folder, report):
+            console.print(
+                f"PACS {data.endpoint.host}: {report.fetched} series fetched "
+                f"({report.instances} instances), {len(report.failed)} failed"
+            )
+            yield folder
+    except DicomwebError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from None
 
 
 def _train_with_progress(

@@ -8,6 +8,7 @@ lie above it when scores are distinct.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -41,7 +42,8 @@ def threshold_at_fpr(normal_scores: Sequence[float], fpr: float) -> float:
 def calibration_record(
     normal_scores: Sequence[float], fpr: float, *, split: str, data: str
 ) -> dict[str, Any]:
-    """The calibration dict stored in a checkpoint (see docs/architecture.md)."""
+    """The calibration dict stored in a checkpoint (see docs/architecture.md): a threshold set
+    on normal images (``source`` "development set"; a site's studies: ``site_calibration``)."""
     s = np.asarray(normal_scores, dtype=np.float64)
     thr = threshold_at_fpr(s, fpr)
     return {
@@ -53,4 +55,6 @@ def calibration_record(
         "data": data,
         "rule": FLAG_RULE,
         "observed_fpr": float((s > thr).mean()),
+        "source": "development set",
+        "date": dt.datetime.now(dt.timezone.utc).date().isoformat(),
     }

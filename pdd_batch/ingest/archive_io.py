@@ -6,12 +6,18 @@ workers read it again later with ``MemberReader(root).read(rel)`` (or ``open_sou
 
 ``IngestLimits`` caps what a header or an archive entry can make ingestion allocate: members
 bigger than ``max_member_bytes`` or expanding more than ``max_compression_ratio`` times are
-refused before they are read.
+refused before they are read. A compressed tar (.tar.gz/.tgz, .tar.bz2, .tar.xz) is one
+compressed stream: its total decompressed output is capped at ``max_compression_ratio`` times
+the archive's file size (a member reaching past that is refused before it is read, and listing
+stops there), so neither memory nor time grows past the cap.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -20,6 +26,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 MEMBER_SEP = "!"
+# Magic bytes of the compressed streams tarfile reads: gzip, xz, and bzip2 ("BZh", the block
+# size digit, then the block magic: a plain tar's first member name may well start "BZh").
+_GZIP_MAGIC, _XZ_MAGIC, _BZ2_MAGIC, _BZ2_BLOCK = b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh", b"1AY&SY"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
@@ -43,8 +52,10 @@ class IngestLimits:
             also the cap of one file's frames x rows x columns.
         max_frames_per_file: NumberOfFrames of one DICOM file.
         max_member_bytes: uncompressed size of one .zip/.tar member (read whole into memory).
-        max_compression_ratio: uncompressed / compressed size of a zip member, a .nii.gz file
-            or a compressed DICOM image (gzip of zeros, a "bomb", reaches about 1000).
+        max_compression_ratio: uncompressed / compressed size of a zip member, of a compressed
+            tar's whole output (.tar.gz, .tgz, .tar.bz2, .tar.xz), of a .nii.gz file (the
+            compressed bytes its gzip members take) or of a compressed DICOM image (gzip of
+            zeros, a "bomb", reaches about 1000).
     """
 
     max_series_voxels: int = 2**30
@@ -136,18 +147,87 @@ def bytes_source(data: bytes) -> BinarySource:
     return BinarySource(opener=lambda: io.BytesIO(data), size=len(data))
 
 
+class _CappedStream:
+    """The decompressed stream of a compressed tar, capped at ``max_compression_ratio`` times
+    the archive's size on disk.
+
+    tarfile reads headers and members through it and skips members by seeking forward (which
+    inflates and discards); a read or seek reaching past the cap raises ``OverLimitError``
+    before more is inflated.
+    """
+
+    def __init__(self, raw: BinaryIO, stored: int, limits: IngestLimits) -> None:
+        self._raw = raw
+        self._stored = stored
+        self._limits = limits
+        self._cap = int(limits.max_compression_ratio * max(stored, 1))
+
+    def check_end(self, end: int) -> None:
+        """Raise ``OverLimitError`` when output up to byte ``end`` is over the ratio cap."""
+        self._limits.check_ratio("compressed tar archive", end, self._stored)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence not in (io.SEEK_SET, io.SEEK_CUR):
+            raise io.UnsupportedOperation("a compressed stream seeks from its start only")
+        target = offset if whence == io.SEEK_SET else self._raw.tell() + offset
+        self.check_end(target)
+        return self._raw.seek(target)
+
+    def read(self, size: int = -1) -> bytes:
+        room = max(self._cap - self._raw.tell(), 0)
+        data = self._raw.read(room + 1 if size < 0 or size > room else size)
+        self.check_end(self._raw.tell())
+        return data
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def _decompressor(path: Path) -> Callable[..., BinaryIO] | None:
+    """``gzip.open``, ``bz2.open`` or ``lzma.open`` for a compressed file, from its first
+    bytes; ``None`` for anything else (a plain tar)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(10)
+    if magic.startswith(_GZIP_MAGIC):
+        return gzip.open
+    if magic.startswith(_XZ_MAGIC):
+        return lzma.open
+    if magic.startswith(_BZ2_MAGIC) and magic[4:10] == _BZ2_BLOCK:
+        return bz2.open
+    return None
+
+
+def _open_tar(path: Path, limits: IngestLimits) -> tuple[tarfile.TarFile, _CappedStream | None]:
+    """A tar archive opened for reading: a compressed one through a ``_CappedStream`` (returned
+    too: the caller closes it after the archive), a plain one directly."""
+    opener = _decompressor(path)
+    if opener is None:
+        return tarfile.open(path, mode="r:"), None
+    stream = _CappedStream(opener(path, "rb"), path.stat().st_size, limits)
+    try:
+        return tarfile.open(fileobj=stream, mode="r:"), stream  # type: ignore[arg-type]
+    except BaseException:
+        stream.close()
+        raise
+
+
 def iter_archive_members(
     path: Path, limits: IngestLimits | None = None
 ) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     """Regular-file members of a .zip/.tar: (member name, size, reader of its bytes).
 
-    The reader raises ``OverLimitError`` for a member over ``limits`` (declared size or zip
-    compression ratio) before reading anything, and ``ArchiveReadError`` for one that cannot be
-    read (bad CRC, encrypted, cut short).
+    The reader raises ``OverLimitError`` for a member over ``limits`` (declared size, zip
+    compression ratio, or a compressed tar's output up to the member's end) before reading
+    anything, and ``ArchiveReadError`` for one that cannot be read (bad CRC, encrypted, cut
+    short).
 
     Raises:
-        ArchiveReadError: the archive cannot be opened, or ends early / is corrupt after some
-            members were listed (the message says how many).
+        ArchiveReadError: the archive cannot be opened, ends early / is corrupt after some
+            members were listed, or a compressed tar's listing reached the compression-ratio
+            cap (the message says how many members were listed).
     """
     limits = limits or IngestLimits()
     n = 0
@@ -159,11 +239,18 @@ def iter_archive_members(
                         n += 1
                         yield info.filename, info.file_size, _zip_reader(zf, info, limits)
         else:
-            with tarfile.open(path) as tf:
+            tf, stream = _open_tar(path, limits)
+            try:
                 for member in tf:
                     if member.isfile():
                         n += 1
-                        yield member.name, member.size, _tar_reader(tf, member, limits)
+                        yield member.name, member.size, _tar_reader(tf, member, limits, stream)
+            finally:
+                tf.close()
+                if stream is not None:
+                    stream.close()
+    except OverLimitError as exc:  # a compressed tar's output reached the cap: listing stops
+        raise ArchiveReadError(f"archive listing stopped after {n} member(s): {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any damage: this archive's record, not the run
         where = f" after {n} member(s)" if n else ""
         raise ArchiveReadError(f"cannot read archive{where} ({type(exc).__name__})") from exc
@@ -180,10 +267,13 @@ def _zip_reader(
 
 
 def _tar_reader(
-    tf: tarfile.TarFile, member: tarfile.TarInfo, limits: IngestLimits
+    tf: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    limits: IngestLimits,
+    stream: _CappedStream | None,
 ) -> Callable[[], bytes]:
     def read() -> bytes:
-        limits.check_member(member.size)
+        _check_tar_member(member, limits, stream)
         fh = tf.extractfile(member)
         if fh is None:
             raise ArchiveReadError("archive member is not a regular file")
@@ -192,12 +282,35 @@ def _tar_reader(
     return read
 
 
+def _check_tar_member(
+    member: tarfile.TarInfo, limits: IngestLimits, stream: _CappedStream | None
+) -> None:
+    """Raise ``OverLimitError`` for a tar member over the size cap, or (compressed tar) one whose
+    end lies past the archive's output cap: refused before any of it is inflated."""
+    limits.check_member(member.size)
+    if stream is not None:
+        stream.check_end(member.offset_data + member.size)
+
+
 def _guarded(read: Callable[[], bytes]) -> bytes:
     """``read()``, any failure (bad CRC, encrypted, truncated stream) as ``ArchiveReadError``."""
     try:
         return read()
     except Exception as exc:  # noqa: BLE001 - zipfile/tarfile/zlib/gzip raise many types
         raise ArchiveReadError(f"cannot read archive member ({type(exc).__name__})") from exc
+
+
+def _find_tar_member(tf: tarfile.TarFile, name: str) -> tarfile.TarInfo:
+    """The first member called ``name``, listing the archive only as far as needed (a member
+    past a compressed tar's output cap never blocks the members before it).
+
+    Raises:
+        KeyError: no such member.
+    """
+    found = next((m for m in tf if m.name == name), None)
+    if found is None:
+        raise KeyError(name)
+    return found
 
 
 class MemberReader:
@@ -210,6 +323,7 @@ class MemberReader:
         self.root = Path(root)
         self.limits = limits or IngestLimits()
         self._open: dict[str, zipfile.ZipFile | tarfile.TarFile] = {}
+        self._streams: dict[str, _CappedStream] = {}  # of the compressed tars in ``_open``
 
     def __enter__(self) -> MemberReader:
         return self
@@ -221,7 +335,10 @@ class MemberReader:
         """Close every archive opened so far."""
         for handle in self._open.values():
             handle.close()
+        for stream in self._streams.values():
+            stream.close()
         self._open.clear()
+        self._streams.clear()
 
     def _archive(self, archive_rel: str) -> zipfile.ZipFile | tarfile.TarFile:
         if archive_rel not in self._open:
@@ -230,8 +347,11 @@ class MemberReader:
                 if archive_rel.lower().endswith(".zip"):
                     self._open[archive_rel] = zipfile.ZipFile(path)
                 else:
-                    self._open[archive_rel] = tarfile.open(path)
-            except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
+                    tf, stream = _open_tar(path, self.limits)
+                    self._open[archive_rel] = tf
+                    if stream is not None:
+                        self._streams[archive_rel] = stream
+            except Exception as exc:  # noqa: BLE001 - OSError, BadZipFile, TarError, LZMAError...
                 raise ArchiveReadError(f"{archive_rel}: cannot open archive") from exc
         return self._open[archive_rel]
 
@@ -250,8 +370,8 @@ class MemberReader:
                 self.limits.check_member(info.file_size, info.compress_size)
                 data = handle.read(info)
             else:
-                tar_info = handle.getmember(member)
-                self.limits.check_member(tar_info.size)
+                tar_info = _find_tar_member(handle, member)
+                _check_tar_member(tar_info, self.limits, self._streams.get(archive_rel))
                 fh = handle.extractfile(tar_info)
                 if fh is None:
                     raise KeyError(member)

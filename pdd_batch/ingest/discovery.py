@@ -49,7 +49,7 @@ from pdd_batch.ingest.dicom_headers import (
     skip_reason,
     transfer_syntax_name,
 )
-from pdd_batch.ingest.keys import hash_key, series_key, study_key
+from pdd_batch.ingest.keys import file_key, hash_key, redact_paths, series_key, study_key
 from pdd_batch.ingest.nifti_volume import NiftiReadError, is_nifti_name, read_nifti_info
 from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
 from pdd_batch.ingest.stack_plan import StackPlan, plan_stacks
@@ -395,8 +395,21 @@ def _grouped(
     return refs if isinstance(refs, list) else [refs]
 
 
-def discovery_report(result: Discovery) -> dict[str, Any]:
-    """The JSON object printed by ``pdd-batch inspect --json`` (no identifiers, relative paths).
+def error_row(rec: FileRecord, show_paths: bool = False) -> dict[str, str]:
+    """A skipped or failed file for people: its key, status and reason (any path in it
+    redacted); its relative path only when ``show_paths`` (folder names are often patient
+    names)."""
+    row = {"file_key": file_key(rec.path), "status": rec.status, "reason": rec.reason}
+    if show_paths:
+        row["file"] = rec.path
+    else:
+        row["reason"] = redact_paths(rec.reason, (rec.path,))
+    return row
+
+
+def discovery_report(result: Discovery, show_paths: bool = False) -> dict[str, Any]:
+    """The JSON object printed by ``pdd-batch inspect --json``: no identifiers; files named by
+    key (their relative paths too with ``show_paths``).
 
     ``n_slices`` of a series counts every slice of every volume (a 4D series of 10 volumes of
     15 slices has 150); ``n_volumes`` and ``shape`` (slices per volume, rows, cols) give the split.
@@ -410,8 +423,6 @@ def discovery_report(result: Discovery) -> dict[str, Any]:
         "files": result.counts(),
         "n_studies": len({ref.study_key for ref in result.series}),
         "series": series,
-        "errors": [
-            {"file": r.path, "status": r.status, "reason": r.reason} for r in result.errors()
-        ],
+        "errors": [error_row(r, show_paths) for r in result.errors()],
         "n_slices_convention": "all slices of all volumes (4D: slices per volume x volumes)",
     }

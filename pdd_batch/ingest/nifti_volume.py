@@ -8,12 +8,14 @@ and float64 data are handled by nibabel; values are returned as float32.
 
 Before any voxel is read, the header's size is checked against ``IngestLimits`` (voxels, and the
 gzip expansion ratio of .nii.gz files); gzip streams are never inflated past what the header
-promises (a gzip "bomb" with a forged size field stops there).
+promises (a gzip "bomb" with a forged size field stops there). A .nii.gz whose gzip size field
+does not match the header (several gzip members, bytes padded after the stream, a cut file) is
+inflated once, in chunks, up to the header's size: the ratio cap then applies to that output
+over the compressed bytes that produced it, so padding cannot dilute the ratio.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import struct
 import zlib
@@ -115,8 +117,12 @@ def _check_limits(
         raise NiftiReadError(str(exc)) from exc
 
 
-def _check_complete(path_or_bytes: Path | bytes, gz: bool, expected: int) -> None:
-    """Raise if the file holds fewer bytes than its header promises (a truncated copy)."""
+def _check_complete(
+    path_or_bytes: Path | bytes, gz: bool, expected: int, limits: IngestLimits
+) -> None:
+    """Raise if the file holds fewer bytes than its header promises (a truncated copy), or (a
+    .nii.gz of several gzip members or with bytes after its stream) if the compressed bytes
+    those promised bytes inflate from are over the compression-ratio cap."""
     if isinstance(path_or_bytes, bytes):
         actual = len(path_or_bytes)
     elif not gz:
@@ -127,21 +133,38 @@ def _check_complete(path_or_bytes: Path | bytes, gz: bool, expected: int) -> Non
             (isize,) = struct.unpack("<I", fh.read(4))
         if isize == expected % 2**32:
             return
-        actual = _gunzipped_size(path_or_bytes, expected)  # rare: multi-member, forged or cut
+        actual, consumed = _gzip_extent(path_or_bytes, expected)  # several members, padded, cut
+        if actual >= expected:
+            try:
+                limits.check_ratio("gzip-compressed NIfTI", actual, consumed)
+            except OverLimitError as exc:
+                raise NiftiReadError(str(exc)) from exc
     if actual < expected:
         raise NiftiReadError(f"truncated NIfTI: {actual} of {expected} bytes")
 
 
-def _gunzipped_size(path: Path, enough: int) -> int:
-    """Bytes the gzip file inflates to, counted up to ``enough`` (never the whole of a bomb)."""
-    total = 0
+def _gzip_extent(path: Path, enough: int) -> tuple[int, int]:
+    """(bytes inflated, compressed bytes they took) of the gzip members of ``path``, inflating
+    at most ``enough`` bytes in 1 MiB pieces (never the whole of a bomb, nor bytes after it)."""
+    out = consumed = 0
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)  # one gzip member
+    pending = b""
     try:
-        with gzip.open(path, "rb") as fh:
-            while total < enough and (chunk := fh.read(min(1 << 20, enough - total))):
-                total += len(chunk)
-    except (OSError, EOFError, zlib.error):
-        pass  # truncated stream: the bytes read so far are the size
-    return total
+        with open(path, "rb") as fh:
+            while out < enough:
+                if not pending and not (pending := fh.read(1 << 16)):
+                    break  # end of the file
+                before = len(pending)
+                out += len(inflater.decompress(pending, min(1 << 20, enough - out)))
+                if inflater.eof:  # the member ended: the next one starts in unused_data
+                    pending = inflater.unused_data
+                    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+                else:
+                    pending = inflater.unconsumed_tail
+                consumed += before - len(pending)
+    except zlib.error:
+        pass  # a cut stream or bytes that are no gzip member: what was inflated so far counts
+    return out, consumed
 
 
 def _gunzip_bounded(raw: bytes, limits: IngestLimits) -> bytes:
@@ -219,7 +242,7 @@ def _checked_geometry(
     _check_dtype(img)
     gz = rel.lower().endswith(".gz")
     _check_limits(img, source, gz, limits)
-    _check_complete(source, gz, _expected_bytes(img))
+    _check_complete(source, gz, _expected_bytes(img), limits)
     return spatial, n_volumes, _orientation(img)
 
 

@@ -250,10 +250,13 @@ def route(refs: Sequence[SeriesRef], scopes: Sequence[ModelScope]) -> list[int |
     return out
 
 
+OUT_OF_SCOPE_PREFIX = "outside every model's scope"
+
+
 def out_of_scope_reason(ref: SeriesRef) -> str:
     """``outside every model's scope (MR, BRAIN)``: header facts only, no identifiers."""
     facts = [ref.modality or "no modality", ref.body_part, ref.view]
-    return f"outside every model's scope ({', '.join(f for f in facts if f)})"
+    return f"{OUT_OF_SCOPE_PREFIX} ({', '.join(f for f in facts if f)})"
 
 
 @dataclass(frozen=True)

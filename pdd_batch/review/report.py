@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 import pdd_batch
 from pdd_batch.review.overlay import SourceLocator, display_scale, model_input_slices, overlay_png
+from pdd_batch.review.site_note import threshold_warning_html
 from pdd_batch.runs.results import RunResults
 from pdd_batch.runs.writer import write_bytes_atomic
 
@@ -371,6 +372,7 @@ def build_report(
         cards=_cards(results),
         accounted_class=accounted_class,
         accounted_text=_e(accounted_text),
+        site_calibration=threshold_warning_html(results.manifest),
         thumbnails=thumbs,
         vmin=f"{scale[0]:.3g}",
         vmax=f"{scale[1]:.3g}",
