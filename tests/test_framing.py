@@ -274,3 +274,20 @@ def test_large_volume_found_on_a_strided_grid(monkeypatch: pytest.MonkeyPatch) -
     assert full is not None and grid is not None and grid.keep is not None
     assert (grid.rows, grid.cols) == (full.rows, full.cols)
     np.testing.assert_array_equal(grid.keep, full.keep)
+
+
+def test_overlay_fallback_refuses_a_per_volume_framing_it_cannot_reproduce(tmp_path: Path) -> None:
+    """Overlays rebuild the model input: a CT file read alone cannot be framed per volume, so
+    the file fallback refuses (the heatmap is then drawn alone) rather than misplace it; a
+    radiograph is framed per image, exactly as screened."""
+    from pdd_batch.review.overlay import OverlayError, _dicom_slice
+
+    hu, _ = _head_and_table(1)
+    ct = _write_dicom(tmp_path / "ct" / "one.dcm", hu[0][::4, ::4], "CT")
+    with pytest.raises(OverlayError, match="per volume"):
+        _dicom_slice(ct, PreprocessSpec(64, framing="ct-head-v1"))
+    img, _ = _bordered_radiograph(np.random.default_rng(2))
+    xr = _write_dicom(tmp_path / "xr" / "one.dcm", img * 3000.0 + 200.0, "DX")
+    spec = PreprocessSpec(64, framing="radiograph-v1")
+    screened = next(iter_model_slices(_series(tmp_path / "xr"), spec)).image
+    np.testing.assert_allclose(_dicom_slice(xr, spec), screened, atol=1e-6)
