@@ -31,11 +31,13 @@ from pdd_batch.ingest.dicomweb import (
     SeriesHit,
     http_failure,
     instance_file_name,
-    make_client,
     pacs_root,
+    private_dir,
+    quiet_http_logs,
     record_query,
     run_query,
 )
+from pdd_batch.ingest.dicomweb_retrieve import DEFAULT_LIMITS, FetchLimits, retrieve_series
 from pdd_batch.ingest.discovery import FileRecord
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.manifest import STATUS_COMPLETE
@@ -44,8 +46,6 @@ log = logging.getLogger(__name__)
 
 STAGING_FOLDER = "staging"
 MAX_IN_FLIGHT = 8
-# WADO-RS in the stored transfer syntax (no transcoding on the server: the same pixels as a file)
-ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,22 @@ class FetchReport:
         return [FileRecord(f"{k}/", "failed", r, k) for k, r in sorted(self.failed.items())]
 
 
-def fetch_one(endpoint: Endpoint, hit: SeriesHit, series_root: Path, staging: Path) -> FetchOutcome:
-    """Retrieve one series (WADO-RS) into ``series_root/<key>/``; never raises."""
+def fetch_one(
+    endpoint: Endpoint,
+    hit: SeriesHit,
+    series_root: Path,
+    staging: Path,
+    limits: FetchLimits = DEFAULT_LIMITS,
+) -> FetchOutcome:
+    """Retrieve one series (WADO-RS, streamed to disk under ``limits``) into
+    ``series_root/<key>/`` (0700, files 0600); never raises."""
+    quiet_http_logs()  # this may be a fresh Ray worker: no URL, no pydicom warning with a UID
     target = series_root / hit.key
-    tmp = Path(tempfile.mkdtemp(prefix=f"{hit.key}-", dir=staging))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{hit.key}-", dir=staging))  # 0700
     try:
-        client = make_client(endpoint)
-        n = 0
-        found = client.iter_series(hit.study_uid, hit.series_uid, media_types=ANY_TRANSFER_SYNTAX)
-        for ds in found:
-            ds.save_as(tmp / instance_file_name(str(ds.SOPInstanceUID)), enforce_file_format=True)
-            n += 1
+        n = retrieve_series(
+            endpoint, hit.study_uid, hit.series_uid, tmp, instance_file_name, limits
+        )
         if n == 0:
             raise DicomwebError("WADO-RS retrieve returned no instances")
         try:
@@ -94,14 +99,16 @@ def fetch_one(endpoint: Endpoint, hit: SeriesHit, series_root: Path, staging: Pa
     except DicomwebError as exc:
         return FetchOutcome(hit.key, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - any failure of one series is its error row
-        return FetchOutcome(hit.key, error=str(http_failure("WADO-RS retrieve", exc)))
+        return FetchOutcome(hit.key, error=str(http_failure("WADO-RS retrieve", exc, endpoint)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @ray.remote(num_cpus=0.25, max_retries=2)
-def _fetch_task(endpoint: Endpoint, hit: SeriesHit, series_root: str, staging: str) -> FetchOutcome:
-    return fetch_one(endpoint, hit, Path(series_root), Path(staging))
+def _fetch_task(
+    endpoint: Endpoint, hit: SeriesHit, series_root: str, staging: str, limits: FetchLimits
+) -> FetchOutcome:
+    return fetch_one(endpoint, hit, Path(series_root), Path(staging), limits)
 
 
 def fetch_series(
@@ -109,14 +116,15 @@ def fetch_series(
     hits: list[SeriesHit],
     out_dir: Path,
     on_done: Callable[[int, int], None] | None = None,
+    limits: FetchLimits = DEFAULT_LIMITS,
 ) -> FetchReport:
     """Fetch every series of ``hits`` not yet cached, as Ray tasks (Ray must be connected when
     there is anything to fetch)."""
     root = pacs_root(out_dir)
     series_root, staging = root / SERIES_FOLDER, root / STAGING_FOLDER
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run
-    series_root.mkdir(exist_ok=True)
-    staging.mkdir()
+    private_dir(series_root)
+    private_dir(staging)
     todo = [h for h in hits if not (series_root / h.key).is_dir()]
     report = FetchReport(found=len(hits), cached=len(hits) - len(todo))
     pending: list[ray.ObjectRef] = []
@@ -124,7 +132,8 @@ def fetch_series(
     while queue or pending:
         while queue and len(pending) < MAX_IN_FLIGHT:
             hit = queue.pop(0)
-            pending.append(_fetch_task.remote(endpoint, hit, str(series_root), str(staging)))
+            args = (endpoint, hit, str(series_root), str(staging), limits)
+            pending.append(_fetch_task.remote(*args))
         ready, pending = ray.wait(pending, num_returns=1)
         outcome: FetchOutcome = ray.get(ready[0])
         if outcome.error:
@@ -161,6 +170,7 @@ def screen_pacs(
     on_fetch: Callable[[int, int], None] | None = None,
     found: QueryResult | None = None,
     crosswalk: Path | None = None,
+    limits: FetchLimits = DEFAULT_LIMITS,
 ) -> PacsScreenResult:
     """Query (unless ``found`` is the query's result already), fetch and screen;
     ``cfg.archive`` is replaced by the run's series cache.
@@ -175,13 +185,12 @@ def screen_pacs(
     """
     found = found or run_query(endpoint, query)
     hits = found.hits
-    series_root = pacs_root(cfg.out_dir) / SERIES_FOLDER
-    series_root.mkdir(exist_ok=True)
+    series_root = private_dir(pacs_root(cfg.out_dir) / SERIES_FOLDER)
     need_ray = any(not (series_root / h.key).is_dir() for h in hits)
     with ExitStack() as stack:
         if need_ray:
             stack.enter_context(connect(cfg.resolved_address, num_cpus=cfg.num_cpus))
-        report = fetch_series(endpoint, hits, cfg.out_dir, on_done=on_fetch)
+        report = fetch_series(endpoint, hits, cfg.out_dir, on_done=on_fetch, limits=limits)
         result = run_screen(
             cfg.with_updates(archive=series_root),
             progress,
@@ -189,5 +198,5 @@ def screen_pacs(
             source_errors=report.records(),
         )
     if not report.failed and result.status == STATUS_COMPLETE:
-        record_query(cfg.out_dir, found.started, query, len(hits))
+        record_query(cfg.out_dir, found.started, query, len(hits), found)
     return PacsScreenResult(report, result)

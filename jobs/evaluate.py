@@ -333,3 +333,118 @@ def _evaluate_tuple_progress(*args: Any, progress: Callable[[Any], None], **kw: 
 
 def _calibrate_tuple_progress(*args: Any, progress: Callable[[Any], None], **kw: Any) -> Any:
     return calibrate_checkpoint(*args, progress=lambda d, n: progress((d, n)), **kw)
+
+
+@torch.no_grad()
+def score_arrays(model: nn.Module, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Scores (N,) of model-ready images (N, S, S) in [0, 1]."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        res = model.predict(x.unsqueeze(1).to(device))  # (B, 1, S, S) -> scores (B,)
+        out.append(res.scores.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def synthetic_figure_of(model: nn.Module, normals: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """The validation figure of ``model`` on normal images (N, S, S): AUROC of the normals
+    against their seeded synthetic-lesion copies (``pdd_batch.evaluation.synthetic``), with its
+    bootstrap interval and the AUROC per lesion family.
+
+    Raises:
+        EvaluationError: fewer than 2 normal images.
+    """
+    from pdd_batch.evaluation.synthetic import FAMILIES, lesioned_copies, synthetic_figure
+
+    if len(normals) < 2:
+        raise EvaluationError(
+            f"the synthetic-lesion figure needs at least 2 normals, got {len(normals)}"
+        )
+    copies = lesioned_copies(normals, seed=seed)
+    normal, lesion = score_arrays(model, normals), score_arrays(model, copies.images)
+    figure = synthetic_figure(normal, lesion, copies.source, copies.family, seed=seed)
+    figure.update(seed=seed, families=list(FAMILIES))
+    figure["scores"] = {  # for paired comparisons of models on the same copies; not recorded
+        "normal": normal.tolist(),
+        "lesion": lesion.tolist(),
+        "source": copies.source.tolist(),
+    }
+    return figure
+
+
+def _normal_images(
+    data: Sequence[ImageItem] | Path, spec: PreprocessSpec
+) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Model inputs (N, S, S) of the normal images of a list, or of every slice of an archive of
+    normal studies (read as ``screen`` reads them); unreadable ones become error records."""
+    from jobs.train import TrainConfig, archive_images, load_images
+
+    if isinstance(data, (str, Path)):
+        images, _, errors = archive_images(Path(data), spec, TrainConfig())
+    else:
+        images, _, errors = load_images([it for it in data if it.label == 0], spec)
+    return images, errors
+
+
+def evaluate_synthetic(
+    data: Sequence[ImageItem] | Path,
+    out_dir: Path,
+    model_dir: Path | None = None,
+    *,
+    seed: int = 0,
+    data_description: str = "",
+    teacher_weights: dict[str, str] | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """The synthetic-lesion figure of a checkpoint on normals only (no labelled anomaly needed):
+    written to ``out_dir/synthetic.json`` and returned.
+
+    Raises:
+        EvaluationError: fewer than 2 readable normal images.
+    """
+    t0 = time.perf_counter()
+    loaded = load_model(model_dir, teacher_weights)
+    spec = PreprocessSpec.from_dict(loaded.preprocessing)
+    images, errors = _normal_images(data, spec)
+    if progress is not None:
+        progress(len(images), len(images))
+    figure = synthetic_figure_of(loaded.model, images, seed)
+    figure.pop("scores", None)
+    figure.update(
+        model_id=loaded.model_id,
+        checkpoint_hash=loaded.checkpoint_hash,
+        config=getattr(loaded.config, "name", ""),
+        data=data_description,
+        errors=[{k: v for k, v in e.items() if k != "file"} for e in errors],  # no paths: names
+        wall_s=round(time.perf_counter() - t0, 2),
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "synthetic.json").write_text(json.dumps(figure, indent=2, sort_keys=True))
+    return figure
+
+
+def run_synthetic_evaluation(
+    data: Sequence[ImageItem] | Path,
+    out_dir: Path,
+    model_dir: Path | None = None,
+    *,
+    address: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``evaluate_synthetic`` in-process, or as one Ray actor at ``address``/``RAY_ADDRESS``."""
+    addr = ray_address(address)
+    if addr is None:
+        return evaluate_synthetic(data, out_dir, model_dir, **kwargs)
+    kwargs.pop("progress", None)
+    return run_remote(
+        _synthetic_tuple_progress,
+        (data if isinstance(data, Path) else list(data), Path(out_dir), model_dir),
+        kwargs,
+        address=addr,
+    )
+
+
+def _synthetic_tuple_progress(*args: Any, progress: Callable[[Any], None], **kw: Any) -> Any:
+    return evaluate_synthetic(*args, progress=lambda d, n: progress((d, n)), **kw)

@@ -8,8 +8,10 @@ the number of slices and the series' warnings, ``kind="empty"`` when it gave no 
 ``kind="error"`` when it failed to read. The driver commits a series only once its end marker
 and all ``n_rows`` slices have arrived. The end marker's ``used_files`` (JSON list; "" on other
 rows) names every file whose pixels went into the series' volumes: a slice reformatted to another
-axis mixes all of them, though its ``source_file`` can name only one. Paths travel only inside the
-pipeline (the driver turns them into file keys); reasons and warnings never carry one.
+axis mixes all of them, though its ``source_file`` can name only one. Its ``unreadable_files``
+(a JSON object; "" on other rows) maps each file of the series that could not be read or decoded
+to why: the driver reports those files ``failed``. Paths travel only inside the pipeline (the
+driver turns them into file keys); reasons and warnings never carry one.
 """
 
 from __future__ import annotations
@@ -67,7 +69,13 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def _marker(
-    ref: SeriesRef, kind: str, reason: str, size: int, n_rows: int = 0, used_files: str = ""
+    ref: SeriesRef,
+    kind: str,
+    reason: str,
+    size: int,
+    n_rows: int = 0,
+    used_files: str = "",
+    unreadable_files: str = "",
 ) -> dict[str, Any]:
     return {
         "kind": [kind],
@@ -80,6 +88,7 @@ def _marker(
         "n_rows": np.array([n_rows], dtype=np.int32),
         "reason": [reason],
         "used_files": [used_files],
+        "unreadable_files": [unreadable_files],
         "image": np.zeros((1, size, size), dtype=np.float32),
     }
 
@@ -97,6 +106,7 @@ def _block(ref: SeriesRef, slices: list) -> dict[str, Any]:
         "n_rows": np.zeros(n, dtype=np.int32),  # the total comes with the end marker
         "reason": [""] * n,
         "used_files": [""] * n,
+        "unreadable_files": [""] * n,
         "image": np.stack([s.image for s in slices]).astype(np.float32, copy=False),  # (N, S, S)
     }
 
@@ -152,11 +162,22 @@ def read_series(
     warnings = ""
     if series.warnings:
         warnings = scrub_reason(keys.redact_paths("; ".join(series.warnings), ref.files))
+    bad = _unreadable_json(series.unreadable, ref)
     if n == 0:
-        yield _marker(ref, KIND_EMPTY, warnings or "no slice in this series", spec.image_size)
+        reason = warnings or "no slice in this series"
+        yield _marker(ref, KIND_EMPTY, reason, spec.image_size, unreadable_files=bad)
     else:
         used = sorted({f for volume in series.volumes for f in volume.source_files})
-        yield _marker(ref, KIND_END, warnings, spec.image_size, n, json.dumps(used))
+        yield _marker(ref, KIND_END, warnings, spec.image_size, n, json.dumps(used), bad)
+
+
+def _unreadable_json(unreadable: dict[str, str], ref: SeriesRef) -> str:
+    """The series' unreadable files -> why (reasons scrubbed of paths and UIDs), as JSON."""
+    if not unreadable:
+        return ""
+    return json.dumps(
+        {f: scrub_reason(keys.redact_paths(r, ref.files)) for f, r in sorted(unreadable.items())}
+    )
 
 
 class ReadSeries:

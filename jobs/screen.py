@@ -147,7 +147,7 @@ def series_fingerprint(root: Path, ref: SeriesRef) -> str:
     Members of .zip/.tar files count with the size and time of the archive file that holds them.
     """
     h = hashlib.sha256()
-    for rel in sorted(ref.files):
+    for rel in sorted((*ref.files, *ref.spares)):  # a spare may give a slice: it counts too
         container, member = split_member(rel)  # a .zip/.tar member: its container's stat
         try:
             st = (root / (container if member else rel)).stat()
@@ -315,6 +315,7 @@ class _Run:
     published_manifest: dict[str, Any] | None = None
     models: list[ModelInfo] = field(default_factory=list)  # a routed set: each with its series
     routed: Routed | None = None
+    source_failed: int = 0  # series a source stage could not fetch: the run is incomplete
 
 
 def public_config(cfg: RunConfig) -> dict[str, Any]:
@@ -466,6 +467,7 @@ def _prepare(
     )
     run = _Run(cfg, state, model, disc, pending, sink, progress, t_start, key_id=key_id)
     run.models, run.routed = models, routed
+    run.source_failed = len(source_errors)
     run.timings["discover_s"] = discover_s
     run.warnings, run.published_manifest = warnings, published_manifest
     run.manifest = _running_manifest(run)
@@ -533,8 +535,11 @@ def _run_locked(
     t = time.perf_counter()
     try:
         if not run.pending:
+            note = "nothing new: all series screened earlier"
+            if run.source_failed:  # not "all": some could not be fetched
+                note = f"nothing to screen: {run.source_failed} series could not be fetched"
             for stage in ("series", "slices", "commit"):
-                _emit(progress, stage, 0, 0, note="nothing new: all series screened earlier")
+                _emit(progress, stage, 0, 0, note=note)
         else:
             with (
                 ray_logs_to(cfg.out_dir / "_logs"),
@@ -574,7 +579,8 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
         "series_seen": len(seen),
         "series_screened_this_run": stats.series_committed,
         "series_reused": len(seen & set(state.series)) - stats.series_committed,
-        "series_failed": len(run.sink.failed),
+        "series_failed": len(run.sink.failed) + run.source_failed,
+        "series_not_fetched": run.source_failed,
         "slices_written_this_run": stats.slices_written,
         "slices_total": sum(state.part_rows().values()),
         "studies": n_study,
@@ -593,15 +599,19 @@ def _run_summary(run: _Run, n_study: int, n_err: int) -> dict[str, Any]:
     }
 
 
-def _dropped_paths(disc: Discovery, state: RunState) -> dict[str, list[str]]:
-    """Committed series of this archive -> the paths of the files they dropped (the state
-    records them by file key)."""
+def _dropped_paths(disc: Discovery, state: RunState) -> dict[str, dict[str, str]]:
+    """Committed series of this archive -> the paths of the files they dropped -> why (the
+    state records them by file key)."""
     done = {}
     for ref in disc.series:
         rec = state.series.get(ref.series_key)
         if rec is not None:
-            dropped = {k for k, _ in rec.dropped}
-            done[ref.series_key] = [f for f in ref.files if keys.file_key(f) in dropped]
+            dropped = dict(rec.dropped)  # file key -> reason
+            done[ref.series_key] = {
+                f: dropped[k]
+                for f in (*ref.files, *ref.spares)
+                if (k := keys.file_key(f)) in dropped
+            }
     return done
 
 
@@ -645,11 +655,13 @@ def _publish(run: _Run, status: str, error: str | None) -> ScreenResult:
     n_study = write_studies(state, topk=cfg.topk, run_id=cfg.run_id)
     done = _dropped_paths(disc, state)
     files = [(f.path, f.status, f.reason) for f in disc.files]
-    outcomes = file_outcomes(files, {r.series_key: r.files for r in disc.series}, done, sink.failed)
+    spares = {r.series_key: r.spares for r in disc.series if r.spares}
+    series_files = {r.series_key: r.files for r in disc.series}
+    outcomes = file_outcomes(files, series_files, done, sink.failed, spares=spares)
     n_err = write_errors(state, disc, sink.failed, outcomes, run_id=cfg.run_id)
     counts = InputCounts.from_outcomes(outcomes)
-    if status == STATUS_COMPLETE and counts.inputs_lost:
-        status = STATUS_INCOMPLETE
+    if status == STATUS_COMPLETE and (counts.inputs_lost or run.source_failed):
+        status = STATUS_INCOMPLETE  # rerun to finish: lost inputs, or series not fetched
     run.timings["finalise_s"] = time.perf_counter() - t
     run.timings["total_s"] = time.perf_counter() - run.t_start
     extra = _run_summary(run, n_study, n_err)

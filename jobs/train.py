@@ -123,13 +123,23 @@ def load_images(
     return stack, kept, errors
 
 
+@dataclass(frozen=True)
+class ArchivePart:
+    """The studies of an archive of normal studies that one training (or validation) reads:
+    ``studies`` are ``SeriesRef.study_key`` values (selection holds studies out, never slices)."""
+
+    root: Path
+    studies: frozenset[str]
+
+
 def archive_images(
-    archive: Path, spec: PreprocessSpec, run: TrainConfig
+    archive: Path, spec: PreprocessSpec, run: TrainConfig, studies: frozenset[str] | None = None
 ) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """Every model slice of an archive of normal studies, read like ``screen`` reads them.
 
     Series that cannot be read become error records (file, stage, reason) and are skipped; with
-    ``run.max_images`` a seeded subset of slices is kept.
+    ``run.max_images`` a seeded subset of slices is kept; with ``studies`` only the series of
+    those studies are read.
 
     Returns:
         (images (N, S, S) float32 in [0, 1], names "series_key:volume:slice", errors).
@@ -143,6 +153,8 @@ def archive_images(
     errors = [{"file": r.path, "stage": "discover", "reason": r.reason}
               for r in found.files if r.status == "failed"]  # fmt: skip
     for ref in found.series:
+        if studies is not None and ref.study_key not in studies:
+            continue
         try:
             series = load_series(found.root, ref)
             for sl in iter_model_slices(series, spec):
@@ -303,9 +315,11 @@ def _epoch(model: nn.Module, opt: Any, bank: Any, gen: torch.Generator, run: Tra
 
 
 def _training_images(
-    items: Sequence[ImageItem] | Path, spec: PreprocessSpec, run: TrainConfig
+    items: Sequence[ImageItem] | Path | ArchivePart, spec: PreprocessSpec, run: TrainConfig
 ) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    if isinstance(items, (str, Path)):
+    if isinstance(items, ArchivePart):
+        images, names, errors = archive_images(items.root, spec, run, items.studies)
+    elif isinstance(items, (str, Path)):
         images, names, errors = archive_images(Path(items), spec, run)
     else:
         images, kept, errors = load_images(select_training_items(items, run), spec)
@@ -316,7 +330,7 @@ def _training_images(
 
 
 def train_model(
-    items: Sequence[ImageItem] | Path,
+    items: Sequence[ImageItem] | Path | ArchivePart,
     out_dir: Path,
     model_config: ModelConfig,
     run: TrainConfig = TrainConfig(),
@@ -334,7 +348,8 @@ def train_model(
 
     Args:
         items: labelled images (only label 0 and split ``train``/None are used), or the path
-            of an archive of normal studies (DICOM/NIfTI; every slice is a training image).
+            of an archive of normal studies (DICOM/NIfTI; every slice is a training image), or
+            an ``ArchivePart`` (some of its studies).
         out_dir: checkpoint folder (``config.json``, ``model.safetensors``, ``resume.pt``).
         model_config: a ``model.config.ModelConfig``.
         run: the run configuration (epochs, batch size, optimiser, seed).
@@ -361,8 +376,9 @@ def train_model(
     if model is None:
         model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
     spec = PreprocessSpec(image_size=int(model_config.image_size), resize=resize)
-    if scope is None and isinstance(items, (str, Path)):
-        scope = archive_scope(Path(items), spec)
+    if scope is None and isinstance(items, (str, Path, ArchivePart)):
+        root = items.root if isinstance(items, ArchivePart) else Path(items)
+        scope = archive_scope(root, spec)
     try:
         framed = resolve_framing(framing, (scope or {}).get("modalities") or ())
     except FramingError as exc:
@@ -572,3 +588,53 @@ def run_remote(
                 return ray.get(ref)
     finally:
         ray.kill(actor)
+
+
+def run_remote_many(
+    calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]],
+    *,
+    address: str,
+    progress: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
+    """Run each ``fn(*args, progress=..., **kwargs)`` of ``calls`` in its own Ray actor, all at
+    once (1 GPU each when the cluster has one: they queue for it); ``progress(i, report)``
+    forwards call ``i``'s latest report. Returns the results in the order of ``calls``."""
+    import ray
+
+    if not ray.is_initialized():
+        from jobs.cluster import join
+
+        join(address)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+    @ray.remote(max_concurrency=2)
+    class _Runner:
+        def __init__(self) -> None:
+            self.latest: Any = None
+
+        def run(self, call: Callable[..., Any], a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+            def report(p: Any) -> None:
+                self.latest = p
+
+            return call(*a, progress=report, **kw)
+
+        def last(self) -> Any:
+            return self.latest
+
+    actors = [_Runner.options(num_cpus=1, num_gpus=gpus).remote() for _ in calls]
+    refs = [a.run.remote(fn, args, kw) for a, (fn, args, kw) in zip(actors, calls, strict=True)]
+    shown: list[Any] = [None] * len(calls)
+    try:
+        pending = set(range(len(refs)))
+        while pending:
+            ray.wait([refs[i] for i in pending], timeout=1.0)
+            for i in sorted(pending):
+                latest = ray.get(actors[i].last.remote())
+                if progress is not None and latest is not None and latest != shown[i]:
+                    progress(i, latest)
+                    shown[i] = latest
+            pending = {i for i in pending if not ray.wait([refs[i]], timeout=0)[0]}
+        return [ray.get(r) for r in refs]
+    finally:
+        for a in actors:
+            ray.kill(a)

@@ -501,3 +501,21 @@ def set_calibration(path: str | Path, calibration: dict[str, Any]) -> None:
     meta = read_meta(folder)
     meta["calibration"] = calibration
     _write_json_atomic(folder / CONFIG_FILE, meta)
+
+
+def set_selection(path: str | Path, selection: dict[str, Any]) -> None:
+    """Store how the checkpoint's configuration was chosen (``jobs.selection``) under
+    ``config.json`` → ``training.selection``, atomically.
+
+    Raises:
+        ValueError: ``selection`` is not a JSON-serialisable dict.
+        CheckpointError: the checkpoint's ``config.json`` is missing or unreadable.
+    """
+    if not isinstance(selection, dict):
+        raise ValueError("selection must be a dict")
+    folder = _checkpoint_dir(path)
+    meta = read_meta(folder)
+    training = dict(meta.get("training") or {})
+    training["selection"] = selection
+    meta["training"] = training
+    _write_json_atomic(folder / CONFIG_FILE, meta)

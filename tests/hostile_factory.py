@@ -49,7 +49,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import RLELossless
+from pydicom.uid import RLELossless, generate_uid
 
 GOOD_SLICES = 30
 FORGED_ROWS_SLICES = 12
@@ -230,6 +230,7 @@ def _undecodable_extra(root: Path, last: Path) -> Path:
         step = float(ds.SliceThickness)
         ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + step]
         ds.InstanceNumber = int(ds.InstanceNumber) + 1
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # its own
         ds.file_meta.TransferSyntaxUID = RLELossless
         header = (2).to_bytes(4, "little") + (64).to_bytes(4, "little") + (80).to_bytes(4, "little")
         ds.PixelData = encapsulate([header + bytes(52) + bytes([5]) * 40])

@@ -36,17 +36,20 @@ def test_default_set_is_head_ct_then_chest_xray() -> None:
 
 
 def test_head_ct_default_is_trained_with_trains_default_recipe() -> None:
-    """Issue 17: the embedded head-CT default follows the rule, like ``train``'s defaults: its
-    config and augmentation are what ``pdd-batch train`` uses when given no option."""
+    """Issue 17/23: the embedded head-CT default follows ``train``'s defaults: its config is the
+    one selection kept (recorded in ``training.selection``) or, for a checkpoint trained before
+    selection existed, the documented default candidate; its augmentation is ``train``'s."""
     import inspect
 
     from model.config import get_config
-    from pdd_batch.cli.train import train_command
+    from pdd_batch.cli.train import SELECTION_CANDIDATES, train_command
 
     params = inspect.signature(train_command).parameters
     meta = _meta(DEFAULT_MODEL_DIR)
     stored = meta["model_config"]
-    wanted = get_config(params["config"].default, image_size=128).to_dict()
+    chosen = (meta["training"].get("selection") or {}).get("chosen", SELECTION_CANDIDATES[0])
+    assert params["config"].default is None and chosen in SELECTION_CANDIDATES
+    wanted = get_config(chosen, image_size=128).to_dict()
     teachers = ("cnn_teacher", "mamba_teacher")  # stored ones also record resolved hashes
     assert {k: v for k, v in stored.items() if k not in teachers} == {
         k: v for k, v in wanted.items() if k not in teachers
@@ -120,7 +123,10 @@ def test_screen_without_model_routes_ct_head_and_cr_chest(ray_local, tmp_path: P
     head = write_ct_series(archive / "ct_head", n_slices=3, rows=32, cols=32, seed=1)
     tag(head, BodyPartExamined="HEAD")
     cr = write_xray(archive / "cr_chest" / "cr.dcm", rows=48, cols=40, modality="CR", seed=4)
-    tag([cr], BodyPartExamined="CHEST", ViewPosition="PA")
+    tag([cr], BodyPartExamined="CHEST", ViewPosition="PA", PatientAge="004Y")
+    # an adult's chest radiograph: outside the chest default's population (children aged 1-5)
+    adult = write_xray(archive / "cr_adult" / "cr.dcm", rows=48, cols=40, modality="CR", seed=5)
+    tag([adult], BodyPartExamined="CHEST", ViewPosition="PA", PatientAge="045Y")
     mr = write_ct_series(archive / "mr", n_slices=2, rows=32, cols=32, modality="MR", seed=3)
     tag(mr, BodyPartExamined="BRAIN")
     out = tmp_path / "out"
@@ -128,8 +134,12 @@ def test_screen_without_model_routes_ct_head_and_cr_chest(ray_local, tmp_path: P
     ids = [_meta(p)["model_id"] for p in default_model_paths()]
     assert [e["model_id"] for e in m["models"]] == ids
     assert [e["series_routed"] for e in m["models"]] == [1, 1]
-    assert m["series_out_of_scope"] == 1 and m["inputs_out_of_scope"] == 2
+    assert m["series_out_of_scope"] == 2 and m["inputs_out_of_scope"] == 3
     assert m["status"] == "complete" and m["inputs_lost"] == 0
+    errors = pq.read_table(out / "errors").to_pandas().set_index("file_key")
+    row = errors.loc[file_key(adult.relative_to(archive).as_posix())]
+    assert row["status"] == "skipped" and row["reason"].startswith("outside every model's scope")
+    assert "age outside its range" in row["reason"] and "45" not in row["reason"]
     folder = {file_key(p.relative_to(archive).as_posix()): p.parent.name for p in [*head, cr]}
     rows = pq.read_table(out / "slices").to_pylist()
     got = {(folder[r["file_key"]], r["model_id"]) for r in rows}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import ray
 from conftest import SHARED
 from dicom_factory import write_ct_series
-from orthanc_server import FaultyProxy, orthanc  # noqa: F401 - the fixture
+from orthanc_server import FaultyProxy, orthanc, orthanc_process  # noqa: F401 - the fixture
 from ray_support import start_test_ray
 from screen_support import direct_scores, make_checkpoint
 from typer.testing import CliRunner
@@ -37,9 +38,11 @@ from pdd_batch.ingest.dicomweb import (
     make_client,
     parse_since,
     query_series,
+    run_query,
 )
 from pdd_batch.ingest.keys import series_key
 from pdd_batch.runs.config import RunConfig
+from pdd_batch.runs.manifest import EXIT_INCOMPLETE
 
 # ../shared files or a synthetic fallback: .ci/run also runs these with ../shared hidden.
 pytestmark = [pytest.mark.fallback]
@@ -128,10 +131,9 @@ def _cfg(world: dict, out: Path, archive: Path | None = None) -> RunConfig:
 
 def test_qido_query_filters_by_date_and_modality_on_the_server(world) -> None:
     want = expected_series(world["archive"])
-    client = make_client(world["endpoint"])
 
     def keys(query: Query) -> set[str]:
-        return {h.key for h in query_series(client, query, page_size=2)}  # several pages
+        return {h.key for h in query_series(world["endpoint"], query, page_size=2).hits}
 
     assert keys(Query()) == set(want)
     assert keys(Query(modality="CT")) == {k for k, (m, _) in want.items() if m == "CT"}
@@ -160,7 +162,7 @@ def first_pacs_run(ray_local, world) -> dict:
     """A nightly first run (``--since last-run`` with no earlier run: everything), started
     after a killed run had fetched one series and left a half-written staging folder."""
     out = world["base"] / "nightly"
-    hits = query_series(make_client(world["endpoint"]), Query())
+    hits = query_series(world["endpoint"], Query()).hits
     fetch_series(world["endpoint"], hits[:1], out)  # the part a killed run had finished
     junk = out / "_pacs" / "staging" / "half-written"
     junk.mkdir(parents=True)
@@ -187,6 +189,10 @@ def test_screen_from_dicomweb_equals_screen_from_the_same_files(folder_run, firs
     assert b["flagged"].any()  # the export tests need flagged studies
     cache = out / "_pacs"
     assert cache.stat().st_mode & 0o777 == 0o700  # the fetched images are private
+    modes = {p.relative_to(cache): (p.is_dir(), p.stat().st_mode & 0o777) for p in cache.rglob("*")}
+    assert any(not d for d, _ in modes.values())
+    wrong = {str(p): oct(m) for p, (d, m) in modes.items() if m != (0o700 if d else 0o600)}
+    assert not wrong, wrong  # 0700 folders, 0600 files throughout (patient images)
     assert not (cache / "staging").exists()  # no leftovers of the killed run
 
 
@@ -221,6 +227,53 @@ def test_since_last_run_screens_only_a_study_uploaded_after_the_first_run(
     assert again.fetch.fetched == 0 and again.screen.manifest["series_screened_this_run"] == 0
 
 
+def test_a_pacs_that_stops_after_the_query_leaves_an_incomplete_run_a_rerun_finishes(
+    ray_local, world, folder_run, tmp_path
+) -> None:
+    """Orthanc stopped between the query and the fetch: every series is a failed row, the run
+    is ``incomplete`` with exit code 1 (also from ``summary``); once it is back, the same
+    command finishes the run with the scores of a folder screen."""
+    pacs_dir = tmp_path / "pacs"
+
+    def endpoint_of(server) -> Endpoint:
+        return Endpoint(server.http_url + "/dicom-web", server.user, server.password, 5.0, 2, 50)
+
+    with orthanc_process(pacs_dir) as server:
+        server.upload(sorted(world["archive"].rglob("*.dcm")))
+        found = run_query(endpoint_of(server), Query())
+        endpoint = endpoint_of(server)
+    out = tmp_path / "run"
+    down = screen_pacs(_cfg(world, out), endpoint, Query(), found=found)
+    keys = {h.key for h in found.hits}
+    assert set(down.fetch.failed) == keys and down.fetch.fetched == 0
+    assert "connection refused by 127.0.0.1:" in next(iter(down.fetch.failed.values()))
+    assert down.screen.status == "incomplete" and down.screen.exit_code == EXIT_INCOMPLETE
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["exit_code"] == EXIT_INCOMPLETE != 2  # 2: a usage error or a failed run
+    assert manifest["series_failed"] == manifest["series_not_fetched"] == len(keys)
+    errors = pq.read_table(out / "errors").to_pandas()
+    assert set(errors["series_key"]) == keys and set(errors["status"]) == {"failed"}
+    assert errors["reason"].str.contains("WADO-RS retrieve failed").all()
+    summary = runner.invoke(app, ["summary", str(out)])
+    assert summary.exit_code == EXIT_INCOMPLETE, summary.output
+    assert "all inputs accounted for" not in summary.output
+    assert not (out / "_pacs" / "query.json").exists()  # the next last-run asks again
+    leaked = [u for u in identifiers(world["archive"]) if u in errors.to_csv() + summary.output]
+    assert not leaked
+
+    with orthanc_process(pacs_dir) as server:  # restarted (new port, same storage)
+        back = screen_pacs(_cfg(world, out), endpoint_of(server), Query())
+    assert back.fetch.failed == {} and back.fetch.fetched == len(keys)
+    assert back.screen.status == "complete" and back.screen.exit_code == 0
+    assert runner.invoke(app, ["summary", str(out)]).exit_code == 0
+    pacs = pq.read_table(out / "slices").to_pandas().set_index("slice_key").sort_index()
+    ref = folder_run.set_index("slice_key").sort_index()
+    assert list(pacs.index) == list(ref.index)
+    np.testing.assert_allclose(pacs["score"], ref["score"], rtol=1e-5, atol=1e-6)
+    errors = pq.read_table(out / "errors").to_pandas()
+    assert not errors["reason"].str.contains("WADO-RS").any()  # the failed rows are gone
+
+
 def _cli_env(monkeypatch, orthanc, password: str | None = None) -> None:  # noqa: F811
     monkeypatch.setenv(USER_ENV, orthanc.user)
     monkeypatch.setenv(PASSWORD_ENV, password or orthanc.password)
@@ -237,14 +290,14 @@ def test_a_series_the_server_fails_is_an_error_row_and_no_identifier_is_printed(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     _cli_env(monkeypatch, orthanc)
-    ct = [h for h in query_series(make_client(world["endpoint"]), Query(modality="CT"))]
+    ct = query_series(world["endpoint"], Query(modality="CT")).hits
     bad: SeriesHit = ct[0]
     out = world["base"] / "faulty"
     with FaultyProxy(orthanc.http_url, bad.series_uid) as proxy:
         args = ["screen", f"dicomweb+{proxy.url}/dicom-web", "--modality", "CT", "--out", str(out)]
         args += ["--model", str(world["ckpt"]), "--batch-size", "4"]
         result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == EXIT_INCOMPLETE, result.output  # a series missing: not a success
     assert proxy.failed_requests == 4  # retried with backoff, then given up
     errors = pq.read_table(out / "errors").to_pandas()
     row = errors.set_index("series_key").loc[bad.key]
@@ -253,6 +306,7 @@ def test_a_series_the_server_fails_is_an_error_row_and_no_identifier_is_printed(
     assert scored == {h.key for h in ct} - {bad.key}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs_failed"] >= 1 and manifest["inputs_lost"] == 0
+    assert manifest["status"] == "incomplete" and manifest["series_not_fetched"] == 1
     text = result.output + caplog.text + "".join(capfd.readouterr())
     text += errors.to_csv() + json.dumps(manifest)
     leaked = [s for s in identifiers(world["archive"]) if s in text]
@@ -346,7 +400,9 @@ def test_export_stores_an_sr_and_a_kos_in_each_flagged_study_and_reexport_replac
         args = ["export", str(out), "--to", orthanc.dicomweb_url, "--secondary-capture"]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-        assert f"in {len(flagged)} studies" in result.output
+        n = len(flagged)
+        said = f"in {n} studies" if n != 1 else "in 1 study"
+        assert re.search(rf"{said}\b", result.output), result.output
         leaked = [s for s in identifiers(world["archive"]) if s in result.output]
         assert not leaked
         for key in flagged["study_key"]:
@@ -396,7 +452,7 @@ def test_a_series_that_times_out_is_a_failed_fetch_with_nothing_left_behind(
 ) -> None:
     from jobs.dicomweb_fetch import fetch_one
 
-    hit = query_series(make_client(world["endpoint"]), Query(modality="CT"))[0]
+    hit = query_series(world["endpoint"], Query(modality="CT")).hits[0]
     series_root, staging = tmp_path / "series", tmp_path / "staging"
     series_root.mkdir()
     staging.mkdir()
@@ -408,3 +464,92 @@ def test_a_series_that_times_out_is_a_failed_fetch_with_nothing_left_behind(
     assert proxy.failed_requests == 2  # the retry, then given up
     assert not any(series_root.iterdir()) and not any(staging.iterdir())
     assert hit.series_uid not in repr(outcome)
+
+
+def test_a_screen_after_the_export_leaves_the_products_own_series_out(
+    ray_local,
+    world,
+    orthanc,  # noqa: F811
+    first_pacs_run,
+    monkeypatch,
+) -> None:
+    _cli_env(monkeypatch, orthanc)
+    out = first_pacs_run["out"]
+    args = ["export", str(out), "--to", orthanc.dicomweb_url, "--secondary-capture"]
+    assert runner.invoke(app, args).exit_code == 0  # an SR, a KOS and overlays on the PACS
+    found = run_query(world["endpoint"], Query())
+    assert found.own_skipped >= 3
+    assert not {h.modality for h in found.hits} & {"SR", "KO", "OT"}
+    again = screen_pacs(_cfg(world, out), world["endpoint"], Query())
+    assert again.fetch.failed == {} and again.fetch.fetched == 0
+    assert again.screen.status == "complete" and again.screen.exit_code == 0
+
+
+def test_a_first_since_last_run_says_how_many_studies_and_wants_a_date_or_all(
+    ray_local,
+    world,
+    orthanc,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+) -> None:
+    _cli_env(monkeypatch, orthanc)
+    out = tmp_path / "nightly"
+    base = ["screen", orthanc.dicomweb_url, "--since", "last-run", "--out", str(out)]
+    base += ["--model", str(world["ckpt"]), "--modality", "MR"]
+    n_studies = run_query(world["endpoint"], Query(modality="MR")).n_studies
+    refused = runner.invoke(app, base)
+    assert refused.exit_code == 2, refused.output
+    assert f"would fetch all {n_studies} studies" in refused.output
+    assert "--since YYYY-MM-DD" in refused.output and "--all" in refused.output
+    assert not (out / "_pacs").exists() and not (out / "manifest.json").exists()
+    done = runner.invoke(app, [*base, "--all", "--batch-size", "4"])
+    assert done.exit_code == 0, done.output
+    assert json.loads((out / "_pacs" / "query.json").read_text())["series_found"] >= 1
+    again = runner.invoke(app, [*base, "--batch-size", "4"])  # a recorded run: no question
+    assert again.exit_code == 0, again.output
+
+
+def _wait_stable(orthanc, since: int) -> None:  # noqa: F811
+    """Until Orthanc logs a StableStudy after ``since`` (StableAge is 1 s in the test config)."""
+    import time
+
+    with orthanc.session() as s:
+        for _ in range(120):
+            page = s.get(f"{orthanc.http_url}/changes", params={"since": since}, timeout=10).json()
+            if any(c["ChangeType"] == "StableStudy" for c in page["Changes"]):
+                return
+            time.sleep(0.25)
+    raise AssertionError("Orthanc logged no StableStudy")
+
+
+def test_last_run_screens_a_study_received_late_with_an_old_study_date(
+    ray_local,
+    world,
+    orthanc,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+) -> None:
+    _cli_env(monkeypatch, orthanc)
+    out = tmp_path / "received"
+    common = ["--modality", "CT", "--out", str(out), "--model", str(world["ckpt"])]
+    common += ["--batch-size", "4"]
+    first = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", "2024-02-29", *common])
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((out / "_pacs" / "query.json").read_text())
+    assert isinstance(recorded["orthanc_changes_last"], int)
+    late = write_ct_series(tmp_path / "late", n_slices=4, rows=32, cols=32, seed=31)
+    for f in late:
+        ds = pydicom.dcmread(f)
+        ds.StudyDate = "20010102"  # acquired long ago, received now
+        ds.save_as(f)
+    orthanc.upload(late)
+    _wait_stable(orthanc, recorded["orthanc_changes_last"])
+    second = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", "last-run", *common])
+    assert second.exit_code == 0, second.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["series_screened_this_run"] == 1
+    late_key = series_key(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    assert late_key in set(pq.read_table(out / "slices").to_pandas()["series_key"])
+    after = json.loads((out / "_pacs" / "query.json").read_text())
+    assert after["orthanc_changes_last"] > recorded["orthanc_changes_last"]
+    assert after["earliest_since"] <= "2001-01-02"  # the export finds the late study again

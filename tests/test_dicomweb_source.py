@@ -98,3 +98,67 @@ def test_the_study_uid_file_is_checked_line_by_line(tmp_path) -> None:
     with pytest.raises(DicomwebError, match="line 2: not a UID") as exc:
         read_study_uid_file(bad)
     assert "DOE" not in str(exc.value)
+
+
+def test_a_login_over_plain_http_goes_only_to_this_machine_unless_allowed(
+    no_env, monkeypatch
+) -> None:
+    monkeypatch.setenv(USER_ENV, "nightly")
+    monkeypatch.setenv(PASSWORD_ENV, "clear-text-pw")
+    with pytest.raises(DicomwebError, match="clear text over http://") as exc:
+        endpoint_from_source("dicomweb+http://pacs.example.org:8042/dicom-web")
+    assert "pacs.example.org:8042" in str(exc.value) and "clear-text-pw" not in str(exc.value)
+    allowed = endpoint_from_source("dicomweb+http://pacs.example.org/rs", allow_insecure_http=True)
+    assert allowed.user == "nightly"
+    for local in ("127.0.0.1:8042", "localhost", "[::1]:8042", "127.0.0.2"):
+        assert endpoint_from_source(f"dicomweb+http://{local}/rs").user == "nightly"
+    assert endpoint_from_source("dicomweb+https://pacs.example.org/rs").user == "nightly"
+    monkeypatch.delenv(USER_ENV)
+    monkeypatch.delenv(PASSWORD_ENV)
+    assert endpoint_from_source("dicomweb+http://pacs.example.org/rs").user is None  # no login
+
+
+def test_a_netrc_readable_by_others_is_refused(no_env, tmp_path) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine pacs.example.org login nightly password from-netrc\n")
+    for mode in (0o644, 0o640, 0o604):
+        netrc.chmod(mode)
+        with pytest.raises(DicomwebError, match="readable by other users") as exc:
+            endpoint_from_source("dicomweb+https://pacs.example.org/rs", netrc)
+        assert "from-netrc" not in str(exc.value)
+    netrc.chmod(0o600)
+    assert endpoint_from_source("dicomweb+https://pacs.example.org/rs", netrc).user == "nightly"
+
+
+def test_doctor_takes_a_netrc_and_says_where_the_login_came_from(no_env, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pdd_batch.cli.app import app
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login nightly password from-netrc\n")
+    netrc.chmod(0o644)
+    url = "dicomweb+http://127.0.0.1:9/dicom-web"  # port 9: nothing answers
+    args = ["doctor", "--json", "--dicomweb", url, "--netrc", str(netrc)]
+    loose = CliRunner().invoke(app, args)
+    assert loose.exit_code == 1 and "readable by other users" in loose.output
+    netrc.chmod(0o600)
+    report = json.loads(CliRunner().invoke(app, args).output)["dicomweb"]
+    assert report["login"] == "from netrc file netrc" and report["answers"] is False
+    assert "connection refused by 127.0.0.1:9" in report["note"]
+    assert "from-netrc" not in json.dumps(report)
+
+
+def test_screen_of_a_bare_http_url_gives_the_syntax_before_making_any_folder(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pdd_batch.cli.app import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["screen", "http://pacs.example.org/dicom-web", "-o", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "dicomweb+http://" in result.output
+    assert not out.exists() and not (tmp_path / "http:").exists()
+    assert list(tmp_path.iterdir()) == []

@@ -53,10 +53,10 @@ def test_hostile_archive_screens_with_every_file_accounted_for(tmp_path: Path) -
     by_file = errors.set_index("file_key")
     for rel in built["bad_instances"]:
         assert by_file.loc[key[rel], "status"] == "failed"
-    # the instance only the read stage finds bad: left out of its series, one row of its own
+    # the instance only the read stage finds bad: left out of its series, one failed row
     for rel in built["undecodable"]:
         row = by_file.loc[key[rel]]
-        assert row["stage"] != "discover" and "left out" in row["reason"]
+        assert row["stage"] == "read" and row["status"] == "failed" and "left out" in row["reason"]
     for rel, status in built["expected"].items():
         if status != "used" and rel not in built["undecodable"]:
             assert by_file.loc[key[rel], "status"] == status, rel

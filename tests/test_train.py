@@ -219,11 +219,16 @@ def test_training_runs_as_a_ray_actor(dataset: Path, tmp_path: Path) -> None:
 
 
 def test_train_from_an_archive_of_normal_studies(tmp_path: Path) -> None:
-    from tests.dicom_factory import write_corrupt_dicom, write_ct_series
+    import pydicom
 
-    write_ct_series(tmp_path / "arch" / "s1", n_slices=6, rows=40, cols=40, seed=1)
-    write_ct_series(tmp_path / "arch" / "s2", n_slices=4, rows=40, cols=36, seed=2,
-                    series_uid="1.2.3.4.5.6.7", study_uid="1.2.3.4.5.6")  # fmt: skip
+    from tests.dicom_factory import write_corrupt_dicom, write_ct_series
+    from tests.scope_support import tag
+
+    s1 = write_ct_series(tmp_path / "arch" / "s1", n_slices=6, rows=40, cols=40, seed=1)
+    tag(s1, PatientAge="006Y")  # s2: no PatientAge; its birth and study dates say 54 years
+    s2 = write_ct_series(tmp_path / "arch" / "s2", n_slices=4, rows=40, cols=36, seed=2,
+                         series_uid="1.2.3.4.5.6.7", study_uid="1.2.3.4.5.6")  # fmt: skip
+    assert "PatientAge" not in pydicom.dcmread(s2[0])
     write_corrupt_dicom(tmp_path / "arch" / "bad.dcm")
     r = CliRunner().invoke(app, ["train", str(tmp_path / "arch"), "--archive", "--config", "test",
                                  "--epochs", "2", "--batch-size", "4", "--out",
@@ -232,6 +237,10 @@ def test_train_from_an_archive_of_normal_studies(tmp_path: Path) -> None:
     meta = load_checkpoint(tmp_path / "ck").meta["training"]
     assert meta["n_images"] == 10 and meta["epochs_run"] == 2
     assert meta["n_failed"] == 1 and "1 skipped" in r.output
+    # the scope spans the training patients' ages (whole years), derived from the headers
+    scope = load_checkpoint(tmp_path / "ck").meta["scope"]
+    assert scope["age_range"] == [6, 54] and scope["age_fallback"] == "reject"
+    assert "age 6-54 years" in r.output
 
 
 def test_cli_trains_and_screens_with_site_supplied_teacher_weights(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -12,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from pdd_batch.cli.pacs import AllowInsecureHttpOption, NetrcOption, PacsTimeoutOption
 
 DISTRIBUTIONS = (
     "pdd-batch",
@@ -122,11 +125,11 @@ def _checkpoint_entry(folder: Path, meta: dict[str, Any]) -> dict[str, str | Non
     from pdd_batch.evaluation.site_calibration import describe_threshold
 
     note = f"model_id {meta.get('model_id')}; scope: {_scope_line(meta)}; "
-    return {
-        "path": str(folder),
-        "sha256": meta.get("checkpoint_hash"),
-        "note": note + describe_threshold(meta.get("calibration")),
-    }
+    note += describe_threshold(meta.get("calibration"))
+    selection = (meta.get("training") or {}).get("selection")
+    if selection:
+        note += f"; selection: {selection.get('why', '')}"
+    return {"path": str(folder), "sha256": meta.get("checkpoint_hash"), "note": note}
 
 
 def _checkpoints(paths: list[Path]) -> dict[str, dict[str, str | None]]:
@@ -141,6 +144,19 @@ def _checkpoints(paths: list[Path]) -> dict[str, dict[str, str | None]]:
             continue
         out[key] = _checkpoint_entry(folder, meta)
     return out
+
+
+def selection_report(model_dir: Path) -> dict[str, Any]:
+    """How a checkpoint's configuration was chosen (``training.selection`` of its config.json):
+    every candidate's synthetic-lesion figure and why the winner won."""
+    try:
+        meta = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"model": str(model_dir), "note": f"no readable config.json ({exc})"}
+    selection = (meta.get("training") or {}).get("selection")
+    if not selection:
+        return {"model_id": meta.get("model_id"), "note": "trained without selection (--config)"}
+    return {"model_id": meta.get("model_id"), **selection}
 
 
 def _scope_line(meta: dict[str, Any]) -> str:
@@ -182,14 +198,51 @@ def _render(report: dict[str, Any], console: Console) -> None:
     console.print(weights)
 
 
-def _dicomweb(source: str) -> dict[str, Any]:
-    """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials."""
-    from pdd_batch.ingest.dicomweb import DicomwebError, endpoint_from_source, probe
+def _render_selection(sel: dict[str, Any], console: Console) -> None:
+    """The selection of one checkpoint: a row per candidate, then the reason."""
+    if "candidates" not in sel:
+        console.print(f"selection: {sel.get('why') or sel.get('note')}")
+        return
+    table = Table(title=f"selection of {sel.get('model_id')} ({sel.get('holdout')})")
+    for col in ("candidate", "model", "synthetic-lesion AUROC", "95% interval", "kept"):
+        table.add_column(col)
+    for c in sel["candidates"]:
+        f = c["figure"]
+        table.add_row(c["config"], f"{c['arch']}, σ {c['map_sigma']:g}", f"{f['auroc']:.3f}",
+                      f"{f['ci95'][0]:.3f}–{f['ci95'][1]:.3f}",
+                      "yes" if c["config"] == sel["chosen"] else "")  # fmt: skip
+    console.print(table)
+    console.print(sel["why"])
+
+
+def _dicomweb(
+    source: str, netrc: Path | None, allow_insecure_http: bool, timeout_s: float
+) -> dict[str, Any]:
+    """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials,
+    and where the login came from (never the login itself)."""
+    from pdd_batch.ingest.dicomweb import (
+        USER_ENV,
+        DicomwebError,
+        endpoint_from_source,
+        netrc_path,
+        probe,
+    )
 
     try:
-        return {"answers": True, "note": probe(endpoint_from_source(source))}
+        endpoint = endpoint_from_source(source, netrc, allow_insecure_http)
+        endpoint = dataclasses.replace(endpoint, timeout_s=timeout_s)
     except DicomwebError as exc:
-        return {"answers": False, "note": str(exc)}
+        return {"answers": False, "login": None, "note": str(exc)}
+    if not endpoint.user:
+        login = "none (no environment variables, no netrc entry for the host)"
+    elif os.environ.get(USER_ENV):
+        login = f"from {USER_ENV}"
+    else:
+        login = f"from netrc file {netrc_path(netrc).name}"
+    try:
+        return {"answers": True, "login": login, "note": probe(endpoint)}
+    except DicomwebError as exc:
+        return {"answers": False, "login": login, "note": str(exc)}
 
 
 def doctor_command(
@@ -200,24 +253,35 @@ def doctor_command(
     ] = None,
     model: Annotated[
         list[Path] | None,
-        typer.Option(help="Also show this checkpoint: scope, threshold and its source."),
+        typer.Option(
+            help="Also show this checkpoint: scope, threshold and its source, and how its "
+            "configuration was selected (every candidate's synthetic-lesion figure)."
+        ),
     ] = None,
+    netrc: NetrcOption = None,
+    allow_insecure_http: AllowInsecureHttpOption = False,
+    pacs_timeout: PacsTimeoutOption = 15.0,
 ) -> None:
     """Show versions, the device and scan backend, which weights were found where, and where
     each model's threshold came from (development set or site)."""
     report = collect_report(model)
     if dicomweb:
-        report["dicomweb"] = _dicomweb(dicomweb)
+        report["dicomweb"] = _dicomweb(dicomweb, netrc, allow_insecure_http, pacs_timeout)
+    if model:
+        report["selection"] = {str(p): selection_report(p) for p in model}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         console = Console(width=max(Console().width, 140))
         _render(report, console)
+        for sel in report.get("selection", {}).values():
+            _render_selection(sel, console)
         if dicomweb:
-            ok, note = report["dicomweb"]["answers"], report["dicomweb"]["note"]
-            line = (
-                note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
-            )  # no "DICOMweb" twice
+            found = report["dicomweb"]
+            ok, note = found["answers"], found["note"]
+            line = note if note.startswith("DICOMweb") else f"DICOMweb: {note}"
             console.print(f"[{'green' if ok else 'red'}]{line}[/]")
+            if found["login"]:
+                console.print(f"PACS login: {found['login']}")  # "DICOMweb" said once
     if dicomweb and not report["dicomweb"]["answers"]:
         raise typer.Exit(code=1)

@@ -21,7 +21,12 @@ from pdd_batch.cli.options import (
 
 
 def evaluate_command(
-    data: Annotated[Path, typer.Argument(help="Labelled image folder or split CSV.")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Labelled image folder or split CSV (--synthetic: normals; --archive: studies)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json and PNG.")],
     split_file: SplitFileOption = None,
     split: Annotated[
@@ -30,8 +35,22 @@ def evaluate_command(
     model: ModelOption = None,
     address: AddressOption = None,
     teacher_weights: TeacherWeightsOption = None,
+    synthetic: Annotated[
+        bool,
+        typer.Option(
+            "--synthetic",
+            help="Normals only: AUROC of the normal images against seeded synthetic-lesion "
+            "copies of them (five lesion families), with a bootstrap interval. Compares models "
+            "without labelled anomalies; not a test AUROC.",
+        ),
+    ] = False,
+    archive: Annotated[
+        bool,
+        typer.Option(help="With --synthetic: DATA is an archive of normal DICOM/NIfTI studies."),
+    ] = False,
 ) -> None:
-    """Image AUROC, AP and F1-max (pixel AUROC/AUPRO with masks) beside trivial floors."""
+    """Image AUROC, AP and F1-max (pixel AUROC/AUPRO with masks) beside trivial floors; with
+    --synthetic, the synthetic-lesion figure on normals only."""
     from rich.progress import Progress
 
     from jobs.evaluate import EvaluationError, run_evaluation
@@ -40,6 +59,10 @@ def evaluate_command(
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if synthetic or archive:
+        _synthetic(console, data, out, split_file, split, model, address, teacher_weights,
+                   archive=archive)  # fmt: skip
+        return
     if split is None and (split_file is not None or Path(data).suffix.lower() == ".csv"):
         split = "test"
     moved = teacher_weight_paths(console, teacher_weights)
@@ -78,3 +101,54 @@ def evaluate_command(
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
     console.print("floors are AUROCs of trivial scores in their better direction")
     console.print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'evaluation.png'}")
+
+
+def _synthetic(
+    console: Console,
+    data: Path,
+    out: Path,
+    split_file: Path | None,
+    split: str | None,
+    model: Path | None,
+    address: str | None,
+    teacher_weights: list[str] | None,
+    *,
+    archive: bool,
+) -> None:
+    """``evaluate --synthetic``: the figure of one checkpoint on normals (a split file's ``val``
+    rows by default, the normal class folders, or an archive of normal studies)."""
+    from jobs.evaluate import EvaluationError, run_synthetic_evaluation
+    from model.checkpoint import CheckpointError
+    from model.teachers import TeacherWeightsError
+
+    moved = teacher_weight_paths(console, teacher_weights)
+    if archive:
+        if not data.is_dir():
+            console.print(f"[red]archive not found: {data}[/]")
+            raise typer.Exit(code=2)
+        items: list | Path = data
+        desc = f"archive {data.name} (all slices)"
+    else:
+        if split is None and (split_file is not None or data.suffix.lower() == ".csv"):
+            split = "val"
+        items, desc = load_items(console, data, split_file, split)
+    try:
+        f = run_synthetic_evaluation(items, out, model, address=address, data_description=desc,
+                                     teacher_weights=moved)  # fmt: skip
+    except (EvaluationError, CheckpointError, TeacherWeightsError, FileNotFoundError) as exc:
+        console.print(f"[red]evaluation failed: {exc}[/]")
+        raise typer.Exit(code=1) from exc
+    table = Table(title=f"{f['model_id']} on {desc}: {f['n_normal']} normals, "
+                        f"{f['n_lesioned']} lesioned copies")  # fmt: skip
+    table.add_column("figure")
+    table.add_column("AUROC", justify="right")
+    lo, hi = f["ci95"]
+    table.add_row("synthetic lesions, all families", f"{f['auroc']:.3f}")
+    table.add_row("95% interval (resampling normals)", f"{lo:.3f}–{hi:.3f}")
+    for name, value in f.get("per_family", {}).items():
+        table.add_row(f"  {name}", f"{value:.3f}")
+    console.print(table)
+    for err in f["errors"]:
+        console.print(f"[yellow]skipped an unreadable input ({err['stage']}): {err['reason']}[/]")
+    console.print("a ranking figure for comparing models on the same normals, not a test AUROC")
+    console.print(f"wrote {Path(out) / 'synthetic.json'}")

@@ -8,7 +8,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pdd_batch.cli.pacs import ExportToOption, NetrcOption, export_to_pacs_command
+from pdd_batch.cli.pacs import (
+    AllowInsecureHttpOption,
+    ExportToOption,
+    NetrcOption,
+    export_to_pacs_command,
+)
 from pdd_batch.cli.report import ArchiveOption, ScreenCrosswalkOption
 from pdd_batch.ingest.keys import SiteKeyError
 from pdd_batch.review.export import ExportError, ExportOptions, export_run
@@ -53,6 +58,7 @@ def export_command(
     screen_crosswalk: ScreenCrosswalkOption = None,
     to: Annotated[str | None, ExportToOption] = None,
     netrc: NetrcOption = None,
+    allow_insecure_http: AllowInsecureHttpOption = False,
 ) -> None:
     """Export flagged studies: images, heatmap overlays, manifest.csv and export.json
     (--out), or an SR and a key-image selection into each original study on a PACS (--to).
@@ -64,7 +70,9 @@ def export_command(
     """
     console = Console(stderr=True)
     if to is not None:
-        export_to_pacs_command(console, results, to, top, min_score, netrc, secondary_capture)
+        export_to_pacs_command(
+            console, results, to, top, min_score, netrc, secondary_capture, allow_insecure_http
+        )
     if out is None:
         console.print("[red]error:[/] give --out DIR (or --to dicomweb+http(s)://...)")
         raise typer.Exit(code=2)

@@ -57,17 +57,24 @@ MaxRatioOption = Annotated[
 
 
 def load_items(
-    console: Console, data: Path, split_file: Path | None, split: str | None
+    console: Console,
+    data: Path,
+    split_file: Path | None,
+    split: str | None,
+    *,
+    splits: tuple[str, ...] | None = None,
 ) -> tuple[list[ImageItem], str]:
-    """List DATA's images (exit 2 with a clear message on a bad layout) and describe them."""
+    """List DATA's images (exit 2 with a clear message on a bad layout) and describe them;
+    ``splits`` keeps several splits instead of ``split``."""
     try:
-        items = list_images(data, split_file, split)
+        items = list_images(data, split_file, split, splits=splits)
     except DatasetError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
     counts = ", ".join(f"{k} {v}" for k, v in describe(items).items())
     console.print(f"{data.name}: {counts}")
-    source = f"{data.name}" + (f" ({split_file.name}, split {split})" if split_file else "")
+    shown = "/".join(splits) if splits else split
+    source = f"{data.name}" + (f" ({split_file.name}, split {shown})" if split_file else "")
     return items, source
 
 

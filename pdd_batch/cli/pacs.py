@@ -3,11 +3,14 @@ credentials, one-line errors); the screening itself is ``jobs.dicomweb_fetch.scr
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from pdd_batch.cli.summary_view import counted
 
 SinceOption = Annotated[
     str | None,
@@ -22,19 +25,91 @@ StudyUidFileOption = Annotated[
 ]
 NetrcOption = Annotated[
     Path | None,
-    typer.Option(help="PACS source: netrc file with the login (default ~/.netrc, or env vars)."),
+    typer.Option(
+        help="PACS: netrc file with the login (default ~/.netrc, or env vars); must be 0600."
+    ),
 ]
+AllOption = Annotated[
+    bool,
+    typer.Option(
+        "--all",
+        help="PACS source: fetch every study the query matches (a first --since last-run "
+        "asks for this or --since DATE).",
+    ),
+]
+AllowInsecureHttpOption = Annotated[
+    bool,
+    typer.Option(
+        help="PACS: send the login over plain http:// to a host that is not this machine."
+    ),
+]
+PacsTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        min=1.0,
+        help="PACS: seconds to wait for a connection or an answer (a refused or unknown host "
+        "fails at once).",
+    ),
+]
+DEFAULT_PACS_TIMEOUT_S = 60.0
+MaxInstanceBytesOption = Annotated[
+    int,
+    typer.Option(min=1, help="PACS source: refuse an instance (one WADO-RS part) over this."),
+]
+MaxSeriesBytesOption = Annotated[
+    int,
+    typer.Option(min=1, help="PACS source: refuse a series whose instances total over this."),
+]
+
+
+def first_last_run_refusal(found: Any) -> str:
+    """The line that stops a first ``--since last-run`` (nothing recorded yet)."""
+    return (
+        f"no earlier run in this folder: --since last-run would fetch all {found.n_studies} "
+        f"studies ({len(found.hits)} series) the query matches; give --since YYYY-MM-DD for "
+        "the first run, or --all"
+    )
 
 
 def pacs_query(
     out: Path, since: str | None, modality: str | None, study_uid_file: Path | None
-) -> Any:
-    """The ``pdd_batch.dicomweb.Query`` of the options (raises ``DicomwebError``)."""
+) -> tuple[Any, bool]:
+    """The ``pdd_batch.dicomweb.Query`` of the options, and whether it is a first
+    ``--since last-run`` (no earlier query recorded: it would ask for everything).
+
+    Raises:
+        DicomwebError: an unreadable --since or study UID file.
+    """
     from pdd_batch.ingest.dicomweb import Query, parse_since, read_study_uid_file
 
-    since_date, _ = parse_since(since, out)
+    since_date, is_last_run = parse_since(since, out)
     uids = read_study_uid_file(study_uid_file) if study_uid_file else ()
-    return Query(since=since_date, modality=modality or None, study_uids=uids)
+    query = Query(since=since_date, modality=modality or None, study_uids=uids)
+    return query, is_last_run and since_date is None
+
+
+def find_series(endpoint: Any, out: Path, options: dict[str, Any]) -> tuple[Any, Any]:
+    """The query of the options and what it found: the Orthanc change-log cursor read first
+    (nothing received meanwhile is missed), and for ``--since last-run`` the studies received
+    since the previous run added (``pdd_batch.ingest.orthanc_changes``).
+
+    Raises:
+        DicomwebError: the PACS cannot be queried, or a first ``--since last-run`` without
+            ``--all`` (the message says how many studies it would fetch).
+    """
+    from pdd_batch.ingest.dicomweb import DicomwebError, run_query
+    from pdd_batch.ingest.orthanc_changes import change_cursor, with_received_studies
+
+    query, first_last_run = pacs_query(
+        out, options.get("since"), options.get("modality"), options.get("study_uid_file")
+    )
+    cursor = change_cursor(endpoint)
+    found = run_query(endpoint, query)  # before the live view: a refusal is one line
+    if first_last_run and not options.get("all"):
+        raise DicomwebError(first_last_run_refusal(found))  # exit 2, nothing fetched
+    if options.get("since") == "last-run":  # and what the PACS received since (Orthanc)
+        return query, with_received_studies(endpoint, query, found, out, cursor)
+    return query, dataclasses.replace(found, cursor=cursor)
 
 
 def screen_from_pacs(
@@ -50,30 +125,47 @@ def screen_from_pacs(
         console: where messages go.
         source: ``dicomweb+http(s)://HOST[:PORT]/ROOT``.
         cfg: the run's ``RunConfig`` (its archive is replaced by the run's series cache).
-        options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk`` of the
-            command line.
+        options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk``, ``all``,
+            ``allow_insecure_http``, ``pacs_timeout``, ``max_instance_bytes``,
+            ``max_series_bytes`` of the command line.
         view: the live progress view (a ``LiveView``).
 
     Returns:
         The ``jobs.screen.ScreenResult`` of the folder screen of the fetched series.
     """
     from jobs.dicomweb_fetch import screen_pacs
-    from pdd_batch.ingest.dicomweb import endpoint_from_source, run_query
+    from pdd_batch.ingest.dicomweb import endpoint_from_source
+    from pdd_batch.ingest.dicomweb_retrieve import FetchLimits
 
-    endpoint = endpoint_from_source(source, options.get("netrc"))
-    query = pacs_query(
-        cfg.out_dir, options.get("since"), options.get("modality"), options.get("study_uid_file")
+    endpoint = endpoint_from_source(
+        source, options.get("netrc"), bool(options.get("allow_insecure_http"))
     )
-    found = run_query(endpoint, query)  # before the live view: a refusal is one line
-    console.print(f"PACS {endpoint.host}: {len(found.hits)} series found")
+    timeout_s = options.get("pacs_timeout") or DEFAULT_PACS_TIMEOUT_S
+    endpoint = dataclasses.replace(endpoint, timeout_s=float(timeout_s))
+    query, found = find_series(endpoint, cfg.out_dir, options)
+    own = f" ({found.own_skipped} of pdd-batch's own SR/KOS/overlay series left out)"
+    console.print(
+        f"PACS {endpoint.host}: {len(found.hits)} series found" + (own if found.own_skipped else "")
+    )
+    limits = FetchLimits(
+        options.get("max_instance_bytes") or FetchLimits.max_instance_bytes,
+        options.get("max_series_bytes") or FetchLimits.max_series_bytes,
+    )
     with view.progress:
         result = screen_pacs(
-            cfg, endpoint, query, progress=view, found=found, crosswalk=options.get("crosswalk")
+            cfg,
+            endpoint,
+            query,
+            progress=view,
+            found=found,
+            crosswalk=options.get("crosswalk"),
+            limits=limits,
         )
     f = result.fetch
     console.print(
         f"PACS {endpoint.host}: {f.cached} series fetched by earlier runs, "
         f"{f.fetched} fetched ({f.instances} instances), {len(f.failed)} failed"
+        + (" (the run is incomplete: rerun to fetch them)" if f.failed else "")
     )
     return result.screen
 
@@ -91,6 +183,7 @@ def export_to_pacs_command(
     min_score: float | None,
     netrc: Path | None,
     secondary_capture: bool = False,
+    allow_insecure_http: bool = False,
 ) -> None:
     """`pdd-batch export RUN --to dicomweb+...`: always ends with ``typer.Exit`` (0, 1: some
     studies failed, 2: the PACS or the run cannot be used)."""
@@ -99,7 +192,7 @@ def export_to_pacs_command(
     from pdd_batch.runs.results import ResultsError, open_run
 
     try:
-        endpoint = endpoint_from_source(to, netrc)
+        endpoint = endpoint_from_source(to, netrc, allow_insecure_http)
         summary = export_to_pacs(
             open_run(results),
             endpoint,
@@ -113,8 +206,12 @@ def export_to_pacs_command(
     console.print(
         f"PACS {endpoint.host}: stored an SR and a key-object selection"
         + (" and heatmap overlays" if secondary_capture else "")
-        + f" in {len(summary.studies)} studies"
-        + (f"; [red]{len(summary.errors)} studies failed[/]" if summary.errors else "")
+        + f" in {counted(len(summary.studies), 'study', 'studies')}"
+        + (
+            f"; [red]{counted(len(summary.errors), 'study', 'studies')} failed[/]"
+            if summary.errors
+            else ""
+        )
     )
     for key, reason in sorted(summary.errors.items()):
         console.print(f"[yellow]study {key[:8]}:[/] {reason}")

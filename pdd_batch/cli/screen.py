@@ -20,12 +20,18 @@ from pdd_batch.cli.options import (
     TeacherWeightsOption,
 )
 from pdd_batch.cli.pacs import (
+    AllOption,
+    AllowInsecureHttpOption,
+    MaxInstanceBytesOption,
+    MaxSeriesBytesOption,
     ModalityOption,
     NetrcOption,
+    PacsTimeoutOption,
     SinceOption,
     StudyUidFileOption,
     screen_from_pacs,
 )
+from pdd_batch.ingest.dicomweb_retrieve import DEFAULT_MAX_INSTANCE_BYTES, DEFAULT_MAX_SERIES_BYTES
 from pdd_batch.runs.config import RunConfig
 
 SAMPLE_FOLDER = "_sample_archive"  # inside OUT: readers skip "_" folders
@@ -125,6 +131,11 @@ def screen_command(
     modality: ModalityOption = None,
     study_uid_file: StudyUidFileOption = None,
     netrc: NetrcOption = None,
+    fetch_all: AllOption = False,
+    allow_insecure_http: AllowInsecureHttpOption = False,
+    pacs_timeout: PacsTimeoutOption = 60.0,
+    max_instance_bytes: MaxInstanceBytesOption = DEFAULT_MAX_INSTANCE_BYTES,
+    max_series_bytes: MaxSeriesBytesOption = DEFAULT_MAX_SERIES_BYTES,
 ) -> None:
     """Screen an archive: per-slice scores and heatmaps to Parquet, flagged studies summarised."""
     from pdd_batch.cli.summary_view import render_summary
@@ -133,13 +144,20 @@ def screen_command(
 
     console = Console(stderr=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _refuse_bare_url(console, archive)
     archive = _archive_or_exit(console, archive, sample, out)
     pacs = is_dicomweb_source(archive)
-    pacs_options = {"since": since, "modality": modality, "study_uid_file": study_uid_file}
-    pacs_options["netrc"] = netrc
-    if not pacs and any(v is not None for v in pacs_options.values()):
-        console.print("[red]--since, --modality, --study-uid-file, --netrc: dicomweb+ sources[/]")
+    pacs_options: dict[str, Any] = {"since": since, "modality": modality, "netrc": netrc}
+    pacs_options["study_uid_file"] = study_uid_file
+    switches = {"all": fetch_all, "allow_insecure_http": allow_insecure_http}
+    if not pacs and (any(v is not None for v in pacs_options.values()) or any(switches.values())):
+        console.print(
+            "[red]--since, --modality, --study-uid-file, --netrc, --all, --allow-insecure-http: "
+            "dicomweb+ sources[/]"
+        )
         raise typer.Exit(code=2)
+    pacs_options.update(switches, max_instance_bytes=max_instance_bytes, pacs_timeout=pacs_timeout)
+    pacs_options["max_series_bytes"] = max_series_bytes
     try:
         cfg = RunConfig(
             archive=out / PACS_FOLDER / SERIES_FOLDER if pacs else Path(archive),
@@ -171,6 +189,19 @@ def screen_command(
     console.print(f"keys made with site key {key_id}{written}")
     code = render_summary(console, out)
     raise typer.Exit(code=max(code, result.exit_code))
+
+
+def _refuse_bare_url(console: Console, archive: str | None) -> None:
+    """``http(s)://...`` is not a folder: say how a PACS source is written (exit 2) before
+    anything is made."""
+    text = (archive or "").strip()
+    if text.lower().startswith(("http://", "https://")):
+        scheme = text.split(":", 1)[0].lower()
+        console.print(
+            f"[red]a PACS source is written dicomweb+{scheme}://HOST[:PORT]/ROOT "
+            f"(e.g. dicomweb+{scheme}://pacs.example.org/dicom-web); a URL is not a folder[/]"
+        )
+        raise typer.Exit(code=2)
 
 
 def _warn_auth_override(console: Console, address: str | None) -> None:

@@ -200,6 +200,10 @@ def _header(results: RunResults) -> Panel:
     lost = m.get("inputs_lost")
     if isinstance(lost, int) and lost:
         text += f"; {lost} lost (rerun to finish)"
+    unfetched = m.get("series_not_fetched")
+    if isinstance(unfetched, int) and unfetched:
+        text += f"; {unfetched} series not fetched from the PACS (rerun to finish)"
+        ok = False  # the PACS held more than the run saw: not "all inputs accounted for"
     lines.append(f"inputs: {mark.get(ok, '[yellow]unknown[/]')} ({text})")
     speed = _throughput(m)
     if speed:

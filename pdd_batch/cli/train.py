@@ -20,7 +20,11 @@ from pdd_batch.cli.options import (
 from pdd_batch.cli.pacs import NetrcOption, StudyUidFileOption
 from pdd_batch.evaluation.datasets import ImageItem
 
+# jobs.selection.CANDIDATES, repeated here so `--help` loads no torch (a test keeps them equal).
+SELECTION_CANDIDATES = ("lite0-d", "lite0", "rd4ad")
+
 if TYPE_CHECKING:  # jobs and model load torch: imported only inside the command
+    from jobs.selection import Candidate
     from jobs.train import TrainConfig, TrainProgress, TrainResult
     from model.config import ModelConfig
 
@@ -38,12 +42,21 @@ def train_command(
         Path | None, typer.Option(help="CSV path,label,split (paths relative to DATA or above).")
     ] = None,
     config: Annotated[
+        str | None,
+        typer.Option(
+            help="Train exactly this config, no selection: lite0-d (PDD, Lite0 teacher, targets "
+            "detached), lite0, lite0-c, rd4ad (the RD4AD baseline), astra, paper, test. "
+            "Default: select among --candidates."
+        ),
+    ] = None,
+    candidates: Annotated[
         str,
         typer.Option(
-            help="Model config: lite0-d (default: PDD, Lite0 teacher, targets detached, chosen "
-            "across datasets), lite0, lite0-c, rd4ad (the RD4AD baseline), astra, paper, test."
+            help="Comma-separated configs that selection trains; the one with the best "
+            "synthetic-lesion AUROC on held-out validation normals is kept (the first is the "
+            "default when too few normals can be held out)."
         ),
-    ] = "lite0-d",
+    ] = ",".join(SELECTION_CANDIDATES),
     teacher_weights: TeacherWeightsOption = None,
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     image_size: Annotated[int | None, typer.Option(help="Input side S (multiple of 32).")] = None,
@@ -89,6 +102,9 @@ def train_command(
 ) -> None:
     """Train on the normal images of DATA (the `train` split when a split file is given).
 
+    Without --config, every --candidates config is trained on the training normals and the one
+    with the best synthetic-lesion AUROC on held-out validation normals (the split file's `val`
+    rows, else 20 % of the patients / files / studies) is kept. `test` rows are never read.
     With --archive, DATA is a folder of normal studies read exactly as `screen` reads them, or
     a PACS whose listed studies are fetched into a private temporary folder first.
     """
@@ -97,7 +113,9 @@ def train_command(
 
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    items, desc = _training_data(console, data, split_file, archive, (study_uid_file, netrc))
+    items, desc = _training_data(
+        console, data, split_file, archive, (study_uid_file, netrc), select=config is None
+    )
     scope_dict = _scope_option(console, scope, archive)
     overrides = teacher_overrides(console, teacher_weights)
     if image_size is not None:
@@ -105,7 +123,6 @@ def train_command(
     if map_sigma is not None:
         overrides["map_sigma"] = map_sigma
     try:
-        cfg = get_config(config, **overrides)
         run = TrainConfig(
             epochs=epochs,
             batch_size=batch_size,
@@ -113,10 +130,18 @@ def train_command(
             max_images=max_images,
             augment_views=augment_views,
         )
+        if config is None:
+            cands = _candidates(candidates, overrides)
+        else:
+            cfg = get_config(config, **overrides)
     except (ConfigError, TrainError) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
     with _fetched(console, items, address) as data_in:
+        if config is None:
+            _select(console, data_in, out, cands, run, resume=resume, address=address, desc=desc,
+                    scope=scope_dict)  # fmt: skip
+            return
         result = _train_with_progress(
             console, data_in, out, cfg, run, resume=resume, address=address, desc=desc,
             scope=scope_dict, framing=framing,
@@ -178,15 +203,20 @@ def _training_data(
     split_file: Path | None,
     archive: bool,
     pacs: tuple[Path | None, Path | None],
+    *,
+    select: bool = False,
 ) -> tuple[Any, str]:
     """DATA as training input: an archive folder, a PACS's listed studies
-    (``jobs.pacs_studies.PacsStudies``), or the listed images (exit 2 when unusable)."""
+    (``jobs.pacs_studies.PacsStudies``), or the listed images (exit 2 when unusable); with
+    ``select``, a split file's ``val`` rows too (never its ``test`` rows)."""
     from pdd_batch.cli.site_source import archive_source, describe_source
 
     if not archive:
         if any(p is not None for p in pacs):
             console.print("[red]--study-uid-file and --netrc go with --archive dicomweb+...[/]")
             raise typer.Exit(code=2)
+        if select and split_file is not None:
+            return load_items(console, Path(data), split_file, None, splits=("train", "val"))
         return load_items(console, Path(data), split_file, "train" if split_file else None)
     source = archive_source(console, data, *pacs)
     if isinstance(source, Path):
@@ -261,3 +291,92 @@ def _train_with_progress(
         except (TrainError, TeacherWeightsError, ConfigError) as exc:
             console.print(f"[red]training failed: {exc}[/]")
             raise typer.Exit(code=1) from exc
+
+
+def _candidates(text: str, overrides: dict[str, Any]) -> list[Candidate]:
+    """``--candidates`` as selection candidates (ConfigError on an unknown name)."""
+    from jobs.selection import candidates
+    from model.config import ConfigError
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--candidates names no config")
+    return candidates(names, **overrides)
+
+
+def _select(
+    console: Console,
+    items: list[ImageItem] | Path,
+    out: Path,
+    cands: list[Candidate],
+    run: TrainConfig,
+    *,
+    resume: bool,
+    address: str | None,
+    desc: str,
+    scope: dict | None,
+) -> None:
+    """``jobs.selection.run_selection`` under one progress bar per candidate, then the figures."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jobs.selection import run_selection
+    from jobs.train import TrainError
+    from model.config import ConfigError
+    from model.teachers import TeacherWeightsError
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(name: str, p: TrainProgress) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"candidate {name}", total=p.epochs, epoch=0,
+                                           epochs=p.epochs, loss="-")  # fmt: skip
+            if p.phase == "features":
+                bar.update(tasks[name], description=f"candidate {name}: teacher features")
+                return
+            done = p.epoch - 1 + (p.step / p.steps_per_epoch if p.step else 1.0)
+            bar.update(tasks[name], description=f"candidate {name}: training", completed=done,
+                       epoch=p.epoch, loss=f"{p.loss:.4f}")  # fmt: skip
+
+        try:
+            sel = run_selection(items, out, cands, run, address=address, progress=report,
+                                data_description=desc, scope=scope, resume=resume)  # fmt: skip
+        except (TrainError, TeacherWeightsError, ConfigError) as exc:
+            console.print(f"[red]training failed: {exc}[/]")
+            raise typer.Exit(code=1) from exc
+    _print_selection(console, sel.record)
+    res = sel.result
+    for err in res.errors:
+        console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
+    console.print(
+        f"kept {sel.chosen} on {res.n_images} images, {len(res.errors)} skipped, "
+        f"{res.epochs_run} epochs, final loss {res.epoch_losses[-1]:.4f} -> {res.checkpoint}"
+    )
+    _print_scope(console, res.checkpoint)
+
+
+def _print_selection(console: Console, record: dict[str, Any]) -> None:
+    """Every candidate's figure and why the winner won (or why there was no selection)."""
+    from rich.table import Table
+
+    if "skipped" in record:
+        console.print(f"[yellow]no selection: {record['skipped']}; trained the default "
+                      f"{record['chosen']}[/]")  # fmt: skip
+        return
+    table = Table(title=f"selection: synthetic-lesion AUROC on held-out normals "
+                        f"({record['holdout']})")  # fmt: skip
+    for col in ("candidate", "model", "AUROC", "95% interval", "kept"):
+        table.add_column(col)
+    for r in record["candidates"]:
+        f = r["figure"]
+        table.add_row(r["config"], f"{r['arch']}, σ {r['map_sigma']:g}", f"{f['auroc']:.3f}",
+                      f"{f['ci95'][0]:.3f}–{f['ci95'][1]:.3f}",
+                      "yes" if r["config"] == record["chosen"] else "")  # fmt: skip
+    console.print(table)
+    console.print(record["why"])

@@ -61,14 +61,22 @@ def label_from_name(name: str) -> int:
 
 
 def list_images(
-    data: Path, split_file: Path | None = None, split: str | None = None
+    data: Path,
+    split_file: Path | None = None,
+    split: str | None = None,
+    *,
+    splits: Sequence[str] | None = None,
 ) -> list[ImageItem]:
-    """List the labelled images of DATA, optionally restricted to one split.
+    """List the labelled images of DATA, optionally restricted to one split (or several).
+
+    Rows of a split file outside the splits asked for are skipped before their path is even
+    resolved: ``train`` never looks at a ``test`` file.
 
     Args:
         data: a folder with class sub-folders, or a split/index CSV file.
         split_file: a CSV with ``path,label[,split][,patient_id][,mask]`` columns.
         split: keep only items of this split (needs a split column or file).
+        splits: keep only items of these splits (instead of ``split``).
 
     Raises:
         DatasetError: missing folders/files/columns, unknown split, or no images found.
@@ -78,21 +86,24 @@ def list_images(
         data, split_file = data.parent, data
     if not data.exists():
         raise DatasetError(f"dataset not found: {data}")
+    wanted = tuple(splits) if splits is not None else (split,) if split is not None else None
+    for name in wanted or ():
+        if name not in SPLITS:
+            raise DatasetError(f"split must be one of {SPLITS}, got {name!r}")
     if split_file is not None:
-        items = read_split_csv(Path(split_file), data)
+        items = read_split_csv(Path(split_file), data, keep_splits=wanted)
     else:
         items = _scan_class_folders(data)
-    if split is not None:
-        if split not in SPLITS:
-            raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+    if wanted is not None:
         if all(it.split is None for it in items):
             raise DatasetError(
-                f"split {split!r} asked for, but {data} has no split column; pass --split-file"
+                f"split {'/'.join(wanted)!r} asked for, but {data} has no split column; "
+                "pass --split-file"
             )
-        items = [it for it in items if it.split == split]
+        items = [it for it in items if it.split in wanted]
     if not items:
         raise DatasetError(
-            f"no images found in {data}" + (f" for split {split!r}" if split else "")
+            f"no images found in {data}" + (f" for split {'/'.join(wanted)!r}" if wanted else "")
         )
     return items
 
@@ -122,8 +133,12 @@ def _resolve(rel: str, bases: Sequence[Path]) -> Path | None:
     return None
 
 
-def read_split_csv(csv_path: Path, data: Path) -> list[ImageItem]:
+def read_split_csv(
+    csv_path: Path, data: Path, keep_splits: Sequence[str] | None = None
+) -> list[ImageItem]:
     """Read a split/index CSV; image paths resolve against its folder, DATA, then DATA's parent.
+
+    With ``keep_splits``, rows of another split are skipped unread (their files need not exist).
 
     Raises:
         DatasetError: the file or a required column is missing, a label is empty, or an image
@@ -142,6 +157,8 @@ def read_split_csv(csv_path: Path, data: Path) -> list[ImageItem]:
     items = []
     for i, row in enumerate(rows, start=2):
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        if keep_splits is not None and row.get("split") and row["split"] not in keep_splits:
+            continue
         path = _resolve(row["path"], bases)
         if path is None:
             raise DatasetError(

@@ -13,7 +13,7 @@ import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 import pydicom
@@ -22,6 +22,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
+from pdd_batch.ingest.age import age_years
 from pdd_batch.ingest.anatomy import body_part_of, view_term
 from pdd_batch.ingest.archive_io import BinarySource, IngestLimits, OverLimitError
 from pdd_batch.ingest.dicom_tag_scan import (
@@ -29,8 +30,10 @@ from pdd_batch.ingest.dicom_tag_scan import (
     PIXEL_EXTENT,
     TRANSFER_SYNTAX,
     UNDEFINED,
+    HeaderCutShort,
     HeaderIncomplete,
     HeaderTooDeep,
+    fragments_problem,
     scan_header,
 )
 
@@ -79,6 +82,9 @@ KNOWN_PHOTOMETRIC = frozenset(
 
 
 NOT_DICOM = "not a DICOM file (no DICM preamble)"
+NO_PIXEL_DATA = "no pixel data (the header describes an image, the file holds none)"
+NO_PIXELS = b""  # extent of a data set read to its end without a pixel data element
+DEFLATED = "1.2.840.10008.1.2.1.99"
 # Transfer syntaxes whose pixel data is stored uncompressed (its length is known from the header).
 NATIVE_SYNTAXES = frozenset(
     {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
@@ -154,6 +160,8 @@ class DicomHeader:
     bits_allocated: int = 0
     body_part: str = ""  # vocabulary term (``anatomy``), from BodyPartExamined or descriptions
     view: str = ""  # ViewPosition defined term (radiographs)
+    sop_uid: str = ""  # SOP Instance UID: two files holding one are one instance stored twice
+    age_years: int | None = field(default=None, repr=False)  # ``ingest.age``; never shown
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -265,7 +273,8 @@ _TAGS = {
         "ImageOrientationPatient", "PixelSpacing", "ImagerPixelSpacing", "InstanceNumber",
         "TemporalPositionIdentifier", "AcquisitionNumber", "RescaleSlope", "RescaleIntercept",
         "PhotometricInterpretation", "BodyPartExamined", "ViewPosition", "StudyDescription",
-        "SeriesDescription", "ProtocolName",
+        "SeriesDescription", "ProtocolName", "SOPInstanceUID", "PatientAge", "PatientBirthDate",
+        "StudyDate",
     )
 }  # fmt: skip
 SCAN_TAGS = frozenset(_TAGS.values())
@@ -408,6 +417,8 @@ def _build_header(
             (f.text(k) for k in ("StudyDescription", "SeriesDescription", "ProtocolName")),
         ),
         view=view_term(f.text("ViewPosition")),
+        sop_uid=f.text("SOPInstanceUID"),
+        age_years=age_years(f.text("PatientAge"), f.text("PatientBirthDate"), f.text("StudyDate")),
     )
 
 
@@ -426,16 +437,22 @@ def quiet_pydicom() -> Iterator[None]:
 
 
 def _fast_scan(fh: BinaryIO) -> dict[int, bytes] | None:
-    """``scan_header`` on the start of the file, reading more while the header continues."""
+    """``scan_header`` on the start of the file, reading more while the header continues; None
+    when the file needs pydicom, or its header runs past ``FAST_READ_MAX`` (pydicom reads it).
+
+    Raises:
+        HeaderCutShort: the whole file was read and an element's value runs past its end.
+    """
     head = fh.read(FAST_READ_BYTES)
+    whole = len(head) < FAST_READ_BYTES  # the scan may call an element cut short only then
     while True:
-        complete = len(head) < FAST_READ_BYTES or len(head) >= FAST_READ_MAX
         try:
-            return scan_header(head, SCAN_TAGS, complete=complete)
+            return scan_header(head, SCAN_TAGS, complete=whole)
         except HeaderIncomplete:
-            more = fh.read(len(head))  # double what we hold
-            if not more:
+            if len(head) >= FAST_READ_MAX:
                 return None
+            more = fh.read(len(head))  # double what we hold
+            whole = len(more) < len(head)
             head += more
 
 
@@ -453,7 +470,10 @@ def read_header(source: BinarySource, rel: str, limits: IngestLimits | None = No
             raw = _fast_scan(fh)
             if raw is not None:
                 header = _checked(header_from_raw(raw, rel, limits))
-                _check_extent(header, raw.get(PIXEL_EXTENT), source.size, limits)
+                whole = fh.tell() >= source.size  # read to the end: no pixel data is none
+                extent = raw.get(PIXEL_EXTENT, NO_PIXELS if whole else None)
+                cut = _fragments_cut(fh, extent, source.size)
+                _check_pixels(header, extent, cut, source.size, limits)
                 return header
             fh.seek(0)
             try:
@@ -466,9 +486,10 @@ def read_header(source: BinarySource, rel: str, limits: IngestLimits | None = No
                 fh.seek(0)
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
             extent = _extent_here(fh, ds)
+            cut = _fragments_cut(fh, extent, source.size)
     except DicomHeaderError:
         raise
-    except HeaderTooDeep as exc:
+    except (HeaderTooDeep, HeaderCutShort) as exc:
         raise DicomHeaderError(str(exc)) from exc
     except InvalidDicomError as exc:
         raise DicomHeaderError(NOT_DICOM) from exc
@@ -482,37 +503,71 @@ def read_header(source: BinarySource, rel: str, limits: IngestLimits | None = No
     except PYDICOM_READ_ERRORS as exc:
         raise DicomHeaderError(f"malformed DICOM header ({type(exc).__name__})") from exc
     header = _checked(header)
-    _check_extent(header, extent, source.size, limits)
+    _check_pixels(header, extent, cut, source.size, limits)
     return header
 
 
 def _extent_here(fh: BinaryIO, ds: Dataset) -> bytes | None:
     """(value start, length) of the pixel data element at ``fh``'s position, where pydicom's
-    ``stop_before_pixels`` leaves it; None when it is not there (deflated data, no pixels)."""
+    ``stop_before_pixels`` leaves it; ``NO_PIXELS`` at the end of the file (pydicom read the
+    whole data set and found none); None when it cannot tell (deflated data, other bytes)."""
     encoding = getattr(ds, "original_encoding", None)  # (implicit VR, little endian)
     if not encoding or encoding[0] is None or encoding[1] is None:
         return None
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == DEFLATED:
+        return None  # pydicom inflated the data set: the file position says nothing
     implicit, little = bool(encoding[0]), bool(encoding[1])
     start = fh.tell()
     head = fh.read(12)
+    if not head:
+        return NO_PIXELS
     order = "<" if little else ">"
-    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) not in _PIXEL_TAG_WORDS:
         return None
     if implicit:
         return struct.pack("<QQ", start + 8, struct.unpack(order + "I", head[4:8])[0])
-    if len(head) < 12 or head[4:6] not in (b"OB", b"OW"):
+    if len(head) < 12 or head[4:6] not in (b"OB", b"OW", b"OF", b"OD"):
         return None
     return struct.pack("<QQ", start + 12, struct.unpack(order + "I", head[8:12])[0])
 
 
-def _check_extent(
-    header: DicomHeader, extent: bytes | None, file_size: int, limits: IngestLimits
+_PIXEL_TAG_WORDS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
+
+
+def _fragments_cut(fh: BinaryIO, extent: bytes | None, file_size: int) -> str | None:
+    """Why encapsulated pixel data at ``extent`` is cut short (None: complete, or not
+    encapsulated)."""
+    if not extent:
+        return None
+    start, length = struct.unpack("<QQ", extent)
+    return fragments_problem(fh, start, file_size) if length == UNDEFINED else None
+
+
+def _check_pixels(
+    header: DicomHeader,
+    extent: bytes | None,
+    fragments_cut: str | None,
+    file_size: int,
+    limits: IngestLimits,
 ) -> None:
-    """Pixel data where the fast scan found it: (value start, length) against the file size."""
+    """The pixel data the header promises is in the file: present, (value start, length)
+    within the file size and long enough for the image, encapsulated fragments complete.
+    ``extent`` None: where the pixel data lies is not known here (the worker checks it).
+
+    Raises:
+        DicomHeaderError: no pixel data, or pixel data cut short, empty or too short.
+    """
     if extent is None or not header.has_image:
+        return
+    if extent == NO_PIXELS:
+        if skip_reason(header) is None:  # an image to screen (a non-image is skipped anyway)
+            raise DicomHeaderError(NO_PIXEL_DATA)
         return
     start, length = struct.unpack("<QQ", extent)
     if length == UNDEFINED:  # encapsulated (compressed) frames: bound the expansion
+        if fragments_cut:
+            raise DicomHeaderError(fragments_cut)
         try:
             limits.check_ratio("compressed image", image_bytes(header), file_size - start)
         except OverLimitError as exc:

@@ -12,8 +12,10 @@ result is always the same as pydicom's; a parity test checks it.
 from __future__ import annotations
 
 import struct
+from typing import BinaryIO
 
 PIXEL_DATA = 0x7FE00010
+PIXEL_TAGS = frozenset({PIXEL_DATA, 0x7FE00008, 0x7FE00009})  # (float, double float) pixel data
 PIXEL_EXTENT = -1  # not a tag: key of the pixel data's (value start, length) in scan_header's dict
 TRANSFER_SYNTAX = 0x00020010
 MEDIA_SOP_CLASS = 0x00020002
@@ -62,6 +64,14 @@ class HeaderIncomplete(Exception):
     """The header continues past the bytes given: call again with more of the file."""
 
 
+class HeaderCutShort(ValueError):
+    """The whole file was given and an element's value runs past its end: a truncated file."""
+
+
+class _ValuePastEnd(_OutOfBytes):
+    """Internal: a complete element header whose value runs past the bytes given."""
+
+
 def _element(data: bytes, pos: int) -> tuple[int, int, int]:
     """(tag, value start, value length) of the explicit-VR LE element at ``pos``."""
     if pos + 8 > len(data):
@@ -76,7 +86,7 @@ def _element(data: bytes, pos: int) -> tuple[int, int, int]:
         if pos + 12 > len(data):
             raise _OutOfBytes
         length = _U32.unpack_from(data, pos + 8)[0]
-        if length == UNDEFINED and vr != b"SQ" and tag != PIXEL_DATA:
+        if length == UNDEFINED and vr != b"SQ" and tag not in PIXEL_TAGS:
             raise _NeedFullParser  # UN/OB of undefined length: implicit VR inside
         return tag, pos + 12, length
     return tag, pos + 8, _U16.unpack_from(data, pos + 6)[0]
@@ -138,12 +148,17 @@ def _meta(data: bytes) -> tuple[dict[int, bytes], int]:
 def scan_header(data: bytes, wanted: frozenset[int], complete: bool) -> dict[int, bytes] | None:
     """Raw values of the ``wanted`` top-level tags (and the transfer syntax / SOP class of the
     file meta), or None when the file needs pydicom. Under ``PIXEL_EXTENT``, when the file has
-    pixel data: its value start and length (``UNDEFINED`` when encapsulated), as ``<QQ``.
+    pixel data (integer, float or double float): its value start and length (``UNDEFINED`` when
+    encapsulated), as ``<QQ``.
 
     Args:
         data: the first bytes of the file (at least up to the pixel data to succeed).
         wanted: tags as ``(group << 16) | element`` integers.
         complete: ``data`` is the whole file (so ending without pixel data is a real ending).
+
+    Raises:
+        HeaderIncomplete: ``complete`` is False and the header continues past ``data``.
+        HeaderCutShort: ``complete`` is True and an element's value runs past the end.
     """
     if len(data) < 140 or data[128:132] != b"DICM":
         return None
@@ -155,7 +170,7 @@ def scan_header(data: bytes, wanted: frozenset[int], complete: bool) -> dict[int
         out = {k: v for k, v in meta.items() if k in (TRANSFER_SYNTAX, MEDIA_SOP_CLASS)}
         while pos < len(data):
             tag, start, length = _element(data, pos)
-            if tag == PIXEL_DATA:
+            if tag in PIXEL_TAGS:
                 out[PIXEL_EXTENT] = _EXTENT.pack(start, length)
                 return out
             if tag in FUNCTIONAL_GROUPS or tag in (ITEM, ITEM_END, SEQ_END):
@@ -164,7 +179,7 @@ def scan_header(data: bytes, wanted: frozenset[int], complete: bool) -> dict[int
                 pos = _skip_sequence(data, start)
                 continue
             if start + length > len(data):
-                raise _OutOfBytes
+                raise _ValuePastEnd
             if tag in wanted:
                 out[tag] = data[start : start + length]
             pos = start + length
@@ -173,7 +188,39 @@ def scan_header(data: bytes, wanted: frozenset[int], complete: bool) -> dict[int
         return out  # the whole file, no pixel data: SR, KOS, PDF, DICOMDIR ...
     except _NeedFullParser:
         return None
+    except _ValuePastEnd:
+        if complete:
+            raise HeaderCutShort("truncated file: data set cut short") from None
+        raise HeaderIncomplete from None
     except _OutOfBytes:
         if complete:
-            return None  # a truncated file: pydicom decides what it is
+            return None  # cut inside an element's tag or length: pydicom decides what it is
         raise HeaderIncomplete from None
+
+
+CUT_SHORT = "truncated file: compressed pixel data cut short"
+MAX_FRAGMENT_ITEMS = 100_000  # more fragments than any real file holds: not walked further
+
+
+def fragments_problem(fh: BinaryIO, start: int, file_size: int) -> str | None:
+    """Why the encapsulated pixel data whose first item starts at ``start`` is cut short (None:
+    every fragment item ends inside the file).
+
+    Walks the item headers only (a seek and an 8-byte read per fragment). A file that ends at an
+    item boundary without the sequence delimiter is cut short too (pydicom then drops the pixel
+    data); anything other than an item or the delimiter is left to the decoder.
+    """
+    pos = start
+    for _ in range(MAX_FRAGMENT_ITEMS):
+        fh.seek(pos)
+        head = fh.read(8)
+        if len(head) < 8:
+            return CUT_SHORT
+        tag, length = _TAG_LEN.unpack(head)
+        tag = ((tag & 0xFFFF) << 16) | (tag >> 16)  # (group, element) little-endian words
+        if tag != ITEM or length == UNDEFINED:
+            return None
+        pos += 8 + length
+        if pos > file_size:
+            return CUT_SHORT
+    return None

@@ -27,6 +27,7 @@ from pdd_batch.ingest.archive_io import (
 )
 from pdd_batch.ingest.dicom_headers import (
     NATIVE_SYNTAXES,
+    NO_PIXEL_DATA,
     PYDICOM_READ_ERRORS,
     DicomHeader,
     DicomHeaderError,
@@ -165,7 +166,9 @@ def _fill_volumes(
 def _pixel_problem(ds: Dataset, header: DicomHeader, limits: IngestLimits) -> str | None:
     """Why this instance's pixel data cannot give its image (None: try to decode it)."""
     if "PixelData" not in ds:
-        return None  # float pixel data: pydicom decides
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            return None  # float pixel data: pydicom decides
+        return NO_PIXEL_DATA
     length = len(ds.PixelData)
     if header.transfer_syntax in NATIVE_SYNTAXES or length == 0:
         return pixel_length_problem(header, length)
@@ -203,9 +206,13 @@ def _read_instance(
 
 
 def _read_files(
-    reader: MemberReader, ref: SeriesRef, bad: dict[str, str], limits: IngestLimits
+    reader: MemberReader,
+    ref: SeriesRef,
+    files: tuple[str, ...],
+    bad: dict[str, str],
+    limits: IngestLimits,
 ) -> tuple[dict[str, Dataset], dict[str, DicomHeader]]:
-    """Every file of the series not in ``bad``, read whole, with its header facts; files that
+    """Every file of ``files`` not in ``bad``, read whole, with its header facts; files that
     cannot be used are added to ``bad``.
 
     Raises:
@@ -213,7 +220,7 @@ def _read_files(
     """
     datasets: dict[str, Dataset] = {}
     headers: dict[str, DicomHeader] = {}
-    for rel in ref.files:
+    for rel in files:
         if rel in bad:
             continue
         try:
@@ -226,18 +233,26 @@ def _read_files(
     return datasets, headers
 
 
+def _files_to_read(ref: SeriesRef, bad: dict[str, str]) -> tuple[str, ...]:
+    """The series' files; with its spares once one of them proved unusable."""
+    return (*ref.files, *ref.spares) if bad else ref.files
+
+
 def _decode_series(
     root: Path, ref: SeriesRef, limits: IngestLimits
 ) -> tuple[StackPlan, list[np.ndarray], list[str], dict[str, str]]:
-    """Plan and decode the series without its unusable instances.
+    """Plan and decode the series without its unusable instances. Once one of ``ref.files`` is
+    unusable, the series' spares (copies discovery left out) are read too: the plan then takes a
+    readable copy for the slice of an unusable instance.
 
     Returns:
         (plan, volumes (Z, H, W) each, notes, left-out files -> reason).
     """
     bad: dict[str, str] = {}
     with MemberReader(root, limits) as reader:
-        for _ in range(MAX_PASSES):
-            datasets, headers = _read_files(reader, ref, bad, limits)
+        for _ in range(MAX_PASSES + 1):
+            files = _files_to_read(ref, bad)
+            datasets, headers = _read_files(reader, ref, files, bad, limits)
             frames = [f for h in headers.values() for f in h.frames]
             stacks, scouts = plan_stacks(frames)
             plan, notes = _choose_stack(stacks, ref, headers)
@@ -247,11 +262,11 @@ def _decode_series(
             except OverLimitError as exc:
                 raise SeriesReadError(f"series {ref.series_key}: {exc}") from exc
             arrays, failed = _fill_volumes(plan, datasets, headers)
-            if not failed:
+            bad.update(failed)
+            if not failed and files == _files_to_read(ref, bad):
                 if scouts:
                     notes.append(f"{len(scouts)} scout/localizer frame(s) excluded at load")
                 return plan, arrays, notes, bad
-            bad.update(failed)
     raise SeriesReadError(f"series {ref.series_key}: instances keep failing to decode")
 
 
@@ -273,7 +288,8 @@ def load_dicom_series(
     Raises:
         SeriesReadError: no instance of the series can be used, or it is over ``limits``.
     """
-    plan, arrays, notes, bad = _decode_series(root, ref, limits or IngestLimits())
+    plan, arrays, notes, left_out = _decode_series(root, ref, limits or IngestLimits())
+    bad = {f: r for f, r in left_out.items() if f in ref.files}  # a spare that fails: not needed
     directions = None if plan.directions is None else np.asarray(plan.directions, dtype=np.float64)
     volumes = [
         Volume(
@@ -294,4 +310,6 @@ def load_dicom_series(
         warnings.append(_left_out_note(bad))
         log.warning("series %s: %d unreadable instance(s) left out", ref.series_key, len(bad))
     log.debug("series %s: %d volume(s), %d slices", ref.series_key, len(volumes), plan.n_slices)
-    return LoadedSeries(ref=ref, modality=ref.modality, volumes=volumes, warnings=warnings)
+    return LoadedSeries(
+        ref=ref, modality=ref.modality, volumes=volumes, warnings=warnings, unreadable=dict(bad)
+    )

@@ -17,68 +17,58 @@ import netrc
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pdd_batch.ingest.dicomweb_http import (
+    PASSWORD_ENV,
+    USER_ENV,
+    DicomwebAuthError,
+    DicomwebError,
+    Endpoint,
+    get,
+    http_failure,
+    make_client,
+    new_session,
+    probe,
+    quiet_http_logs,
+)
 from pdd_batch.ingest.keys import series_key
+
+__all__ = [  # the HTTP layer's names, used through this module
+    "PASSWORD_ENV",
+    "USER_ENV",
+    "DicomwebAuthError",
+    "DicomwebError",
+    "Endpoint",
+    "http_failure",
+    "make_client",
+    "probe",
+    "quiet_http_logs",
+]
 
 log = logging.getLogger(__name__)
 
 SCHEME_PREFIX = "dicomweb+"
-USER_ENV, PASSWORD_ENV = "PDD_DICOMWEB_USER", "PDD_DICOMWEB_PASSWORD"
 PACS_FOLDER = "_pacs"  # inside the run folder: readers and result scans skip "_" folders
 SERIES_FOLDER = "series"  # the archive that the screen reads: one folder per series key
 QUERY_STATE = "query.json"
 PAGE_SIZE = 100
-RETRY_CODES = (408, 429, 500, 502, 503, 504)
+MAX_PAGES = 20_000  # 2 million series at 100 a page: a server that never ends is an error
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TAG_STUDY_UID, TAG_SERIES_UID, TAG_SOP_UID = "0020000D", "0020000E", "00080018"
 TAG_MODALITY, TAG_STUDY_DATE = "00080060", "00080020"
-
-# Request URLs hold UIDs: dicomweb-client logs them at DEBUG/INFO, urllib3 at DEBUG, and retrying
-# logs each failed attempt (an exception's text holds the URL) as a warning. ``quiet_http_logs``
-# keeps them out of every process that talks to the PACS (the driver and the fetch workers).
-QUIET_LOGGERS = {
-    "dicomweb_client": logging.WARNING,
-    "retrying": logging.ERROR,
-    "urllib3": logging.ERROR,
-}
-
-
-def quiet_http_logs() -> None:
-    """Raise the level of the loggers that would print request URLs (UIDs)."""
-    for name, level in QUIET_LOGGERS.items():
-        logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < level:
-            logger.setLevel(level)
-
-
-class DicomwebError(RuntimeError):
-    """The PACS could not be used; the message holds no URL path, UID or credential."""
-
-
-class DicomwebAuthError(DicomwebError):
-    """The PACS refused the credentials (HTTP 401/403)."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A DICOMweb root with its credentials (the password never shows in a repr)."""
-
-    url: str  # http(s)://host:port/root, no trailing slash
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    timeout_s: float = 60.0
-    max_attempts: int = 4
-    backoff_ms: int = 500
-
-    @property
-    def host(self) -> str:
-        """``host:port`` (for messages: no path, no credentials)."""
-        return urlsplit(self.url).netloc.rsplit("@", 1)[-1]
+TAG_MANUFACTURER, TAG_SERIES_DESCRIPTION = "00080070", "0008103E"
+# what the export stores back into a study (review/pacs_documents.py, pacs_overlays.py): SR and
+# KOS with Manufacturer "pdd-batch", Secondary Capture overlays (modality OT) with a "PDD ..."
+# series description. A later screen skips them at query (they are this product's output).
+OWN_MANUFACTURER = "pdd-batch"
+OWN_MODALITIES = ("SR", "KO", "OT")
+OWN_DESCRIPTION_PREFIX = "PDD "
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def instance_file_name(sop_uid: str) -> str:
@@ -100,14 +90,18 @@ def is_dicomweb_source(text: str | os.PathLike | None) -> bool:
     )
 
 
-def endpoint_from_source(source: str, netrc_file: Path | None = None) -> Endpoint:
+def endpoint_from_source(
+    source: str, netrc_file: Path | None = None, allow_insecure_http: bool = False
+) -> Endpoint:
     """The endpoint of ``dicomweb+http(s)://HOST[:PORT]/ROOT`` with credentials resolved.
 
     Credentials: ``PDD_DICOMWEB_USER``/``PDD_DICOMWEB_PASSWORD`` when set, else the entry for the
-    host in ``netrc_file`` (default ``~/.netrc`` when it exists), else none.
+    host in ``netrc_file`` (default ``~/.netrc`` when it exists), else none. A login is sent over
+    plain ``http://`` only to a loopback host or with ``allow_insecure_http``.
 
     Raises:
-        DicomwebError: not a DICOMweb source, credentials inside the URL, or an unreadable netrc.
+        DicomwebError: not a DICOMweb source, credentials inside the URL, a netrc that is
+            unreadable or readable by others, or a login over plain http to another host.
     """
     if not is_dicomweb_source(source):
         raise DicomwebError("a DICOMweb source is written dicomweb+http(s)://HOST[:PORT]/ROOT")
@@ -120,15 +114,43 @@ def endpoint_from_source(source: str, netrc_file: Path | None = None) -> Endpoin
     user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
     if not user:
         user, password = _netrc_login(parts.hostname or "", netrc_file)
-    return Endpoint(url=url, user=user or None, password=password)
+    endpoint = Endpoint(url=url, user=user or None, password=password)
+    insecure = parts.scheme.lower() == "http" and not is_loopback(parts.hostname or "")
+    if endpoint.user and insecure and not allow_insecure_http:
+        raise DicomwebError(
+            f"refusing to send the login in clear text over http:// to {endpoint.host}: "
+            "use dicomweb+https://, or --allow-insecure-http on a trusted network"
+        )
+    return endpoint
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def netrc_path(netrc_file: Path | None) -> Path:
+    """The netrc file read: ``netrc_file``, else ``~/.netrc``."""
+    return Path(netrc_file) if netrc_file else Path.home() / ".netrc"
 
 
 def _netrc_login(host: str, netrc_file: Path | None) -> tuple[str | None, str | None]:
-    path = Path(netrc_file) if netrc_file else Path.home() / ".netrc"
+    path = netrc_path(netrc_file)
     if not path.is_file():
         if netrc_file:
             raise DicomwebError(f"netrc file not found: {path.name}")
         return None, None
+    if path.stat().st_mode & 0o077:
+        raise DicomwebError(
+            f"netrc file {path.name} is readable by other users (chmod 600 {path.name})"
+        )
     try:
         auth = netrc.netrc(str(path)).authenticators(host)
     except (netrc.NetrcParseError, OSError) as exc:
@@ -137,50 +159,6 @@ def _netrc_login(host: str, netrc_file: Path | None) -> tuple[str | None, str | 
         return None, None
     login, _account, password = auth
     return login or None, password or None
-
-
-def make_client(endpoint: Endpoint) -> Any:
-    """A ``dicomweb_client.DICOMwebClient`` with retries (exponential backoff) on 408/429/5xx."""
-    import requests
-    from dicomweb_client import DICOMwebClient
-
-    quiet_http_logs()
-    session = requests.Session()
-    if endpoint.user:
-        session.auth = (endpoint.user, endpoint.password or "")
-    client = DICOMwebClient(endpoint.url, session=session, timeout=endpoint.timeout_s)
-    client.set_http_retry_params(
-        retry=endpoint.max_attempts > 1,
-        max_attempts=max(endpoint.max_attempts, 1),
-        wait_exponential_multiplier=endpoint.backoff_ms,
-        retriable_error_codes=RETRY_CODES,
-    )
-    return client
-
-
-def http_failure(what: str, exc: BaseException) -> DicomwebError:
-    """A path-free error for a failed request: the status code, or the exception's type."""
-    import requests
-    from retrying import RetryError
-
-    response = getattr(exc, "response", None)
-    if isinstance(exc, RetryError):  # retries spent: the last attempt's response or exception
-        value = exc.last_attempt.value
-        if isinstance(value, tuple) and len(value) == 3:
-            exc = value[1]
-            response = getattr(exc, "response", None)
-        else:
-            response = value
-    code = getattr(response, "status_code", None)
-    if code in (401, 403):
-        return DicomwebAuthError(f"{what}: the server refused the credentials (HTTP {code})")
-    if code is not None:
-        return DicomwebError(f"{what} failed (HTTP {code})")
-    if isinstance(exc, requests.exceptions.SSLError):
-        return DicomwebError(
-            f"{what} failed: TLS certificate not verified (set REQUESTS_CA_BUNDLE)"
-        )
-    return DicomwebError(f"{what} failed ({type(exc).__name__})")
 
 
 @dataclass(frozen=True)
@@ -222,69 +200,127 @@ def _value(item: dict, tag: str) -> str:
     return str(values[0])
 
 
-def paged(search: Any, page_size: int = PAGE_SIZE, **kwargs: Any) -> Iterator[dict]:
-    """Every result of a QIDO-RS search, page by page (``limit``/``offset``)."""
+def paged(
+    search: Any, page_size: int = PAGE_SIZE, max_pages: int = MAX_PAGES, **kwargs: Any
+) -> Iterator[dict]:
+    """Every result of a QIDO-RS search, page by page (``limit``/``offset``).
+
+    An empty page, a short page or a page the server sent before (it ignores ``offset``) ends
+    the query; more than ``max_pages`` pages is an error (a server that never ends).
+
+    Raises:
+        DicomwebError: over ``max_pages`` pages.
+    """
     offset = 0
-    while True:
+    seen: set[str] = set()
+    for _ in range(max_pages):
         page = search(limit=page_size, offset=offset, **kwargs)
+        if not page:
+            return
+        digest = hashlib.sha256(json.dumps(page, sort_keys=True, default=str).encode()).hexdigest()
+        if digest in seen:
+            log.warning("QIDO-RS: the server sent a page again (it ignores offset); query ends")
+            return
+        seen.add(digest)
         yield from page
         if len(page) < page_size:
             return
         offset += len(page)
+    raise DicomwebError(f"QIDO-RS query: the server sent more than {max_pages} pages")
 
 
-def query_series(client: Any, query: Query, page_size: int = PAGE_SIZE) -> list[SeriesHit]:
-    """The series of the studies matching ``query`` (QIDO-RS, paged).
+def qido_search(session: Any, endpoint: Endpoint, path: str, filters: dict[str, str]) -> Any:
+    """A ``search(limit=, offset=)`` of ``path`` (``/series``, ``/studies/UID/series``): one
+    QIDO-RS request per call, DICOM JSON list out (a connection failure is not retried)."""
+    fields = ",".join((TAG_MANUFACTURER, TAG_SERIES_DESCRIPTION, TAG_MODALITY, TAG_STUDY_DATE))
 
-    Raises:
-        DicomwebAuthError: credentials refused.
-        DicomwebError: the server could not be queried.
-    """
-    try:
-        return _query_series(client, query, page_size)
-    except DicomwebError:
-        raise
-    except Exception as exc:  # requests/HTTP failures: a path-free message
-        raise http_failure("QIDO-RS query", exc) from None
+    def search(limit: int, offset: int) -> list[dict]:
+        params = {**filters, "limit": limit, "offset": offset, "includefield": fields}
+        response = get(session, endpoint, path, what="QIDO-RS query", params=params)
+        if response.status_code == 204 or not response.content:
+            return []
+        try:
+            items = response.json()
+        except ValueError:
+            raise DicomwebError("QIDO-RS answer is not DICOM JSON (wrong root?)") from None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise DicomwebError("QIDO-RS answer is not a list of DICOM JSON objects")
+        return items
+
+    return search
 
 
-def _query_series(client: Any, query: Query, page_size: int) -> list[SeriesHit]:
-    filters = query.series_filters()
-    if query.study_uids:
-        found: Iterator[dict] = (
-            item
-            for uid in query.study_uids
-            for item in paged(
-                client.search_for_series,
-                page_size,
-                study_instance_uid=uid,
-                search_filters=filters,
-            )
-        )
-    else:
-        found = paged(client.search_for_series, page_size, search_filters=filters)
-    hits: dict[str, SeriesHit] = {}
-    for item in found:
-        hit = SeriesHit(
-            _value(item, TAG_STUDY_UID), _value(item, TAG_SERIES_UID), _value(item, TAG_MODALITY)
-        )
-        hits.setdefault(hit.key, hit)
-    log.info("QIDO-RS: %d series", len(hits))
-    return sorted(hits.values(), key=lambda h: h.key)
+def is_own_series(item: dict) -> bool:
+    """Whether a QIDO-RS series is one the export stored (an SR, KOS or overlay series)."""
+    if _value(item, TAG_MANUFACTURER) == OWN_MANUFACTURER:
+        return True
+    modality = _value(item, TAG_MODALITY).upper()
+    described = _value(item, TAG_SERIES_DESCRIPTION).startswith(OWN_DESCRIPTION_PREFIX)
+    return modality in OWN_MODALITIES and described
 
 
 @dataclass(frozen=True)
 class QueryResult:
-    """The series a query found and when it was asked (the next ``--since last-run``)."""
+    """The series a query found, when it was asked (the next ``--since last-run``) and how many
+    series of the product's own output (SR, KOS, overlays) it left out."""
 
     started: datetime
     hits: list[SeriesHit]
+    own_skipped: int = 0
+    earliest_study_date: date | None = None  # of the hits (the export's search window)
+    cursor: int | None = None  # Orthanc's change log position before the query, if any
+
+    @property
+    def n_studies(self) -> int:
+        """Studies the hits belong to."""
+        return len({h.study_uid for h in self.hits})
+
+
+def query_series(
+    endpoint: Endpoint, query: Query, page_size: int = PAGE_SIZE, max_pages: int = MAX_PAGES
+) -> QueryResult:
+    """The series of the studies matching ``query`` (QIDO-RS, paged), without the series the
+    export stored (``is_own_series``).
+
+    Raises:
+        DicomwebAuthError: credentials refused or missing.
+        DicomwebError: the server could not be queried.
+    """
+    started = datetime.now(timezone.utc)
+    filters = query.series_filters()
+    paths = [f"/studies/{uid}/series" for uid in query.study_uids] or ["/series"]
+    hits: dict[str, SeriesHit] = {}
+    own, dates = 0, set()
+    with new_session(endpoint) as session:
+        for path in paths:
+            search = qido_search(session, endpoint, path, filters)
+            for item in paged(search, page_size, max_pages):
+                if is_own_series(item):
+                    own += 1
+                    continue
+                modality = _value(item, TAG_MODALITY)
+                hit = SeriesHit(_value(item, TAG_STUDY_UID), _value(item, TAG_SERIES_UID), modality)
+                hits.setdefault(hit.key, hit)
+                dates.add(_value(item, TAG_STUDY_DATE))
+    log.info("QIDO-RS: %d series (%d of this product's own output left out)", len(hits), own)
+    hit_list = sorted(hits.values(), key=lambda h: h.key)
+    return QueryResult(started, hit_list, own, _earliest(dates))
+
+
+def _earliest(dates: set[str]) -> date | None:
+    """The earliest valid YYYYMMDD of ``dates`` (others ignored)."""
+    parsed = []
+    for text in dates:
+        try:
+            parsed.append(datetime.strptime(text, "%Y%m%d").date())
+        except ValueError:
+            continue
+    return min(parsed, default=None)
 
 
 def run_query(endpoint: Endpoint, query: Query) -> QueryResult:
     """Ask the PACS (see ``query_series``; raises ``DicomwebError``)."""
-    started = datetime.now(timezone.utc)
-    return QueryResult(started, query_series(make_client(endpoint), query))
+    return query_series(endpoint, query)
 
 
 def read_study_uid_file(path: Path) -> tuple[str, ...]:
@@ -307,9 +343,22 @@ def read_study_uid_file(path: Path) -> tuple[str, ...]:
 def pacs_root(out_dir: Path) -> Path:
     """``RUN/_pacs``: the private (0700) cache of fetched series and the query record."""
     root = Path(out_dir) / PACS_FOLDER
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
+    private_dir(root)
     return root
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` made (parents too) and set to 0700 whatever the umask."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def recorded_cursor(out_dir: Path) -> int | None:
+    """The Orthanc change-log cursor the previous complete run recorded, if any."""
+    path = Path(out_dir) / PACS_FOLDER / QUERY_STATE
+    value = json.loads(path.read_text()).get("orthanc_changes_last") if path.is_file() else None
+    return value if isinstance(value, int) else None
 
 
 def last_query_time(out_dir: Path) -> datetime | None:
@@ -331,12 +380,20 @@ def since_for_last_run(out_dir: Path) -> date | None:
     return None if stamp is None else (stamp - timedelta(days=1)).date()
 
 
-def record_query(out_dir: Path, started: datetime, query: Query, n_series: int) -> None:
-    """Remember this query's start time (UTC) for the next ``--since last-run``, and the widest
-    date window asked so far (``earliest_since``, for finding the studies again on export)."""
+def record_query(
+    out_dir: Path, started: datetime, query: Query, n_series: int, found: Any = None
+) -> None:
+    """Remember this query's start time (UTC) for the next ``--since last-run``, the Orthanc
+    change-log cursor (``found.cursor``), and the widest date window asked so far
+    (``earliest_since``, for finding the studies again on export; it reaches back to the
+    earliest study found, ``found.earliest_study_date``, a late-received study included)."""
     path = pacs_root(out_dir) / QUERY_STATE
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    earliest = query.since.isoformat() if query.since else None
+    since = query.since
+    found_date = getattr(found, "earliest_study_date", None)
+    if since is not None and found_date is not None:
+        since = min(since, found_date)
+    earliest = since.isoformat() if since else None
     if "earliest_since" in previous:
         before = previous["earliest_since"]
         earliest = None if before is None or earliest is None else min(before, earliest)
@@ -347,9 +404,13 @@ def record_query(out_dir: Path, started: datetime, query: Query, n_series: int) 
         "modality": query.modality,
         "study_uid_list": bool(query.study_uids),  # whether a list was given (never the UIDs)
         "series_found": n_series,
+        "orthanc_changes_last": getattr(found, "cursor", None),
     }
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record, indent=1))
+    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
 
@@ -369,17 +430,3 @@ def parse_since(text: str | None, out_dir: Path) -> tuple[date | None, bool]:
         except ValueError:
             continue
     raise DicomwebError(f"--since wants YYYY-MM-DD or last-run, got {text!r}")
-
-
-def probe(endpoint: Endpoint) -> str:
-    """One QIDO-RS request (``/studies?limit=1``): what a doctor line says about the endpoint.
-
-    Raises:
-        DicomwebError: the endpoint does not answer as a DICOMweb server (auth included).
-    """
-    client = make_client(Endpoint(endpoint.url, endpoint.user, endpoint.password, 15.0, 1))
-    try:
-        client.search_for_studies(limit=1)
-    except Exception as exc:  # requests/HTTP failures: a path-free message
-        raise http_failure(f"DICOMweb {endpoint.host}", exc) from None
-    return f"QIDO-RS answers at {endpoint.host}"

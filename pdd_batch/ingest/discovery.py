@@ -52,7 +52,7 @@ from pdd_batch.ingest.dicom_headers import (
 from pdd_batch.ingest.keys import file_key, hash_key, redact_paths, series_key, study_key
 from pdd_batch.ingest.nifti_volume import NiftiReadError, is_nifti_name, read_nifti_info
 from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
-from pdd_batch.ingest.stack_plan import StackPlan, plan_stacks
+from pdd_batch.ingest.stack_plan import DUPLICATE_POSITION, StackPlan, plan_stacks
 
 log = logging.getLogger(__name__)
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
@@ -203,13 +203,21 @@ def _dicom_series(
 ) -> list[SeriesRef]:
     """SeriesRefs of one (study, series) group; records every file's fate.
 
-    A stack over ``max_series_voxels`` is not a series: its files are failed records.
+    A stack over ``max_series_voxels`` is not a series: its files are failed records. Files
+    whose headers passed the pixel checks of ``read_header`` are the only ones here, so a copy
+    of an instance kept below is always a readable one (damaged copies are failed records).
     """
+    n_seen = len(headers)
+    headers, copies_of = _one_per_instance(col, headers)
+    n_copies = n_seen - len(headers)
+    copy_note = (f"{n_copies} duplicate instance(s) excluded",) if n_copies else ()
     frames: list[FrameInfo] = [f for h in headers for f in h.frames]
     stacks, scouts = plan_stacks(frames)
     by_file = {h.file: h for h in headers}
     modality = Counter(h.modality for h in headers).most_common(1)[0][0]
     facts = {k: _most_common(getattr(h, k) for h in headers) for k in ("body_part", "view")}
+    ages = Counter(h.age_years for h in headers if h.age_years is not None)
+    age = ages.most_common(1)[0][0] if ages else None  # in memory only (``SeriesRef``)
     refs = []
     used: set[str] = set()
     too_big: dict[str, str] = {}
@@ -225,9 +233,11 @@ def _dicom_series(
             if rel not in used:
                 col.record(rel, "used", "", key)
                 used.add(rel)
+        spares = _spares(plan, files, copies_of)
         syntaxes = sorted({transfer_syntax_name(by_file[r].transfer_syntax) for r in files})
         ref = _ref_from_plan(plan, key, study_key(group[0]), modality, files, syntaxes)
-        refs.append(replace(ref, **facts))
+        warnings = (*ref.warnings, *copy_note)
+        refs.append(replace(ref, **facts, warnings=warnings, spares=spares, age_years=age))
     for frame, reason in [*scouts, *(e for plan in stacks for e in plan.excluded)]:
         if frame.file not in used:
             col.record(frame.file, "skipped", reason)
@@ -235,6 +245,39 @@ def _dicom_series(
         if rel not in used:
             col.record(rel, "failed", reason)
     return refs
+
+
+SAME_INSTANCE_REASON = "duplicate instance (another file with the same SOP Instance UID kept)"
+
+
+def _one_per_instance(
+    col: _Collector, headers: list[DicomHeader]
+) -> tuple[list[DicomHeader], dict[str, str]]:
+    """One file per SOP Instance UID (the first by path); the other copies are skipped.
+
+    Returns:
+        The kept headers, and each copy left out -> the file kept in its place.
+    """
+    kept: dict[str, DicomHeader] = {}
+    out = []
+    copies_of: dict[str, str] = {}
+    for h in sorted(headers, key=lambda h: h.file):
+        if h.sop_uid and h.sop_uid in kept:
+            col.record(h.file, "skipped", SAME_INSTANCE_REASON)
+            copies_of[h.file] = kept[h.sop_uid].file
+            continue
+        kept.setdefault(h.sop_uid, h)
+        out.append(h)
+    return out, copies_of
+
+
+def _spares(plan: StackPlan, files: tuple[str, ...], copies_of: dict[str, str]) -> tuple[str, ...]:
+    """Files of a stack left out as copies (same SOP Instance UID as a file of the stack, or a
+    duplicate slice position in it), for the read stage to fall back to (``SeriesRef.spares``)."""
+    in_stack = set(files)
+    found = {f.file: None for f, reason in plan.excluded if reason == DUPLICATE_POSITION}
+    found.update((copy, None) for copy, kept in copies_of.items() if kept in in_stack)
+    return tuple(sorted(f for f in found if f not in in_stack))
 
 
 def _most_common(values: Iterable[str]) -> str:
@@ -418,6 +461,7 @@ def discovery_report(result: Discovery, show_paths: bool = False) -> dict[str, A
     for ref in result.series:
         row = ref.to_dict()
         row["n_files"] = len(row.pop("files"))
+        row.pop("spares")  # paths (folder names can be patient names)
         series.append(row)
     return {
         "files": result.counts(),

@@ -6,7 +6,10 @@ Contents (deterministic: the same bytes on every build, so reruns are incrementa
 * ``pydicom/``: pydicom's own test files: a CT slice, a JPEG 2000 MR slice, an enhanced
   multi-frame MR (10 frames), a structured report (a non-image object, reported as skipped) and
   a real chest radiograph (``RG1_J2KI.dcm`` of the pydicom-data package: CR, CHEST, PA,
-  1955 x 1841, JPEG 2000), which the default set routes to its chest X-ray model;
+  1955 x 1841, JPEG 2000), which the default set routes to its chest X-ray model. That model's
+  scope is children aged 1-5 (its training set), so the sample's copy is relabelled as a child's
+  (PatientAge ``004Y``, birth date removed); the film itself is an adult's, which is why the
+  model's in-distribution check calls it out of distribution;
 * ``nibabel/``: nibabel's test volumes: a 3D anatomical image and a small 4D NIfTI-2 series;
 * ``generated/``: two synthetic head-CT studies written with pydicom (one with a bright lesion);
 * ``broken/``: a corrupt DICOM file and a text file (reported in ``errors``, never dropped).
@@ -20,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -33,6 +37,8 @@ PYDICOM_FILES = (
     "test-SR.dcm",
     "RG1_J2KI.dcm",  # CR chest PA (pydicom-data), for the default set's chest model
 )
+CHEST_FILE = "RG1_J2KI.dcm"
+CHEST_SAMPLE_AGE = "004Y"  # inside the chest default's scope (age 1-5), see the module docstring
 NIBABEL_FILES = ("anatomical.nii", "example_nifti2.nii.gz")
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's documented example root
 
@@ -58,6 +64,8 @@ def _copy_package_files(dest: Path) -> list[Path]:
         if src is None:
             raise SampleError(f"pydicom test file {name} is not installed")
         out.append(Path(shutil.copy2(src, dest / "pydicom" / name)))
+        if name == CHEST_FILE:
+            _relabel_as_child(out[-1])
     (dest / "nibabel").mkdir(parents=True, exist_ok=True)
     for name in NIBABEL_FILES:
         src = _nibabel_data_dir() / name
@@ -65,6 +73,15 @@ def _copy_package_files(dest: Path) -> list[Path]:
             raise SampleError(f"nibabel test file {name} is not installed")
         out.append(Path(shutil.copy2(src, dest / "nibabel" / name)))
     return out
+
+
+def _relabel_as_child(path: Path) -> None:
+    """Give the copied chest radiograph a child's age (pixel data untouched)."""
+    ds = dcmread(path)
+    ds.PatientAge = CHEST_SAMPLE_AGE
+    if "PatientBirthDate" in ds:
+        del ds.PatientBirthDate
+    ds.save_as(path, enforce_file_format=True)
 
 
 def synthetic_head_ct(n_slices: int, size: int, *, lesion: bool, seed: int) -> np.ndarray:

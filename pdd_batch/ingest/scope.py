@@ -2,7 +2,8 @@
 
 A checkpoint's ``config.json`` holds ``scope``: the modalities, body parts (region groups of
 ``ingest.anatomy``) and orientations (planes for volumes, views for radiographs) of its training
-series, the intensity domain, and a fallback policy for series whose headers do not say.
+series, optionally the patients' age range (completed years, inclusive), the intensity domain,
+and fallback policies for series whose headers do not say.
 
 The routing rule (``match_rank``, ``route``), in order:
 
@@ -12,7 +13,11 @@ The routing rule (``match_rank``, ``route``), in order:
 3. Orientation: a volume's plane must be one of the model's, or the volume must be thick enough
    (``MIN_REFORMAT_SLICES``) for the reader to reslice it along the model's axis; a radiograph's
    view (PA/AP...) must be one of the model's when both are known. Unknown: the fallback decides.
-4. Among the models a series matches, a full match beats a fallback match, which beats a model
+4. Age, when the model has an age range: the patient's age at the study (``ingest.age``: from
+   PatientAge, else PatientBirthDate and StudyDate; in memory only) must be inside it. Unknown
+   age: ``age_fallback`` decides, "reject" by default (a model trained on one age group says
+   nothing about a patient who may be outside it).
+5. Among the models a series matches, a full match beats a fallback match, which beats a model
    of unknown scope (an old checkpoint: it takes anything, as before scopes existed); ties go to
    the model named first. A series no model matches is skipped with ``out_of_scope_reason``.
 """
@@ -20,7 +25,7 @@ The routing rule (``match_rank``, ``route``), in order:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from pdd_batch.ingest.anatomy import REGIONS, VIEWS, region_of
@@ -29,6 +34,7 @@ from pdd_batch.ingest.slicing import MIN_REFORMAT_SLICES
 
 PLANES = ("axial", "coronal", "sagittal")
 FALLBACKS = ("accept", "reject")
+MAX_AGE = 150  # years; an age range bound above this is a typo
 RADIOGRAPH = frozenset({"CR", "DX", "DR"})
 NO_MATCH, UNKNOWN_MATCH, FALLBACK_MATCH, FULL_MATCH = 0, 1, 2, 3
 SCOPE_KEYS = {"modality": "modalities", "body_part": "body_parts", "orientation": "orientations"}
@@ -49,6 +55,9 @@ class ModelScope:
         domain: intensity domain, e.g. "CT HU, brain window 40/80".
         fallback: "accept" or "reject" a series whose header lacks a fact the scope names.
         source: where the scope came from ("archive headers", "--scope", "unknown").
+        age_range: (youngest, oldest) patient age in completed years, inclusive; () any age.
+        age_fallback: "accept" or "reject" a series whose patient age is unknown (only with
+            an ``age_range``).
     """
 
     modalities: tuple[str, ...] = ()
@@ -57,10 +66,16 @@ class ModelScope:
     domain: str = ""
     fallback: str = "accept"
     source: str = "unknown"
+    age_range: tuple[int, ...] = ()
+    age_fallback: str = "reject"
 
     def __post_init__(self) -> None:
-        if self.fallback not in FALLBACKS:
-            raise ScopeError(f"scope.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        for key in ("fallback", "age_fallback"):
+            if getattr(self, key) not in FALLBACKS:
+                got = getattr(self, key)
+                raise ScopeError(f"scope.{key} must be one of {FALLBACKS}, got {got!r}")
+        if self.age_range:
+            _check_age_range(self.age_range)
         bad = [b for b in self.body_parts if b not in REGIONS]
         if bad:
             raise ScopeError(f"scope.body_part: unknown region(s) {bad}; known: {sorted(REGIONS)}")
@@ -94,6 +109,8 @@ class ModelScope:
         kw = {
             k: tuple(str(x) for x in v) if isinstance(v, list | tuple) else v for k, v in d.items()
         }
+        if "age_range" in d:
+            kw["age_range"] = _age_range_value(d["age_range"])
         return cls(**kw)
 
     def describe(self) -> str:
@@ -105,11 +122,54 @@ class ModelScope:
             "/".join(self.body_parts) or "any body part",
             "/".join(self.orientations) or "any orientation",
         ]
-        tail = "; ".join(t for t in (self.domain, f"fallback {self.fallback}") if t)
+        fallbacks = f"fallback {self.fallback}"
+        if self.age_range:
+            lo, hi = self.age_range
+            parts.append(f"age {lo}-{hi} years")
+            fallbacks += f", unknown age {self.age_fallback}"
+        tail = "; ".join(t for t in (self.domain, fallbacks) if t)
         return f"{', '.join(parts)} ({tail})"
 
 
 UNKNOWN_SCOPE = ModelScope()
+
+
+def _check_age_range(value: tuple[int, ...]) -> None:
+    if (
+        len(value) != 2
+        or not all(isinstance(v, int) for v in value)
+        or not 0 <= value[0] <= value[1] <= MAX_AGE
+    ):
+        raise ScopeError(
+            f"scope.age_range must be [youngest, oldest] whole years, 0-{MAX_AGE}, youngest first"
+        )
+
+
+def _age_range_value(value: Any) -> tuple[int, ...]:
+    """A stored ``age_range`` ([lo, hi] or empty) as a tuple of ints."""
+    if not value:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise ScopeError("scope.age_range must be a list [youngest, oldest]")
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ScopeError("scope.age_range must hold whole years") from exc
+
+
+def parse_age_range(text: str) -> tuple[int, int]:
+    """``1-5`` (completed years, inclusive) or ``40`` (one year) as (youngest, oldest).
+
+    Raises:
+        ScopeError: not whole years, or youngest after oldest.
+    """
+    lo, sep, hi = (text or "").strip().partition("-")
+    try:
+        out = (int(lo), int(hi) if sep else int(lo))
+    except ValueError as exc:
+        raise ScopeError(f"--scope: age={text!r} is not a range of whole years (age=1-5)") from exc
+    _check_age_range(out)
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -124,7 +184,9 @@ def parse_scope(text: str, *, domain: str = "", source: str = "--scope") -> Mode
     """Parse ``modality=CT,body_part=HEAD,orientation=axial`` (several values: ``CR/DX``).
 
     Keys: ``modality`` and ``body_part`` (required), ``orientation`` (a plane, or radiograph
-    views such as ``PA/AP``; default any), ``fallback`` (``accept``/``reject``).
+    views such as ``PA/AP``; default any), ``fallback`` (``accept``/``reject``), ``age`` (the
+    patients' age range in completed years, ``age=1-5``; default any) and ``age_fallback``
+    (``accept``/``reject`` a series of unknown age; default reject).
 
     Raises:
         ScopeError: naming the key that is missing, unknown or bad.
@@ -135,12 +197,15 @@ def parse_scope(text: str, *, domain: str = "", source: str = "--scope") -> Mode
         key = key.strip().lower().replace("-", "_")
         if not sep or not value.strip():
             raise ScopeError(f"--scope: '{item}' is not key=value")
-        if key == "fallback":
-            found["fallback"] = value.strip().lower()
+        if key in ("fallback", "age_fallback"):
+            found[key] = value.strip().lower()
+        elif key == "age":
+            found["age_range"] = parse_age_range(value)
         elif key in SCOPE_KEYS:
             found[SCOPE_KEYS[key]] = _values(value)
         else:
-            raise ScopeError(f"--scope: unknown key {key!r}; keys: {[*SCOPE_KEYS, 'fallback']}")
+            keys = [*SCOPE_KEYS, "fallback", "age", "age_fallback"]
+            raise ScopeError(f"--scope: unknown key {key!r}; keys: {keys}")
     for key in ("modality", "body_part"):
         if SCOPE_KEYS[key] not in found:
             raise ScopeError(f"--scope needs {key}= (e.g. modality=CT,body_part=HEAD)")
@@ -180,7 +245,9 @@ def derive_scope(refs: Sequence[SeriesRef], preprocessing: Mapping[str, Any]) ->
     """The scope of a model trained on ``refs`` (the series of a training archive).
 
     Modalities and regions are those of the series (a region only when some header names it);
-    orientation is the model's slicing axis for volumes, the views seen for radiographs.
+    orientation is the model's slicing axis for volumes, the views seen for radiographs; the age
+    range spans the patients' ages (in completed years) of the series whose headers give one
+    (none: any age).
     """
     if not refs:
         raise ScopeError("no training series to derive a scope from")
@@ -191,12 +258,14 @@ def derive_scope(refs: Sequence[SeriesRef], preprocessing: Mapping[str, Any]) ->
     orientations = tuple(sorted(views))
     if volumes:
         orientations = (str(preprocessing.get("axis", "axial")), *orientations)
+    ages = [r.age_years for r in refs if r.age_years is not None]
     return ModelScope(
         modalities=modalities,
         body_parts=regions,
         orientations=orientations,
         domain=domain_of(preprocessing, modalities),
         source="archive headers",
+        age_range=(min(ages), max(ages)) if ages else (),
     )
 
 
@@ -223,11 +292,25 @@ def _orientation_fact(scope: ModelScope, ref: SeriesRef) -> bool | None:
     return None
 
 
+def age_fits(scope: ModelScope, ref: SeriesRef) -> bool | None:
+    """True/False when the patient's age is inside the scope's range or not (True when the scope
+    has none); None when the age is unknown."""
+    if not scope.age_range:
+        return True
+    if ref.age_years is None:
+        return None
+    lo, hi = scope.age_range
+    return lo <= ref.age_years <= hi
+
+
 def match_rank(scope: ModelScope, ref: SeriesRef) -> int:
     """How well ``ref`` fits ``scope`` (``NO_MATCH`` ... ``FULL_MATCH``; see the module rule)."""
     if not scope.known:
         return UNKNOWN_MATCH
     if not _same_modality(scope, ref.modality):
+        return NO_MATCH
+    age = age_fits(scope, ref)
+    if age is False or (age is None and scope.age_fallback == "reject"):
         return NO_MATCH
     facts = [_orientation_fact(scope, ref)]
     if scope.body_parts:
@@ -237,7 +320,7 @@ def match_rank(scope: ModelScope, ref: SeriesRef) -> int:
         return NO_MATCH
     if None in facts:
         return FALLBACK_MATCH if scope.fallback == "accept" else NO_MATCH
-    return FULL_MATCH
+    return FULL_MATCH if age else FALLBACK_MATCH
 
 
 def route(refs: Sequence[SeriesRef], scopes: Sequence[ModelScope]) -> list[int | None]:
@@ -253,10 +336,16 @@ def route(refs: Sequence[SeriesRef], scopes: Sequence[ModelScope]) -> list[int |
 OUT_OF_SCOPE_PREFIX = "outside every model's scope"
 
 
-def out_of_scope_reason(ref: SeriesRef) -> str:
-    """``outside every model's scope (MR, BRAIN)``: header facts only, no identifiers."""
+def out_of_scope_reason(ref: SeriesRef, scopes: Sequence[ModelScope] = ()) -> str:
+    """``outside every model's scope (MR, BRAIN)``: header facts only, no identifiers. When some
+    model would take the series but for the patient's age: ``(CR, CHEST, PA; age outside its
+    range)`` or ``(...; age unknown)``; the age itself is never shown."""
     facts = [ref.modality or "no modality", ref.body_part, ref.view]
-    return f"{OUT_OF_SCOPE_PREFIX} ({', '.join(f for f in facts if f)})"
+    text = ", ".join(f for f in facts if f)
+    ageless = [replace(s, age_range=()) for s in scopes if s.age_range]
+    if any(match_rank(s, ref) > NO_MATCH for s in ageless):
+        text += "; age outside its range" if ref.age_years is not None else "; age unknown"
+    return f"{OUT_OF_SCOPE_PREFIX} ({text})"
 
 
 @dataclass(frozen=True)
@@ -282,7 +371,7 @@ def route_discovery(disc: Discovery, scopes: Sequence[ModelScope]) -> Routed:
     kept_files: set[str] = set()
     for ref, target in zip(disc.series, targets, strict=True):
         if target is None:
-            reason = out_of_scope_reason(ref)
+            reason = out_of_scope_reason(ref, scopes)
             for path in ref.files:
                 outside.setdefault(path, reason)
         else:

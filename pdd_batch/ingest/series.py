@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 STATUSES = ("used", "skipped", "failed")
+IN_MEMORY_ONLY = frozenset({"age_years"})  # SeriesRef facts never serialised
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class SeriesRef:
         kind: "dicom" or "nifti".
         modality: DICOM Modality (NIfTI: from a BIDS/dcm2niix sidecar .json, else "OT").
         files: relative posix paths (``archive!member`` inside archives), in slice order.
+        spares: files left out as copies of instances in ``files`` (same SOP Instance UID, or the
+            same slice position): the read stage uses them only when an instance of ``files``
+            cannot be decoded, so a slice is not lost to a damaged copy that discovery kept.
         n_slices: slices over all volumes (4D: slices per volume x volumes).
         n_volumes: volumes (time points) in the series.
         shape: (slices per volume, rows, cols) before any reformatting.
@@ -37,6 +41,9 @@ class SeriesRef:
         body_part: body part as a vocabulary term (``ingest.anatomy``: "HEAD", "BRAIN",
             "CHEST"...), from BodyPartExamined or the descriptions; "" when the header says none.
         view: radiograph ViewPosition ("PA", "AP", "LL"...); "" when absent.
+        age_years: the patient's age at the study in completed years (``ingest.age``), None
+            when the headers cannot say. For scope matching only, in memory: never in
+            ``to_dict`` (so never sent, stored or printed), nor in ``repr``.
     """
 
     series_key: str
@@ -55,10 +62,16 @@ class SeriesRef:
     tilt_deg: float = 0.0
     body_part: str = ""
     view: str = ""
+    spares: tuple[str, ...] = ()
+    age_years: int | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready dict (tuples become lists), without the in-memory ``age_years``."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if k not in IN_MEMORY_ONLY
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeriesRef:
@@ -133,12 +146,17 @@ class Volume:
 
 @dataclass
 class LoadedSeries:
-    """A decoded series: its reference, modality, volumes and warnings (no identifiers)."""
+    """A decoded series: its reference, modality, volumes and warnings (no identifiers).
+
+    ``unreadable``: the files of ``ref`` left out because they could not be read or decoded,
+    each with why (the reason names no path); they are ``failed`` inputs of a screen.
+    """
 
     ref: SeriesRef
     modality: str
     volumes: list[Volume]
     warnings: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_slices(self) -> int:

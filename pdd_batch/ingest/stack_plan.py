@@ -32,6 +32,7 @@ GAP_FACTOR = 1.5  # a step this many times the median spacing is a gap
 TILT_WARN_DEG = 0.5
 IOP_TOL = 1e-3  # direction cosines closer than this are the same orientation
 AXIS_NAMES = ("sagittal", "coronal", "axial")  # dominant LPS axis of the slice normal
+DUPLICATE_POSITION = "duplicate slice position (another instance kept)"
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def _drop_copies(frames: list[FrameInfo], excluded: list[tuple[FrameInfo, str]])
     for f in frames:
         key = (f.temporal, f.instance, f.frame)
         if f.instance > 0 and seen.get(key, f.file) != f.file:
-            excluded.append((f, "duplicate slice position (another instance kept)"))
+            excluded.append((f, DUPLICATE_POSITION))
             continue
         seen.setdefault(key, f.file)
         kept.append(f)
@@ -147,9 +148,7 @@ def _split_positions(
             warnings.append(f"4D: {n_t} volumes x {len(positions)} slices")
         return volumes, excluded, warnings
     for p in positions:
-        excluded.extend(
-            (f, "duplicate slice position (another instance kept)") for f in by_pos[p][1:]
-        )
+        excluded.extend((f, DUPLICATE_POSITION) for f in by_pos[p][1:])
     warnings = [w for w in warnings if "duplicate" not in w]
     warnings.append(f"{len(excluded)} duplicate-position instance(s) excluded")
     return [[by_pos[p][0] for p in positions]], excluded, warnings

@@ -31,10 +31,16 @@ MANIFEST_NAME = "manifest.json"
 SCORED, SKIPPED, FAILED, LOST = "scored", "skipped", "failed", "lost"
 OUTCOMES = (SCORED, SKIPPED, FAILED, LOST)
 
+# The reason of a file its series left out because the read stage could not read or decode it
+# starts with this (the run state records dropped files by reason): such a file is ``failed``.
+UNREADABLE_PREFIX = "unreadable instance, left out of its series: "
+
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"  # every input accounted for
-STATUS_INCOMPLETE = "incomplete"  # some inputs lost: rerun to finish
+STATUS_INCOMPLETE = "incomplete"  # inputs lost or not fetched: rerun to finish
 STATUS_FAILED = "failed"  # the run itself failed
+# exit codes of `pdd-batch screen` and `summary` (docs/screening.md); 3: the folder is locked
+EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2
 
 VERSIONED_PACKAGES = ("pdd-batch", "torch", "timm", "ray", "pydicom", "nibabel", "pyarrow", "numpy")
 
@@ -99,8 +105,9 @@ def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str
 
 
 def exit_code_for(status: str) -> int:
-    """0: every input accounted for (bad inputs included); 1: some lost; 2: the run failed."""
-    return {STATUS_COMPLETE: 0, STATUS_INCOMPLETE: 1}.get(status, 2)
+    """0: every input accounted for (bad inputs included); 1: incomplete (inputs lost, or PACS
+    series not fetched: rerun to finish); 2: the run failed (also a usage error's code)."""
+    return {STATUS_COMPLETE: EXIT_OK, STATUS_INCOMPLETE: EXIT_INCOMPLETE}.get(status, EXIT_FAILED)
 
 
 def build_manifest(
@@ -172,33 +179,45 @@ def record_failure(out_dir: Path, manifest: Mapping[str, Any]) -> bool:
 _RANK = {SCORED: 3, SKIPPED: 2, FAILED: 1, LOST: 0}
 
 
+def dropped_outcome(reason: str) -> str:
+    """The outcome of a file its committed series dropped: ``failed`` when the read stage could
+    not read it (``UNREADABLE_PREFIX``), else ``skipped`` (a file that gave no slice)."""
+    return FAILED if reason.startswith(UNREADABLE_PREFIX) else SKIPPED
+
+
 def file_outcomes(
     files: Iterable[tuple[str, str, str]],
     series_files: Mapping[str, Iterable[str]],
-    done: Mapping[str, Iterable[str]],
+    done: Mapping[str, Mapping[str, str]],
     failed: Iterable[str],
+    spares: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, str]:
     """The outcome of every discovered file.
 
     Args:
         files: ``(path, discovery status "used"/"skipped"/"failed", reason)`` per file.
         series_files: files of each series of the run.
-        done: committed series -> the files it dropped (gave no slice).
+        done: committed series -> the files it dropped (gave no slice) -> why.
         failed: series that failed to read.
+        spares: each series' spare files (``SeriesRef.spares``): scored when a committed series
+            used them (not among its dropped files), else their discovery record decides.
 
     A file of several series gets its best outcome; a used file of no finished series is lost.
     """
     failed = set(failed)
     out: dict[str, str] = {}
     for key, paths in series_files.items():
-        dropped = set(done[key]) if key in done else set()
+        dropped = done.get(key, {})
         for path in paths:
             if key in done:
-                outcome = SKIPPED if path in dropped else SCORED
+                outcome = dropped_outcome(dropped[path]) if path in dropped else SCORED
             else:
                 outcome = FAILED if key in failed else LOST
             if path not in out or _RANK[outcome] > _RANK[out[path]]:
                 out[path] = outcome
+    for key, paths in (spares or {}).items():
+        if key in done:
+            out.update((path, SCORED) for path in paths if path not in done[key])
     for path, status, _reason in files:
         if status == "skipped":
             out.setdefault(path, SKIPPED)

@@ -25,6 +25,7 @@ import numpy as np
 
 from pdd_batch.ingest.discovery import SeriesRef
 from pdd_batch.ingest.keys import file_key
+from pdd_batch.runs.manifest import UNREADABLE_PREFIX
 from pdd_batch.runs.schema import SLICES_SCHEMA
 from pdd_batch.runs.state import RunState, SeriesRecord
 from pdd_batch.runs.writer import rows_to_table, write_table_atomic
@@ -59,6 +60,11 @@ def _ood(
     return (None, None) if dist != dist else (dist, dist > threshold)
 
 
+def _unreadable(reason: str) -> str:
+    """The recorded reason of a file the read stage could not read (a ``failed`` input)."""
+    return UNREADABLE_PREFIX + reason
+
+
 def slice_key(series_key: str, volume_index: int, slice_index: int) -> str:
     """Unique key of a slice within a run folder."""
     return f"{series_key}:{volume_index}:{slice_index}"
@@ -70,6 +76,7 @@ class _Series:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: str = ""
     used_files: frozenset[str] = frozenset()  # from the end marker (reformatted slices)
+    unreadable: dict[str, str] = field(default_factory=dict)  # end marker: file -> why
     sources: set[str] = field(default_factory=set)  # relative paths of the rows' files
 
 
@@ -187,6 +194,8 @@ class SliceSink:
                 entry.warnings = str(batch["reason"][i])
                 if "used_files" in batch and str(batch["used_files"][i]):
                     entry.used_files = frozenset(json.loads(str(batch["used_files"][i])))
+                if "unreadable_files" in batch and str(batch["unreadable_files"][i]):
+                    entry.unreadable = dict(json.loads(str(batch["unreadable_files"][i])))
             else:
                 raise ValueError(f"unknown row kind {kind!r} for series {key}")
             if entry.expected is not None and len(entry.rows) >= entry.expected:
@@ -204,7 +213,11 @@ class SliceSink:
         reason = entry.warnings if entry.warnings and not entry.rows else NO_SLICE_REASON
         if entry.warnings and entry.rows:
             reason = f"{NO_SLICE_REASON} ({entry.warnings})"
-        dropped = tuple((file_key(f), reason) for f in ref.files if f not in used)
+        dropped = tuple(
+            (file_key(f), _unreadable(entry.unreadable[f]) if f in entry.unreadable else reason)
+            for f in (*ref.files, *ref.spares)
+            if f not in used
+        )
         return SeriesRecord(part, n, self.fingerprints[key], ref.study_key, dropped)
 
     def flush(self) -> None:

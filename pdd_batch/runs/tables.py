@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pdd_batch.ingest.discovery import Discovery
 from pdd_batch.ingest.keys import file_key, redact_paths
-from pdd_batch.runs.manifest import LOST, SCORED, SKIPPED
+from pdd_batch.runs.manifest import FAILED, LOST, SCORED, SKIPPED
 from pdd_batch.runs.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
 from pdd_batch.runs.state import RunState
 from pdd_batch.runs.writer import rows_to_table, write_table_atomic
@@ -138,8 +138,9 @@ def error_rows(
         rec, fkey = discovered.get(path), file_key(path)
         if rec is not None and rec.status in ("skipped", "failed"):
             row = (rec.series_key, "discover", rec.status, rec.reason or rec.status)
-        elif outcome == SKIPPED and fkey in dropped:
-            row = (dropped[fkey][0], "slice", "skipped", dropped[fkey][1])
+        elif outcome in (SKIPPED, FAILED) and fkey in dropped:
+            stage = "read" if outcome == FAILED else "slice"
+            row = (dropped[fkey][0], stage, outcome, dropped[fkey][1])
         elif outcome == LOST:
             row = (rec.series_key if rec else None, "score", "failed", LOST_REASON)
         elif path in read_failure:

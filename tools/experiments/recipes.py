@@ -42,6 +42,7 @@ from pdd_batch.evaluation.datasets import (
     write_split_csv,
 )
 from pdd_batch.evaluation.metrics import floor_auroc, image_metrics
+from pdd_batch.evaluation.synthetic import bright_ellipses
 from pdd_batch.ingest.preprocess import PreprocessSpec
 
 log = logging.getLogger("tools.experiments.recipes")
@@ -161,25 +162,8 @@ def chest_items(
     return items, [it for it in items if it.split == "test"], desc
 
 
-def synthetic_lesions(images: np.ndarray, per_image: int = 3, seed: int = 0) -> np.ndarray:
-    """Copies of (N, S, S) normal images with one bright soft-edged ellipse each (hyperdense,
-    like a bleed in a brain window), placed inside the head: (N * per_image, S, S).
-
-    Used only to compare configurations on validation normals without touching the test set.
-    """
-    rng = np.random.default_rng(seed)
-    n, size, _ = images.shape
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    out = []
-    for img in images:
-        inside = np.argwhere(img > 0.15)
-        for _ in range(per_image):
-            cy, cx = inside[rng.integers(len(inside))] if len(inside) else (size / 2, size / 2)
-            ry, rx = rng.uniform(size / 40, size / 10, size=2)
-            d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-            alpha = np.clip(1.5 - d, 0, 1) * (img > 0.05)  # soft edge, only on tissue
-            out.append(img * (1 - alpha) + rng.uniform(0.75, 0.95) * alpha)
-    return np.stack(out).astype(np.float32)
+# The earlier validation generator (one bright ellipse per copy): "val-syn" in docs/results.md.
+synthetic_lesions = bright_ellipses
 
 
 def _spec(cfg: ModelConfig, args: argparse.Namespace) -> PreprocessSpec:
