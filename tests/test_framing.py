@@ -291,3 +291,38 @@ def test_overlay_fallback_refuses_a_per_volume_framing_it_cannot_reproduce(tmp_p
     spec = PreprocessSpec(64, framing="radiograph-v1")
     screened = next(iter_model_slices(_series(tmp_path / "xr"), spec)).image
     np.testing.assert_allclose(_dicom_slice(xr, spec), screened, atol=1e-6)
+
+
+def test_selection_scores_candidates_on_validation_images_framed_like_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train``'s model selection trains each candidate with the framing its scope asks for
+    and computes the candidate's figure on validation images read through that same framing."""
+    import torch
+
+    from jobs import selection
+    from jobs.train import TrainConfig
+    from model.config import get_config
+    from pdd_batch.evaluation.datasets import list_images
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    (tmp_path / "d" / "normal").mkdir(parents=True)
+    for i in range(6):
+        img = np.where((yy - 30) ** 2 + (xx - 34) ** 2 < 15**2, 0.5, 0.0)
+        _export_png(np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1),
+                    tmp_path / "d" / "normal" / f"{i}.png")  # fmt: skip
+    items = list_images(tmp_path / "d")
+    seen: list[str | None] = []
+    real = selection.validation_images
+
+    def spy(val, image_size, framing=None):
+        seen.append(framing)
+        return real(val, image_size, framing)
+
+    monkeypatch.setattr(selection, "validation_images", spy)
+    scope = {"modalities": ["CT"], "body_parts": ["HEAD"], "orientations": ["axial"]}
+    selection.train_candidate(items[:4], items[4:], tmp_path / "ck", get_config("test"),
+                              TrainConfig(epochs=1, batch_size=2), scope=scope)  # fmt: skip
+    assert seen == ["ct-head-v1"]

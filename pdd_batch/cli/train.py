@@ -140,7 +140,7 @@ def train_command(
     with _fetched(console, items, address) as data_in:
         if config is None:
             _select(console, data_in, out, cands, run, resume=resume, address=address, desc=desc,
-                    scope=scope_dict)  # fmt: skip
+                    scope=scope_dict, framing=framing)  # fmt: skip
             return
         result = _train_with_progress(
             console, data_in, out, cfg, run, resume=resume, address=address, desc=desc,
@@ -315,6 +315,7 @@ def _select(
     address: str | None,
     desc: str,
     scope: dict | None,
+    framing: str = "auto",
 ) -> None:
     """``jobs.selection.run_selection`` under one progress bar per candidate, then the figures."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -346,7 +347,8 @@ def _select(
 
         try:
             sel = run_selection(items, out, cands, run, address=address, progress=report,
-                                data_description=desc, scope=scope, resume=resume)  # fmt: skip
+                                data_description=desc, scope=scope, resume=resume,
+                                framing=framing)  # fmt: skip
         except (TrainError, TeacherWeightsError, ConfigError) as exc:
             console.print(f"[red]training failed: {exc}[/]")
             raise typer.Exit(code=1) from exc
