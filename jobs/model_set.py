@@ -11,22 +11,23 @@ member's checkpoint hash and threshold: a changed member rescreens the folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import ray
 
+from jobs.graph import build_dataset
 from jobs.resources import ActorPlan, plan_model_pools
+from pdd_batch.evaluation.site_calibration import threshold_source
 from pdd_batch.ingest.archive_io import IngestLimits
 from pdd_batch.ingest.discovery import SeriesRef
-from pdd_batch.ingest.scope import Routed
+from pdd_batch.ingest.scope import ModelScope
 from pdd_batch.runs.config import RunConfig
-
-if TYPE_CHECKING:  # jobs.screen imports this module
-    from jobs.screen import ModelInfo, _Run
+from pdd_batch.runs.lifecycle import model_summaries  # noqa: F401 - re-exported
+from pdd_batch.runs.run_types import ModelInfo, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ def build_routed_dataset(
     limits: IngestLimits | None = None,
 ) -> ray.data.Dataset:
     """One dataset: the union of ``jobs.screen.build_dataset`` for each model with series."""
-    from jobs.screen import build_dataset
-
     branches = [
         build_dataset(list(units), root, model, plan, precision, teacher_weights, limits)
         for units, model, plan in zip(by_model, models, plans, strict=True)
@@ -105,6 +104,35 @@ def build_routed_dataset(
     return branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
 
 
+def resolve_model(path: Path | None, teacher_weights: dict[str, str] | None = None) -> ModelInfo:
+    """Read the checkpoint's metadata on the driver (each actor loads and verifies the weights).
+
+    Teacher weight files it refers to must exist here (on a cluster: the same path on every
+    node, i.e. shared storage), so a moved file fails the run at once with what to do.
+    """
+    from model.checkpoint import check_teacher_files, read_meta
+
+    if path is None:
+        from model.default import default_model_path
+
+        path = default_model_path()
+    check_teacher_files(Path(path), teacher_weights)
+    meta = read_meta(Path(path))
+    calib = meta.get("calibration") or {}
+    threshold = calib.get("threshold")
+    return ModelInfo(
+        path=Path(path),
+        model_id=str(meta["model_id"]),
+        checkpoint_hash=str(meta["checkpoint_hash"]),
+        preprocessing=json.dumps(meta["preprocessing"], sort_keys=True),
+        threshold=None if threshold is None else float(threshold),
+        scope=ModelScope.from_dict(meta.get("scope")),
+        ood_threshold=float(meta["ood"]["threshold"]) if meta.get("ood") else None,
+        ood_sha256=str(meta["ood"]["sha256"]) if meta.get("ood") else None,
+        threshold_source=threshold_source(calib),
+    )
+
+
 def resolve_models(cfg: RunConfig) -> tuple[list[ModelInfo], ModelInfo]:
     """Resolve the run's checkpoints.
 
@@ -113,8 +141,6 @@ def resolve_models(cfg: RunConfig) -> tuple[list[ModelInfo], ModelInfo]:
         or for a set a ``ModelInfo`` with the set's hash and id and no threshold; a set's identity
         covers every member's threshold, so ``bind_threshold`` is for a single model only).
     """
-    from jobs.screen import resolve_model
-
     paths = checkpoint_folders([cfg.model_path, *cfg.more_models])
     models = [resolve_model(p, cfg.teacher_weights) for p in paths]
     check_distinct(models)
@@ -129,7 +155,7 @@ def resolve_models(cfg: RunConfig) -> tuple[list[ModelInfo], ModelInfo]:
     return models, identity
 
 
-def routed_dataset(run: _Run, resources: dict[str, float]) -> ray.data.Dataset:
+def routed_dataset(run: RunContext, resources: dict[str, float]) -> ray.data.Dataset:
     """The dataset of a model set's pending series: one branch and actor pool per model that
     has series (``plan_model_pools`` shares the cluster between those pools)."""
     assert run.routed is not None
@@ -148,27 +174,3 @@ def routed_dataset(run: _Run, resources: dict[str, float]) -> ray.data.Dataset:
         teacher_weights=run.cfg.teacher_weights,
         limits=run.cfg.limits,
     )
-
-
-def model_summaries(
-    models: Sequence[ModelInfo], routed: Routed | None, pending: Sequence[SeriesRef]
-) -> dict[str, Any]:
-    """Manifest entries: each model with its scope and the series routed to it, and the inputs
-    outside every model's scope (counted in ``inputs_skipped``, never scored)."""
-    by_model = routed.by_model if routed is not None else tuple(() for _ in models)
-    return {
-        "inputs_out_of_scope": routed.out_of_scope_files if routed is not None else 0,
-        "series_out_of_scope": routed.out_of_scope_series if routed is not None else 0,
-        "models": [
-            {
-                "model_id": m.model_id,
-                "checkpoint_hash": m.checkpoint_hash,
-                "threshold": m.threshold,
-                "threshold_source": m.threshold_source,
-                "ood_threshold": m.ood_threshold,
-                "scope": m.scope.to_dict() if m.scope.known else "unknown",
-                "series_routed": len(refs),
-            }
-            for m, refs in zip(models, by_model, strict=True)
-        ],
-    }

@@ -26,10 +26,9 @@ from model.checkpoint import load_checkpoint
 from model.ood import capture_teacher
 from model.precision import check_precision
 from pdd_batch.runs.heatmap import encode_png
+from pdd_batch.runs.rows import KIND_SLICE
 
 log = logging.getLogger(__name__)
-
-KIND_SLICE = "slice"
 
 
 class SlicePredictor:

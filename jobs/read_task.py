@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,18 @@ from pdd_batch.ingest.preprocess import PreprocessError, PreprocessSpec
 from pdd_batch.ingest.reasons import scrub_reason
 from pdd_batch.ingest.slicing import iter_model_slices
 from pdd_batch.ingest.volume import SeriesReadError, load_series
+from pdd_batch.runs.lifecycle import failure_reason  # noqa: F401 - re-exported (cli, tests)
+from pdd_batch.runs.rows import (  # noqa: F401 - KIND_* re-exported
+    KIND_EMPTY,
+    KIND_END,
+    KIND_ERROR,
+    KIND_SLICE,
+    marker_row,
+    slice_rows,
+)
 
 log = logging.getLogger(__name__)
 
-KIND_SLICE, KIND_END, KIND_ERROR, KIND_EMPTY = "slice", "end", "error", "empty"
 # Errors a damaged or unsupported input can raise while decoding; programming errors
 # (TypeError, AttributeError, NameError, ...) are not caught and fail the task loudly.
 READ_ERRORS = (
@@ -49,66 +56,6 @@ READ_ERRORS = (
     MemoryError,
     EOFError,
 )
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """Why a run failed, safe to store and show (``scrub_reason``): ``Name: message`` of the
-    innermost error quoted in ``exc``'s text, else of ``exc`` itself.
-
-    Ray reports an actor that died in its constructor as ``ActorDiedError`` whose text quotes the
-    actor's own traceback; its last ``SomeError: message`` line is what the user must read.
-    """
-    text = _ANSI.sub("", str(exc))
-    quoted = _ERROR_LINE.findall(text)
-    if quoted:
-        name, message = quoted[-1]
-        return scrub_reason(f"{name}: {message}", keep_paths=True)
-    return scrub_reason(f"{type(exc).__name__}: {text}", keep_paths=True)
-
-
-def _marker(
-    ref: SeriesRef,
-    kind: str,
-    reason: str,
-    size: int,
-    n_rows: int = 0,
-    used_files: str = "",
-    unreadable_files: str = "",
-) -> dict[str, Any]:
-    return {
-        "kind": [kind],
-        "series_key": [ref.series_key],
-        "study_key": [ref.study_key],
-        "modality": [ref.modality or ""],
-        "volume_index": np.array([-1], dtype=np.int32),
-        "slice_index": np.array([-1], dtype=np.int32),
-        "source_file": [""],
-        "n_rows": np.array([n_rows], dtype=np.int32),
-        "reason": [reason],
-        "used_files": [used_files],
-        "unreadable_files": [unreadable_files],
-        "image": np.zeros((1, size, size), dtype=np.float32),
-    }
-
-
-def _block(ref: SeriesRef, slices: list) -> dict[str, Any]:
-    n = len(slices)
-    return {
-        "kind": [KIND_SLICE] * n,
-        "series_key": [ref.series_key] * n,
-        "study_key": [ref.study_key] * n,
-        "modality": [ref.modality or ""] * n,
-        "volume_index": np.array([s.volume_index for s in slices], dtype=np.int32),
-        "slice_index": np.array([s.slice_index for s in slices], dtype=np.int32),
-        "source_file": [s.source_file for s in slices],
-        "n_rows": np.zeros(n, dtype=np.int32),  # the total comes with the end marker
-        "reason": [""] * n,
-        "used_files": [""] * n,
-        "unreadable_files": [""] * n,
-        "image": np.stack([s.image for s in slices]).astype(np.float32, copy=False),  # (N, S, S)
-    }
 
 
 def crash_once(marker: str | None) -> None:
@@ -146,18 +93,18 @@ def read_series(
             block.append(model_slice)
             n += 1
             if len(block) == rows_per_block:
-                yield _block(ref, block)
+                yield slice_rows(ref, block)
                 block = []
                 crash_once(crash_once_marker)
         if block:
-            yield _block(ref, block)
+            yield slice_rows(ref, block)
             crash_once(crash_once_marker)
     except READ_ERRORS as exc:
         reason = scrub_reason(keys.redact_paths(f"{type(exc).__name__}: {exc}", ref.files))
         log.warning(
             "series %s: read failed after %d slices (%s)", ref.series_key, n, type(exc).__name__
         )
-        yield _marker(ref, KIND_ERROR, reason, spec.image_size)
+        yield marker_row(ref, KIND_ERROR, reason, spec.image_size)
         return
     warnings = ""
     if series.warnings:
@@ -165,10 +112,10 @@ def read_series(
     bad = _unreadable_json(series.unreadable, ref)
     if n == 0:
         reason = warnings or "no slice in this series"
-        yield _marker(ref, KIND_EMPTY, reason, spec.image_size, unreadable_files=bad)
+        yield marker_row(ref, KIND_EMPTY, reason, spec.image_size, unreadable_files=bad)
     else:
         used = sorted({f for volume in series.volumes for f in volume.source_files})
-        yield _marker(ref, KIND_END, warnings, spec.image_size, n, json.dumps(used), bad)
+        yield marker_row(ref, KIND_END, warnings, spec.image_size, n, json.dumps(used), bad)
 
 
 def _unreadable_json(unreadable: dict[str, str], ref: SeriesRef) -> str:

@@ -146,7 +146,7 @@ def test_error_reasons_never_carry_a_path(tmp_path: Path) -> None:
 def test_folder_keyed_otherwise_is_rescreened_whole(tmp_path: Path) -> None:
     """Rows keyed with another site key (or by a 1.0 run) cannot be matched with this run's
     keys: the run drops them and screens everything, instead of duplicating every series."""
-    from jobs.screen import _rekey_needed
+    from pdd_batch.runs.lifecycle import rekey_needed as _rekey_needed
     from pdd_batch.runs.manifest import InputCounts, build_manifest, write_manifest
     from pdd_batch.runs.state import RunState, SeriesRecord
 

@@ -138,9 +138,7 @@ def test_no_path_name_or_uid_in_any_output(tmp_path: Path, ray_private: Path, ca
     assert "ROE_MARY" not in trunc["reason"] and "MARY_CT" not in trunc["reason"]
 
     outputs = [p for p in out.rglob("*") if p.is_file()]
-    assert (
-        any(p.suffix == ".parquet" for p in outputs) and (out / "_state" / "state.json") in outputs
-    )
+    assert any(p.suffix == ".parquet" for p in outputs) and (out / "_state" / "run.db") in outputs
     for path in outputs:
         raw = path.read_bytes()
         where = str(path.relative_to(out))

@@ -23,6 +23,7 @@ from jobs.screen import CRASH_ONCE_ENV, CRASH_ONCE_READ_ENV, run_screen
 from pdd_batch.ingest.keys import file_key
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.heatmap import decode_heatmap
+from pdd_batch.runs.results import open_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -98,7 +99,7 @@ def test_first_run_accounts_for_every_input_and_matches_direct_predict(ray_local
     want = pd.Series(ref)[got.index]
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-4, atol=1e-5)
     assert (slices["flagged"] == (slices["score"] > world["threshold"])).all()
-    row = slices.iloc[0]
+    row = open_run(out).slices.to_pandas().iloc[0]  # heatmaps (a table of their own) joined
     amap = decode_heatmap(row["heatmap_png"], row["heatmap_max"])
     assert amap.shape == (IMAGE_SIZE, IMAGE_SIZE) and amap.max() > 0
     assert set(slices["checkpoint_hash"]) == {m["checkpoint_hash"]}

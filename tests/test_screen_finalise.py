@@ -15,8 +15,8 @@ import pytest
 from dicom_factory import write_corrupt_dicom, write_non_image, write_text
 from screen_support import make_checkpoint
 
+import pdd_batch.runs.live as run_live
 import pdd_batch.runs.manifest as manifest_mod
-import pdd_batch.runs.tables as run_tables
 from jobs.screen import run_screen
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.writer import WriteError, write_atomic, write_json_atomic
@@ -57,7 +57,7 @@ def test_full_disk_at_the_end_of_a_run_is_recorded_as_failed(
     tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(tmp_path, ckpt)
-    monkeypatch.setattr(run_tables, "write_table_atomic", lambda table, final: _full_disk(final))
+    monkeypatch.setattr(run_live, "write_tables_atomic", lambda schema, t, final: _full_disk(final))
     with pytest.raises(WriteError, match="No space left on device"):
         run_screen(cfg)
     m = _manifest(cfg)
@@ -70,7 +70,7 @@ def test_the_first_error_is_kept_when_finalising_fails_too(
     tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(tmp_path, ckpt)
-    monkeypatch.setattr(run_tables, "write_table_atomic", lambda table, final: _full_disk(final))
+    monkeypatch.setattr(run_live, "write_tables_atomic", lambda schema, t, final: _full_disk(final))
 
     def progress(event) -> None:
         if event.stage == "series":
@@ -86,7 +86,7 @@ def test_failure_is_recorded_even_when_the_manifest_cannot_be_rewritten(
     tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(tmp_path, ckpt)
-    monkeypatch.setattr(run_tables, "write_table_atomic", lambda table, final: _full_disk(final))
+    monkeypatch.setattr(run_live, "write_tables_atomic", lambda schema, t, final: _full_disk(final))
 
     def json_on_a_full_disk(data, final):
         if data.get("status") == "failed":
@@ -110,8 +110,9 @@ def test_run_folder_is_private_under_umask_022(tmp_path: Path, ckpt: Path) -> No
     assert result.exit_code == 0 and result.manifest["inputs_seen"] == 3
     paths = [cfg.out_dir, *cfg.out_dir.rglob("*")]
     names = {p.relative_to(cfg.out_dir).as_posix() for p in paths}
-    assert {"manifest.json", "slices/slices.parquet", "errors/errors.parquet"} <= names
-    assert {"studies/studies.parquet", "_state/state.json", "_state/run.lock"} <= names
+    assert {"manifest.json", "live_files.json", "_state/run.db", "_state/run.lock"} <= names
+    live = json.loads((cfg.out_dir / "live_files.json").read_text())["tables"]
+    assert live["errors"] and set(live["errors"]) <= names  # no slice here: only errors rows
     for p in paths:
         want = 0o700 if p.is_dir() else 0o600
         assert stat.S_IMODE(p.stat().st_mode) == want, p.relative_to(cfg.out_dir)

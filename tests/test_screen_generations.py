@@ -4,6 +4,7 @@ whole and unmixed; the next run finishes the new generation and only then replac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,4 +74,7 @@ def test_killed_force_run_leaves_earlier_results_readable(tmp_path: Path) -> Non
     )
     assert set(slices["run_id"]) <= {"gen-2", "gen-3"} and "gen-3" in set(slices["run_id"])
     assert final.status == "complete" and "in_progress" not in final.manifest
-    assert [p.name for p in (out / "slices").iterdir()] == ["slices.parquet"]
+    live = json.loads((out / "live_files.json").read_text())["tables"]
+    for table in ("slices", "heatmaps", "studies"):  # the earlier generation's files are gone
+        on_disk = sorted(f"{table}/{p.name}" for p in (out / table).iterdir())
+        assert on_disk == sorted(live[table]), table

@@ -61,5 +61,5 @@ def test_screen_real_dicom_subset(tmp_path: Path) -> None:
     assert len(slices) >= N_CT + 63
     manifest_text = (tmp_path / "out" / "manifest.json").read_text()
     assert json.loads(manifest_text)["status"] == "complete"
-    text = manifest_text + slices.drop(columns=["heatmap_png"]).to_json()
+    text = manifest_text + slices.drop(columns=["heatmap_png"], errors="ignore").to_json()
     assert "CQ500" not in text and "VS-SEG" not in text  # no patient IDs in the outputs

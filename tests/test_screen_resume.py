@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -61,9 +62,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _committed_parts(out: Path) -> int:
+    """Parts the run store records as committed (read-only, while the run writes)."""
+    db = out / "_state" / "run.db"
+    if not db.is_file():
+        return 0
     try:
-        return len(json.loads((out / "_state" / "state.json").read_text())["parts"])
-    except (OSError, ValueError, KeyError):
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            q = "SELECT COUNT(*) FROM files WHERE tbl = 'slices' AND state != 'retired'"
+            return int(conn.execute(q).fetchone()[0])
+    except sqlite3.Error:
         return 0
 
 

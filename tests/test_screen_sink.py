@@ -105,7 +105,9 @@ def test_rows_of_unknown_series_fail_loudly(tmp_path: Path) -> None:
 
 def test_parts_and_state_name_files_by_key_never_by_path(tmp_path: Path) -> None:
     """Slice rows carry ``file_key`` (keyed digest of the relative path) and the run state
-    records dropped files by key: no path reaches a part or ``_state/state.json``."""
+    records dropped files by key: no path reaches a part or the run store ``_state/run.db``."""
+    import sqlite3
+
     import pyarrow.parquet as pq
 
     sink = _sink(tmp_path, [_ref("DOE^JOHN_12345", 3)], rows_per_file=1)
@@ -114,7 +116,8 @@ def test_parts_and_state_name_files_by_key_never_by_path(tmp_path: Path) -> None
     table = pq.read_table(sink.state.store_dir)  # the committed (unpublished) parts
     assert "source_file" not in table.column_names
     assert table.column("file_key").to_pylist() == [file_key("DOE^JOHN_12345/f0.dcm")]
-    state_text = (tmp_path / "_state" / "state.json").read_text()
+    with sqlite3.connect(tmp_path / "_state" / "run.db") as db:
+        state_text = "\n".join(db.iterdump())
     assert "f1.dcm" not in state_text and "f2.dcm" not in state_text
     assert file_key("DOE^JOHN_12345/f1.dcm") in state_text
     for part in sink.state.store_dir.glob("*.parquet"):

@@ -172,46 +172,83 @@ def test_forget_leaves_out_only_the_changed_series(tmp_path: Path) -> None:
     assert RunState.load(tmp_path).series.keys() == {"s1"}
 
 
-def test_parts_are_invisible_until_published_as_one_merged_file(tmp_path: Path) -> None:
+def test_parts_are_invisible_until_published_then_added_as_live_files(tmp_path: Path) -> None:
     state = RunState.load(tmp_path)
     state.bind_model("h1", "m", force=False)
     for i in range(4):
         _commit(state, f"p{i}.parquet", {f"s{i}": i + 1})
-    glob = f"{tmp_path}/slices/*.parquet"
     assert not (tmp_path / "slices").exists() or not list((tmp_path / "slices").iterdir())
     assert read_table(tmp_path, "slices").num_rows == 0  # readers see no part
     assert state.publish("r1") == 1 + 2 + 3 + 4
-    assert [p.name for p in (tmp_path / "slices").iterdir()] == ["slices.parquet"]
-    assert not list(state.store_dir.glob("*.parquet"))  # merged parts are gone
-    keys = duckdb.sql(f"select slice_key from read_parquet('{glob}')").df()["slice_key"]
+    live = json.loads((tmp_path / "live_files.json").read_text())["tables"]
+    assert sorted(live["slices"]) == [f"slices/p{i}.parquet" for i in range(4)]  # added, not merged
+    assert sorted(p.name for p in (tmp_path / "slices").iterdir()) == [
+        f"p{i}.parquet" for i in range(4)
+    ]
+    assert not list(state.store_dir.glob("*.parquet"))  # the parts moved out of the store
+    files = [str(tmp_path / f) for f in live["slices"]]
+    keys = duckdb.sql(f"select slice_key from read_parquet({files})").df()["slice_key"]
     assert len(keys) == 10 and keys.is_unique
-    assert len(pd.read_parquet(tmp_path / "slices")) == len(_published(tmp_path)) == 10
-    assert RunState.load(tmp_path).part_rows() == {"slices.parquet": 10}
+    assert "heatmap_png" not in pq.read_schema(files[0]).names  # scores without image bytes
+    assert len(read_table(tmp_path, "heatmaps")) == 10
+    assert _published(tmp_path)["heatmap_png"].notna().all()  # open_run joins them back
+    assert RunState.load(tmp_path).part_rows() == {f"p{i}.parquet": i + 1 for i in range(4)}
 
 
-def test_crash_between_the_swap_and_the_state_update_never_duplicates(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("step", ["_roll_forward", "write_live_list", "delete_retired"])
+def test_publish_killed_at_any_step_never_loses_or_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
+    """Killed after the store's transaction, after the renames or after the new list: readers
+    see the earlier rows or the new ones, never a mix; the next run finishes the publish."""
+    from pdd_batch.runs import live
+
+    state = RunState.load(tmp_path)
+    state.bind_model("h1", "m", force=False)
+    _commit(state, "a.parquet", {"s1": 2, "s2": 2})
+    state.publish("r1")
+    _commit(state, "b.parquet", {"s2": 3})  # s2 screened again: a.parquet is superseded
+
+    def crash(*args, **kwargs) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(live, step, crash)
+    with pytest.raises(OSError, match="killed"):
+        state.publish("r2")
+    monkeypatch.undo()
+    seen = _published(tmp_path)
+    assert seen["slice_key"].is_unique and len(seen) in (4, 5)
+    resumed = RunState.load(tmp_path)
+    resumed.reconcile()
+    _commit(resumed, "c.parquet", {"s3": 1})
+    resumed.publish("r3")
+    rows = _published(tmp_path)
+    assert rows["slice_key"].is_unique and len(rows) == 2 + 3 + 1
+    assert sorted(rows.groupby("series_key").size().items()) == [("s1", 2), ("s2", 3), ("s3", 1)]
+    on_disk = sorted(p.name for p in (tmp_path / "slices").iterdir())
+    live_now = json.loads((tmp_path / "live_files.json").read_text())["tables"]["slices"]
+    assert on_disk == sorted(f.split("/")[1] for f in live_now)  # nothing superseded is left
+
+
+def _stats(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in folder.glob("*/*.parquet")
+    }
+
+
+def test_a_published_file_is_never_rewritten_when_rows_are_added(tmp_path: Path) -> None:
     state = RunState.load(tmp_path)
     state.bind_model("h1", "m", force=False)
     _commit(state, "a.parquet", {"s1": 2})
     state.publish("r1")
+    before = {k: v for k, v in _stats(tmp_path).items() if k.startswith(("slices/", "heatmaps/"))}
+    assert len(before) == 2
     _commit(state, "b.parquet", {"s2": 3})
-
-    def crash(self: RunState) -> None:
-        raise OSError("killed")
-
-    monkeypatch.setattr(RunState, "save", crash)
-    with pytest.raises(OSError, match="killed"):
-        state.publish("r2")  # slices.parquet already renamed: holds s1 and s2
-    monkeypatch.undo()
+    state.publish("r2")
+    after = _stats(tmp_path)
+    assert all(after[k] == v for k, v in before.items())  # same inode, same mtime
     assert len(_published(tmp_path)) == 5
-    resumed = RunState.load(tmp_path)  # still names b.parquet for s2
-    resumed.reconcile()
-    _commit(resumed, "c.parquet", {"s3": 1})
-    resumed.publish("r3")
-    keys = _published(tmp_path)["slice_key"]
-    assert len(keys) == 6 and keys.is_unique
 
 
 def test_force_keeps_earlier_results_readable_until_the_new_ones_are_published(
@@ -269,10 +306,12 @@ def test_version_1_folder_is_migrated_without_losing_or_duplicating_rows(tmp_pat
     assert len(_published(tmp_path)) == 4  # the old parts are still what readers see
     assert state.bind_model("h1", "m", force=False) == 0 and state.is_done("s1", "fp-s1")
     state.publish("r2")
-    assert [p.name for p in slices.iterdir()] == ["slices.parquet"]
+    live = json.loads((tmp_path / "live_files.json").read_text())["tables"]["slices"]
+    assert sorted(p.name for p in slices.iterdir()) == sorted(f.split("/")[1] for f in live)
     keys = _published(tmp_path)["slice_key"]
     assert len(keys) == 4 and keys.is_unique
-    assert json.loads(state.path.read_text())["version"] == 2
+    assert not (tmp_path / "_state" / "state.json").exists()  # migrated once, into run.db
+    assert RunState.load(tmp_path).series.keys() == {"s1", "s2"}
 
 
 def test_write_errors_name_the_file_and_the_os_reason_not_the_path(tmp_path: Path) -> None:

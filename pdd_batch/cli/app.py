@@ -15,6 +15,7 @@ from pdd_batch.cli import (
     export,
     inspect,
     report,
+    results,
     screen,
     summary,
     train,
@@ -36,6 +37,8 @@ app.command("calibrate")(calibrate.calibrate_command)
 app.command("export")(export.export_command)
 app.command("report")(report.report_command)
 app.command("summary")(summary.summary_command)
+app.command("results")(results.results_command)
+app.command("compact")(results.compact_command)
 app.command("doctor")(doctor.doctor_command)
 app.add_typer(bench.bench_app, name="bench")
 

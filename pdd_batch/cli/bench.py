@@ -111,3 +111,29 @@ def bench_ingest() -> None:
     from pdd_batch.ingest.bench import run_ingest_benchmark
 
     run_ingest_benchmark(print_fn=typer.echo)
+
+
+@bench_app.command("nightly")
+def bench_nightly(
+    sizes: Annotated[
+        str, typer.Option(help="Comma-separated numbers of recorded series per store.")
+    ] = "1000,100000,1000000",
+    discovery_files: Annotated[
+        int, typer.Option(min=0, help="Files of the unchanged archive discovered twice (0: skip).")
+    ] = 100_000,
+    rounds: Annotated[int, typer.Option(min=1, help="Nights timed per store.")] = 3,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Folder for the synthetic stores (default: the temp dir).")
+    ] = None,
+) -> None:
+    """Nightly bookkeeping cost vs history (synthetic, no model); last line
+    `nightly cost ratio 1e6/1e3: X.XX` (commit + publish per new series)."""
+    from pdd_batch.runs.bench_nightly import run_nightly_benchmark
+
+    run_nightly_benchmark(
+        print_fn=typer.echo,
+        sizes=tuple(int(s) for s in sizes.split(",")),
+        discovery_files=discovery_files,
+        rounds=rounds,
+        workdir=workdir,
+    )

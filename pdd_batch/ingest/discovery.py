@@ -394,13 +394,23 @@ def discover(
     for n, path in enumerate(paths, 1):
         if progress is not None and n % PROGRESS_EVERY == 0:
             progress(n)
-        rel = path.relative_to(root).as_posix()
-        try:
-            _one_file(col, path, rel, open_archives)
-        except OSError as exc:
-            col.record(rel, "failed", f"cannot read file ({type(exc).__name__})")
-        except Exception as exc:  # noqa: BLE001 - one file never stops discovery
-            col.record(rel, "failed", _unexpected(exc))
+        read_one(col, path, path.relative_to(root).as_posix(), open_archives)
+    return group_collected(col)
+
+
+def read_one(col: _Collector, path: Path, rel: str, open_archives: bool) -> None:
+    """Read one file's header into ``col`` (any error: the file's failed record)."""
+    try:
+        _one_file(col, path, rel, open_archives)
+    except OSError as exc:
+        col.record(rel, "failed", f"cannot read file ({type(exc).__name__})")
+    except Exception as exc:  # noqa: BLE001 - one file never stops discovery
+        col.record(rel, "failed", _unexpected(exc))
+
+
+def group_collected(col: _Collector) -> Discovery:
+    """Group the headers ``col`` collected into series (every file's record set)."""
+    root = col.root
     series: list[SeriesRef] = []
     for group, headers in col.dicom.items():
         files = tuple(h.file for h in headers)
@@ -436,6 +446,11 @@ def _grouped(
         log.warning("discovery: a series could not be grouped (%s)", type(exc).__name__)
         return []
     return refs if isinstance(refs, list) else [refs]
+
+
+# For the incremental layer (``pdd_batch.ingest.file_index``), which wraps this module.
+Collector = _Collector
+walk_files = _walk
 
 
 def error_row(rec: FileRecord, show_paths: bool = False) -> dict[str, str]:

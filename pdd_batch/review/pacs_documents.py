@@ -20,7 +20,7 @@ from typing import Any
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
-from pdd_batch.review.pacs_export import (
+from pdd_batch.review.pacs_types import (
     KOS_SERIES_NUMBER,
     MANUFACTURER,
     NOT_FOR_DIAGNOSIS,

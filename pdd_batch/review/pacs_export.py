@@ -37,18 +37,24 @@ from pdd_batch.ingest.dicomweb import (
     paged,
 )
 from pdd_batch.ingest.keys import file_key, series_key
-from pdd_batch.review.secondary_capture import derived_uid
+from pdd_batch.review.pacs_documents import build_kos, build_sr
+from pdd_batch.review.pacs_types import (  # noqa: F401 - re-exported: this module's API
+    KOS_SERIES_NUMBER,
+    MANUFACTURER,
+    NOT_FOR_DIAGNOSIS,
+    SCHEME,
+    SR_SERIES_NUMBER,
+    SliceRef,
+    StudyTarget,
+    document_uids,
+)
 from pdd_batch.runs.results import RunResults
 
 log = logging.getLogger(__name__)
 
 TAG_SOP_CLASS = "00080016"
-SR_SERIES_NUMBER, KOS_SERIES_NUMBER = 9902, 9903  # 9901: the overlays' Secondary Capture
 MAX_REFERENCED = 100  # slices listed per study (highest scores first)
 FALLBACK_SLICES = 3  # a study exported by --top/--min-score without flagged slices
-SCHEME = "99PDD"  # private coding scheme of the report's concepts
-MANUFACTURER = "pdd-batch"
-NOT_FOR_DIAGNOSIS = "PDD anomaly screening (research use, not for diagnosis)"
 # Header attributes the documents copy from a source image (patient, study, equipment-free).
 EVIDENCE_KEYWORDS = (
     "PatientName",
@@ -67,26 +73,6 @@ EVIDENCE_KEYWORDS = (
     "SOPInstanceUID",
 )
 IMAGE_KEYWORDS = ("Rows", "Columns")  # copied when present: the KOS then lists IMAGE items
-
-
-@dataclass(frozen=True)
-class SliceRef:
-    """A slice to report: its series, source file (by its run key) and score."""
-
-    series_key: str
-    file_key: str
-    score: float
-    flagged: bool
-
-
-@dataclass(frozen=True)
-class StudyTarget:
-    """A study to write back: its decision, max score and the slices to reference."""
-
-    study_key: str
-    decision: str
-    max_score: float
-    slices: tuple[SliceRef, ...]
 
 
 @dataclass
@@ -256,7 +242,6 @@ class _Overlays:
 
 def _documents(target: StudyTarget, refs: list[Any], provenance: dict[str, Any]) -> list[Any]:
     """The SR and the KOS of a study (raises ``DicomwebError`` for a header highdicom refuses)."""
-    from pdd_batch.review.pacs_documents import build_kos, build_sr
 
     try:
         return [build_sr(target, refs, provenance), build_kos(target, refs, provenance)]
@@ -338,12 +323,3 @@ def _http(what: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
     except (requests.RequestException, RetryError) as exc:
         raise http_failure(what, exc) from None
-
-
-def document_uids(kind: str, checkpoint_hash: str, study_key: str) -> tuple[str, str]:
-    """(series UID, SOP Instance UID) of a document: stable per model and study, so a
-    re-export replaces it (no run-specific part)."""
-    return (
-        derived_uid("pdd-batch", kind, "series", checkpoint_hash, study_key),
-        derived_uid("pdd-batch", kind, "instance", checkpoint_hash, study_key),
-    )

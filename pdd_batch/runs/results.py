@@ -1,10 +1,12 @@
 """Reader of a finished (or running) screening run folder: ``open_run(run_dir) -> RunResults``.
 
-A run folder holds the Parquet datasets ``slices/``, ``studies/``, ``errors/`` (schemas in
-``pdd_batch.runs.schema``; each one merged file ``<name>/<name>.parquet``, replaced by a rename
-at the end of a run) and ``manifest.json``; a run's unpublished parts (``_state/``) are never
-read. Every consumer of screening output (summary, export, report) reads it through this module,
-so schema details live in one place.
+A run folder holds the append-only Parquet datasets ``slices/``, ``heatmaps/``, ``studies/``,
+``errors/`` (schemas in ``pdd_batch.runs.schema``), ``live_files.json`` (the files of each table
+whose rows are current; a reader reads exactly those) and ``manifest.json``; a run's
+unpublished parts (``_state/``) are never read. Folders of earlier versions (one merged file
+``<name>/<name>.parquet`` per table, no list) are read as they are. Every consumer of
+screening output (summary, export, report, ``pdd-batch results``) reads it through this
+module, so schema details live in one place.
 
 Runs of schema 1.0 named files by their archive-relative path (``slices.source_file``,
 ``errors.file``); they are read with those columns renamed to ``file_key`` (holding the path) and
@@ -23,9 +25,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pdd_batch.runs.schema import LEGACY_RENAMES, LEGACY_VERSION, TABLES
+from pdd_batch.runs.schema import (
+    HEATMAPS_SCHEMA,
+    LEGACY_RENAMES,
+    LEGACY_VERSION,
+    SLICES_FILE_SCHEMA,
+    SLICES_SCHEMA,
+    TABLES,
+)
 
 log = logging.getLogger(__name__)
+
+LIVE_FILE = "live_files.json"  # written by pdd_batch.runs.live, one atomic rename per change
 
 # Manifest keys that may name the archive root (the first present one wins).
 ARCHIVE_ROOT_KEYS = ("archive_root", "archive", "input_root", "root")
@@ -35,10 +46,34 @@ class ResultsError(ValueError):
     """A run folder that cannot be read; the message names the folder part or the column."""
 
 
+def live_files(run_dir: Path, name: str) -> list[Path] | None:
+    """The live Parquet files of table ``name`` (``slices``, ``heatmaps``, ``studies``,
+    ``errors``) as ``live_files.json`` lists them; None for a folder of an earlier version
+    (which has no such list)."""
+    path = Path(run_dir) / LIVE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        listed = data["tables"].get(name, [])
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ResultsError(f"{LIVE_FILE}: cannot read ({exc})") from exc
+    files = []
+    for rel in listed:
+        p = Path(run_dir) / rel
+        if not isinstance(rel, str) or p.parent.name != name or "/" in rel[len(name) + 1 :]:
+            raise ResultsError(f"{LIVE_FILE}: not a file of {name}/")
+        files.append(p)
+    return files
+
+
 def _data_files(table_dir: Path) -> list[Path]:
-    """The Parquet files of one dataset: its merged file ``<name>.parquet`` when there is one
-    (a run publishes each table as that one file, by a rename), else every completed file (run
-    folders of older versions; temp/hidden files of an atomic write and ``_`` folders skipped)."""
+    """The Parquet files of one dataset: the live files ``live_files.json`` lists; in a folder
+    of an earlier version its merged file ``<name>.parquet`` when there is one, else every
+    completed file (temp/hidden files of an atomic write and ``_`` folders skipped)."""
+    listed = live_files(table_dir.parent, table_dir.name)
+    if listed is not None:
+        return listed
     if not table_dir.is_dir():
         return []
     merged = table_dir / f"{table_dir.name}.parquet"
@@ -94,16 +129,29 @@ def _upgrade(table: pa.Table, name: str) -> pa.Table:
     return table.rename_columns([renames.get(c, c) for c in table.column_names])
 
 
-def _read_tables(run_dir: Path, name: str) -> tuple[pa.Table, bool]:
-    """One dataset, conformed to the current schema, and whether it was written by a 1.0 run."""
-    schema = TABLES[name]
+def _read_tables(
+    run_dir: Path, name: str, columns: list[str] | None = None
+) -> tuple[pa.Table, bool]:
+    """One dataset, conformed to the current schema, and whether it was written by a 1.0 run.
+    ``columns``: read only these (of those a file has); slices never include ``heatmap_png``
+    unless asked."""
+    schema = TABLES[name] if name in TABLES else HEATMAPS_SCHEMA
     files = _data_files(run_dir / name)
+    if columns is not None:
+        schema = pa.schema([f for f in schema if f.name in columns], metadata=schema.metadata)
+    elif name == "slices":
+        schema = SLICES_FILE_SCHEMA
     if not files:
         return schema.empty_table(), False
     parts, legacy = [], False
     for f in files:
         try:
-            table = pq.read_table(f)
+            present = pq.read_schema(f).names
+            if columns is None:  # every column (extras kept), slices without their heatmaps
+                wanted = [c for c in present if name != "slices" or c != "heatmap_png"]
+            else:
+                wanted = [c for c in present if c in schema.names or c in _old_names(name, schema)]
+            table = pq.read_table(f, columns=wanted)
             if _is_legacy(table, name):
                 table, legacy = _upgrade(table, name), True
             parts.append(_conform(table, schema, f"{name}/{f.name}"))
@@ -112,10 +160,32 @@ def _read_tables(run_dir: Path, name: str) -> tuple[pa.Table, bool]:
     return pa.concat_tables(parts, promote_options="permissive"), legacy
 
 
-def read_table(run_dir: Path, name: str) -> pa.Table:
-    """Read one dataset of a run folder (``slices``/``studies``/``errors``); empty when absent.
-    1.0 files are read with their path columns as ``file_key`` (see the module docstring)."""
-    return _read_tables(run_dir, name)[0]
+def _old_names(name: str, schema: pa.Schema) -> set[str]:
+    """1.0 names of ``schema``'s columns (read, then renamed by ``_upgrade``)."""
+    return {old for old, new in LEGACY_RENAMES.get(name, {}).items() if new in schema.names}
+
+
+def read_table(run_dir: Path, name: str, columns: list[str] | None = None) -> pa.Table:
+    """Read the live rows of one dataset of a run folder (``slices``/``heatmaps``/``studies``/
+    ``errors``); empty when absent. ``slices`` comes without its heatmaps (``heatmap_png``:
+    the ``heatmaps`` table, or ``open_run``). 1.0 files are read with their path columns as
+    ``file_key`` (see the module docstring)."""
+    return _read_tables(Path(run_dir), name, columns)[0]
+
+
+def _with_heatmaps(run_dir: Path, slices: pa.Table) -> pa.Table:
+    """``slices`` with ``heatmap_png`` from the heatmaps table (a folder of an earlier version
+    has them in its slices files)."""
+    if live_files(run_dir, "heatmaps") is None:
+        return _read_tables(run_dir, "slices", columns=SLICES_SCHEMA.names)[0]
+    heat = read_table(run_dir, "heatmaps", columns=["slice_key", "heatmap_png"])
+    i = slices.schema.get_field_index("heatmap_max")
+    if heat.num_rows == 0:
+        png = pa.nulls(slices.num_rows, pa.binary())
+    else:
+        idx = pc.index_in(slices["slice_key"], value_set=heat["slice_key"])
+        png = pc.take(heat["heatmap_png"], idx)
+    return slices.add_column(i, SLICES_SCHEMA.field("heatmap_png"), png)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -251,6 +321,7 @@ def open_run(run_dir: str | Path) -> RunResults:
         raise ResultsError(f"run folder not found: {run_dir}")
     read = {name: _read_tables(run_dir, name) for name in TABLES}
     tables = {name: table for name, (table, _) in read.items()}
+    tables["slices"] = _with_heatmaps(run_dir, tables["slices"])
     if not any((run_dir / n).exists() for n in TABLES) and not (run_dir / "manifest.json").exists():
         raise ResultsError(f"{run_dir} is not a screening run folder (no slices/studies/manifest)")
     return RunResults(

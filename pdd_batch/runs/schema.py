@@ -2,10 +2,14 @@
 
 Layout of a run folder ``OUT/``::
 
-    OUT/slices/*.parquet    one row per scored slice (SLICES_SCHEMA)
+    OUT/slices/*.parquet    one row per scored slice (SLICES_FILE_SCHEMA: SLICES_SCHEMA
+                            without its heatmap)
+    OUT/heatmaps/*.parquet  the heatmap PNG of each slice, by slice_key (HEATMAPS_SCHEMA)
     OUT/studies/*.parquet   one row per study (STUDIES_SCHEMA)
     OUT/errors/*.parquet    one row per file or series that could not be used (ERRORS_SCHEMA)
     OUT/manifest.json       run manifest (inputs seen/scored/skipped/failed, versions, timings)
+    OUT/live_files.json     the live files of each table (a run adds files and never rewrites
+                            one; superseded files are left out of this list, then deleted)
 
 Keys never contain patient identifiers: ``study_key``/``series_key``/``file_key`` are truncated
 HMAC-SHA256 digests, under the site secret (``pdd_batch.keys``), of the DICOM UIDs or of the
@@ -49,6 +53,18 @@ SLICES_SCHEMA = pa.schema(
         pa.field("out_of_distribution", pa.bool_()),
     ],
     metadata={"pdd_batch_schema": SCHEMA_VERSION, "table": "slices"},
+)
+
+# What a slices file holds: the rows without their image bytes (score queries never read PNGs);
+# the heatmaps are a table of their own, joined by ``slice_key`` (``HEATMAPS_SCHEMA``).
+SLICES_FILE_SCHEMA = pa.schema(
+    [f for f in SLICES_SCHEMA if f.name != "heatmap_png"],
+    metadata={"pdd_batch_schema": SCHEMA_VERSION, "table": "slices"},
+)
+HEATMAP_COLUMNS = ["schema_version", "slice_key", "series_key", "heatmap_png"]
+HEATMAPS_SCHEMA = pa.schema(
+    [SLICES_SCHEMA.field(c) for c in HEATMAP_COLUMNS],
+    metadata={"pdd_batch_schema": SCHEMA_VERSION, "table": "heatmaps"},
 )
 
 STUDIES_SCHEMA = pa.schema(

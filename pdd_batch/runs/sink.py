@@ -5,8 +5,9 @@ Rows arrive from the actor pool in any order, a series possibly spread over seve
 duplicate a slice) until its end marker and all the ``n_rows`` slices it announces have
 arrived, then buffers the complete series; when the
 buffer holds ``rows_per_file`` slices or ``flush_seconds`` have passed it writes one part file
-atomically into the run state's hidden store (``_state/parts/``, which readers never see) and
-only then records its series as done; ``RunState.publish`` swaps them into ``slices/`` at the end.
+atomically into the run state's hidden store (``_state/parts/`` and ``_state/heatmap_parts/``,
+which readers never see) and only then records its series as done (one SQLite transaction);
+``RunState.publish`` makes them live in ``slices/`` and ``heatmaps/`` at the end.
 
 Rows name their file by ``file_key`` (a keyed digest of the relative path the read task gives);
 no path reaches a Parquet part or the run state.
@@ -26,13 +27,13 @@ import numpy as np
 from pdd_batch.ingest.discovery import SeriesRef
 from pdd_batch.ingest.keys import file_key
 from pdd_batch.runs.manifest import UNREADABLE_PREFIX
+from pdd_batch.runs.rows import KIND_EMPTY, KIND_END, KIND_ERROR, KIND_SLICE
 from pdd_batch.runs.schema import SLICES_SCHEMA
 from pdd_batch.runs.state import RunState, SeriesRecord
-from pdd_batch.runs.writer import rows_to_table, write_table_atomic
+from pdd_batch.runs.writer import rows_to_table
 
 log = logging.getLogger(__name__)
 
-KIND_SLICE, KIND_END, KIND_ERROR, KIND_EMPTY = "slice", "end", "error", "empty"
 NO_SLICE_REASON = "no slice was taken from this file"
 
 
@@ -230,7 +231,7 @@ class SliceSink:
         records: dict[str, SeriesRecord] = {}
         if rows:
             part = next(self.part_names)
-            write_table_atomic(rows_to_table(rows, SLICES_SCHEMA), self.state.store_dir / part)
+            self.state.write_part(part, rows_to_table(rows, SLICES_SCHEMA))
             records = {k: self._record(k, part, len(self._open[k].rows)) for k in keys}
             self.state.commit_part(part, records)
             self.stats.parts_written += 1

@@ -1,36 +1,40 @@
-"""Incremental and resumable bookkeeping of a run folder (``OUT/_state/state.json``).
+"""Incremental and resumable bookkeeping of a run folder (the run store ``OUT/_state/run.db``).
 
-Readers only ever see *published* results: ``slices/slices.parquet`` (one file),
-``studies/studies.parquet``, ``errors/errors.parquet`` and ``manifest.json``. A run writes its
-rows as part files into a hidden store, ``_state/parts/``, which no reader looks at; the order of
-a commit is: part file written and renamed into the store (durable), *then* the state is rewritten
-atomically naming it. At the end of the run ``publish`` merges the published file and the store
-into a new file (streamed, a temp name in ``slices/``) and renames it over ``slices.parquet``. So:
+Results are an append-only Parquet dataset: ``slices/`` (scores, no image bytes), ``heatmaps/``
+(the PNG heatmaps, by ``slice_key``), ``studies/`` and ``errors/``. A run never rewrites a
+published file: it adds files, and the run store records which files are *live*; readers get
+exactly the live rows from ``live_files.json`` (``pdd_batch.runs.live``), written atomically
+after each publish. The order of a commit is: part files written and renamed into the hidden
+store ``_state/parts/`` (durable), *then* one SQLite transaction records them and the series
+they complete. At the end of the run ``publish`` makes the committed parts live (renamed into
+``slices/`` and ``heatmaps/``). So:
 
-* a series is only ever recorded as done once all of its rows are on disk;
-* a crash between the two steps of a commit leaves an orphan part that no state names;
+* a series is only ever recorded as done once all of its rows are on disk, and a commit touches
+  only the series it completes (its cost does not grow with the series already recorded);
+* a crash between the two steps of a commit leaves an orphan part that the store does not name;
   ``reconcile`` deletes it when the next run starts, and that run screens those series again;
-* readers never see a part, nor a merged file beside its parts: ``slices/`` changes by one rename;
-* a series' record names where its rows are (a store part, or ``slices.parquet``) and ``publish``
-  keeps only those rows, so a crash between the rename and the state update, a series screened
-  again (changed files) or ``forget`` never duplicates a row;
+* readers never see a part that is not live: ``live_files.json`` changes by one rename, and a
+  file stops being live before it is deleted;
+* a series' record names the file holding its rows and every file counts its live rows: rows
+  of a series screened again, forgotten, of an older generation or re-flagged are superseded by
+  writing a *new* file of the rows that stay (copy-on-write) and retiring the old one;
 * ``--force`` or a different checkpoint hash (``bind_model``) drops every record but deletes no
-  published file: the earlier results stay readable until this run publishes, and a killed run
+  published file: the earlier results stay live until this run publishes, and a killed run
   leaves them in place (the next run resumes the new generation);
-* a changed threshold (recalibration keeps the checkpoint hash) re-flags every row at ``publish``.
+* a changed threshold (recalibration keeps the checkpoint hash) re-flags every row at
+  ``publish`` (new slices files; heatmaps are kept).
+
+Run folders of earlier versions (``_state/state.json``) are migrated once (``legacy``).
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
-import shutil
-from collections import defaultdict
+import sqlite3
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,30 +42,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pdd_batch.runs.schema import SLICES_SCHEMA
+from pdd_batch.runs import live, store
+from pdd_batch.runs.legacy import migrate_state_json
+from pdd_batch.runs.records import RunStateError, SeriesRecord, conform_slices
+from pdd_batch.runs.schema import HEATMAP_COLUMNS, SLICES_SCHEMA
 from pdd_batch.runs.writer import (
     PRIVATE_FILE_MODE,
     ensure_private_dir,
     make_private,
-    remove_temp_files,
-    write_json_atomic,
-    write_tables_atomic,
+    write_table_atomic,
 )
+
+__all__ = [
+    "RunLockedError",
+    "RunState",
+    "RunStateError",
+    "SeriesRecord",
+    "conform_slices",
+    "make_run_folder_private",
+    "run_lock",
+]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
 STATE_DIR = "_state"
-STATE_FILE = "state.json"
-STORE_DIR = "parts"  # inside _state/: committed parts not yet published
+LEGACY_STATE_FILE = "state.json"
+STORE_DIR = "parts"  # inside _state/: committed slices parts not yet published
+HEATMAP_STORE_DIR = "heatmap_parts"  # inside _state/: their heatmaps
 LOCK_FILE = "run.lock"
-TABLE_DIRS = ("slices", "studies", "errors")
-PUBLISHED_FILE = "slices.parquet"  # the one file readers see in slices/
-MANIFEST_FILE = "manifest.json"
-
-
-class RunStateError(RuntimeError):
-    """A state file that cannot be read or does not match the run folder."""
+TABLE_DIRS = ("slices", "heatmaps", "studies", "errors")
 
 
 class RunLockedError(RunStateError):
@@ -73,15 +82,17 @@ def make_run_folder_private(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     ensure_private_dir(out_dir)
     make_private(out_dir)
-    folders = [out_dir / d for d in (*TABLE_DIRS, STATE_DIR)] + [out_dir / STATE_DIR / STORE_DIR]
-    for folder in folders:
+    state = out_dir / STATE_DIR
+    folders = [out_dir / d for d in TABLE_DIRS] + [state, state / STORE_DIR]
+    for folder in [*folders, state / HEATMAP_STORE_DIR]:
         if folder.is_dir() and not folder.is_symlink():
             make_private(folder)
             for p in folder.iterdir():
                 if p.is_file() and not p.is_symlink():
                     make_private(p)
-    if (out_dir / MANIFEST_FILE).is_file():
-        make_private(out_dir / MANIFEST_FILE)
+    for name in ("manifest.json", live.LIVE_FILE):
+        if (out_dir / name).is_file():
+            make_private(out_dir / name)
 
 
 @contextmanager
@@ -100,71 +111,64 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class SeriesRecord:
-    """One screened series.
-
-    Attributes:
-        part: where its rows are: a part of the store, ``PUBLISHED_FILE``, or "" (no rows).
-        n_slices: rows it contributed.
-        fingerprint: digest of its input files (paths, sizes, mtimes) when it was screened.
-        study_key: its study (for rollups without reading every part).
-        dropped: ``[file, reason]`` for each of its files that gave no slice.
-    """
-
-    part: str
-    n_slices: int
-    fingerprint: str
-    study_key: str
-    dropped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SeriesRecord:
-        return cls(
-            part=str(d["part"]),
-            n_slices=int(d["n_slices"]),
-            fingerprint=str(d["fingerprint"]),
-            study_key=str(d["study_key"]),
-            dropped=tuple((str(f), str(r)) for f, r in d.get("dropped", ())),
-        )
+def _record(row: tuple) -> SeriesRecord:
+    part, n, fp, study, dropped = row
+    return SeriesRecord.from_dict(
+        {"part": part, "n_slices": n, "fingerprint": fp, "study_key": study, "dropped": dropped}
+    )
 
 
-def conform_slices(table: pa.Table) -> pa.Table:
-    """``table`` with exactly ``SLICES_SCHEMA`` (absent nullable columns become nulls)."""
-    columns = []
-    for f in SLICES_SCHEMA:
-        if f.name in table.column_names:
-            columns.append(table.column(f.name).cast(f.type))
-        elif f.nullable:
-            columns.append(pa.nulls(table.num_rows, type=f.type))
-        else:
-            raise RunStateError(
-                f"earlier rows lack the column {f.name!r}: rescreen with --force to rewrite them"
-            )
-    return pa.Table.from_arrays(columns, schema=SLICES_SCHEMA)
+class SeriesTable(Mapping[str, SeriesRecord]):
+    """The ``series`` rows of the store as a read-only mapping (one indexed query per lookup)."""
+
+    _COLS = "part, n_slices, fingerprint, study_key, dropped"
+
+    def __init__(self, state: RunState) -> None:
+        self._state = state
+
+    def __getitem__(self, key: str) -> SeriesRecord:
+        row = self._state.conn.execute(
+            f"SELECT {self._COLS} FROM series WHERE series_key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return _record(row)
+
+    def __contains__(self, key: object) -> bool:
+        q = "SELECT 1 FROM series WHERE series_key = ?"
+        return self._state.conn.execute(q, (key,)).fetchone() is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (r[0] for r in self._state.conn.execute("SELECT series_key FROM series"))
+
+    def __len__(self) -> int:
+        return int(self._state.conn.execute("SELECT COUNT(*) FROM series").fetchone()[0])
+
+    def __setitem__(self, key: str, record: SeriesRecord) -> None:
+        """Record one series whose rows are in no file (tests and tools; runs commit parts)."""
+        self._state.commit_empty({key: record})
 
 
 class RunState:
     """The committed contents of a run folder; mutate only through the methods below."""
 
-    def __init__(self, out_dir: Path, data: Mapping[str, Any] | None = None) -> None:
-        data = dict(data or {})
+    def __init__(self, out_dir: Path, conn: sqlite3.Connection | None = None) -> None:
         self.out_dir = Path(out_dir)
-        self.checkpoint_hash: str | None = data.get("checkpoint_hash")
-        self.model_id: str | None = data.get("model_id")
-        # The threshold the rows are flagged with (recalibration keeps the hash).
-        self.threshold: float | None = data.get("threshold")
-        self._threshold_bound = "threshold" in data
-        self.parts: list[str] = list(data.get("parts", []))
-        self.series: dict[str, SeriesRecord] = {
-            k: SeriesRecord.from_dict(v) for k, v in data.get("series", {}).items()
-        }
-        # What slices/ holds now: {run_id, model_id, checkpoint_hash, n_series, n_slices}.
-        self.published: dict[str, Any] | None = data.get("published")
-        # Why the published rows are being replaced (--force / new checkpoint), until publish.
-        self.replacing: str | None = data.get("replacing")
-        self.stale = bool(data.get("stale", False))  # records changed since the last publish
-        self._legacy = data.get("version") == 1  # parts still in slices/ (before version 2)
+        self._conn = conn
+        self.series = SeriesTable(self)
+
+    # --- locations -------------------------------------------------------------------------
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = store.connect(self.path)
+            if not store.has_meta(self._conn, "version"):
+                store.set_meta(self._conn, version=store.STORE_VERSION)
+        return self._conn
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / STATE_DIR / store.DB_FILE
 
     @property
     def slices_dir(self) -> Path:
@@ -175,124 +179,110 @@ class RunState:
         return self.out_dir / STATE_DIR / STORE_DIR
 
     @property
-    def published_path(self) -> Path:
-        return self.slices_dir / PUBLISHED_FILE
+    def heatmap_store_dir(self) -> Path:
+        return self.out_dir / STATE_DIR / HEATMAP_STORE_DIR
 
     @property
-    def path(self) -> Path:
-        return self.out_dir / STATE_DIR / STATE_FILE
+    def published_path(self) -> Path:
+        """The published slices dataset (a folder of live Parquet files)."""
+        return self.slices_dir
+
+    def file_path(self, tbl: str, name: str, state: str) -> Path:
+        """Where a file of ``tbl`` in ``state`` (pending | live | retired) is."""
+        if state == "pending":
+            return (self.heatmap_store_dir if tbl == "heatmaps" else self.store_dir) / name
+        return self.out_dir / tbl / name
+
+    # --- meta ------------------------------------------------------------------------------
+    def _meta(self, key: str, default: Any = None) -> Any:
+        return store.get_meta(self.conn, key, default)
+
+    @property
+    def checkpoint_hash(self) -> str | None:
+        return self._meta("checkpoint_hash")
+
+    @property
+    def model_id(self) -> str | None:
+        return self._meta("model_id")
+
+    @property
+    def threshold(self) -> float | None:
+        return self._meta("threshold")
+
+    @property
+    def published(self) -> dict[str, Any] | None:
+        """What the live files hold: {run_id, model_id, checkpoint_hash, n_series, n_slices}."""
+        return self._meta("published")
+
+    @property
+    def replacing(self) -> str | None:
+        """Why the live rows are being replaced (--force / new checkpoint), until publish."""
+        return self._meta("replacing")
+
+    @property
+    def parts(self) -> list[str]:
+        """Committed slices parts not yet published."""
+        return store.files_in_state(self.conn, "pending", "slices")
 
     @classmethod
     def load(cls, out_dir: Path) -> RunState:
-        """The state of ``out_dir`` (empty when the folder has none yet)."""
-        path = Path(out_dir) / STATE_DIR / STATE_FILE
-        if not path.is_file():
-            return cls(out_dir)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RunStateError(f"{STATE_DIR}/{STATE_FILE}: unreadable ({exc})") from exc
-        if data.get("version") not in (1, STATE_VERSION):
-            raise RunStateError(
-                f"{STATE_DIR}/{STATE_FILE}: version {data.get('version')!r}, "
-                f"expected {STATE_VERSION}"
-            )
-        return cls(out_dir, data)
+        """The state of ``out_dir`` (empty when the folder has none yet); a folder written by
+        an earlier version (``_state/state.json``) is migrated into the run store once."""
+        out_dir = Path(out_dir)
+        state = cls(out_dir)
+        legacy_file = out_dir / STATE_DIR / LEGACY_STATE_FILE
+        if not state.path.exists() and not legacy_file.is_file():
+            return state
+        state._conn = store.connect(state.path)
+        if not store.has_meta(state._conn, "version"):
+            if legacy_file.is_file():
+                migrate_state_json(state, legacy_file)
+            else:
+                store.set_meta(state._conn, version=store.STORE_VERSION)
+        return state
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "version": 1 if self._legacy else STATE_VERSION,
-            "checkpoint_hash": self.checkpoint_hash,
-            "model_id": self.model_id,
-            "parts": self.parts,
-            "series": {k: asdict(v) for k, v in sorted(self.series.items())},
-            "published": self.published,
-            "replacing": self.replacing,
-            "stale": self.stale,
-        }
-        if self._threshold_bound:  # absent: rows flagged with an unknown threshold
-            out["threshold"] = self.threshold
-        return out
+    def close(self) -> None:
+        """Close the database connection (a later use reopens it)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
-    def save(self) -> None:
-        """Rewrite the state atomically."""
-        write_json_atomic(self.to_dict(), self.path)
-
-    def _part_path(self, source: str) -> Path:
-        return self.published_path if source == PUBLISHED_FILE else self.store_dir / source
-
+    # --- recovery --------------------------------------------------------------------------
     def reconcile(self) -> list[str]:
-        """Delete temp files and store parts that no state names; forget series whose rows are
-        gone (they are screened again). Returns the orphan parts removed."""
-        folders = [self.out_dir / d for d in TABLE_DIRS] + [self.path.parent, self.store_dir]
-        remove_temp_files(folders)
-        if self._legacy:
-            self._migrate_legacy()
-        on_disk = {p.name for p in self.store_dir.glob("*.parquet")}
-        orphans = sorted(on_disk - set(self.parts))
-        for name in orphans:
-            (self.store_dir / name).unlink(missing_ok=True)
-        gone = {p for p in self.parts if p not in on_disk}
-        if not self.published_path.is_file():
-            gone.add(PUBLISHED_FILE)
-        lost = [k for k, r in self.series.items() if r.part in gone]
-        if lost or gone & set(self.parts):
-            # Someone deleted committed rows: forget their series so they are screened again.
-            for k in lost:
-                del self.series[k]
-            self.parts = [p for p in self.parts if p not in gone]
-            self.stale = True
-            self.save()
-            log.warning("committed rows were missing; %d series will be rescreened", len(lost))
-        if orphans:
-            log.info("removed %d uncommitted part files of an interrupted run", len(orphans))
-        return orphans
+        """Finish or undo what an interrupted run left: see ``live.reconcile``. Returns the
+        orphan parts removed."""
+        return live.reconcile(self)
 
-    def _migrate_legacy(self) -> None:
-        """A version-1 folder kept its parts in ``slices/``: link them into the store (the
-        originals stay readable until the next ``publish`` replaces them)."""
-        ensure_private_dir(self.store_dir)
-        for name in self.parts:
-            src, dst = self.slices_dir / name, self.store_dir / name
-            if src.is_file() and not dst.exists():
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copyfile(src, dst)
-                make_private(dst)
-        rows = sum(r.n_slices for r in self.series.values())
-        self.published = {"model_id": self.model_id, "n_series": len(self.series), "n_slices": rows}
-        self._legacy, self.stale = False, True
-        self.save()
-
+    # --- binding ---------------------------------------------------------------------------
     def bind_model(
         self, checkpoint_hash: str, model_id: str, *, force: bool, reason: str | None = None
     ) -> int:
         """Tie the folder to a model; a different hash or ``force`` drops every earlier record
         (and unpublished part) but leaves the published results in place until ``publish``.
 
-        Args:
-            checkpoint_hash: the model's hash.
-            model_id: the model's id.
-            force: replace every earlier row.
-            reason: why, for the warning (default: "--force" or "a different checkpoint").
-
         Returns:
             how many earlier series were dropped.
         """
         dropped = 0
-        if force or (self.checkpoint_hash not in (None, checkpoint_hash)):
-            dropped = len(self.series)
-            for name in self.parts:
-                (self.store_dir / name).unlink(missing_ok=True)
-            self.parts, self.series = [], {}
-            if dropped or self.published or self.replacing:
-                self.replacing = reason or ("--force" if force else "a different checkpoint")
-            self.stale = True
-            if dropped:
-                log.info("replacing %d earlier series (%s)", dropped, self.replacing)
-        self.checkpoint_hash, self.model_id = checkpoint_hash, model_id
-        self.save()
+        replace = force or (self.checkpoint_hash not in (None, checkpoint_hash))
+        with store.transaction(self.conn) as c:
+            if replace:
+                dropped = len(self.series)
+                pending = c.execute("SELECT tbl, name FROM files WHERE state = 'pending'")
+                pending = pending.fetchall()
+                c.execute("DELETE FROM files WHERE state = 'pending'")
+                c.execute("UPDATE files SET live_rows = 0")
+                c.execute("DELETE FROM series")
+                c.execute("INSERT OR IGNORE INTO dirty_studies SELECT study_key FROM studies")
+                if dropped or self.published or self.replacing:
+                    why = reason or ("--force" if force else "a different checkpoint")
+                    store.set_meta(c, replacing=why)
+                if dropped:
+                    log.info("replacing %d earlier series (%s)", dropped, self.replacing)
+            store.set_meta(c, checkpoint_hash=checkpoint_hash, model_id=model_id)
+        if replace:
+            for tbl, name in pending:  # a crash before this: orphans, removed by reconcile
+                self.file_path(tbl, name, "pending").unlink(missing_ok=True)
         return dropped
 
     def replacement_warning(self) -> str | None:
@@ -319,42 +309,103 @@ class RunState:
         Returns:
             how many committed slices will be re-flagged.
         """
-        if self._threshold_bound and self.threshold == threshold:
+        if store.has_meta(self.conn, "threshold") and self.threshold == threshold:
             return 0
-        n = sum(r.n_slices for r in self.series.values())
-        self.threshold, self._threshold_bound = threshold, True
-        self.stale = self.stale or n > 0
-        self.save()
+        n = self.committed_rows()
+        with store.transaction(self.conn) as c:
+            store.set_meta(c, threshold=threshold, reflag=bool(self._meta("reflag")) or n > 0)
+            if n:
+                c.execute("INSERT OR IGNORE INTO dirty_studies SELECT study_key FROM studies")
+                c.execute("INSERT OR IGNORE INTO dirty_studies SELECT study_key FROM series")
         if n:
             log.info("%d committed slices will be re-flagged for a changed threshold", n)
         return n
 
+    # --- commits ---------------------------------------------------------------------------
     def is_done(self, series_key: str, fingerprint: str) -> bool:
         """Whether a series was screened by the bound model from the same files."""
         rec = self.series.get(series_key)
         return rec is not None and rec.fingerprint == fingerprint
 
+    def write_part(self, part: str, table: pa.Table) -> None:
+        """Write a part (``SLICES_SCHEMA`` rows) durably into the store: the scores in
+        ``parts/``, the heatmaps in ``heatmap_parts/``; ``commit_part`` records it."""
+        table = conform_slices(table)
+        write_table_atomic(table.select(HEATMAP_COLUMNS), self.heatmap_store_dir / part)
+        scores = [c for c in table.column_names if c != "heatmap_png"]
+        write_table_atomic(table.select(scores), self.store_dir / part)
+
+    def _split_full_part(self, part: str) -> None:
+        """A part written whole into ``parts/`` (with its heatmaps): split it as ``write_part``."""
+        path = self.store_dir / part
+        if "heatmap_png" in pq.read_schema(path).names:
+            self.write_part(part, pq.read_table(path))
+
     def commit_part(self, part: str, records: Mapping[str, SeriesRecord]) -> None:
         """Record a part that is already durable in the store and the series it completes."""
         if not (self.store_dir / part).is_file():
             raise RunStateError(f"{STORE_DIR}/{part}: cannot commit a part that is not on disk")
-        if part not in self.parts:
-            self.parts.append(part)
-        self.series.update(records)
-        self.save()
+        if not (self.heatmap_store_dir / part).is_file():
+            self._split_full_part(part)
+        n = sum(r.n_slices for r in records.values() if r.part == part)
+        with store.transaction(self.conn) as c:
+            for tbl in ("slices", "heatmaps"):
+                c.execute(
+                    "INSERT OR REPLACE INTO files(name, tbl, state, n_rows, live_rows) "
+                    "VALUES (?, ?, 'pending', ?, 0)",
+                    (part, tbl, n),
+                )
+            self._put(c, records)
 
     def commit_empty(self, records: Mapping[str, SeriesRecord]) -> None:
         """Record series that gave no rows (``part`` is empty) as done."""
-        self.series.update(records)
-        self.save()
+        with store.transaction(self.conn) as c:
+            self._put(c, records)
 
-    def part_rows(self) -> dict[str, int]:
-        """Rows per file holding committed rows (store parts and the published file)."""
-        rows: dict[str, int] = defaultdict(int)
-        for rec in self.series.values():
-            if rec.part:
-                rows[rec.part] += rec.n_slices
-        return dict(rows)
+    def _put(self, c: sqlite3.Connection, records: Mapping[str, SeriesRecord]) -> None:
+        """Replace the records of ``records``' series (their earlier rows become dead)."""
+        self._drop(c, list(records))
+        rows = [
+            (k, r.part, r.part, r.n_slices, r.fingerprint, r.study_key, r.dropped_json())
+            for k, r in records.items()
+        ]
+        c.executemany(
+            "INSERT INTO series(series_key, part, heatmap_part, n_slices, fingerprint, "
+            "study_key, dropped) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        for tbl in ("slices", "heatmaps"):
+            c.executemany(
+                "UPDATE files SET live_rows = live_rows + ? WHERE tbl = ? AND name = ?",
+                [(r[3], tbl, r[1]) for r in rows if r[1]],
+            )
+        c.executemany("INSERT OR IGNORE INTO dirty_studies VALUES (?)", [(r[5],) for r in rows])
+
+    def _drop(self, c: sqlite3.Connection, keys: list[str]) -> int:
+        """Delete the records of ``keys``; their files' live row counts go down."""
+        dropped = 0
+        for key in keys:
+            row = c.execute(
+                "SELECT part, heatmap_part, n_slices, study_key FROM series WHERE series_key = ?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                continue
+            part, heat, n, study = row
+            if part:
+                c.execute(
+                    "UPDATE files SET live_rows = live_rows - ? WHERE tbl = 'slices' AND name = ?",
+                    (n, part),
+                )
+                c.execute(
+                    "UPDATE files SET live_rows = live_rows - ? "
+                    "WHERE tbl = 'heatmaps' AND name = ?",
+                    (n, heat),
+                )
+            c.execute("DELETE FROM series WHERE series_key = ?", (key,))
+            c.execute("INSERT OR IGNORE INTO dirty_studies VALUES (?)", (study,))
+            dropped += 1
+        return dropped
 
     def forget(self, series_keys: Collection[str]) -> int:
         """Drop the records of some series (changed inputs); ``publish`` leaves out their rows.
@@ -362,16 +413,34 @@ class RunState:
         Returns:
             how many records were dropped.
         """
-        keys = set(series_keys) & set(self.series)
-        for k in keys:
-            del self.series[k]
-        if keys:
-            self.stale = True
-            self.save()
-        return len(keys)
+        with store.transaction(self.conn) as c:
+            return self._drop(c, sorted(set(series_keys)))
 
-    def _reflag(self, table: pa.Table) -> pa.Table:
-        if not self._threshold_bound:
+    def committed_rows(self) -> int:
+        """Rows of every committed series (published or not)."""
+        q = "SELECT COALESCE(SUM(live_rows), 0) FROM files WHERE tbl = 'slices' AND state != ?"
+        return int(self.conn.execute(q, ("retired",)).fetchone()[0])
+
+    def part_rows(self) -> dict[str, int]:
+        """Live rows per file holding committed rows (store parts and published files)."""
+        rows = self.conn.execute(
+            "SELECT name, live_rows FROM files WHERE tbl = 'slices' AND state != 'retired' "
+            "AND live_rows > 0"
+        )
+        return dict(rows.fetchall())
+
+    # --- publishing (pdd_batch.runs.live) --------------------------------------------------
+    def needs_publish(self) -> bool:
+        """Whether the live files differ from the committed rows."""
+        return live.needs_publish(self)
+
+    def publish(self, run_id: str) -> int:
+        """Make the committed rows live (see ``live.publish``); returns the live slice rows."""
+        return live.publish(self, run_id)
+
+    def reflag(self, table: pa.Table) -> pa.Table:
+        """``table`` flagged with the bound threshold (out-of-distribution rows never)."""
+        if not store.has_meta(self.conn, "threshold"):
             return table
         n, thr = table.num_rows, self.threshold
         if thr is None:
@@ -387,54 +456,3 @@ class RunState:
         )
         i = table.schema.get_field_index("flagged")
         return table.set_column(i, SLICES_SCHEMA.field("flagged"), flagged)
-
-    def _published_tables(self) -> Iterator[pa.Table]:
-        """Every committed row, source by source and row group by row group, each kept only
-        where its series' record names that source."""
-        keep: dict[str, list[str]] = defaultdict(list)
-        for k, rec in self.series.items():
-            if rec.part:
-                keep[rec.part].append(k)
-        for source in [PUBLISHED_FILE, *self.parts]:
-            if not keep.get(source):
-                continue
-            wanted = pa.array(sorted(keep[source]), type=pa.string())
-            pf = pq.ParquetFile(self._part_path(source))
-            for i in range(pf.num_row_groups):
-                table = conform_slices(pf.read_row_group(i))
-                table = table.filter(pc.is_in(table["series_key"], value_set=wanted))
-                if table.num_rows:
-                    yield self._reflag(table)
-
-    def needs_publish(self) -> bool:
-        """Whether ``slices/`` differs from the committed rows."""
-        legacy = [p for p in self.slices_dir.glob("*.parquet") if p.name != PUBLISHED_FILE]
-        return bool(self.parts or self.stale or self.replacing or legacy) or (
-            not self.published_path.is_file() and self.published is None
-        )
-
-    def publish(self, run_id: str) -> int:
-        """Swap the committed rows into ``slices/slices.parquet`` (merged into a new file, then
-        one rename); then the store parts are deleted. Returns the rows published."""
-        if not self.needs_publish():
-            return int((self.published or {}).get("n_slices", 0))
-        rows = write_tables_atomic(SLICES_SCHEMA, self._published_tables(), self.published_path)
-        for k, rec in list(self.series.items()):
-            if rec.part:
-                self.series[k] = replace(rec, part=PUBLISHED_FILE)
-        merged, self.parts = self.parts, []
-        self.published = {
-            "run_id": run_id,
-            "model_id": self.model_id,
-            "checkpoint_hash": self.checkpoint_hash,
-            "n_series": len(self.series),
-            "n_slices": rows,
-        }
-        self.replacing, self.stale = None, False
-        self.save()
-        for name in merged:
-            (self.store_dir / name).unlink(missing_ok=True)
-        for p in self.slices_dir.glob("*.parquet"):  # parts of a version-1 folder
-            if p.name != PUBLISHED_FILE:
-                p.unlink(missing_ok=True)
-        return rows

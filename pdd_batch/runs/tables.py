@@ -1,10 +1,10 @@
 """End-of-run tables: the study rollup of all committed slices and the errors table.
 
-Both are rewritten whole at the end of every run (one file each, atomic rename), after the
-slices are published, so incremental runs never duplicate them: studies cover every committed
-slice (this run's and earlier ones), errors hold exactly one row per input file that was not
-scored, with its stage and reason. Files are named by ``file_key`` and reasons are stripped of
-any path (``keys.redact_paths``).
+Both are written at the end of every run, after the slices are published, as new live files of
+the run folder (``pdd_batch.runs.live``), so incremental runs never duplicate them: studies cover
+every committed slice (only the studies this run changed are rolled up again), errors hold
+exactly one row per input file that was not scored, with its stage and reason. Files are named
+by ``file_key`` and reasons are stripped of any path (``keys.redact_paths``).
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pdd_batch.ingest.discovery import Discovery
 from pdd_batch.ingest.keys import file_key, redact_paths
+from pdd_batch.runs.live import dirty_study_slices, publish_errors, publish_studies
 from pdd_batch.runs.manifest import FAILED, LOST, SCORED, SKIPPED
 from pdd_batch.runs.schema import ERRORS_SCHEMA, STUDIES_SCHEMA
 from pdd_batch.runs.state import RunState
-from pdd_batch.runs.writer import rows_to_table, write_table_atomic
+from pdd_batch.runs.writer import rows_to_table
 
-STUDIES_FILE = "studies.parquet"
-ERRORS_FILE = "errors.parquet"
 LOST_REASON = "not finished by this run (interrupted or lost); rerun to complete it"
 
 ROLLUP_COLUMNS = (
@@ -88,21 +86,15 @@ def study_rows(slices: pa.Table, *, topk: int, run_id: str) -> pa.Table:
 
 
 def write_studies(state: RunState, *, topk: int, run_id: str) -> int:
-    """Recompute ``studies/`` from the published ``slices/`` file (after ``state.publish``);
-    returns the number of studies."""
-    table = STUDIES_SCHEMA.empty_table()
-    if state.published_path.is_file():
-        present = set(pq.read_schema(state.published_path).names)
-        slices = pq.read_table(
-            state.published_path, columns=[c for c in ROLLUP_COLUMNS if c in present]
-        )
-        if "out_of_distribution" not in present:  # rows written before the check existed
-            slices = slices.append_column(
-                "out_of_distribution", pa.nulls(slices.num_rows, pa.bool_())
-            )
-        table = study_rows(slices.select(list(ROLLUP_COLUMNS)), topk=topk, run_id=run_id)
-    write_table_atomic(table, state.out_dir / "studies" / STUDIES_FILE)
-    return table.num_rows
+    """Roll up again the studies whose slices changed since the last rollup (after
+    ``state.publish``) and make their rows live in ``studies/``; returns the number of studies.
+
+    Only those studies' slices are read (``live.dirty_study_slices``): the cost follows what the
+    run changed, not the folder's history.
+    """
+    slices = dirty_study_slices(state, list(ROLLUP_COLUMNS))
+    table = study_rows(slices, topk=topk, run_id=run_id)
+    return publish_studies(state, table, run_id)
 
 
 def error_rows(
@@ -173,5 +165,4 @@ def write_errors(
     """Rewrite ``errors/`` for this run; returns the number of rows."""
     rows = error_rows(disc, state, failed, outcomes, run_id=run_id)
     table = rows_to_table(rows, ERRORS_SCHEMA) if rows else ERRORS_SCHEMA.empty_table()
-    write_table_atomic(table, state.out_dir / "errors" / ERRORS_FILE)
-    return table.num_rows
+    return publish_errors(state, table, run_id)
