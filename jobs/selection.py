@@ -24,6 +24,7 @@ Candidates run in this process, or as parallel Ray actors on a cluster (``addres
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from jobs.train import (
 )
 from model.config import ModelConfig, get_config
 from pdd_batch.evaluation.datasets import ImageItem
+from pdd_batch.ingest.framing import AUTO
 from pdd_batch.ingest.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -148,9 +150,12 @@ def holdout_archive(root: Path, seed: int = 0) -> Holdout | str:
     )
 
 
-def validation_images(val: list[ImageItem] | ArchivePart, image_size: int) -> np.ndarray:
-    """The validation normals (N, S, S) at the candidate's input size (unreadable ones skipped)."""
-    spec = PreprocessSpec(image_size=image_size)
+def validation_images(
+    val: list[ImageItem] | ArchivePart, image_size: int, framing: str | None = None
+) -> np.ndarray:
+    """The validation normals (N, S, S) at the candidate's input size and framing (the
+    checkpoint's ``preprocessing.framing``), unreadable ones skipped."""
+    spec = PreprocessSpec(image_size=image_size, framing=framing)
     if isinstance(val, ArchivePart):
         images, _, _ = archive_images(val.root, spec, TrainConfig(), val.studies)
     else:
@@ -170,6 +175,7 @@ def train_candidate(
     scope: dict[str, Any] | None = None,
     feature_cache: dict[Any, Any] | None = None,
     resume: bool = False,
+    framing: str | None = AUTO,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train one candidate and compute its figure on the validation normals (rule 2–3)."""
     from jobs.evaluate import EvaluationError, synthetic_figure_of
@@ -184,9 +190,12 @@ def train_candidate(
         data_description=data_description,
         resume=resume,
         feature_cache=feature_cache,
+        framing=framing,
     )
+    meta = json.loads((Path(res.checkpoint) / "config.json").read_text(encoding="utf-8"))
+    images = validation_images(val, cfg.image_size, meta["preprocessing"].get("framing"))
     try:
-        figure = synthetic_figure_of(res.model, validation_images(val, cfg.image_size), FIGURE_SEED)
+        figure = synthetic_figure_of(res.model, images, FIGURE_SEED)
     except EvaluationError as exc:
         raise TrainError(f"candidate {cfg.name}: {exc}") from exc
     return replace(res, model=None), figure
@@ -212,11 +221,17 @@ def _train_all(
     data_description: str,
     scope: dict[str, Any] | None,
     resume: bool = False,
+    framing: str | None = AUTO,
 ) -> list[tuple[TrainResult, dict[str, Any]]]:
     """Every candidate trained and scored: in this process one after the other (sharing teacher
     features), or as parallel Ray actors when a cluster address is given."""
     root = Path(out_dir) / CANDIDATE_DIR
-    kwargs = {"data_description": data_description, "scope": scope, "resume": resume}
+    kwargs = {
+        "data_description": data_description,
+        "scope": scope,
+        "resume": resume,
+        "framing": framing,
+    }
     addr = ray_address(address)
     if addr is None:
         cache: dict[Any, Any] = {}
@@ -371,6 +386,7 @@ def run_selection(
     data_description: str = "",
     scope: dict[str, Any] | None = None,
     resume: bool = False,
+    framing: str | None = AUTO,
 ) -> SelectionResult:
     """Train every candidate, keep the one with the best figure in ``out_dir`` (the first
     candidate is the default when there are too few normals to hold any out).
@@ -400,6 +416,7 @@ def run_selection(
             data_description=data_description,
             scope=scope,
             resume=resume,
+            framing=framing,
         )
     results = _train_all(
         holdout,
@@ -411,6 +428,7 @@ def run_selection(
         data_description=data_description,
         scope=scope,
         resume=resume,
+        framing=framing,
     )
     rows = [
         {
@@ -457,6 +475,7 @@ def _train_default(
     data_description: str,
     scope: dict[str, Any] | None,
     resume: bool = False,
+    framing: str | None = AUTO,
 ) -> SelectionResult:
     """Too few normals to hold any out: the default candidate on all of them."""
     from jobs.train import run_training
@@ -474,6 +493,7 @@ def _train_default(
         data_description=data_description,
         scope=scope,
         resume=resume,
+        framing=framing,
     )
     why = f"too few normals to hold any out ({reason}); the default {cand.label}"
     record = {"skipped": reason, "chosen": cand.label, "why": why}

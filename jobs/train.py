@@ -38,6 +38,7 @@ from model.train_step import (
     trainable_state,
 )
 from pdd_batch.evaluation.datasets import ImageItem
+from pdd_batch.ingest.framing import AUTO, FramingError, resolve_framing
 from pdd_batch.ingest.preprocess import PreprocessError, PreprocessSpec, load_image_file
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,7 @@ def train_model(
     feature_cache: dict[Any, Any] | None = None,
     resize: str = "pad",
     scope: dict[str, Any] | None = None,
+    framing: str | None = AUTO,
 ) -> TrainResult:
     """Train on the normal ``train`` images of ``items``; write a checkpoint to ``out_dir``.
 
@@ -359,9 +361,12 @@ def train_model(
         resize: ``PreprocessSpec.resize`` ("pad", the product; "stretch" for experiments).
         scope: what the model knows (``ModelScope.to_dict()``); None: derived from the headers
             when ``items`` is an archive, else recorded as "unknown".
+        framing: ``PreprocessSpec.framing``; "auto" (the default): the rule for the scope's
+            modalities (``pdd_batch.ingest.framing.framing_for``); None or "none": no framing.
 
     Raises:
-        TrainError: no usable training image, or a resume state from a different run.
+        TrainError: no usable training image, a resume state from a different run, or an
+            unknown framing.
     """
     from model.checkpoint import save_checkpoint
 
@@ -371,10 +376,15 @@ def train_model(
     if model is None:
         model_config = replace(model_config, head_seed=run.seed)  # --seed seeds the head too
     spec = PreprocessSpec(image_size=int(model_config.image_size), resize=resize)
-    images, names, errors = _training_images(items, spec, run)
     if scope is None and isinstance(items, (str, Path, ArchivePart)):
         root = items.root if isinstance(items, ArchivePart) else Path(items)
         scope = archive_scope(root, spec)
+    try:
+        framed = resolve_framing(framing, (scope or {}).get("modalities") or ())
+    except FramingError as exc:
+        raise TrainError(str(exc)) from exc
+    spec = replace(spec, framing=framed)
+    images, names, errors = _training_images(items, spec, run)
     gen = _seed_everything(run.seed)
     device = _device()
     model = (model if model is not None else build(model_config)).to(device)
@@ -494,6 +504,7 @@ def run_training(
     address: str | None = None,
     data_description: str = "",
     scope: dict[str, Any] | None = None,
+    framing: str | None = AUTO,
 ) -> TrainResult:
     """Train in-process, or as one Ray actor on the cluster at ``address``/``RAY_ADDRESS``.
 
@@ -503,11 +514,17 @@ def run_training(
     addr = ray_address(address)
     if addr is None:
         return train_model(items, out_dir, model_config, run, resume=resume, progress=progress,
-                           data_description=data_description, scope=scope)  # fmt: skip
+                           data_description=data_description, scope=scope,
+                           framing=framing)  # fmt: skip
     result = run_remote(
         train_model,
         (items if isinstance(items, Path) else list(items), Path(out_dir), model_config, run),
-        {"resume": resume, "data_description": data_description, "scope": scope},
+        {
+            "resume": resume,
+            "data_description": data_description,
+            "scope": scope,
+            "framing": framing,
+        },
         address=addr,
         progress=progress,
     )

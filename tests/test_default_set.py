@@ -61,6 +61,20 @@ def test_head_ct_default_is_trained_with_trains_default_recipe() -> None:
     assert meta["training"]["run"]["augment_views"] == params["augment_views"].default
 
 
+def test_head_default_framed_as_train_frames_its_scope() -> None:
+    """Issue 22: the head-CT default was trained with ``train``'s default framing for its scope
+    (CT: ``ct-head-v1``), so screening frames raw DICOM like its training images."""
+    import inspect
+
+    from pdd_batch.cli.train import train_command
+    from pdd_batch.ingest.framing import resolve_framing
+
+    default = inspect.signature(train_command).parameters["framing"].default
+    meta = _meta(DEFAULT_MODEL_DIR)
+    assert meta["preprocessing"].get("framing") == "ct-head-v1"
+    assert resolve_framing(default, meta["scope"]["modalities"]) == "ct-head-v1"
+
+
 def test_chest_checkpoint_scope_calibration_and_check() -> None:
     meta = _meta(DEFAULT_CHEST_MODEL_DIR)
     scope = meta["scope"]

@@ -91,6 +91,14 @@ def train_command(
             "(required for image folders; with --archive it is derived from the headers)."
         ),
     ] = None,
+    framing: Annotated[
+        str,
+        typer.Option(
+            help="Field of view the model sees (stored in the checkpoint; screen, calibrate and "
+            "evaluate apply it): auto (by the scope's modality: CT ct-head-v1, MR mr-v1, "
+            "CR/DX radiograph-v1), ct-head-v1, radiograph-v1, mr-v1, none (whole image)."
+        ),
+    ] = "auto",
 ) -> None:
     """Train on the normal images of DATA (the `train` split when a split file is given).
 
@@ -132,11 +140,11 @@ def train_command(
     with _fetched(console, items, address) as data_in:
         if config is None:
             _select(console, data_in, out, cands, run, resume=resume, address=address, desc=desc,
-                    scope=scope_dict)  # fmt: skip
+                    scope=scope_dict, framing=framing)  # fmt: skip
             return
         result = _train_with_progress(
             console, data_in, out, cfg, run, resume=resume, address=address, desc=desc,
-            scope=scope_dict,
+            scope=scope_dict, framing=framing,
         )  # fmt: skip
     for err in result.errors:
         console.print(f"[yellow]skipped {err['file']}: {err['reason']}[/]")
@@ -181,6 +189,7 @@ def _print_scope(console: Console, checkpoint: Path) -> None:
     meta = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
     scope = ModelScope.from_dict(meta.get("scope"))
     console.print(f"model scope ({scope.source}): {scope.describe()}")
+    console.print(f"framing: {meta['preprocessing'].get('framing') or 'none (the whole image)'}")
     if scope.known and not scope.body_parts:
         console.print(
             "[yellow]no training header names a body part: the model will take series of any "
@@ -248,6 +257,7 @@ def _train_with_progress(
     address: str | None,
     desc: str,
     scope: dict | None = None,
+    framing: str = "auto",
 ) -> TrainResult:
     """``jobs.train.run_training`` under a progress bar; exit 1 with the reason when it fails."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -277,7 +287,7 @@ def _train_with_progress(
         try:
             return run_training(items, out, cfg, run, resume=resume, progress=report,
                                 address=address, data_description=desc,
-                                scope=scope)  # fmt: skip
+                                scope=scope, framing=framing)  # fmt: skip
         except (TrainError, TeacherWeightsError, ConfigError) as exc:
             console.print(f"[red]training failed: {exc}[/]")
             raise typer.Exit(code=1) from exc
@@ -305,6 +315,7 @@ def _select(
     address: str | None,
     desc: str,
     scope: dict | None,
+    framing: str = "auto",
 ) -> None:
     """``jobs.selection.run_selection`` under one progress bar per candidate, then the figures."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -336,7 +347,8 @@ def _select(
 
         try:
             sel = run_selection(items, out, cands, run, address=address, progress=report,
-                                data_description=desc, scope=scope, resume=resume)  # fmt: skip
+                                data_description=desc, scope=scope, resume=resume,
+                                framing=framing)  # fmt: skip
         except (TrainError, TeacherWeightsError, ConfigError) as exc:
             console.print(f"[red]training failed: {exc}[/]")
             raise typer.Exit(code=1) from exc

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pdd_batch.ingest.framing import FramingError, check_framing, frame_image
+
 # CT window presets: name -> (centre, width) in Hounsfield units.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
@@ -40,6 +42,9 @@ class PreprocessSpec:
         axis: slicing axis for volumes ("axial", "coronal" or "sagittal").
         resize: how an image becomes square: "pad" (the product: zero-pad, then resize) or
             "stretch" (an experiment selection round 3 rejected; kept so its runs reproduce).
+        framing: field-of-view normalisation applied before the resize, a name of
+            ``pdd_batch.ingest.framing.FRAMINGS`` ("ct-head-v1", "radiograph-v1", "mr-v1"), or
+            None (checkpoints written before it: the whole image, as they were trained).
     """
 
     image_size: int = 256
@@ -48,6 +53,7 @@ class PreprocessSpec:
     axis: str = "axial"
     extra: dict[str, Any] = field(default_factory=dict)
     resize: str = "pad"
+    framing: str | None = None
 
     def __post_init__(self) -> None:
         if not 16 <= int(self.image_size) <= 4096:
@@ -72,17 +78,23 @@ class PreprocessSpec:
             raise PreprocessError(
                 f"preprocessing.resize must be one of {sorted(RESIZES)}, got {self.resize!r}"
             )
+        try:
+            check_framing(self.framing)
+        except FramingError as exc:
+            raise PreprocessError(f"preprocessing.{exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["percentiles"] = list(self.percentiles)
         if self.resize == "pad":
             del d["resize"]  # the default is implied, so checkpoints written before stay identical
+        if self.framing is None:
+            del d["framing"]  # likewise: no framing is what every earlier checkpoint did
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        known = {"image_size", "ct_window", "percentiles", "axis", "extra", "resize"}
+        known = {"image_size", "ct_window", "percentiles", "axis", "extra", "resize", "framing"}
         unknown = set(d) - known
         if unknown:
             raise PreprocessError(f"unknown preprocessing keys: {sorted(unknown)}")
@@ -150,7 +162,9 @@ def load_image_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
     """Read a PNG/JPEG (any mode, RGBA too) as grayscale model input, float32 (S, S) in [0, 1].
 
     16-bit greyscale PNGs (PIL modes "I;16*"/"I") are scaled from their full 16-bit range;
-    ``convert("L")`` would clip them at 255.
+    ``convert("L")`` would clip them at 255. The file's grey levels are taken as model-domain
+    values (a slice exported through the spec's window or percentiles), framed by
+    ``spec.framing`` as a volume of one slice with square pixels, then padded and resized.
     """
     try:
         with Image.open(path) as im:
@@ -161,4 +175,4 @@ def load_image_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
                 gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except (OSError, ValueError) as exc:
         raise PreprocessError(f"{path.name}: cannot read image ({exc})") from exc
-    return to_model_square(gray, spec)
+    return to_model_square(frame_image(gray, spec.framing), spec)

@@ -2,7 +2,9 @@
 
 Every slice the model sees goes through ``PreprocessSpec``: CT is windowed with the spec's preset
 (HU), everything else (MR, X-ray, PET, NIfTI without a CT sidecar) is percentile-normalised over
-the whole volume (so dark end slices stay dark), then ``fit_to_square`` to (S, S) float32 in [0, 1].
+the whole volume (so dark end slices stay dark), framed by the spec's field-of-view rule
+(``pdd_batch.ingest.framing``: per volume for CT/MR, so every slice of a volume is cut alike), then
+``fit_to_square`` to (S, S) float32 in [0, 1].
 
 Orientation: volumes carry LPS directions for their array axes, DICOM and NIfTI alike, so slices
 come out in the same radiological display for both: axial slices ordered inferior -> superior with
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pdd_batch.ingest.framing import Framer
 from pdd_batch.ingest.preprocess import WINDOW_PRESETS, PreprocessSpec, to_model_square, window_ct
 from pdd_batch.ingest.volume import LoadedSeries, Volume
 
@@ -178,8 +181,15 @@ def iter_model_slices(series: LoadedSeries, spec: PreprocessSpec) -> Iterator[Mo
         if warning and warning not in series.warnings:
             series.warnings.append(warning)
         rng = _volume_range(volume.data, spec) if window == "percentile" else (0.0, 0.0)
+        framer = Framer(
+            spec.framing,
+            lambda i, d=data, r=rng: _to_unit(d[i], series.modality, spec, r),  # (H, W)
+            data.shape[0],
+            (spacing[1], spacing[2]),
+        )
         for s_index in range(data.shape[0]):
             img = _to_unit(data[s_index], series.modality, spec, rng)  # (H, W)
+            img = framer.apply(s_index, img)  # (h, w): the spec's field of view
             img = _square_pixels(img, spacing[1], spacing[2])
             src = 0 if source_index is None else int(source_index[s_index])
             source = volume.source_files[src]

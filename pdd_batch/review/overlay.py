@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pdd_batch.ingest.framing import RADIOGRAPHS, frame_image
 from pdd_batch.ingest.preprocess import WINDOW_PRESETS, PreprocessSpec, to_model_square, window_ct
 from pdd_batch.runs.heatmap import decode_heatmap
 
@@ -120,11 +121,19 @@ def _to_unit(values: np.ndarray, modality: str, spec: PreprocessSpec) -> np.ndar
     return normalise_percentile(values, *spec.percentiles)
 
 
+def _per_image_framing_only(spec: PreprocessSpec) -> None:
+    """A file read alone cannot be framed by a per-volume rule (its volume is not read)."""
+    if spec.framing not in (None, "radiograph-v1"):
+        raise OverlayError(f"framing {spec.framing} is per volume: needs the series reader")
+
+
 def _dicom_slice(path: Path, spec: PreprocessSpec) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
     ds = pydicom.dcmread(path)
+    if str(ds.get("Modality", "")).upper() not in RADIOGRAPHS:
+        _per_image_framing_only(spec)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise OverlayError("multi-frame source needs the series reader")
     values = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
@@ -136,7 +145,7 @@ def _dicom_slice(path: Path, spec: PreprocessSpec) -> np.ndarray:
     # MONOCHROME1 images are inverted (symmetric percentiles make the order irrelevant).
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" and modality.upper() != "CT":
         img = 1.0 - img
-    return to_model_square(img, spec)
+    return to_model_square(frame_image(img, spec.framing), spec)
 
 
 def _nifti_slice(path: Path, volume_index: int, slice_index: int, spec: PreprocessSpec):
@@ -147,6 +156,7 @@ def _nifti_slice(path: Path, volume_index: int, slice_index: int, spec: Preproce
     vol = data[..., volume_index] if data.ndim == 4 else data
     if vol.ndim != 3 or not 0 <= slice_index < vol.shape[2]:
         raise OverlayError(f"slice {slice_index} is outside a volume of shape {vol.shape}")
+    _per_image_framing_only(spec)
     norm = _to_unit(vol, "MR", spec)
     axial = np.flipud(norm[:, :, slice_index].T)  # rows anterior -> posterior, columns R -> L
     return to_model_square(np.ascontiguousarray(axial), spec)

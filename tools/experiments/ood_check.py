@@ -9,7 +9,11 @@ Measures, in-process (no Ray):
   test AUROC (scores are unchanged by construction) and flagged rates of test normals/abnormals.
 
 ``--write`` adds the check to the model (``model.checkpoint.set_ood``); ``--model DIR`` checks a
-checkpoint other than the embedded head-CT default (e.g. a candidate default).
+checkpoint other than the embedded head-CT default (e.g. a candidate default). A checkpoint that
+holds its own check (``ood.safetensors``, fitted by ``train``) is measured with it; the refit is
+only for one without. ``--levels N`` also prints the CQ500 series as a Markdown table, one row
+per N slices along z (inferior -> superior): normal / flagged / out of distribution;
+``--table OUT.json --model DIR`` prints that table from a report written before.
 
     PYTHONPATH=. .venv/bin/python -m tools.experiments.ood_check [--write]
 """
@@ -184,6 +188,35 @@ def variants(cache: dict[str, np.ndarray]) -> list[dict]:
     return out
 
 
+def level_table(report: dict, per_row: int) -> str:
+    """The CQ500 slices of ``report`` (``main``'s JSON) as Markdown, series by series (series of
+    one slice skipped), ``per_row`` slices a row along z (inferior -> superior): each slice is
+    out of distribution (distance above the check's threshold), else flagged (score above the
+    model's), else normal; with the row's median score, and a total row per series."""
+    threshold, ood_threshold = report["threshold"], report["check"]["threshold"]
+    lines = ["| series, slices (z) | normal | flagged | out of distribution | median score |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    series = sorted({r["series"] for r in report["cq500"]["slices"]})
+    for key in series:
+        ordered = sorted((r for r in report["cq500"]["slices"] if r["series"] == key),
+                         key=lambda r: r["slice"])  # fmt: skip
+        if len(ordered) < 2:
+            continue
+        counts = np.zeros(3, dtype=int)
+        for start in range(0, len(ordered), per_row):
+            part = ordered[start : start + per_row]
+            ood = sum(r["dist"] > ood_threshold for r in part)
+            flagged = sum(r["score"] > threshold and r["dist"] <= ood_threshold for r in part)
+            row = np.array([len(part) - ood - flagged, flagged, ood])
+            counts += row
+            median = float(np.median([r["score"] for r in part]))
+            lines.append(f"| {key}, {part[0]['slice']}-{part[-1]['slice']} | {row[0]} | {row[1]} "
+                         f"| {row[2]} | {median:.2f} |")  # fmt: skip
+        lines.append(f"| **{key}, all {len(ordered)}** | **{counts[0]}** | **{counts[1]}** "
+                     f"| **{counts[2]}** | |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -196,8 +229,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("ood_check.json"))
     parser.add_argument("--cache", type=Path, help="write the features and scores (.npz), stop")
     parser.add_argument("--variants", type=Path, help="compare checks on a --cache file")
+    parser.add_argument("--levels", type=int, default=0, help="CQ500 table, N slices per row")
+    parser.add_argument("--table", type=Path, help="print the CQ500 table of a written --out")
+    parser.add_argument("--shared", type=Path, help=f"the shared data folder (default {SHARED})")
     args = parser.parse_args()
+    if args.shared:  # a worktree elsewhere than beside ../shared
+        global HEADCT, CQ500
+        HEADCT, CQ500 = args.shared / "headct", args.shared / "dicom" / "cq500_ct1_head_ct"
     model_dir = args.model or default_model_path()
+    if args.table:  # a report written before: its CQ500 table only
+        report = json.loads(args.table.read_text())
+        report.setdefault("threshold", float(load_checkpoint(model_dir).calibration["threshold"]))
+        print(level_table(report, args.levels or 5))
+        return
     if args.variants:
         cache = dict(np.load(args.variants))
         for row in variants(cache):
@@ -216,8 +260,9 @@ def main() -> None:
     if args.cache:
         np.savez(args.cache, **collect(model, spec, meta, threshold))
         return
-    check = fit_default_check(model, spec, meta)
+    check = loaded.ood if loaded.ood is not None else fit_default_check(model, spec, meta)
     report = {
+        "threshold": threshold,
         "check": check.info(),
         "headct_test": headct_test(model, check, spec, threshold),
         "cq500": cq500(model, check, spec, threshold),
@@ -225,6 +270,8 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=1))
     summary = {k: v for k, v in report["cq500"].items() if k != "slices"}
     print(json.dumps({"check": report["check"], "headct": report["headct_test"], "cq500": summary}))
+    if args.levels:
+        print(level_table(report, args.levels))
     if args.write:
         set_ood(model_dir, check)
         print("written to", model_dir)
