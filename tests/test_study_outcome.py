@@ -209,3 +209,25 @@ def test_summary_command_exit_status_is_the_runs_not_the_findings(tmp_path: Path
     manifest.update(status="incomplete", exit_code=1)
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert CliRunner().invoke(app, ["summary", str(run)]).exit_code == 1
+
+
+def test_a_run_with_only_normal_studies_has_an_empty_review_queue(tmp_path: Path) -> None:
+    """Nothing to review is an empty queue (and a summary), not an error."""
+    from rich.console import Console
+
+    from pdd_batch.cli.summary_view import render_summary
+
+    run = tmp_path / "run"
+    old_studies = pa.schema(
+        [f for f in TABLES["studies"] if f.name in LEGACY_TABLES["studies"].names]
+    )
+    slices = [_slice_row("a", z, ood=False, score=0.5, flagged=False) for z in range(3)]
+    _write(run, "slices", slices, SLICES_SCHEMA)
+    _write(run, "studies", [_old_study("a", 3, 0, "normal")], old_studies)
+    (run / "manifest.json").write_text(json.dumps({"status": "complete", "run_id": "old"}))
+    res = open_run(run)
+    assert res.review_queue().num_rows == 0
+    assert res.flagged_studies(top=5).num_rows == 0
+    console = Console(record=True, width=220)
+    render_summary(console, run)
+    assert "normal" in console.export_text()

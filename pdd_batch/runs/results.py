@@ -293,7 +293,8 @@ class RunResults:
         ranked = self.ranked_studies()
         queue = ranked.filter(pc.is_in(ranked.column("decision"), pa.array(REVIEW_QUEUE)))
         order = review_order(queue.column("decision").to_pylist())
-        return queue.take(sorted(range(queue.num_rows), key=lambda i: (order[i], i)))
+        ranks = sorted(range(queue.num_rows), key=lambda i: (order[i], i))
+        return queue.take(pa.array(ranks, type=pa.int64()))  # typed: an empty queue too
 
     def flagged_studies(self, top: int | None = None, min_score: float | None = None) -> pa.Table:
         """Studies selected for review or export.
