@@ -159,8 +159,15 @@ def test_lite0_d_is_the_benchmarked_detach_variant() -> None:
 
 
 def test_train_commands_default_config_is_the_chosen_one() -> None:
+    """``train`` selects by default (no --config); the rule's ``lite0-d`` is the default
+    candidate, trained alone when there are too few normals to hold any out."""
     import inspect
 
+    from jobs.selection import CANDIDATES, DEFAULT_CANDIDATE
     from pdd_batch.cli.train import train_command
 
-    assert inspect.signature(train_command).parameters["config"].default == "lite0-d"
+    params = inspect.signature(train_command).parameters
+    assert params["config"].default is None
+    assert DEFAULT_CANDIDATE == "lite0-d" and params["candidates"].default.split(",") == [
+        *CANDIDATES
+    ]

@@ -57,7 +57,8 @@ def test_secondary_capture_inherits_burned_in_annotation(tmp_path: Path) -> None
             ds.save_as(src)
 
     def flags(name: str, **extra) -> dict[str, set]:
-        options = ExportOptions(top=3, secondary_capture=True, **extra)
+        # every study, the normal one too (``top`` takes the review queue only)
+        options = ExportOptions(min_score=-1e9, secondary_capture=True, **extra)
         summary = export_run(open_run(run.run_dir), tmp_path / name, options)
         return {
             s.study["study_key"]: {
