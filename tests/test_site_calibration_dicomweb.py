@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from pathlib import Path
 
 import pytest
 import ray
@@ -87,6 +86,9 @@ def test_train_from_dicomweb_fetches_the_listed_studies(
     ray_local, pacs, orthanc, monkeypatch, tmp_path  # noqa: F811
 ) -> None:  # fmt: skip
     _env(monkeypatch, orthanc)
+    private_tmp = tmp_path / "tmp"  # this test's own temp folder: no other run's leftovers
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     out = tmp_path / "ck"
     r = runner.invoke(
         app, ["train", orthanc.dicomweb_url, "--archive", "--study-uid-file",
@@ -99,6 +101,4 @@ def test_train_from_dicomweb_fetches_the_listed_studies(
     assert meta["training"]["n_images"] == sum(ref.n_slices for ref in listed.series)
     assert meta["scope"]["modalities"] == ["CT"]  # derived from the fetched headers
     _no_uid(r.output + json.dumps(meta), pacs["uids"])
-    assert not list(
-        Path(tempfile.gettempdir()).glob("pdd-pacs-*")
-    )  # the fetched studies were deleted
+    assert not list(private_tmp.glob("pdd-pacs-*"))  # the fetched studies were deleted
