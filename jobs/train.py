@@ -547,47 +547,11 @@ def run_remote(
     address: str,
     progress: Callable[[Any], None] | None = None,
 ) -> Any:
-    """Run ``fn(*args, progress=..., **kwargs)`` in one Ray actor (1 GPU if the cluster has one).
-
-    The actor runs with two threads so the driver can poll its latest progress report while
-    ``fn`` runs; the reports are forwarded to ``progress``.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        from jobs.cluster import join
-
-        join(address)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-
-    @ray.remote(max_concurrency=2)
-    class _Runner:
-        def __init__(self) -> None:
-            self.latest: Any = None
-
-        def run(self, call: Callable[..., Any], a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-            def report(p: Any) -> None:
-                self.latest = p
-
-            return call(*a, progress=report, **kw)
-
-        def last(self) -> Any:
-            return self.latest
-
-    actor = _Runner.options(num_cpus=1, num_gpus=gpus).remote()
-    ref = actor.run.remote(_strip_model(fn), args, kwargs)
-    shown = None
-    try:
-        while True:
-            ready, _ = ray.wait([ref], timeout=1.0)
-            latest = ray.get(actor.last.remote())
-            if progress is not None and latest is not None and latest != shown:
-                progress(latest)
-                shown = latest
-            if ready:
-                return ray.get(ref)
-    finally:
-        ray.kill(actor)
+    """Run ``fn(*args, progress=..., **kwargs)`` in one Ray actor (1 GPU if the cluster has one):
+    ``run_remote_many`` with one call; the result comes back without its ``model``."""
+    forward = None if progress is None else (lambda _i, report: progress(report))
+    calls = [(_strip_model(fn), args, kwargs)]
+    return run_remote_many(calls, address=address, progress=forward)[0]
 
 
 def run_remote_many(
