@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pdd_batch.cli.pacs import AllowInsecureHttpOption, NetrcOption, PacsTimeoutOption
+from pdd_batch.cli.train import candidate_table
 
 DISTRIBUTIONS = (
     "pdd-batch",
@@ -203,15 +204,8 @@ def _render_selection(sel: dict[str, Any], console: Console) -> None:
     if "candidates" not in sel:
         console.print(f"selection: {sel.get('why') or sel.get('note')}")
         return
-    table = Table(title=f"selection of {sel.get('model_id')} ({sel.get('holdout')})")
-    for col in ("candidate", "model", "synthetic-lesion AUROC", "95% interval", "kept"):
-        table.add_column(col)
-    for c in sel["candidates"]:
-        f = c["figure"]
-        table.add_row(c["config"], f"{c['arch']}, σ {c['map_sigma']:g}", f"{f['auroc']:.3f}",
-                      f"{f['ci95'][0]:.3f}–{f['ci95'][1]:.3f}",
-                      "yes" if c["config"] == sel["chosen"] else "")  # fmt: skip
-    console.print(table)
+    title = f"selection of {sel.get('model_id')} ({sel.get('holdout')})"
+    console.print(candidate_table(sel, title, "synthetic-lesion AUROC"))
     console.print(sel["why"])
 
 

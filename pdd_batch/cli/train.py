@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from pdd_batch.cli.options import (
     AddressOption,
@@ -365,20 +366,23 @@ def _select(
 
 def _print_selection(console: Console, record: dict[str, Any]) -> None:
     """Every candidate's figure and why the winner won (or why there was no selection)."""
-    from rich.table import Table
-
     if "skipped" in record:
         console.print(f"[yellow]no selection: {record['skipped']}; trained the default "
                       f"{record['chosen']}[/]")  # fmt: skip
         return
-    table = Table(title=f"selection: synthetic-lesion AUROC on held-out normals "
-                        f"({record['holdout']})")  # fmt: skip
-    for col in ("candidate", "model", "AUROC", "95% interval", "kept"):
+    title = f"selection: synthetic-lesion AUROC on held-out normals ({record['holdout']})"
+    console.print(candidate_table(record, title, "AUROC"))
+    console.print(record["why"])
+
+
+def candidate_table(record: dict[str, Any], title: str, figure_column: str) -> Table:
+    """A selection record's candidates, a row each: config, model, figure, interval, kept."""
+    table = Table(title=title)
+    for col in ("candidate", "model", figure_column, "95% interval", "kept"):
         table.add_column(col)
     for r in record["candidates"]:
         f = r["figure"]
         table.add_row(r["config"], f"{r['arch']}, σ {r['map_sigma']:g}", f"{f['auroc']:.3f}",
                       f"{f['ci95'][0]:.3f}–{f['ci95'][1]:.3f}",
                       "yes" if r["config"] == record["chosen"] else "")  # fmt: skip
-    console.print(table)
-    console.print(record["why"])
+    return table
