@@ -261,18 +261,13 @@ def _train_with_progress(
     framing: str = "auto",
 ) -> TrainResult:
     """``jobs.train.run_training`` under a progress bar; exit 1 with the reason when it fails."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     from jobs.train import TrainError, run_training
     from model.config import ConfigError
     from model.teachers import TeacherWeightsError
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}  loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-    )
+    columns = _epoch_columns()
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(
             "teacher features", total=run.epochs, epoch=0, epochs=run.epochs, loss="-"
@@ -319,19 +314,14 @@ def _select(
     framing: str = "auto",
 ) -> None:
     """``jobs.selection.run_selection`` under one progress bar per candidate, then the figures."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     from jobs.selection import run_selection
     from jobs.train import TrainError
     from model.config import ConfigError
     from model.teachers import TeacherWeightsError
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}  loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-    )
+    columns = _epoch_columns()
     with Progress(*columns, console=console) as bar:
         tasks: dict[str, Any] = {}
 
@@ -373,6 +363,18 @@ def _print_selection(console: Console, record: dict[str, Any]) -> None:
     title = f"selection: synthetic-lesion AUROC on held-out normals ({record['holdout']})"
     console.print(candidate_table(record, title, "AUROC"))
     console.print(record["why"])
+
+
+def _epoch_columns() -> tuple[Any, ...]:
+    """The columns of a training progress bar: what, bar, epoch and loss, time."""
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
 
 
 def candidate_table(record: dict[str, Any], title: str, figure_column: str) -> Table:
