@@ -505,8 +505,12 @@ def test_a_first_since_last_run_says_how_many_studies_and_wants_a_date_or_all(
     done = runner.invoke(app, [*base, "--all", "--batch-size", "4"])
     assert done.exit_code == 0, done.output
     assert json.loads((out / "_pacs" / "query.json").read_text())["series_found"] >= 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pacs"]["cursor"] == "none"  # everything: no earlier run to reach back from
     again = runner.invoke(app, [*base, "--batch-size", "4"])  # a recorded run: no question
     assert again.exit_code == 0, again.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pacs"]["cursor"] == "orthanc-changes"  # the first run recorded Last
 
 
 def _wait_stable(orthanc, since: int) -> None:  # noqa: F811

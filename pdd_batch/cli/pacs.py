@@ -138,9 +138,11 @@ def find_series(endpoint: Any, out: Path, options: dict[str, Any]) -> tuple[Any,
     if first_last_run and not options.get("all"):
         raise DicomwebError(first_last_run_refusal(found))  # exit 2, nothing fetched
     plan = ph.Harvest(kind, how, cursor, days)
-    if last_run:  # and what the PACS received since (Orthanc, dcm4chee-arc)
+    if last_run and not first_last_run:  # and what the PACS received since the last run
         return query, ph.add_received(endpoint, query, found, out, plan, change_last)
     plan = dataclasses.replace(plan, studies_window=found.n_studies)
+    if first_last_run:  # --all: everything, no earlier run to reach back from
+        plan = dataclasses.replace(plan, cursor=ph.CURSOR_NONE, lookback_days=None)
     return query, dataclasses.replace(found, cursor=change_last, harvest=plan)
 
 
