@@ -328,6 +328,9 @@ def test_doctor_says_whether_a_dicomweb_endpoint_answers(orthanc, monkeypatch) -
     ok = runner.invoke(app, ["doctor", "--json", "--dicomweb", orthanc.dicomweb_url])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["dicomweb"]["answers"] is True
+    assert json.loads(ok.output)["dicomweb"]["kind"] == "orthanc"  # as --pacs-kind auto finds
+    said = runner.invoke(app, ["doctor", "--dicomweb", orthanc.dicomweb_url])
+    assert "PACS kind: orthanc" in said.output, said.output
     monkeypatch.setenv(PASSWORD_ENV, "wrong")
     bad = runner.invoke(app, ["doctor", "--json", "--dicomweb", orthanc.dicomweb_url])
     assert bad.exit_code == 1
