@@ -182,3 +182,39 @@ def test_studies_found_by_a_cursor_and_by_the_window_are_queried_once(serve) -> 
     assert sorted(set(server.paths())) == [f"/dicom-web/studies/{b}/series"]
     listed, named, both = ph.with_studies(endpoint, Query(study_uids=(a,)), window, (b, c))
     assert (named, both) == (0, 0) and listed.hits == window.hits
+
+
+def test_a_dcm4chee_last_run_adds_the_received_studies_to_the_window(serve, tmp_path) -> None:
+    """The wiring of ``add_received`` for dcm4chee: the receive-time search from the recorded
+    query time, the new study's series asked once, the study of both parts not asked again,
+    the counts in ``harvest``."""
+    a, b = (f"1.2.826.0.1.3680043.8.498.{n}" for n in (1, 2))
+
+    def series_of(uid: str) -> dict:
+        return {"0020000D": {"vr": "UI", "Value": [uid]},
+                "0020000E": {"vr": "UI", "Value": [uid + ".1"]}}  # fmt: skip
+
+    root = DCM4CHEE_ROOT
+    server = serve(
+        {
+            root + "/series": _capped([series_of(a)], 100),  # the StudyDate window
+            root + "/studies": _capped([_study(1), _study(2)], 100),  # received since
+            root + f"/studies/{a}/series": _capped([series_of(a)], 100),
+            root + f"/studies/{b}/series": _capped([series_of(b)], 100),
+        }
+    )
+    started = datetime(2026, 12, 7, 1, 30, tzinfo=timezone.utc)
+    record_query(tmp_path, started, Query(since=date(2026, 12, 5)), 1)
+    endpoint = server.endpoint(root)
+    query = Query(since=date(2026, 12, 6))
+    window = query_series(endpoint, query)
+    plan = ph.Harvest(ph.DCM4CHEE, "probe", ph.cursor_kind(ph.DCM4CHEE, tmp_path), 1)
+    server.requests.clear()
+    got = ph.add_received(endpoint, query, window, tmp_path, plan, None)
+    assert {h.study_uid for h in got.hits} == {a, b}
+    assert (got.harvest.studies_window, got.harvest.studies_cursor) == (1, 2)
+    assert got.harvest.studies_both == 1 and got.harvest.cursor == ph.CURSOR_DCM4CHEE
+    asked = {p: q for _, p, q in server.requests}
+    assert asked[root + "/studies"]["StudyReceiveDateTime"] == "20261206013000-"
+    assert root + f"/studies/{a}/series" not in asked  # found by the window: not asked again
+    assert root + f"/studies/{b}/series" in asked
