@@ -175,6 +175,9 @@ def screen_command(
             "--pacs-kind, --lookback-days: dicomweb+ sources[/]"
         )
         raise typer.Exit(code=2)
+    if lookback_days is not None and since != "last-run":
+        console.print("[red]--lookback-days applies to --since last-run[/]")
+        raise typer.Exit(code=2)
     switches["pacs_kind"] = pacs_kind
     pacs_options.update(switches, max_instance_bytes=max_instance_bytes, pacs_timeout=pacs_timeout)
     pacs_options["max_series_bytes"] = max_series_bytes
