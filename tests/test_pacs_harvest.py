@@ -218,3 +218,20 @@ def test_a_dcm4chee_last_run_adds_the_received_studies_to_the_window(serve, tmp_
     assert asked[root + "/studies"]["StudyReceiveDateTime"] == "20261206013000-"
     assert root + f"/studies/{a}/series" not in asked  # found by the window: not asked again
     assert root + f"/studies/{b}/series" in asked
+
+
+def test_an_orthanc_change_log_that_never_ends_is_an_error_not_a_short_list(
+    serve, monkeypatch
+) -> None:
+    from pdd_batch.ingest import orthanc_changes
+
+    def endless(query: dict) -> tuple[int, object]:
+        since = int(query.get("since", 0))
+        change = {"ChangeType": "StableStudy", "Seq": since + 1, "ID": f"id{since}"}
+        return 200, {"Changes": [change], "Last": since + 1, "Done": False}
+
+    server = serve({"/changes": endless})
+    monkeypatch.setattr(orthanc_changes, "MAX_CHANGE_PAGES", 3)
+    with pytest.raises(DicomwebError, match="more than 3 pages"):
+        orthanc_changes.studies_received(server.endpoint("/dicom-web"), 0, 10**9)
+    assert server.paths() == ["/changes"] * 3
