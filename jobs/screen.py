@@ -2,8 +2,9 @@
 cluster its header reads run as Ray tasks sharded by folder, ``jobs.discovery_shards``, and the
 driver merges) -> the Ray graph (``jobs.graph``; a model set: ``jobs.model_set``) -> streaming,
 atomic Parquet writes with per-series commits (``pdd_batch.runs.sink`` and
-``pdd_batch.runs.state``) into a hidden store, made live when the run ends. The run's bookkeeping without Ray is
-``pdd_batch.runs.lifecycle``; its types are ``pdd_batch.runs.run_types``.
+``pdd_batch.runs.state``) into a hidden store, made live when the run ends. The run's
+bookkeeping without Ray is ``pdd_batch.runs.lifecycle``; its types are
+``pdd_batch.runs.run_types``.
 
 A run that replaces earlier results (``--force``, another checkpoint or site key) publishes only
 when it completes: failed or killed, it leaves the earlier results (and their manifest fields).
