@@ -19,8 +19,10 @@ grouped again) go to Ray tasks when the run is on a cluster and there are enough
   the same ``Collector`` the in-process path fills, so series, keys, records and counts are
   identical.
 - **failures**: Ray retries a task whose worker or node dies (``max_retries``). A shard that
-  still fails does not lose its files: each becomes a failed record whose reason names the
-  failure, marked ``retry`` so the file index forgets it and the next run reads it again.
+  still fails is split in two and both halves run again, down to single files: a file that
+  kills every worker reading it ends alone as a failed record whose reason names the failure
+  (marked ``retry``: the file index forgets it, the next run reads it again); the other files
+  of its shard are read. No file is lost.
 
 Progress: ``discover`` events count shards done. Logs name counts and error types only.
 """
@@ -30,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ray
 from ray.exceptions import RayError
@@ -54,23 +56,34 @@ log = logging.getLogger(__name__)
 SHARD_MIN_FILES = DISCOVERY_SHARD_MIN_FILES  # fewer headers to read: in process
 SHARD_MAX_FILES = DISCOVERY_SHARD_FILES  # files per task
 TASK_RETRIES = 3  # Ray's default for tasks whose worker dies
-# Test-only fault injection (a marker-file path): the first shard task's worker dies once.
+# Test-only fault injection: a marker-file path (the first shard task's worker dies once), and
+# a file name (every worker asked to read a file of that name dies).
 CRASH_ONCE_SHARD_ENV = "PDD_FAULT_CRASH_ONCE_SHARD"
+CRASH_ON_FILE_ENV = "PDD_FAULT_CRASH_ON_FILE"
 
 
-def _read_shard(
-    spec: dict, files: list[tuple[str, str]], crash_once_marker: str | None
-) -> list[FileResult]:
+def _read_shard(spec: dict, files: list[tuple[str, str]], faults: dict) -> list[FileResult]:
     """Ray task: the ``FileResult``s of one shard's files, in order."""
-    crash_once(crash_once_marker)
+    crash_once(faults.get("crash_once"))
+    if faults.get("crash_on") in {PurePosixPath(rel).name for _, rel in files}:
+        os._exit(1)  # test-only: a file that kills every worker reading it
     read_spec = ReadSpec.from_dict(spec)
     return [r for path, rel in files for r in read_file(read_spec, Path(path), rel)]
 
 
 def task_failed(files: Sequence[tuple[Path, str]], exc: Exception, tries: int) -> list[FileResult]:
-    """The records of a shard whose task failed ``tries`` times: failed, read again next run."""
+    """The record of a file whose header task failed ``tries`` times: failed, read again next
+    run (the index does not keep it)."""
     reason = f"header read task failed ({type(exc).__name__}, {tries} tries); read again next run"
     return [FileResult(rel, "failed", reason, retry=True) for _, rel in files]
+
+
+def _faults() -> dict:
+    """Test-only fault injection, from the driver's environment."""
+    return {
+        "crash_once": os.environ.get(CRASH_ONCE_SHARD_ENV) or None,
+        "crash_on": os.environ.get(CRASH_ON_FILE_ENV) or None,
+    }
 
 
 class ShardedHeaderReader:
@@ -111,35 +124,45 @@ class ShardedHeaderReader:
     def _sharded(
         self, spec: ReadSpec, files: Sequence[tuple[Path, str]], max_in_flight: int
     ) -> HeaderBatch:
+        """Shard tasks, at most ``max_in_flight`` at a time; a task that fails after Ray's
+        retries is split in two and both halves run again, down to single files, so a file that
+        kills its worker fails alone (``task_failed``) and the others of its shard are read."""
         shards = plan_shards([rel for _, rel in files], self.max_files)
         log.info("discovery: %d header reads in %d shard task(s)", len(files), len(shards))
         task = ray.remote(_read_shard).options(num_cpus=1, max_retries=self.max_retries)
-        args = (spec.to_dict(), os.environ.get(CRASH_ONCE_SHARD_ENV) or None)
-        results: list[list[FileResult] | None] = [None] * len(shards)
-        waiting = list(range(len(shards)))[::-1]  # popped from the end: shard 0 first
-        running: dict[ray.ObjectRef, int] = {}
+        spec_d, faults = spec.to_dict(), _faults()
+        owner = {j: i for i, r in enumerate(shards) for j in r}  # file index -> its shard
+        left = [len(r) for r in shards]  # files of each shard not yet merged
+        parts: dict[int, list[FileResult]] = {}  # by first file index: merged in walk order
+        waiting = shards[::-1]  # popped from the end: shard 0 first
+        running: dict[ray.ObjectRef, range] = {}
         done = 0
         while waiting or running:
             while waiting and len(running) < max_in_flight:
-                i = waiting.pop()
-                part = [(str(p), rel) for p, rel in (files[j] for j in shards[i])]
-                running[task.remote(args[0], part, args[1])] = i
+                r = waiting.pop()
+                part = [(str(files[j][0]), files[j][1]) for j in r]
+                running[task.remote(spec_d, part, faults)] = r
             ready, _ = ray.wait(list(running), num_returns=1)
-            i = running.pop(ready[0])
-            results[i] = self._collect(ready[0], [files[j] for j in shards[i]])
-            done += 1
-            emit(self.progress, "discover", done, len(shards), note="header shards")
-        return HeaderBatch([r for part in results for r in part or ()], shards=len(shards))
-
-    def _collect(self, ref: ray.ObjectRef, files: list[tuple[Path, str]]) -> list[FileResult]:
-        """A finished shard's results; a failed one's files as failed records."""
-        try:
-            out = ray.get(ref)
-        except RayError as exc:
-            log.warning(
-                "discovery: a header shard task failed (%s): its %d file(s) are failed records",
-                type(exc).__name__,
-                len(files),
-            )
-            return task_failed(files, exc, self.max_retries + 1)
-        return out
+            r = running.pop(ready[0])
+            try:
+                parts[r.start] = ray.get(ready[0])
+            except RayError as exc:
+                if len(r) > 1:  # read both halves again: one file may be the cause
+                    mid = r.start + len(r) // 2
+                    waiting += [range(mid, r.stop), range(r.start, mid)]
+                    log.warning("discovery: a header task failed (%s); split in two and "
+                                "retried", type(exc).__name__)  # fmt: skip
+                    continue
+                n_tries = self.max_retries + 1
+                log.warning(
+                    "discovery: one file's header task failed (%s) %d times; it is a failed record",
+                    type(exc).__name__,
+                    n_tries,
+                )
+                parts[r.start] = task_failed([files[r.start]], exc, n_tries)
+            left[owner[r.start]] -= len(r)
+            if left[owner[r.start]] == 0:
+                done += 1
+                emit(self.progress, "discover", done, len(shards), note="header shards")
+        results = [x for start in sorted(parts) for x in parts[start]]
+        return HeaderBatch(results, shards=len(shards))

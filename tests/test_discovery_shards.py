@@ -20,14 +20,12 @@ from dicom_factory import (
 from ray_support import local_cluster
 
 from jobs.cluster import connect
-from jobs.discovery_shards import CRASH_ONCE_SHARD_ENV, ShardedHeaderReader
+from jobs.discovery_shards import CRASH_ON_FILE_ENV, CRASH_ONCE_SHARD_ENV, ShardedHeaderReader
 from pdd_batch.ingest.discovery import Collector, discover, walk_files
 from pdd_batch.ingest.file_index import FileIndex, discover_incremental
 from pdd_batch.ingest.header_read import plan_shards
 from pdd_batch.runs.discovery_index import discover_indexed
 from pdd_batch.runs.state import RunState
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SHARD = 3  # files per shard: the archive below needs several, and its big folder splits
 
@@ -81,6 +79,8 @@ def test_plan_shards_cuts_by_folder_and_covers_every_file_once() -> None:
     assert len(plan_shards(rels, 100)) == 1 and plan_shards([], 3) == []
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_sharded_discovery_equals_the_in_process_one(cluster_info, tmp_path: Path) -> None:
     archive = _archive(tmp_path / "archive")
     reader = ShardedHeaderReader(lambda: cluster_info, min_files=0, max_files=SHARD)
@@ -94,6 +94,22 @@ def test_sharded_discovery_equals_the_in_process_one(cluster_info, tmp_path: Pat
     assert statuses == {"used", "skipped", "failed"} and len(disc.series) == 4
 
 
+def test_the_job_entry_point_takes_the_shard_settings(tmp_path: Path) -> None:
+    from jobs.entry_screen import build_parser, config_from_args
+    from pdd_batch.runs.config import RunConfig, RunConfigError
+
+    base = [str(tmp_path), "--out", str(tmp_path / "o")]
+    cfg = config_from_args(build_parser().parse_args(base))
+    assert (cfg.discovery_shard_min_files, cfg.discovery_shard_files) == (
+        RunConfig.discovery_shard_min_files, RunConfig.discovery_shard_files)  # fmt: skip
+    args = [*base, "--discovery-shard-min-files", "0", "--discovery-shard-files", "64"]
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert (cfg.discovery_shard_min_files, cfg.discovery_shard_files) == (0, 64)
+    for bad in ({"discovery_shard_files": 0}, {"discovery_shard_min_files": -1}):
+        with pytest.raises(RunConfigError):
+            RunConfig(archive=tmp_path, out_dir=tmp_path, **bad)
+
+
 def test_a_reader_below_its_threshold_starts_no_task(tmp_path: Path) -> None:
     archive = _archive(tmp_path / "archive")
 
@@ -105,36 +121,45 @@ def test_a_reader_below_its_threshold_starts_no_task(tmp_path: Path) -> None:
     assert update.shards == 0 and _view(disc) == _view(discover(archive))
 
 
-def test_a_shard_whose_worker_dies_loses_no_file(cluster_info, tmp_path: Path) -> None:
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_file_that_kills_its_worker_fails_alone_and_no_file_is_lost(
+    cluster_info, tmp_path: Path
+) -> None:
     archive = _archive(tmp_path / "archive")
     out = tmp_path / "out"
-    os.environ[CRASH_ONCE_SHARD_ENV] = str(tmp_path / "crashed-once")
-    try:  # no retry: the first shard task's worker dies, its files become failed records
+    os.environ[CRASH_ON_FILE_ENV] = "broken.dcm"  # every worker reading it dies
+    try:
         reader = ShardedHeaderReader(lambda: cluster_info, min_files=0, max_files=SHARD,
                                      max_retries=0)  # fmt: skip
         disc, stats = discover_indexed(RunState.load(out), archive, read_headers=reader)
     finally:
-        os.environ.pop(CRASH_ONCE_SHARD_ENV)
-    assert (tmp_path / "crashed-once").exists()
+        os.environ.pop(CRASH_ON_FILE_ENV)
     assert {f.path for f in disc.files} == _walked(archive)  # every file accounted for
-    lost = {f.path for f in disc.files if f.reason.startswith("header read task failed")}
-    assert 0 < len(lost) <= SHARD
-    assert all(f.status == "failed" for f in disc.files if f.path in lost)
-    assert not any(p in f.reason for f in disc.files for p in ("DOE", "ROE", ".dcm"))
-    # the next run reads exactly those files again (the index did not keep them) and then
-    # finds what the in-process path finds
-    reader = ShardedHeaderReader(lambda: cluster_info, min_files=0, max_files=SHARD)
+    killed = [f for f in disc.files if f.reason.startswith("header read task failed")]
+    assert [(f.path, f.status) for f in killed] == [("ROE^RICHARD/a/broken.dcm", "failed")]
+    assert "WorkerCrashedError" in killed[0].reason and "ROE" not in killed[0].reason
+    # the rest of its shard was read: the series of the in-process path, the same records
+    local = discover(archive)
+    assert _view(disc)[0] == _view(local)[0]
+    others = [v for v in _view(disc)[1] if v[0] != killed[0].path]
+    assert others == [v for v in _view(local)[1] if v[0] != killed[0].path]
+    # the index did not keep it: the next run reads that one file again, and only it
     again, stats = discover_indexed(RunState.load(out), archive, read_headers=reader)
-    assert stats["header_reads"] >= len(lost) and stats["shards"] >= 1
-    assert sorted(_view(again)[0]) == sorted(_view(discover(archive))[0])
-    assert sorted(_view(again)[1]) == sorted(_view(discover(archive))[1])
+    assert stats == {"header_reads": 1, "files_unchanged": len(_walked(archive)) - 1,
+                     "shards": 1}  # fmt: skip
+    assert sorted(_view(again)[1]) == sorted(_view(local)[1])
 
 
-def test_a_retried_shard_gives_the_in_process_discovery(cluster_info, tmp_path: Path) -> None:
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("retries", [3, 0])  # Ray's retry; else the split of the failed shard
+def test_a_worker_that_dies_once_changes_nothing(cluster_info, tmp_path: Path, retries) -> None:
     archive = _archive(tmp_path / "archive")
     os.environ[CRASH_ONCE_SHARD_ENV] = str(tmp_path / "crashed-once")
-    try:  # Ray retries the task whose worker died
-        reader = ShardedHeaderReader(lambda: cluster_info, min_files=0, max_files=SHARD)
+    try:
+        reader = ShardedHeaderReader(lambda: cluster_info, min_files=0, max_files=SHARD,
+                                     max_retries=retries)  # fmt: skip
         disc, _ = discover_incremental(archive, FileIndex(), read_headers=reader)
     finally:
         os.environ.pop(CRASH_ONCE_SHARD_ENV)
@@ -142,6 +167,8 @@ def test_a_retried_shard_gives_the_in_process_discovery(cluster_info, tmp_path: 
     assert _view(disc) == _view(discover(archive))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_screen_on_a_cluster_records_shards_and_a_rerun_reads_no_header(
     cluster_info, tmp_path: Path
 ) -> None:
