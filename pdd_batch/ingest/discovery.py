@@ -8,7 +8,12 @@ duplicates) or ``failed`` (should be an image but cannot be read: corrupt, trunc
 Paths are posix, relative to the archive root; members of .zip/.tar archives (``open_archives``)
 are ``"archive.zip!inner/path.dcm"`` (see ``archive_io``); an opened archive is not itself a
 record, its members are (one that cannot be opened is a ``failed`` record). Studies and series are
-named by hashed keys (``keys``); raw UIDs never leave this module.
+named by hashed keys (``keys``); raw UIDs never leave discovery (header facts travel only from
+a shard task to the driver that merges them).
+
+One file's header is read by ``header_read.read_file``, a pure function that returns plain
+records (``FileResult``), so Ray tasks can read headers too (``jobs.discovery_shards``); the
+``Collector`` merges them in the walk's order and groups them into series here.
 
 Hostile input never stops discovery: any error of one file (or member) becomes that file's
 ``failed`` record with a path-free reason; ``IngestLimits`` refuse headers and members that
@@ -63,7 +68,6 @@ class _Collector:
         default_factory=lambda: defaultdict(list)
     )
     nifti: list[tuple[str, Any]] = field(default_factory=list)
-
     retry: set[str] = field(default_factory=set)  # failed by the reading machinery
 
     def record(self, rel: str, status: str, reason: str = "", key: str | None = None) -> None:
@@ -337,17 +341,13 @@ def discover(
         raise DiscoveryError(f"archive not found: {archive.name}")
     root = archive if archive.is_dir() else archive.parent
     col = _Collector(root, limits or IngestLimits(), follow_links_outside)
+    spec = ReadSpec(root, open_archives, col.limits)
     paths = _walk(root, col) if archive.is_dir() else iter([archive])
     for n, path in enumerate(paths, 1):
         if progress is not None and n % PROGRESS_EVERY == 0:
             progress(n)
-        read_one(col, path, path.relative_to(root).as_posix(), open_archives)
+        col.add(read_file(spec, path, path.relative_to(root).as_posix()))
     return group_collected(col)
-
-
-def read_one(col: _Collector, path: Path, rel: str, open_archives: bool) -> None:
-    """Read one file's header into ``col`` (any error: the file's failed record)."""
-    col.add(read_file(ReadSpec(col.root, open_archives, col.limits), path, rel))
 
 
 def group_collected(col: _Collector) -> Discovery:
