@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,15 @@ def _archive(root: Path) -> Path:
     return root
 
 
+def _add_zip(root: Path) -> None:
+    """A .zip of one series (members are never indexed: its container is read every run)."""
+    packed = write_ct_series(root.parent / "to-pack", n_slices=2, seed=4)
+    (root / "zips").mkdir()
+    with zipfile.ZipFile(root / "zips" / "batch.zip", "w") as zf:
+        for path in packed:
+            zf.write(path, f"inner/{path.name}")
+
+
 def _view(disc) -> tuple[list, list]:
     """Everything a discovery found, keys included, in its own order."""
     series = [repr(r.to_dict()) for r in disc.series]
@@ -83,6 +93,7 @@ def test_plan_shards_cuts_by_folder_and_covers_every_file_once() -> None:
 @pytest.mark.slow
 def test_sharded_discovery_equals_the_in_process_one(cluster_info, tmp_path: Path) -> None:
     archive = _archive(tmp_path / "archive")
+    _add_zip(archive)
     reader = ShardedHeaderReader(lambda: cluster_info, min_files=0, max_files=SHARD)
     disc, update = discover_incremental(archive, FileIndex(), read_headers=reader)
     local, local_update = discover_incremental(archive, FileIndex())
@@ -92,6 +103,10 @@ def test_sharded_discovery_equals_the_in_process_one(cluster_info, tmp_path: Pat
     assert update.shards == _shards_of(archive) > 3 and local_update.shards == 0
     statuses = {f.status for f in disc.files}
     assert statuses == {"used", "skipped", "failed"} and len(disc.series) == 4
+    # .zip members are read in the task too, and merged like files
+    opened, _ = discover_incremental(archive, FileIndex(), read_headers=reader, open_archives=True)
+    assert _view(opened) == _view(discover(archive, open_archives=True))
+    assert len(opened.series) == 5 and any("!" in f.path for f in opened.files)
 
 
 def test_the_job_entry_point_takes_the_shard_settings(tmp_path: Path) -> None:
