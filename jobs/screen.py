@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -125,6 +126,7 @@ def run_screen(
     progress: ProgressFn | None = None,
     crosswalk: Path | None = None,
     source_errors: Sequence[FileRecord] = (),
+    source_summary: Mapping[str, Any] | None = None,
 ) -> ScreenResult:
     """Screen ``cfg.archive`` into ``cfg.out_dir`` (one run per folder at a time).
 
@@ -136,6 +138,8 @@ def run_screen(
         source_errors: inputs a source stage lost before discovery (a PACS series whose
             WADO-RS retrieve failed, see ``jobs.dicomweb_fetch``): each becomes an error row
             and counts as a failed input.
+        source_summary: what the source stage did (a PACS screen: server kind, cursor,
+            fetch counts), recorded as the manifest's ``pacs`` section.
 
     Raises:
         RunLockedError: another run holds the folder.
@@ -147,7 +151,7 @@ def run_screen(
         check_location(crosswalk, cfg.out_dir)
     make_run_folder_private(cfg.out_dir)  # 0700 / 0600 whatever the umask
     with run_lock(cfg.out_dir):
-        return _run_locked(cfg, progress, crosswalk, source_errors)
+        return _run_locked(cfg, progress, crosswalk, source_errors, source_summary)
 
 
 def _prepare(
@@ -243,6 +247,7 @@ def _run_locked(
     progress: ProgressFn | None,
     crosswalk: Path | None = None,
     source_errors: Sequence[FileRecord] = (),
+    source_summary: Mapping[str, Any] | None = None,
 ) -> ScreenResult:
     cluster = _LazyCluster(cfg)
     try:
@@ -250,6 +255,7 @@ def _run_locked(
     except BaseException:
         cluster.close()
         raise
+    run.source_summary = dict(source_summary) if source_summary else None
     t = time.perf_counter()
     try:
         try:

@@ -84,3 +84,4 @@ class RunContext:
     routed: Routed | None = None
     discovery: dict[str, int] = field(default_factory=dict)  # header_reads, files_unchanged, shards
     source_failed: int = 0  # series a source stage could not fetch: the run is incomplete
+    source_summary: dict[str, Any] | None = None  # a PACS source: cursor and fetch counts
