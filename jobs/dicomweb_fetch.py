@@ -154,6 +154,20 @@ def fetch_series(
     return report
 
 
+def pacs_summary(found: QueryResult, report: FetchReport) -> dict:
+    """The manifest's ``pacs`` section: how the studies were chosen (server kind, cursor, its
+    limits, studies found by each part; ``pdd_batch.ingest.pacs_harvest.Harvest``) and what
+    the fetch did (series found, cached by earlier runs, fetched now, failed). Counts only."""
+    harvest = found.harvest.to_dict() if found.harvest is not None else {}
+    return {
+        **harvest,
+        "series_found": report.found,
+        "series_cached": report.cached,
+        "series_fetched": report.fetched,
+        "series_fetch_failed": len(report.failed),
+    }
+
+
 @dataclass(frozen=True)
 class PacsScreenResult:
     """A PACS screen: the fetch stage's report and the folder screen's result."""
@@ -196,6 +210,7 @@ def screen_pacs(
             progress,
             crosswalk=crosswalk,
             source_errors=report.records(),
+            source_summary=pacs_summary(found, report),
         )
     if not report.failed and result.status == STATUS_COMPLETE:
         record_query(cfg.out_dir, found.started, query, len(hits), found)

@@ -43,6 +43,14 @@ def build_parser(prog: str = "python -m jobs.entry_screen") -> argparse.Argument
     p.add_argument("--max-member-bytes", type=int, default=RunConfig.max_member_bytes)
     p.add_argument("--max-compression-ratio", type=float, default=RunConfig.max_compression_ratio)
     p.add_argument("--min-assessed", type=float, default=RunConfig.min_assessed)
+    p.add_argument(
+        "--discovery-shard-min-files", type=int, default=RunConfig.discovery_shard_min_files,
+        help="on a cluster of several nodes, header reads run as Ray tasks from this many on",
+    )  # fmt: skip
+    p.add_argument(
+        "--discovery-shard-files", type=int, default=RunConfig.discovery_shard_files,
+        help="files per header-read task (whole folders; a larger folder is split)",
+    )  # fmt: skip
     return p
 
 
@@ -67,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_member_bytes=args.max_member_bytes,
         max_compression_ratio=args.max_compression_ratio,
         min_assessed=args.min_assessed,
+        discovery_shard_min_files=args.discovery_shard_min_files,
+        discovery_shard_files=args.discovery_shard_files,
     )
 
 

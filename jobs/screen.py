@@ -1,8 +1,10 @@
-"""The screening job: discovery on the driver (incremental, ``pdd_batch.runs.discovery_index``)
--> the Ray graph (``jobs.graph``; a model set: ``jobs.model_set``) -> streaming, atomic Parquet
-writes with per-series commits (``pdd_batch.runs.sink`` and ``pdd_batch.runs.state``) into a
-hidden store, made live when the run ends. The run's bookkeeping without Ray is
-``pdd_batch.runs.lifecycle``; its types are ``pdd_batch.runs.run_types``.
+"""The screening job: discovery (incremental, ``pdd_batch.runs.discovery_index``; on a
+cluster its header reads run as Ray tasks sharded by folder, ``jobs.discovery_shards``, and the
+driver merges) -> the Ray graph (``jobs.graph``; a model set: ``jobs.model_set``) -> streaming,
+atomic Parquet writes with per-series commits (``pdd_batch.runs.sink`` and
+``pdd_batch.runs.state``) into a hidden store, made live when the run ends. The run's
+bookkeeping without Ray is ``pdd_batch.runs.lifecycle``; its types are
+``pdd_batch.runs.run_types``.
 
 A run that replaces earlier results (``--force``, another checkpoint or site key) publishes only
 when it completes: failed or killed, it leaves the earlier results (and their manifest fields).
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import ray
 
 from jobs.cluster import ClusterInfo, connect
+from jobs.discovery_shards import ShardedHeaderReader
 from jobs.graph import (  # noqa: F401 - re-exported
     CRASH_ONCE_ENV,
     CRASH_ONCE_READ_ENV,
@@ -31,6 +36,7 @@ from jobs.model_set import resolve_model, resolve_models, routed_dataset  # noqa
 from jobs.ray_logs import ray_logs_to
 from jobs.resources import plan_actors
 from pdd_batch.ingest import keys
+from pdd_batch.ingest.header_read import HeaderReader, read_in_process
 from pdd_batch.ingest.series import FileRecord, SeriesRef
 from pdd_batch.runs.config import RunConfig
 from pdd_batch.runs.crosswalk import check_location, write_crosswalk
@@ -79,11 +85,48 @@ def _stream(
     sink.close()
 
 
+class _LazyCluster:
+    """The run's Ray connection, made on first use (discovery's shard tasks, or the graph) and
+    kept until ``close``; meanwhile Ray's log lines go to the run folder (``ray_logs_to``)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.info = cfg, None
+        self._stack = ExitStack()
+
+    def get(self) -> ClusterInfo:
+        if self.info is None:
+            self._stack.enter_context(ray_logs_to(self.cfg.out_dir / "_logs"))
+            self.info = self._stack.enter_context(
+                connect(self.cfg.resolved_address, num_cpus=self.cfg.num_cpus)
+            )
+        return self.info
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _header_reader(
+    cfg: RunConfig, cluster: _LazyCluster, progress: ProgressFn | None
+) -> HeaderReader:
+    """Shard tasks when the run joins a cluster (an address, or a Ray already connected; the
+    reader checks for more than one node and enough files); a local run reads in process and
+    starts no Ray for discovery."""
+    if not (cfg.resolved_address or ray.is_initialized()):
+        return read_in_process
+    return ShardedHeaderReader(
+        cluster.get,
+        min_files=cfg.discovery_shard_min_files,
+        max_files=cfg.discovery_shard_files,
+        progress=progress,
+    )
+
+
 def run_screen(
     cfg: RunConfig,
     progress: ProgressFn | None = None,
     crosswalk: Path | None = None,
     source_errors: Sequence[FileRecord] = (),
+    source_summary: Mapping[str, Any] | None = None,
 ) -> ScreenResult:
     """Screen ``cfg.archive`` into ``cfg.out_dir`` (one run per folder at a time).
 
@@ -95,6 +138,8 @@ def run_screen(
         source_errors: inputs a source stage lost before discovery (a PACS series whose
             WADO-RS retrieve failed, see ``jobs.dicomweb_fetch``): each becomes an error row
             and counts as a failed input.
+        source_summary: what the source stage did (a PACS screen: server kind, cursor,
+            fetch counts), recorded as the manifest's ``pacs`` section.
 
     Raises:
         RunLockedError: another run holds the folder.
@@ -106,14 +151,15 @@ def run_screen(
         check_location(crosswalk, cfg.out_dir)
     make_run_folder_private(cfg.out_dir)  # 0700 / 0600 whatever the umask
     with run_lock(cfg.out_dir):
-        return _run_locked(cfg, progress, crosswalk, source_errors)
+        return _run_locked(cfg, progress, crosswalk, source_errors, source_summary)
 
 
 def _prepare(
     cfg: RunConfig,
     progress: ProgressFn | None,
     crosswalk: Path | None,
-    source_errors: Sequence[FileRecord] = (),
+    source_errors: Sequence[FileRecord],
+    cluster: _LazyCluster,
 ) -> RunContext:
     """State reconciled, model bound, archive discovered, work planned, sink ready."""
     t_start = time.perf_counter()
@@ -131,6 +177,7 @@ def _prepare(
         open_archives=cfg.open_archives,
         limits=cfg.limits,
         follow_links_outside=cfg.follow_links_outside,
+        read_headers=_header_reader(cfg, cluster, progress),
     )
     disc.files.extend(source_errors)
     discover_s = time.perf_counter() - t
@@ -200,23 +247,30 @@ def _run_locked(
     progress: ProgressFn | None,
     crosswalk: Path | None = None,
     source_errors: Sequence[FileRecord] = (),
+    source_summary: Mapping[str, Any] | None = None,
 ) -> ScreenResult:
-    run = _prepare(cfg, progress, crosswalk, source_errors)
+    cluster = _LazyCluster(cfg)
+    try:
+        run = _prepare(cfg, progress, crosswalk, source_errors, cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    run.source_summary = dict(source_summary) if source_summary else None
     t = time.perf_counter()
     try:
-        if not run.pending:
-            note = "nothing new: all series screened earlier"
-            if run.source_failed:  # not "all": some could not be fetched
-                note = f"nothing to screen: {run.source_failed} series could not be fetched"
-            for stage in ("series", "slices", "commit"):
-                emit(progress, stage, 0, 0, note=note)
-        else:
-            with (
-                ray_logs_to(cfg.out_dir / "_logs"),
-                connect(cfg.resolved_address, num_cpus=cfg.num_cpus) as run.cluster,
-            ):
-                ds = _dataset(run, run.cluster)
-                _stream(ds, run.sink, run.pending, progress)
+        try:
+            if not run.pending:
+                note = "nothing new: all series screened earlier"
+                if run.source_failed:  # not "all": some could not be fetched
+                    note = f"nothing to screen: {run.source_failed} series could not be fetched"
+                for stage in ("series", "slices", "commit"):
+                    emit(progress, stage, 0, 0, note=note)
+            else:
+                run.cluster = cluster.get()
+                _stream(_dataset(run, run.cluster), run.sink, run.pending, progress)
+        finally:
+            run.cluster = cluster.info  # None when Ray was never needed
+            cluster.close()
     except BaseException as exc:  # the run failed: keep what is committed, say so, re-raise
         run.timings["pipeline_s"] = time.perf_counter() - t
         fail(run, exc)

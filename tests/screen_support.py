@@ -48,6 +48,28 @@ def make_checkpoint(out: Path, threshold: float | None = None) -> Path:
     return save_checkpoint(model, out, preprocessing=spec.to_dict(), calibration=calibration)
 
 
+def make_scoped_checkpoint(out: Path, seed: int, scope: dict, threshold: float) -> Path:
+    """A test-size checkpoint with its own weights (own model_id) and a scope."""
+    from dataclasses import replace
+
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_config
+    from model.pdd import build_model
+    from pdd_batch.ingest.preprocess import PreprocessSpec
+
+    torch.manual_seed(seed)
+    calibration = {"method": "fpr", "fpr": 0.05, "threshold": threshold, "n_normals": 1}
+    return save_checkpoint(
+        build_model(replace(get_config("test"), head_seed=seed)),
+        out,
+        preprocessing=PreprocessSpec(image_size=64).to_dict(),
+        calibration=calibration,
+        scope=scope,
+    )
+
+
 def make_archive(root: Path, n_ct: int = 2, slices: int = 5) -> Path:
     """DICOM CT series, an enhanced MR, 3D and 4D NIfTI, and bad inputs of every kind."""
     for i in range(n_ct):

@@ -328,6 +328,9 @@ def test_doctor_says_whether_a_dicomweb_endpoint_answers(orthanc, monkeypatch) -
     ok = runner.invoke(app, ["doctor", "--json", "--dicomweb", orthanc.dicomweb_url])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["dicomweb"]["answers"] is True
+    assert json.loads(ok.output)["dicomweb"]["kind"] == "orthanc"  # as --pacs-kind auto finds
+    said = runner.invoke(app, ["doctor", "--dicomweb", orthanc.dicomweb_url])
+    assert "PACS kind: orthanc" in said.output, said.output
     monkeypatch.setenv(PASSWORD_ENV, "wrong")
     bad = runner.invoke(app, ["doctor", "--json", "--dicomweb", orthanc.dicomweb_url])
     assert bad.exit_code == 1
@@ -505,8 +508,12 @@ def test_a_first_since_last_run_says_how_many_studies_and_wants_a_date_or_all(
     done = runner.invoke(app, [*base, "--all", "--batch-size", "4"])
     assert done.exit_code == 0, done.output
     assert json.loads((out / "_pacs" / "query.json").read_text())["series_found"] >= 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pacs"]["cursor"] == "none"  # everything: no earlier run to reach back from
     again = runner.invoke(app, [*base, "--batch-size", "4"])  # a recorded run: no question
     assert again.exit_code == 0, again.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pacs"]["cursor"] == "orthanc-changes"  # the first run recorded Last
 
 
 def _wait_stable(orthanc, since: int) -> None:  # noqa: F811
@@ -553,3 +560,93 @@ def test_last_run_screens_a_study_received_late_with_an_old_study_date(
     after = json.loads((out / "_pacs" / "query.json").read_text())
     assert after["orthanc_changes_last"] > recorded["orthanc_changes_last"]
     assert after["earliest_since"] <= "2001-01-02"  # the export finds the late study again
+
+
+def _dated_series(root: Path, seed: int, study_date: date, modality: str = "CT") -> str:
+    """A synthetic series with its StudyDate; returns its series key."""
+    files = write_ct_series(root, n_slices=4, rows=32, cols=32, modality=modality, seed=seed,
+                            study_date=study_date.strftime("%Y%m%d"))  # fmt: skip
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return series_key(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+
+
+def test_generic_last_run_rereads_a_lookback_window_and_says_which_cursor_it_used(
+    ray_local,
+    world,
+    orthanc,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+) -> None:
+    """``--pacs-kind generic``: Orthanc's change log is not used; ``--since last-run`` asks
+    for StudyDate from 7 days before the previous query, so a study dated 3 days earlier and
+    sent after the first run is screened, one dated 30 days earlier is not, and the manifest
+    and the summary say which cursor was used and what it misses."""
+    _cli_env(monkeypatch, orthanc)
+    out = tmp_path / "generic"
+    common = ["--modality", "CT", "--out", str(out), "--model", str(world["ckpt"])]
+    common += ["--batch-size", "4", "--pacs-kind", "generic"]
+    today = datetime.now(timezone.utc).date()
+    first = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", str(today), *common])
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((out / "_pacs" / "query.json").read_text())
+    assert recorded["pacs_kind"] == "generic" and recorded["orthanc_changes_last"] is None
+    inside = _dated_series(tmp_path / "inside", 51, today - timedelta(days=3))
+    outside = _dated_series(tmp_path / "outside", 52, today - timedelta(days=30))
+    uploaded = sorted((tmp_path / "inside").glob("*.dcm")) + sorted(
+        (tmp_path / "outside").glob("*.dcm")
+    )
+    orthanc.upload(uploaded)
+    second = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", "last-run", *common])
+    assert second.exit_code == 0, second.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    pacs = manifest["pacs"]
+    assert (pacs["server_kind"], pacs["kind_from"]) == ("generic", "option")
+    assert pacs["cursor"] == "studydate-window" and pacs["lookback_days"] == 7
+    assert pacs["studies_cursor"] == 0 and "sent late is missed" in pacs["limits"]
+    screened = set(pq.read_table(out / "slices").to_pandas()["series_key"])
+    assert inside in screened and outside not in screened
+    summary = runner.invoke(app, ["summary", str(out)])
+    said = " ".join(summary.output.replace("│", " ").split())  # the panel wraps long lines
+    assert "cursor studydate-window: StudyDate from 7 days before" in said
+    assert "sent late is missed" in said
+    assert "cursor studydate-window" in " ".join(second.output.replace("│", " ").split())
+    leaked = [u for u in identifiers(tmp_path / "inside") | identifiers(tmp_path / "outside")
+              if u in second.output + summary.output + json.dumps(manifest)]  # fmt: skip
+    assert not leaked
+
+
+def test_a_study_named_by_the_change_log_and_found_by_the_window_is_fetched_once(
+    ray_local,
+    world,
+    orthanc,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+) -> None:
+    """Orthanc (probed): a study dated today and sent after the first run is in the StudyDate
+    window and in the change log; it is queried and fetched once (counted in the manifest)."""
+    _cli_env(monkeypatch, orthanc)
+    out = tmp_path / "both"
+    common = ["--modality", "MR", "--out", str(out), "--model", str(world["ckpt"])]
+    common += ["--batch-size", "4"]
+    today = datetime.now(timezone.utc).date()
+    first = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", str(today), *common])
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((out / "_pacs" / "query.json").read_text())
+    assert recorded["pacs_kind"] == "orthanc"
+    new_key = _dated_series(tmp_path / "new", 61, today, modality="MR")
+    orthanc.upload(sorted((tmp_path / "new").glob("*.dcm")))
+    _wait_stable(orthanc, recorded["orthanc_changes_last"])
+    second = runner.invoke(app, ["screen", orthanc.dicomweb_url, "--since", "last-run", *common])
+    assert second.exit_code == 0, second.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    pacs = manifest["pacs"]
+    assert (pacs["server_kind"], pacs["kind_from"], pacs["cursor"]) == (
+        "orthanc",
+        "probe",
+        "orthanc-changes",
+    )
+    assert pacs["lookback_days"] == 1 and pacs["studies_both"] == 1
+    assert pacs["studies_cursor"] >= 1  # other tests' CT studies may be logged too
+    assert pacs["series_found"] == pacs["series_fetched"] == 1  # once, not once per part
+    assert manifest["series_screened_this_run"] == 1
+    assert new_key in set(pq.read_table(out / "slices").to_pandas()["series_key"])

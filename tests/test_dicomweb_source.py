@@ -162,3 +162,22 @@ def test_screen_of_a_bare_http_url_gives_the_syntax_before_making_any_folder(tmp
     assert "dicomweb+http://" in result.output
     assert not out.exists() and not (tmp_path / "http:").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pacs_kind_and_lookback_days_are_refused_where_they_mean_nothing(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pdd_batch.cli.app import app
+
+    folder, out = tmp_path / "archive", tmp_path / "run"
+    folder.mkdir()
+    on_folder = CliRunner().invoke(
+        app, ["screen", str(folder), "--pacs-kind", "generic", "-o", str(out)]
+    )
+    assert on_folder.exit_code == 2 and "dicomweb+ sources" in on_folder.output
+    url = "dicomweb+http://127.0.0.1:9/dicom-web"  # never asked: refused before
+    dated = CliRunner().invoke(
+        app, ["screen", url, "--since", "2026-12-01", "--lookback-days", "3", "-o", str(out)]
+    )
+    assert dated.exit_code == 2 and "applies to --since last-run" in dated.output
+    assert not out.exists()

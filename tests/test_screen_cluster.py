@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 from ray_support import local_cluster
-from screen_support import make_checkpoint
+from screen_support import make_checkpoint, make_scoped_checkpoint
 from typer.testing import CliRunner
 
 from jobs.cluster import ray_temp_dir
@@ -66,34 +66,12 @@ def test_cli_screens_the_sample_on_a_two_node_cluster(two_nodes, tmp_path: Path)
     assert m["series_seen"] >= 6 and slices["study_key"].nunique() >= 5
 
 
-def _scoped_checkpoint(out: Path, seed: int, scope: dict, threshold: float) -> Path:
-    """A test-size checkpoint with its own weights (own model_id) and a scope."""
-    from dataclasses import replace
-
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.config import get_config
-    from model.pdd import build_model
-    from pdd_batch.ingest.preprocess import PreprocessSpec
-
-    torch.manual_seed(seed)
-    calibration = {"method": "fpr", "fpr": 0.05, "threshold": threshold, "n_normals": 1}
-    return save_checkpoint(
-        build_model(replace(get_config("test"), head_seed=seed)),
-        out,
-        preprocessing=PreprocessSpec(image_size=64).to_dict(),
-        calibration=calibration,
-        scope=scope,
-    )
-
-
 def test_two_models_screen_a_mixed_archive_on_a_two_node_cluster(two_nodes, tmp_path: Path):
     from scope_support import CHEST_XR, EXPECTED, HEAD_CT, folder_of, make_mixed_archive
 
     archive = make_mixed_archive(tmp_path / "archive")
-    head = _scoped_checkpoint(tmp_path / "head", 0, HEAD_CT.to_dict(), threshold=1e9)
-    chest = _scoped_checkpoint(tmp_path / "chest", 1, CHEST_XR.to_dict(), threshold=-1e9)
+    head = make_scoped_checkpoint(tmp_path / "head", 0, HEAD_CT.to_dict(), threshold=1e9)
+    chest = make_scoped_checkpoint(tmp_path / "chest", 1, CHEST_XR.to_dict(), threshold=-1e9)
     out = tmp_path / "out"
     args = ["screen", str(archive), "--out", str(out), "--model", str(head), "--model",
             str(chest), "--address", two_nodes.address, "--batch-size", "4"]  # fmt: skip

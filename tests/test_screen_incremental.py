@@ -52,11 +52,11 @@ def test_a_night_that_adds_one_series_only_adds_files(tmp_path: Path, shared_ray
         return result.manifest
 
     first = screen("n1")
-    assert first["discovery"] == {"header_reads": 6, "files_unchanged": 0}
+    assert first["discovery"] == {"header_reads": 6, "files_unchanged": 0, "shards": 0}
     before = _files(out)
     assert before
     nothing = screen("n2")  # nothing new: no header read, nothing screened
-    assert nothing["discovery"] == {"header_reads": 0, "files_unchanged": 6}
+    assert nothing["discovery"] == {"header_reads": 0, "files_unchanged": 6, "shards": 0}
     assert nothing["series_screened_this_run"] == 0
     write_ct_series(archive / "s2", n_slices=3, rows=32, cols=32, seed=402)
     third = screen("n3")
@@ -64,7 +64,7 @@ def test_a_night_that_adds_one_series_only_adds_files(tmp_path: Path, shared_ray
     # read_parquet races on fsspec's HTTP module where fsspec has no aiohttp)
     rows = ray.data.from_arrow(ds.dataset(_live(out, "slices"), format="parquet").to_table())
     assert rows.count() == 9
-    assert third["discovery"] == {"header_reads": 3, "files_unchanged": 6}
+    assert third["discovery"] == {"header_reads": 3, "files_unchanged": 6, "shards": 0}
     assert third["series_screened_this_run"] == 1
     after = _files(out)
     assert all(after.get(name) == stat for name, stat in before.items())  # untouched

@@ -106,10 +106,25 @@ def _precision(value: str) -> str:
 
 
 @bench_app.command("ingest")
-def bench_ingest() -> None:
-    """Discovery headers/s and decode+window+resize slices/s."""
+def bench_ingest(
+    sharded_files: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also time discovery of this many files in process vs in Ray shard tasks "
+            "on a local cluster (0: skip).",
+        ),
+    ] = 0,
+    num_cpus: Annotated[int, typer.Option(min=1, help="CPUs of that local cluster.")] = 2,
+) -> None:
+    """Discovery headers/s and decode+window+resize slices/s (and, with --sharded-files,
+    in-process vs sharded discovery)."""
     from pdd_batch.ingest.bench import run_ingest_benchmark
 
+    if sharded_files:
+        from jobs.bench_shards import run_shard_benchmark
+
+        run_shard_benchmark(print_fn=typer.echo, n_files=sharded_files, num_cpus=num_cpus)
     run_ingest_benchmark(print_fn=typer.echo)
 
 

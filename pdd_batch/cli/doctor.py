@@ -209,11 +209,19 @@ def _render_selection(sel: dict[str, Any], console: Console) -> None:
     console.print(sel["why"])
 
 
+CURSOR_WORDS = {  # what --since last-run keeps on each kind of server (docs/pacs.md)
+    "orthanc": "--since last-run adds what Orthanc's change log received",
+    "dcm4chee": "--since last-run adds what dcm4chee-arc received (StudyReceiveDateTime)",
+    "generic": "--since last-run: a StudyDate window only; late-sent old studies are missed",
+}
+
+
 def _dicomweb(
     source: str, netrc: Path | None, allow_insecure_http: bool, timeout_s: float
 ) -> dict[str, Any]:
     """Whether a DICOMweb endpoint answers a QIDO-RS query with the configured credentials,
-    and where the login came from (never the login itself)."""
+    where the login came from (never the login itself), and the server's kind as
+    ``--pacs-kind auto`` finds it (``pdd_batch.ingest.pacs_harvest``)."""
     from pdd_batch.ingest.dicomweb import (
         USER_ENV,
         DicomwebError,
@@ -221,6 +229,7 @@ def _dicomweb(
         netrc_path,
         probe,
     )
+    from pdd_batch.ingest.pacs_harvest import AUTO, resolve_kind
 
     try:
         endpoint = endpoint_from_source(source, netrc, allow_insecure_http)
@@ -234,9 +243,10 @@ def _dicomweb(
     else:
         login = f"from netrc file {netrc_path(netrc).name}"
     try:
-        return {"answers": True, "login": login, "note": probe(endpoint)}
+        note = probe(endpoint)
     except DicomwebError as exc:
         return {"answers": False, "login": login, "note": str(exc)}
+    return {"answers": True, "login": login, "note": note, "kind": resolve_kind(endpoint, AUTO)[0]}
 
 
 def doctor_command(
@@ -277,5 +287,7 @@ def doctor_command(
             console.print(f"[{'green' if ok else 'red'}]{line}[/]")
             if found["login"]:
                 console.print(f"PACS login: {found['login']}")  # "DICOMweb" said once
+            if found.get("kind"):
+                console.print(f"PACS kind: {found['kind']} ({CURSOR_WORDS[found['kind']]})")
     if dicomweb and not report["dicomweb"]["answers"]:
         raise typer.Exit(code=1)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from pdd_batch.cli.summary_view import counted
+from pdd_batch.cli.summary_view import counted, harvest_line
 
 SinceOption = Annotated[
     str | None,
@@ -43,6 +43,22 @@ AllowInsecureHttpOption = Annotated[
         help="PACS: send the login over plain http:// to a host that is not this machine."
     ),
 ]
+PacsKindOption = Annotated[
+    str,
+    typer.Option(
+        help="PACS source: orthanc, dcm4chee, generic, or auto (probe the server): which "
+        "received-time cursor --since last-run keeps (docs/pacs.md).",
+    ),
+]
+LookbackDaysOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=3660,
+        help="PACS source: --since last-run asks again for studies dated this many days "
+        "before the previous run's query (default 7; 1 with an Orthanc or dcm4chee cursor).",
+    ),
+]
 PacsTimeoutOption = Annotated[
     float,
     typer.Option(
@@ -72,7 +88,11 @@ def first_last_run_refusal(found: Any) -> str:
 
 
 def pacs_query(
-    out: Path, since: str | None, modality: str | None, study_uid_file: Path | None
+    out: Path,
+    since: str | None,
+    modality: str | None,
+    study_uid_file: Path | None,
+    lookback_days: int = 1,
 ) -> tuple[Any, bool]:
     """The ``pdd_batch.dicomweb.Query`` of the options, and whether it is a first
     ``--since last-run`` (no earlier query recorded: it would ask for everything).
@@ -82,34 +102,48 @@ def pacs_query(
     """
     from pdd_batch.ingest.dicomweb import Query, parse_since, read_study_uid_file
 
-    since_date, is_last_run = parse_since(since, out)
+    since_date, is_last_run = parse_since(since, out, lookback_days)
     uids = read_study_uid_file(study_uid_file) if study_uid_file else ()
     query = Query(since=since_date, modality=modality or None, study_uids=uids)
     return query, is_last_run and since_date is None
 
 
 def find_series(endpoint: Any, out: Path, options: dict[str, Any]) -> tuple[Any, Any]:
-    """The query of the options and what it found: the Orthanc change-log cursor read first
-    (nothing received meanwhile is missed), and for ``--since last-run`` the studies received
-    since the previous run added (``pdd_batch.ingest.orthanc_changes``).
+    """The query of the options and what it found: the server's kind (``--pacs-kind``, probed
+    when ``auto``), Orthanc's change-log cursor read first (nothing received meanwhile is
+    missed), and for ``--since last-run`` the studies received since the previous run added
+    to the StudyDate window (``pdd_batch.ingest.pacs_harvest``).
 
     Raises:
         DicomwebError: the PACS cannot be queried, or a first ``--since last-run`` without
             ``--all`` (the message says how many studies it would fetch).
     """
+    from pdd_batch.ingest import pacs_harvest as ph
     from pdd_batch.ingest.dicomweb import DicomwebError, run_query
-    from pdd_batch.ingest.orthanc_changes import change_cursor, with_received_studies
+    from pdd_batch.ingest.orthanc_changes import change_cursor
 
+    kind, how = ph.resolve_kind(endpoint, options.get("pacs_kind") or ph.AUTO)
+    last_run = options.get("since") == "last-run"
+    cursor = ph.cursor_kind(kind, out) if last_run else ph.CURSOR_NONE
+    days = ph.lookback_days(cursor, options.get("lookback_days")) if last_run else None
     query, first_last_run = pacs_query(
-        out, options.get("since"), options.get("modality"), options.get("study_uid_file")
+        out,
+        options.get("since"),
+        options.get("modality"),
+        options.get("study_uid_file"),
+        days or 1,
     )
-    cursor = change_cursor(endpoint)
+    change_last = change_cursor(endpoint) if kind == ph.ORTHANC else None  # before the query
     found = run_query(endpoint, query)  # before the live view: a refusal is one line
     if first_last_run and not options.get("all"):
         raise DicomwebError(first_last_run_refusal(found))  # exit 2, nothing fetched
-    if options.get("since") == "last-run":  # and what the PACS received since (Orthanc)
-        return query, with_received_studies(endpoint, query, found, out, cursor)
-    return query, dataclasses.replace(found, cursor=cursor)
+    plan = ph.Harvest(kind, how, cursor, days)
+    if last_run and not first_last_run:  # and what the PACS received since the last run
+        return query, ph.add_received(endpoint, query, found, out, plan, change_last)
+    plan = dataclasses.replace(plan, studies_window=found.n_studies)
+    if first_last_run:  # --all: everything, no earlier run to reach back from
+        plan = dataclasses.replace(plan, cursor=ph.CURSOR_NONE, lookback_days=None)
+    return query, dataclasses.replace(found, cursor=change_last, harvest=plan)
 
 
 def screen_from_pacs(
@@ -126,8 +160,8 @@ def screen_from_pacs(
         source: ``dicomweb+http(s)://HOST[:PORT]/ROOT``.
         cfg: the run's ``RunConfig`` (its archive is replaced by the run's series cache).
         options: ``since``, ``modality``, ``study_uid_file``, ``netrc``, ``crosswalk``, ``all``,
-            ``allow_insecure_http``, ``pacs_timeout``, ``max_instance_bytes``,
-            ``max_series_bytes`` of the command line.
+            ``allow_insecure_http``, ``pacs_timeout``, ``pacs_kind``, ``lookback_days``,
+            ``max_instance_bytes``, ``max_series_bytes`` of the command line.
         view: the live progress view (a ``LiveView``).
 
     Returns:
@@ -147,6 +181,8 @@ def screen_from_pacs(
     console.print(
         f"PACS {endpoint.host}: {len(found.hits)} series found" + (own if found.own_skipped else "")
     )
+    if found.harvest is not None:
+        console.print(f"PACS {endpoint.host}: {harvest_line(found.harvest.to_dict())}")
     limits = FetchLimits(
         options.get("max_instance_bytes") or FetchLimits.max_instance_bytes,
         options.get("max_series_bytes") or FetchLimits.max_series_bytes,

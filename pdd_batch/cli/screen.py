@@ -22,10 +22,12 @@ from pdd_batch.cli.options import (
 from pdd_batch.cli.pacs import (
     AllOption,
     AllowInsecureHttpOption,
+    LookbackDaysOption,
     MaxInstanceBytesOption,
     MaxSeriesBytesOption,
     ModalityOption,
     NetrcOption,
+    PacsKindOption,
     PacsTimeoutOption,
     SinceOption,
     StudyUidFileOption,
@@ -147,6 +149,8 @@ def screen_command(
     fetch_all: AllOption = False,
     allow_insecure_http: AllowInsecureHttpOption = False,
     pacs_timeout: PacsTimeoutOption = 60.0,
+    pacs_kind: PacsKindOption = "auto",
+    lookback_days: LookbackDaysOption = None,
     max_instance_bytes: MaxInstanceBytesOption = DEFAULT_MAX_INSTANCE_BYTES,
     max_series_bytes: MaxSeriesBytesOption = DEFAULT_MAX_SERIES_BYTES,
 ) -> None:
@@ -162,13 +166,19 @@ def screen_command(
     pacs = is_dicomweb_source(archive)
     pacs_options: dict[str, Any] = {"since": since, "modality": modality, "netrc": netrc}
     pacs_options["study_uid_file"] = study_uid_file
+    pacs_options["lookback_days"] = lookback_days
     switches = {"all": fetch_all, "allow_insecure_http": allow_insecure_http}
+    switches["pacs_kind"] = pacs_kind != "auto"
     if not pacs and (any(v is not None for v in pacs_options.values()) or any(switches.values())):
         console.print(
-            "[red]--since, --modality, --study-uid-file, --netrc, --all, --allow-insecure-http: "
-            "dicomweb+ sources[/]"
+            "[red]--since, --modality, --study-uid-file, --netrc, --all, --allow-insecure-http, "
+            "--pacs-kind, --lookback-days: dicomweb+ sources[/]"
         )
         raise typer.Exit(code=2)
+    if lookback_days is not None and since != "last-run":
+        console.print("[red]--lookback-days applies to --since last-run[/]")
+        raise typer.Exit(code=2)
+    switches["pacs_kind"] = pacs_kind
     pacs_options.update(switches, max_instance_bytes=max_instance_bytes, pacs_timeout=pacs_timeout)
     pacs_options["max_series_bytes"] = max_series_bytes
     try:

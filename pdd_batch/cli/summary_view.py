@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -202,6 +203,18 @@ def _throughput(manifest: dict) -> str | None:
     return text + (f", {rate:.3g} slices/s" if isinstance(rate, int | float) else "")
 
 
+def harvest_line(pacs: dict[str, Any]) -> str:
+    """One line on how the run chose its studies (the manifest's ``pacs`` section)."""
+    kind = f"{pacs.get('server_kind')} server ({pacs.get('kind_from')})"
+    counts = ""
+    if pacs.get("cursor") not in (None, "none", "studydate-window"):
+        counts = (
+            f"; {pacs.get('studies_cursor', 0)} studies by the cursor, "
+            f"{pacs.get('studies_both', 0)} of them in the window too"
+        )
+    return f"{kind}, cursor {pacs.get('cursor')}: {pacs.get('limits')}{counts}"
+
+
 def _header(results: RunResults) -> Panel:
     m = results.manifest
     ckpt = results.checkpoint_hash or "-"
@@ -219,6 +232,9 @@ def _header(results: RunResults) -> Panel:
         text += f"; {unfetched} series not fetched from the PACS (rerun to finish)"
         ok = False  # the PACS held more than the run saw: not "all inputs accounted for"
     lines.append(f"inputs: {mark.get(ok, '[yellow]unknown[/]')} ({text})")
+    pacs = m.get("pacs")
+    if isinstance(pacs, dict) and pacs.get("cursor"):
+        lines.append(f"PACS: {escape(harvest_line(pacs))}")
     speed = _throughput(m)
     if speed:
         lines.append(speed)

@@ -1,5 +1,5 @@
 """A PACS as a screening source over DICOMweb: endpoint and credentials, QIDO-RS queries, and
-the run folder's record of what was asked (for ``--since last-run``).
+the run folder's record of what was asked (for ``--since last-run``, ``pacs_state``).
 
 A source is written ``dicomweb+http://HOST:PORT/ROOT`` (or ``dicomweb+https://``). Credentials
 come from the environment (``PDD_DICOMWEB_USER`` / ``PDD_DICOMWEB_PASSWORD``) or a netrc file,
@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,8 +37,28 @@ from pdd_batch.ingest.dicomweb_http import (
     quiet_http_logs,
 )
 from pdd_batch.ingest.keys import series_key
+from pdd_batch.ingest.pacs_state import (
+    PACS_FOLDER,
+    QUERY_STATE,
+    last_query_time,
+    pacs_root,
+    parse_since,
+    private_dir,
+    record_query,
+    recorded_cursor,
+    since_for_last_run,
+)
 
-__all__ = [  # the HTTP layer's names, used through this module
+__all__ = [  # the HTTP layer's and the query record's names, used through this module
+    "PACS_FOLDER",
+    "QUERY_STATE",
+    "last_query_time",
+    "pacs_root",
+    "parse_since",
+    "private_dir",
+    "record_query",
+    "recorded_cursor",
+    "since_for_last_run",
     "PASSWORD_ENV",
     "USER_ENV",
     "DicomwebAuthError",
@@ -53,9 +73,7 @@ __all__ = [  # the HTTP layer's names, used through this module
 log = logging.getLogger(__name__)
 
 SCHEME_PREFIX = "dicomweb+"
-PACS_FOLDER = "_pacs"  # inside the run folder: readers and result scans skip "_" folders
 SERIES_FOLDER = "series"  # the archive that the screen reads: one folder per series key
-QUERY_STATE = "query.json"
 PAGE_SIZE = 100
 MAX_PAGES = 20_000  # 2 million series at 100 a page: a server that never ends is an error
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -205,8 +223,10 @@ def paged(
 ) -> Iterator[dict]:
     """Every result of a QIDO-RS search, page by page (``limit``/``offset``).
 
-    An empty page, a short page or a page the server sent before (it ignores ``offset``) ends
-    the query; more than ``max_pages`` pages is an error (a server that never ends).
+    Only an empty page ends the query: a short page may be a server's own result cap (fewer
+    than ``limit``), so the next offset is asked too (one request more per query). A page
+    the server sent before (it ignores ``offset``) ends it; more than ``max_pages`` pages is
+    an error (a server that never ends).
 
     Raises:
         DicomwebError: over ``max_pages`` pages.
@@ -223,16 +243,24 @@ def paged(
             return
         seen.add(digest)
         yield from page
-        if len(page) < page_size:
-            return
         offset += len(page)
     raise DicomwebError(f"QIDO-RS query: the server sent more than {max_pages} pages")
 
 
-def qido_search(session: Any, endpoint: Endpoint, path: str, filters: dict[str, str]) -> Any:
-    """A ``search(limit=, offset=)`` of ``path`` (``/series``, ``/studies/UID/series``): one
-    QIDO-RS request per call, DICOM JSON list out (a connection failure is not retried)."""
-    fields = ",".join((TAG_MANUFACTURER, TAG_SERIES_DESCRIPTION, TAG_MODALITY, TAG_STUDY_DATE))
+SERIES_FIELDS = (TAG_MANUFACTURER, TAG_SERIES_DESCRIPTION, TAG_MODALITY, TAG_STUDY_DATE)
+
+
+def qido_search(
+    session: Any,
+    endpoint: Endpoint,
+    path: str,
+    filters: dict[str, str],
+    fields: tuple[str, ...] = SERIES_FIELDS,
+) -> Any:
+    """A ``search(limit=, offset=)`` of ``path`` (``/series``, ``/studies/UID/series``,
+    ``/studies``): one QIDO-RS request per call, ``fields`` added to what the server returns,
+    DICOM JSON list out (a connection failure is not retried)."""
+    fields = ",".join(fields)
 
     def search(limit: int, offset: int) -> list[dict]:
         params = {**filters, "limit": limit, "offset": offset, "includefield": fields}
@@ -269,6 +297,7 @@ class QueryResult:
     own_skipped: int = 0
     earliest_study_date: date | None = None  # of the hits (the export's search window)
     cursor: int | None = None  # Orthanc's change log position before the query, if any
+    harvest: Any = None  # pdd_batch.ingest.pacs_harvest.Harvest: server kind, cursor, counts
 
     @property
     def n_studies(self) -> int:
@@ -338,95 +367,3 @@ def read_study_uid_file(path: Path) -> tuple[str, ...]:
             raise DicomwebError(f"study UID file, line {n}: not a UID")
         uids.append(text)
     return tuple(uids)
-
-
-def pacs_root(out_dir: Path) -> Path:
-    """``RUN/_pacs``: the private (0700) cache of fetched series and the query record."""
-    root = Path(out_dir) / PACS_FOLDER
-    private_dir(root)
-    return root
-
-
-def private_dir(path: Path) -> Path:
-    """``path`` made (parents too) and set to 0700 whatever the umask."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
-def recorded_cursor(out_dir: Path) -> int | None:
-    """The Orthanc change-log cursor the previous complete run recorded, if any."""
-    path = Path(out_dir) / PACS_FOLDER / QUERY_STATE
-    value = json.loads(path.read_text()).get("orthanc_changes_last") if path.is_file() else None
-    return value if isinstance(value, int) else None
-
-
-def last_query_time(out_dir: Path) -> datetime | None:
-    """When the previous complete run of this folder queried the PACS (UTC), if one did."""
-    path = Path(out_dir) / PACS_FOLDER / QUERY_STATE
-    if not path.is_file():
-        return None
-    stamp = json.loads(path.read_text()).get("last_query_utc")
-    return datetime.fromisoformat(stamp) if stamp else None
-
-
-def since_for_last_run(out_dir: Path) -> date | None:
-    """The ``StudyDate`` lower bound of ``--since last-run``: the previous query's day minus one
-    (study dates are the modality's local day); ``None`` (everything) on a first run.
-
-    Series already screened are skipped by the run state, so the overlap screens nothing twice.
-    """
-    stamp = last_query_time(out_dir)
-    return None if stamp is None else (stamp - timedelta(days=1)).date()
-
-
-def record_query(
-    out_dir: Path, started: datetime, query: Query, n_series: int, found: Any = None
-) -> None:
-    """Remember this query's start time (UTC) for the next ``--since last-run``, the Orthanc
-    change-log cursor (``found.cursor``), and the widest date window asked so far
-    (``earliest_since``, for finding the studies again on export; it reaches back to the
-    earliest study found, ``found.earliest_study_date``, a late-received study included)."""
-    path = pacs_root(out_dir) / QUERY_STATE
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    since = query.since
-    found_date = getattr(found, "earliest_study_date", None)
-    if since is not None and found_date is not None:
-        since = min(since, found_date)
-    earliest = since.isoformat() if since else None
-    if "earliest_since" in previous:
-        before = previous["earliest_since"]
-        earliest = None if before is None or earliest is None else min(before, earliest)
-    record = {
-        "last_query_utc": started.astimezone(timezone.utc).isoformat(),
-        "since": query.since.isoformat() if query.since else None,
-        "earliest_since": earliest,
-        "modality": query.modality,
-        "study_uid_list": bool(query.study_uids),  # whether a list was given (never the UIDs)
-        "series_found": n_series,
-        "orthanc_changes_last": getattr(found, "cursor", None),
-    }
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(record, indent=1))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
-def parse_since(text: str | None, out_dir: Path) -> tuple[date | None, bool]:
-    """``--since``: a date (YYYY-MM-DD or YYYYMMDD) or ``last-run``; returns (date, is_last_run).
-
-    Raises:
-        DicomwebError: neither form.
-    """
-    if not text:
-        return None, False
-    if text == "last-run":
-        return since_for_last_run(out_dir), True
-    for fmt in ("%Y-%m-%d", "%Y%m%d"):
-        try:
-            return datetime.strptime(text, fmt).date(), False
-        except ValueError:
-            continue
-    raise DicomwebError(f"--since wants YYYY-MM-DD or last-run, got {text!r}")

@@ -8,7 +8,12 @@ duplicates) or ``failed`` (should be an image but cannot be read: corrupt, trunc
 Paths are posix, relative to the archive root; members of .zip/.tar archives (``open_archives``)
 are ``"archive.zip!inner/path.dcm"`` (see ``archive_io``); an opened archive is not itself a
 record, its members are (one that cannot be opened is a ``failed`` record). Studies and series are
-named by hashed keys (``keys``); raw UIDs never leave this module.
+named by hashed keys (``keys``); raw UIDs never leave discovery (header facts travel only from
+a shard task to the driver that merges them).
+
+One file's header is read by ``header_read.read_file``, a pure function that returns plain
+records (``FileResult``), so Ray tasks can read headers too (``jobs.discovery_shards``); the
+``Collector`` merges them in the walk's order and groups them into series here.
 
 Hostile input never stops discovery: any error of one file (or member) becomes that file's
 ``failed`` record with a path-free reason; ``IngestLimits`` refuse headers and members that
@@ -29,33 +34,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pdd_batch.ingest.anatomy import body_part_of
-from pdd_batch.ingest.archive_io import (
-    ArchiveReadError,
-    BinarySource,
-    IngestLimits,
-    OverLimitError,
-    bytes_source,
-    file_source,
-    is_archive_name,
-    iter_archive_members,
-    join_member,
-)
-from pdd_batch.ingest.dicom_headers import (
-    NOT_DICOM,
-    DicomHeader,
-    DicomHeaderError,
-    FrameInfo,
-    read_header,
-    skip_reason,
-    transfer_syntax_name,
+from pdd_batch.ingest.archive_io import IngestLimits, OverLimitError
+from pdd_batch.ingest.dicom_headers import DicomHeader, FrameInfo, transfer_syntax_name
+from pdd_batch.ingest.header_read import (  # noqa: F401 - DICOM_SUFFIXES re-exported
+    DICOM_SUFFIXES,
+    HEADER,
+    NIFTI,
+    FileResult,
+    ReadSpec,
+    folder_of,
+    read_file,
 )
 from pdd_batch.ingest.keys import file_key, hash_key, redact_paths, series_key, study_key
-from pdd_batch.ingest.nifti_volume import NiftiReadError, is_nifti_name, read_nifti_info
 from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
 from pdd_batch.ingest.stack_plan import DUPLICATE_POSITION, StackPlan, plan_stacks
 
 log = logging.getLogger(__name__)
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
 PROGRESS_EVERY = 1000
 OUTSIDE_REASON = "link to a place outside the archive, not followed (--follow-links-outside)"
 
@@ -74,9 +68,24 @@ class _Collector:
         default_factory=lambda: defaultdict(list)
     )
     nifti: list[tuple[str, Any]] = field(default_factory=list)
+    retry: set[str] = field(default_factory=set)  # failed by the reading machinery
 
     def record(self, rel: str, status: str, reason: str = "", key: str | None = None) -> None:
         self.records[rel] = FileRecord(rel, status, reason, key)
+
+    def add(self, results: Iterable[FileResult]) -> None:
+        """Merge what ``header_read.read_file`` found (here or in a Ray task), in order."""
+        for r in results:
+            if r.status == HEADER and r.header is not None:
+                parent = folder_of(r.rel)
+                study = r.header.study_uid or f"folder:{parent}"
+                self.dicom[(study, r.header.series_uid or f"folder:{parent}")].append(r.header)
+            elif r.status == NIFTI and r.nifti is not None:
+                self.nifti.append((r.rel, r.nifti))
+            else:
+                self.record(r.rel, r.status, r.reason)
+                if r.retry:
+                    self.retry.add(r.rel)
 
 
 def _walk(root: Path, col: _Collector) -> Iterator[Path]:
@@ -138,64 +147,6 @@ def _outside(path: Path, real_root: Path, col: _Collector) -> bool:
 def _folder_id(path: Path) -> tuple[int, int]:
     st = path.stat()  # follows links
     return st.st_dev, st.st_ino
-
-
-def _classify(col: _Collector, rel: str, source: BinarySource, raw: bytes | None) -> None:
-    """Read one file's header and record it (or queue it for grouping)."""
-    name = PurePosixPath(rel.split("!")[-1]).name
-    low = name.lower()
-    if name.startswith("."):
-        return col.record(rel, "skipped", "hidden file")
-    if source.size == 0:
-        return col.record(rel, "failed", "empty file (0 bytes)")
-    if is_nifti_name(low):
-        try:
-            col.nifti.append((rel, read_nifti_info(col.root, rel, raw, col.limits)))
-        except NiftiReadError as exc:
-            col.record(rel, "failed", f"NIfTI: {exc}")
-        return None
-    if low.endswith(".json"):
-        return col.record(rel, "skipped", "metadata/sidecar file (.json), not an image")
-    if low.endswith((".hdr", ".img")):
-        return col.record(rel, "skipped", "Analyze/NIfTI pair (.hdr/.img) not supported")
-    try:
-        header = read_header(source, rel, col.limits)
-    except DicomHeaderError as exc:
-        if str(exc) == NOT_DICOM and not low.endswith(DICOM_SUFFIXES):
-            suffix = PurePosixPath(low).suffix or "no extension"
-            return col.record(rel, "skipped", f"not a DICOM or NIfTI file ({suffix})")
-        return col.record(rel, "failed", str(exc))
-    reason = skip_reason(header)
-    if reason:
-        return col.record(rel, "skipped", reason)
-    parent = str(PurePosixPath(rel).parent)
-    group = (header.study_uid or f"folder:{parent}", header.series_uid or f"folder:{parent}")
-    col.dicom[group].append(header)
-    return None
-
-
-def _scan_archive(col: _Collector, path: Path, rel: str) -> None:
-    """Record every member of one archive; a damaged member or archive is a failed record."""
-    try:
-        for member, size, read in iter_archive_members(path, col.limits):
-            member_rel = join_member(rel, member)
-            if size == 0:
-                col.record(member_rel, "failed", "empty file (0 bytes)")
-                continue
-            try:
-                raw = read()
-                _classify(col, member_rel, bytes_source(raw), raw)
-            except (ArchiveReadError, OverLimitError) as exc:
-                col.record(member_rel, "failed", str(exc))
-            except Exception as exc:  # noqa: BLE001 - one member never stops discovery
-                col.record(member_rel, "failed", _unexpected(exc))
-    except ArchiveReadError as exc:
-        col.record(rel, "failed", str(exc))
-
-
-def _unexpected(exc: Exception) -> str:
-    """The reason of an error no reader anticipated: its type only (messages may hold paths)."""
-    return f"unreadable file ({type(exc).__name__})"
 
 
 def _dicom_series(
@@ -390,22 +341,13 @@ def discover(
         raise DiscoveryError(f"archive not found: {archive.name}")
     root = archive if archive.is_dir() else archive.parent
     col = _Collector(root, limits or IngestLimits(), follow_links_outside)
+    spec = ReadSpec(root, open_archives, col.limits)
     paths = _walk(root, col) if archive.is_dir() else iter([archive])
     for n, path in enumerate(paths, 1):
         if progress is not None and n % PROGRESS_EVERY == 0:
             progress(n)
-        read_one(col, path, path.relative_to(root).as_posix(), open_archives)
+        col.add(read_file(spec, path, path.relative_to(root).as_posix()))
     return group_collected(col)
-
-
-def read_one(col: _Collector, path: Path, rel: str, open_archives: bool) -> None:
-    """Read one file's header into ``col`` (any error: the file's failed record)."""
-    try:
-        _one_file(col, path, rel, open_archives)
-    except OSError as exc:
-        col.record(rel, "failed", f"cannot read file ({type(exc).__name__})")
-    except Exception as exc:  # noqa: BLE001 - one file never stops discovery
-        col.record(rel, "failed", _unexpected(exc))
 
 
 def group_collected(col: _Collector) -> Discovery:
@@ -420,17 +362,6 @@ def group_collected(col: _Collector) -> Discovery:
     result = Discovery(root=root, series=series, files=list(col.records.values()))
     log.info("discovery: %s, %d series", result.counts(), len(series))
     return result
-
-
-def _one_file(col: _Collector, path: Path, rel: str, open_archives: bool) -> None:
-    """Record one file found under the root (an archive file: its members)."""
-    if is_archive_name(path.name) and path.stat().st_size > 0:
-        if open_archives:
-            _scan_archive(col, path, rel)
-        else:
-            col.record(rel, "skipped", "archive file not opened (use --open-archives)")
-        return
-    _classify(col, rel, file_source(path), None)
 
 
 def _grouped(

@@ -27,9 +27,9 @@ from pdd_batch.ingest.discovery import (
     DiscoveryError,
     discover,
     group_collected,
-    read_one,
     walk_files,
 )
+from pdd_batch.ingest.header_read import HeaderReader, ReadSpec, read_in_process
 from pdd_batch.ingest.keys import KEY_LENGTH, file_key, redact_paths, series_key, site_key
 from pdd_batch.ingest.series import Discovery, FileRecord, SeriesRef
 
@@ -65,6 +65,7 @@ class IndexUpdate:
     removed_series: list[str] = field(default_factory=list)
     header_reads: int = 0
     files_unchanged: int = 0
+    shards: int = 0  # Ray tasks that read headers (0: all read in this process)
 
 
 @dataclass
@@ -141,11 +142,16 @@ def discover_incremental(
     open_archives: bool = False,
     limits: IngestLimits | None = None,
     follow_links_outside: bool = False,
+    read_headers: HeaderReader = read_in_process,
 ) -> tuple[Discovery, IndexUpdate]:
     """``discover(archive)`` reading only the headers the index cannot answer for.
 
+    ``read_headers`` reads them (in this process by default; ``jobs.discovery_shards`` in Ray
+    tasks): it is called at most twice, with the new or changed files, then with the unchanged
+    files of series that must be grouped again, and never with an empty list.
+
     Returns the discovery (the same series and records a full ``discover`` finds) and the
-    changes to store in the index (with ``header_reads`` and ``files_unchanged``).
+    changes to store in the index (with ``header_reads``, ``files_unchanged`` and ``shards``).
     """
     archive = Path(archive)
     if not archive.exists():
@@ -158,24 +164,41 @@ def discover_incremental(
     seen = [_stat(p, p.relative_to(archive).as_posix(), key_of) for p in walk_files(archive, col)]
     unchanged, to_read = _split(seen, index)
     update = IndexUpdate()
-    for s in to_read:
-        read_one(col, s.path, s.rel, open_archives)
+    spec = ReadSpec(archive, open_archives, col.limits)
+    _read(col, update, read_headers, spec, to_read)
     dirty = _dirty_tokens(index, seen, to_read, _tokens(col))
     reread = [s for s in unchanged if index.files[s.key].token in dirty]
-    for s in reread:
-        read_one(col, s.path, s.rel, open_archives)
+    _read(col, update, read_headers, spec, reread)
     update.header_reads = len(to_read) + len(reread)
     disc = group_collected(col)
     rebuilt = list(disc.series)
     kept = [s for s in unchanged if index.files[s.key].token not in dirty]
     update.files_unchanged = len(kept)
     _add_kept(disc, kept, index)
-    _record_update(update, disc, rebuilt, [*to_read, *reread], _tokens(col))
+    read = [s for s in [*to_read, *reread] if s.rel not in col.retry]
+    _record_update(update, disc, rebuilt, read, _tokens(col))
     walked = {s.key for s in seen}
     update.removed_files = [k for k in index.files if k not in walked]
+    # a file the reading machinery failed on is read again next time, not remembered
+    update.removed_files += [s.key for s in to_read + reread if s.rel in col.retry]
     present = {r.series_key for r in disc.series}
     update.removed_series = [k for k in index.series if k not in present]
     return disc, update
+
+
+def _read(
+    col: Collector,
+    update: IndexUpdate,
+    read_headers: HeaderReader,
+    spec: ReadSpec,
+    files: list[_Seen],
+) -> None:
+    """Read the headers of ``files`` into ``col`` (in the walk's order)."""
+    if not files:
+        return
+    batch = read_headers(spec, [(s.path, s.rel) for s in files])
+    col.add(batch.results)
+    update.shards += batch.shards
 
 
 def _dirty_tokens(

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from pdd_batch.ingest.dicomweb import Query, QueryResult, query_series, recorded_cursor
 from pdd_batch.ingest.dicomweb_http import DicomwebError, Endpoint, get, new_session
 
 log = logging.getLogger(__name__)
@@ -41,21 +39,34 @@ def _json(session: Any, rest: Endpoint, path: str, **params: Any) -> Any:
         return None
 
 
-def change_cursor(endpoint: Endpoint) -> int | None:
-    """The change log's current ``Last`` sequence number, or ``None`` when the server is not
-    an Orthanc (or its REST API is not beside the DICOMweb root)."""
+def is_orthanc(endpoint: Endpoint) -> bool:
+    """Whether an Orthanc REST API answers beside the DICOMweb root (``GET /system`` with an
+    ``ApiVersion``: one read-only request)."""
     rest = rest_endpoint(endpoint)
     if rest is None:
-        return None
+        return False
+    rest = replace(rest, max_attempts=1, timeout_s=min(rest.timeout_s, 15.0))
     with new_session(rest) as session:
         try:
             system = _json(session, rest, "/system")
-            if not isinstance(system, dict) or "ApiVersion" not in system:
-                return None
-            last = _json(session, rest, "/changes", last="")
-        except DicomwebError as exc:  # no REST API there: the StudyDate window only
-            log.info("no Orthanc change log beside the DICOMweb root (%s)", exc)
-            return None
+        except DicomwebError as exc:  # no REST API there
+            log.info("no Orthanc REST API beside the DICOMweb root (%s)", exc)
+            return False
+    return isinstance(system, dict) and "ApiVersion" in system
+
+
+def change_cursor(endpoint: Endpoint) -> int | None:
+    """The change log's current ``Last`` sequence number (``None`` when the answer has none).
+
+    Raises:
+        DicomwebError: the change log cannot be read (the server is not an Orthanc, see
+            ``is_orthanc``).
+    """
+    rest = rest_endpoint(endpoint)
+    if rest is None:
+        raise DicomwebError("Orthanc change log: the DICOMweb root does not end in /dicom-web")
+    with new_session(rest) as session:
+        last = _json(session, rest, "/changes", last="")
     value = last.get("Last") if isinstance(last, dict) else None
     return int(value) if isinstance(value, int) else None
 
@@ -73,7 +84,7 @@ def studies_received(endpoint: Endpoint, since: int, upto: int) -> tuple[str, ..
     ids: list[str] = []
     with new_session(rest) as session:
         cursor = since
-        for _ in range(MAX_CHANGE_PAGES):
+        for _ in range(MAX_CHANGE_PAGES):  # paged: a long log is never cut short silently
             page = _json(session, rest, "/changes", since=cursor, limit=CHANGES_PAGE)
             if not isinstance(page, dict):
                 raise DicomwebError("Orthanc change log: not a JSON object")
@@ -85,6 +96,8 @@ def studies_received(endpoint: Endpoint, since: int, upto: int) -> tuple[str, ..
             if page.get("Done") or not isinstance(last, int) or last <= cursor or last >= upto:
                 break
             cursor = last
+        else:
+            raise DicomwebError(f"Orthanc change log: more than {MAX_CHANGE_PAGES} pages")
         uids = [_study_uid(session, rest, orthanc_id) for orthanc_id in dict.fromkeys(ids)]
     return tuple(u for u in uids if u)
 
@@ -99,36 +112,3 @@ def _study_uid(session: Any, rest: Endpoint, orthanc_id: str) -> str | None:
         raise
     tags = study.get("MainDicomTags", {}) if isinstance(study, dict) else {}
     return tags.get("StudyInstanceUID") or None
-
-
-def with_received_studies(
-    endpoint: Endpoint, query: Query, found: QueryResult, out_dir: Path, cursor: int | None
-) -> QueryResult:
-    """``found`` (a ``--since last-run`` query) plus the series of the studies Orthanc received
-    since the previous complete run of ``out_dir`` (whatever their StudyDate), de-duplicated
-    by series; ``cursor`` (read before the query) is carried on to be recorded.
-
-    Raises:
-        DicomwebError: the change log or the added studies cannot be queried.
-    """
-    found = replace(found, cursor=cursor)
-    before = recorded_cursor(out_dir)
-    if before is None or cursor is None:
-        return found
-    uids = studies_received(endpoint, before, cursor)
-    if query.study_uids:
-        uids = tuple(u for u in uids if u in set(query.study_uids))
-    if not uids:
-        return found
-    extra = query_series(endpoint, Query(modality=query.modality, study_uids=uids))
-    hits = {h.key: h for h in found.hits}
-    for hit in extra.hits:
-        hits.setdefault(hit.key, hit)
-    dates = [d for d in (found.earliest_study_date, extra.earliest_study_date) if d]
-    log.info("Orthanc change log: %d studies received since the last run", len(uids))
-    return replace(
-        found,
-        hits=sorted(hits.values(), key=lambda h: h.key),
-        own_skipped=found.own_skipped + extra.own_skipped,
-        earliest_study_date=min(dates, default=None),
-    )

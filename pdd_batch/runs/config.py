@@ -17,6 +17,10 @@ from pdd_batch.ingest.archive_io import IngestLimits
 from pdd_batch.runs.outcome import DEFAULT_MIN_ASSESSED, check_min_assessed
 
 PRECISIONS = ("fp32", "bf16")
+# Discovery on a cluster (``jobs.discovery_shards``): headers read in Ray tasks when at least
+# this many are to be read, in shards of at most this many files (docs/architecture.md).
+DISCOVERY_SHARD_MIN_FILES = 2000
+DISCOVERY_SHARD_FILES = 256
 TEACHER_ROLES = ("cnn", "mamba")
 
 
@@ -61,6 +65,9 @@ class RunConfig:
             sha256 is still checked against the checkpoint's record.
         follow_links_outside: read links under the archive that resolve outside it (refused,
             with an error row, by default).
+        discovery_shard_min_files, discovery_shard_files: on a cluster of more than one node,
+            discovery reads headers in Ray tasks when at least ``discovery_shard_min_files``
+            are to be read, in shards of at most ``discovery_shard_files`` files by folder.
         max_series_voxels, max_frames_per_file, max_member_bytes, max_compression_ratio: the
             caps of ``IngestLimits`` (``limits``): an input over one is a failed error row and
             is never allocated.
@@ -88,6 +95,8 @@ class RunConfig:
     max_member_bytes: int = IngestLimits.max_member_bytes
     max_compression_ratio: float = IngestLimits.max_compression_ratio
     more_models: tuple[Path, ...] = ()
+    discovery_shard_min_files: int = DISCOVERY_SHARD_MIN_FILES
+    discovery_shard_files: int = DISCOVERY_SHARD_FILES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "archive", Path(self.archive))
@@ -95,10 +104,14 @@ class RunConfig:
         if self.model_path is not None:
             object.__setattr__(self, "model_path", Path(self.model_path))
         object.__setattr__(self, "more_models", tuple(Path(p) for p in self.more_models))
-        for key in ("batch_size", "num_actors", "num_cpus"):
+        for key in ("batch_size", "num_actors", "num_cpus", "discovery_shard_files"):
             value = getattr(self, key)
             if value is not None and int(value) < 1:
                 raise RunConfigError(f"{key} must be >= 1, got {value}")
+        if self.discovery_shard_min_files < 0:
+            raise RunConfigError(
+                f"discovery_shard_min_files must be >= 0, got {self.discovery_shard_min_files}"
+            )
         if self.rows_per_file < 1:
             raise RunConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         if self.flush_seconds <= 0:

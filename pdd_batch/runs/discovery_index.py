@@ -10,6 +10,7 @@ from typing import Any
 
 from pdd_batch.ingest.archive_io import IngestLimits
 from pdd_batch.ingest.file_index import FileIndex, IndexEntry, IndexUpdate, discover_incremental
+from pdd_batch.ingest.header_read import HeaderReader, read_in_process
 from pdd_batch.ingest.series import Discovery
 from pdd_batch.runs import store
 from pdd_batch.runs.state import RunState
@@ -54,15 +55,22 @@ def discover_indexed(
     open_archives: bool = False,
     limits: IngestLimits | None = None,
     follow_links_outside: bool = False,
+    read_headers: HeaderReader = read_in_process,
 ) -> tuple[Discovery, dict[str, Any]]:
     """Discover ``archive`` against the folder's index and update it; returns the discovery
-    and ``{"header_reads", "files_unchanged"}`` for the manifest."""
+    and, for the manifest, ``{"header_reads", "files_unchanged", "shards"}`` (``shards``: the
+    Ray tasks ``read_headers`` ran, 0 when every header was read in this process)."""
     disc, update = discover_incremental(
         archive,
         load_index(state),
         open_archives=open_archives,
         limits=limits,
         follow_links_outside=follow_links_outside,
+        read_headers=read_headers,
     )
     save_index(state, update)
-    return disc, {"header_reads": update.header_reads, "files_unchanged": update.files_unchanged}
+    return disc, {
+        "header_reads": update.header_reads,
+        "files_unchanged": update.files_unchanged,
+        "shards": update.shards,
+    }

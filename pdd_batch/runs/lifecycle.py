@@ -273,6 +273,7 @@ def run_summary(run: RunContext, n_study: int, n_err: int) -> dict[str, Any]:
         "series_reused": sum(1 for k in seen if k in state.series) - stats.series_committed,
         "series_failed": len(run.sink.failed) + run.source_failed,
         "series_not_fetched": run.source_failed,
+        **({"pacs": run.source_summary} if run.source_summary else {}),
         "slices_written_this_run": stats.slices_written,
         "slices_total": state.committed_rows(),
         "studies": n_study,

@@ -82,5 +82,6 @@ class RunContext:
     published_manifest: dict[str, Any] | None = None
     models: list[ModelInfo] = field(default_factory=list)  # a routed set: each with its series
     routed: Routed | None = None
-    discovery: dict[str, int] = field(default_factory=dict)  # header_reads, files_unchanged
+    discovery: dict[str, int] = field(default_factory=dict)  # header_reads, files_unchanged, shards
     source_failed: int = 0  # series a source stage could not fetch: the run is incomplete
+    source_summary: dict[str, Any] | None = None  # a PACS source: cursor and fetch counts
