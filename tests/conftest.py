@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from orthanc_server import orthanc  # noqa: F401 - the session's one Orthanc, for every module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PDD_SHARED", REPO_ROOT.parent / "shared"))
@@ -88,3 +89,32 @@ def ray_test_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def shared_ray(ray_test_token: Path) -> Iterator[None]:
+    """The session's shared local Ray (``ray_support.use_shared_ray``: 2 CPUs, token auth,
+    127.0.0.1, private temp folder), running before each test that asks for it (directly or
+    through a module fixture; ``_shared_ray_for_test``) and stopped at the end of the session.
+
+    Tests must not ``ray.shutdown()`` it; a test that needs a cluster of its own starts one
+    with ``ray_support.start_test_ray`` / ``local_cluster``, which stop the shared one first."""
+    from ray_support import release_shared_ray, use_shared_ray
+
+    use_shared_ray()
+    yield
+    release_shared_ray()
+
+
+@pytest.fixture(autouse=True)
+def _shared_ray_for_test(request: pytest.FixtureRequest) -> None:
+    """Before each test: the shared Ray running if the test asks for ``shared_ray``; stopped if
+    the test is marked ``ray`` without asking for it (it expects to start, or join, its own)."""
+    if "shared_ray" in request.fixturenames:
+        from ray_support import use_shared_ray
+
+        use_shared_ray()
+    elif request.node.get_closest_marker("ray") is not None:
+        from ray_support import release_shared_ray
+
+        release_shared_ray()

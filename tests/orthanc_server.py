@@ -5,6 +5,10 @@
 generated configuration (authentication on, one test user, remote access off), waits until it
 answers and stops it afterwards. Tests that need it skip, with the reason, where the binary or
 the plugin is missing.
+
+The fixture ``orthanc`` is one server for the whole session, provided by conftest: test modules
+must not import it (a module that imports a fixture gets a definition, and so a server, of its
+own). Each module that needs an empty PACS clears it (``Orthanc.clear``) in its own fixture.
 """
 
 from __future__ import annotations

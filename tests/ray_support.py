@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import ray
 from ray.cluster_utils import Cluster
 
 from jobs.cluster import (
@@ -21,8 +22,39 @@ from jobs.cluster import (
 RAY_TMPDIR_ENV = "RAY_TMPDIR"
 
 
+# The session's shared local cluster (``use_shared_ray``): whether it is the Ray running now.
+_shared = {"running": False}
+SHARED_CPUS = 2
+
+
+def use_shared_ray() -> None:
+    """Make the session's shared local Ray the one this process is connected to.
+
+    It is ``start_test_ray(num_cpus=2)``, started on first use and kept between the tests that
+    ask for it (fixture ``shared_ray`` of conftest), so that they do not each pay a cluster start
+    and the first import of torch in its workers. Tests that need a cluster of their own (other
+    CPUs, another temp folder, several nodes) call ``start_test_ray`` or ``local_cluster``, which
+    stop the shared one first; the next test that asks for it starts it again.
+    """
+    if _shared["running"] and ray.is_initialized():
+        return
+    if ray.is_initialized():  # a cluster some test left running: never join it by accident
+        ray.shutdown()
+    start_local(SHARED_CPUS)
+    _shared["running"] = True
+
+
+def release_shared_ray() -> None:
+    """Stop the shared local Ray if it is the one running (a no-op otherwise)."""
+    if _shared["running"] and ray.is_initialized():
+        ray.shutdown()
+    _shared["running"] = False
+
+
 def start_test_ray(num_cpus: int = 2, **kwargs: object) -> None:
-    """Start the project's local Ray cluster (``jobs.cluster.start_local``) for a test."""
+    """Start a local Ray cluster of the test's own (``jobs.cluster.start_local``); the shared
+    one (``use_shared_ray``) is stopped first."""
+    release_shared_ray()
     start_local(num_cpus, **kwargs)
 
 
@@ -61,7 +93,9 @@ def private_default_temp() -> Iterator[None]:
 @contextmanager
 def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[Cluster]:
     """A Ray cluster of ``nodes`` nodes on this machine (``ray.cluster_utils.Cluster``) with the
-    project's node arguments and its address file in the private temp folder."""
+    project's node arguments and its address file in the private temp folder (the shared local
+    Ray, if running, is stopped first)."""
+    release_shared_ray()
     with private_default_temp():
         cluster = Cluster(initialize_head=True, head_node_args=ray_node_args(cpus_per_node))
         try:

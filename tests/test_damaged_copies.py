@@ -15,11 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-import ray
 from dicom_factory import slice_values, write_ct_series
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from pdd_batch.ingest.discovery import discover, discovery_report
@@ -185,7 +183,9 @@ def test_an_undecodable_copy_kept_at_discovery_gives_way_to_the_original(tmp_pat
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_screen_scores_the_good_slice_and_fails_each_damaged_copy(tmp_path: Path) -> None:
+def test_screen_scores_the_good_slice_and_fails_each_damaged_copy(
+    tmp_path: Path, shared_ray
+) -> None:
     from jobs.screen import run_screen
     from pdd_batch.ingest.keys import file_key
     from pdd_batch.runs.config import RunConfig
@@ -206,13 +206,9 @@ def test_screen_scores_the_good_slice_and_fails_each_damaged_copy(tmp_path: Path
     # stage falls back to the original
     bad_copy = _undecodable(rle[2], root / "a_rle_copy" / rle[2].name)
     out = tmp_path / "run"
-    start_test_ray(num_cpus=2)
-    try:
-        result = run_screen(
-            RunConfig(archive=root, out_dir=out, model_path=make_checkpoint(tmp_path / "ckpt"))
-        )
-    finally:
-        ray.shutdown()
+    result = run_screen(
+        RunConfig(archive=root, out_dir=out, model_path=make_checkpoint(tmp_path / "ckpt"))
+    )
     m = result.manifest
     rels = {p.relative_to(root).as_posix() for p in root.rglob("*.dcm")}
     assert (

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from dicom_factory import write_ct_series, write_xray
-from ray_support import start_test_ray
 from scope_support import tag
 
 from model.default import (
@@ -106,10 +104,12 @@ def test_both_default_folders_together_under_25_mb() -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    start_test_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def ray_local(shared_ray):
+    """The session's shared local Ray (conftest ``shared_ray``; token auth, loopback only,
+    private temp folder): the commands of the tests join it, no start per command."""
+    from ray_support import use_shared_ray
+
+    use_shared_ray()
 
 
 @pytest.mark.ray

@@ -18,11 +18,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-import ray
 from conftest import SHARED
 from dicom_factory import write_ct_series
-from orthanc_server import FaultyProxy, orthanc, orthanc_process  # noqa: F401 - the fixture
-from ray_support import start_test_ray
+from orthanc_server import FaultyProxy, orthanc_process
 from screen_support import direct_scores, make_checkpoint
 from typer.testing import CliRunner
 
@@ -94,10 +92,12 @@ def identifiers(root: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    start_test_ray(num_cpus=2)  # token auth, loopback only, private temp folder
-    yield
-    ray.shutdown()
+def ray_local(shared_ray):
+    """The session's shared local Ray (conftest ``shared_ray``; token auth, loopback only,
+    private temp folder): the commands of the tests join it, no start per command."""
+    from ray_support import use_shared_ray
+
+    use_shared_ray()
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-import ray
 import torch
 from dicom_factory import write_ct_series, write_xray
-from orthanc_server import orthanc  # noqa: F401 - the fixture
-from ray_support import start_test_ray
+from ray_support import use_shared_ray
 from scope_support import CHEST_XR, HEAD_CT, tag
 from screen_support import IMAGE_SIZE
 from test_pacs_documents import kos_description, sr_items
@@ -51,7 +49,7 @@ def _checkpoint(out: Path, seed: int, scope, threshold: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(orthanc, tmp_path_factory) -> dict:  # noqa: F811
+def exported(orthanc, tmp_path_factory, shared_ray) -> dict:  # noqa: F811
     from jobs.dicomweb_fetch import screen_pacs
     from pdd_batch.runs.config import RunConfig
 
@@ -63,6 +61,7 @@ def exported(orthanc, tmp_path_factory) -> dict:  # noqa: F811
     tag(head, BodyPartExamined="HEAD")
     cr = write_xray(archive / "cr" / "cr.dcm", rows=48, cols=40, modality="CR", study_uid=STUDY_UID)
     tag([cr], BodyPartExamined="CHEST", ViewPosition="PA")
+    orthanc.clear()  # the session's one Orthanc: only this module's study on it
     orthanc.upload(sorted(archive.rglob("*.dcm")))
     models = {
         "head": _checkpoint(base / "head_model", 1, HEAD_CT, THRESHOLDS["head"]),
@@ -80,11 +79,8 @@ def exported(orthanc, tmp_path_factory) -> dict:  # noqa: F811
         batch_size=4,
         rows_per_file=16,
     )
-    start_test_ray(num_cpus=2)
-    try:
-        result = screen_pacs(cfg, endpoint, Query(study_uids=(STUDY_UID,)))
-    finally:
-        ray.shutdown()
+    use_shared_ray()
+    result = screen_pacs(cfg, endpoint, Query(study_uids=(STUDY_UID,)))
     assert result.screen.exit_code == 0
     mp = pytest.MonkeyPatch()
     mp.setenv(USER_ENV, orthanc.user)

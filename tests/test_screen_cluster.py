@@ -19,8 +19,10 @@ from pdd_batch.cli.app import app
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_nodes():
+    """One two-node cluster for the module's tests: each CLI run joins it by ``--address`` (and
+    leaves it running when it ends), as a site's runs join their cluster."""
     with local_cluster(nodes=2, cpus_per_node=1) as cluster:
         yield cluster
 

@@ -15,8 +15,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
-from ray_support import start_test_ray
 from screen_support import IMAGE_SIZE, direct_scores, make_archive, make_checkpoint
 
 from jobs.screen import CRASH_ONCE_ENV, CRASH_ONCE_READ_ENV, run_screen
@@ -29,10 +27,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    start_test_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def ray_local(shared_ray):
+    """The session's shared local Ray (conftest ``shared_ray``; token auth, loopback only,
+    private temp folder): the commands of the tests join it, no start per command."""
+    from ray_support import use_shared_ray
+
+    use_shared_ray()
 
 
 @pytest.fixture(scope="module")

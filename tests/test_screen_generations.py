@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 from dicom_factory import write_ct_series
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -34,7 +32,7 @@ def _sorted(table, key: str = "slice_key"):
     return table.sort_by(key).to_pandas()
 
 
-def test_killed_force_run_leaves_earlier_results_readable(tmp_path: Path) -> None:
+def test_killed_force_run_leaves_earlier_results_readable(tmp_path: Path, shared_ray) -> None:
     archive, out = tmp_path / "archive", tmp_path / "out"
     for i in range(4):
         write_ct_series(archive / f"s{i}", n_slices=4, rows=32, cols=32, seed=300 + i)
@@ -46,26 +44,20 @@ def test_killed_force_run_leaves_earlier_results_readable(tmp_path: Path) -> Non
         if event.stage == "commit" and event.done >= 1:
             raise Killed("stopped after a commit")
 
-    start_test_ray(num_cpus=2)
-    try:
-        first = run_screen(_cfg(archive, out, ckpt, run_id="gen-1"))
-        assert first.exit_code == 0 and not first.warnings
-        before = open_run(out)
-        with pytest.raises(Killed):
-            run_screen(
-                _cfg(archive, out, ckpt, run_id="gen-2", force=True), kill_after_first_commit
-            )
-        assert RunState.load(out).parts  # some of the new generation was committed...
-        after = open_run(out)  # ...and none of it is visible: the earlier results, whole
-        assert _sorted(after.slices).equals(_sorted(before.slices))
-        assert _sorted(after.studies, "study_key").equals(_sorted(before.studies, "study_key"))
-        assert after.model_id == before.model_id and after.manifest["run_id"] == "gen-1"
-        assert after.status == "failed" and after.manifest["in_progress"]["run_id"] == "gen-2"
-        said = [e.note for e in events if e.stage == "warning"]
-        assert len(said) == 1 and "--force" in said[0] and "16 slices" in said[0]
-        resumed = run_screen(_cfg(archive, out, ckpt, run_id="gen-3"))
-    finally:
-        ray.shutdown()
+    first = run_screen(_cfg(archive, out, ckpt, run_id="gen-1"))
+    assert first.exit_code == 0 and not first.warnings
+    before = open_run(out)
+    with pytest.raises(Killed):
+        run_screen(_cfg(archive, out, ckpt, run_id="gen-2", force=True), kill_after_first_commit)
+    assert RunState.load(out).parts  # some of the new generation was committed...
+    after = open_run(out)  # ...and none of it is visible: the earlier results, whole
+    assert _sorted(after.slices).equals(_sorted(before.slices))
+    assert _sorted(after.studies, "study_key").equals(_sorted(before.studies, "study_key"))
+    assert after.model_id == before.model_id and after.manifest["run_id"] == "gen-1"
+    assert after.status == "failed" and after.manifest["in_progress"]["run_id"] == "gen-2"
+    said = [e.note for e in events if e.stage == "warning"]
+    assert len(said) == 1 and "--force" in said[0] and "16 slices" in said[0]
+    resumed = run_screen(_cfg(archive, out, ckpt, run_id="gen-3"))
     assert resumed.exit_code == 0 and resumed.warnings  # it said what it replaces
     final = open_run(out)
     slices = final.slices.to_pandas()

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from hostile_factory import build_hostile_archive
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -19,24 +17,20 @@ from pdd_batch.runs.config import RunConfig
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_hostile_archive_screens_with_every_file_accounted_for(tmp_path: Path) -> None:
+def test_hostile_archive_screens_with_every_file_accounted_for(tmp_path: Path, shared_ray) -> None:
     built = build_hostile_archive(tmp_path / "archive")
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "run"
-    start_test_ray(num_cpus=2)
-    try:
-        result = run_screen(
-            RunConfig(
-                archive=tmp_path / "archive",
-                out_dir=out,
-                model_path=ckpt,
-                batch_size=4,
-                rows_per_file=16,
-                open_archives=True,
-            )
+    result = run_screen(
+        RunConfig(
+            archive=tmp_path / "archive",
+            out_dir=out,
+            model_path=ckpt,
+            batch_size=4,
+            rows_per_file=16,
+            open_archives=True,
         )
-    finally:
-        ray.shutdown()
+    )
     m = result.manifest
     assert result.exit_code == 0 and m["status"] == "complete" and m["inputs_lost"] == 0
     assert m["inputs_seen"] == len(built["expected"])

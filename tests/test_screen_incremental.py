@@ -14,7 +14,6 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 from dicom_factory import write_ct_series
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 from typer.testing import CliRunner
 
@@ -39,7 +38,7 @@ def _live(out: Path, table: str) -> list[str]:
     ]
 
 
-def test_a_night_that_adds_one_series_only_adds_files(tmp_path: Path) -> None:
+def test_a_night_that_adds_one_series_only_adds_files(tmp_path: Path, shared_ray) -> None:
     archive, out = tmp_path / "archive", tmp_path / "out"
     for i in range(2):
         write_ct_series(archive / f"s{i}", n_slices=3, rows=32, cols=32, seed=400 + i)
@@ -52,23 +51,19 @@ def test_a_night_that_adds_one_series_only_adds_files(tmp_path: Path) -> None:
         assert result.exit_code == 0
         return result.manifest
 
-    start_test_ray(num_cpus=2)
-    try:
-        first = screen("n1")
-        assert first["discovery"] == {"header_reads": 6, "files_unchanged": 0, "shards": 0}
-        before = _files(out)
-        assert before
-        nothing = screen("n2")  # nothing new: no header read, nothing screened
-        assert nothing["discovery"] == {"header_reads": 0, "files_unchanged": 6, "shards": 0}
-        assert nothing["series_screened_this_run"] == 0
-        write_ct_series(archive / "s2", n_slices=3, rows=32, cols=32, seed=402)
-        third = screen("n3")
-        # the Ray Data recipe of docs/screening.md (through pyarrow.dataset: Ray's own
-        # read_parquet races on fsspec's HTTP module where fsspec has no aiohttp)
-        rows = ray.data.from_arrow(ds.dataset(_live(out, "slices"), format="parquet").to_table())
-        assert rows.count() == 9
-    finally:
-        ray.shutdown()
+    first = screen("n1")
+    assert first["discovery"] == {"header_reads": 6, "files_unchanged": 0, "shards": 0}
+    before = _files(out)
+    assert before
+    nothing = screen("n2")  # nothing new: no header read, nothing screened
+    assert nothing["discovery"] == {"header_reads": 0, "files_unchanged": 6, "shards": 0}
+    assert nothing["series_screened_this_run"] == 0
+    write_ct_series(archive / "s2", n_slices=3, rows=32, cols=32, seed=402)
+    third = screen("n3")
+    # the Ray Data recipe of docs/screening.md (through pyarrow.dataset: Ray's own
+    # read_parquet races on fsspec's HTTP module where fsspec has no aiohttp)
+    rows = ray.data.from_arrow(ds.dataset(_live(out, "slices"), format="parquet").to_table())
+    assert rows.count() == 9
     assert third["discovery"] == {"header_reads": 3, "files_unchanged": 6, "shards": 0}
     assert third["series_screened_this_run"] == 1
     after = _files(out)

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from conftest import shared_path
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -33,24 +31,20 @@ def _link_subset(dicom: Path, archive: Path) -> None:
         dest.symlink_to(src)
 
 
-def test_screen_real_dicom_subset(tmp_path: Path) -> None:
+def test_screen_real_dicom_subset(tmp_path: Path, shared_ray) -> None:
     dicom = shared_path("data", "dicom")
     archive = tmp_path / "archive"
     _link_subset(dicom, archive)
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    start_test_ray(num_cpus=2)
-    try:
-        result = run_screen(
-            RunConfig(
-                archive=archive,
-                out_dir=tmp_path / "out",
-                model_path=ckpt,
-                batch_size=8,
-                follow_links_outside=True,  # the archive is links to ../shared/data
-            )
+    result = run_screen(
+        RunConfig(
+            archive=archive,
+            out_dir=tmp_path / "out",
+            model_path=ckpt,
+            batch_size=8,
+            follow_links_outside=True,  # the archive is links to ../shared/data
         )
-    finally:
-        ray.shutdown()
+    )
     m = result.manifest
     assert result.exit_code == 0 and m["inputs_lost"] == 0
     assert m["inputs_seen"] == N_CT + 1 + 1 + 3

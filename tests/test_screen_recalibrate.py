@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from dicom_factory import write_ct_series
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -25,25 +23,21 @@ def _run(archive: Path, out: Path, ckpt: Path) -> None:
     assert run_screen(cfg).exit_code == 0
 
 
-def test_recalibrated_model_reflags_earlier_rows(tmp_path: Path) -> None:
+def test_recalibrated_model_reflags_earlier_rows(tmp_path: Path, shared_ray) -> None:
     from model.checkpoint import set_calibration
 
     archive, out = tmp_path / "archive", tmp_path / "out"
     study = "1.2.826.0.1.3680043.8.498.1"  # both series of one study, screened in two runs
     write_ct_series(archive / "a", n_slices=3, rows=32, cols=32, seed=1, study_uid=study)
     ckpt = make_checkpoint(tmp_path / "ckpt")  # uncalibrated
-    start_test_ray(num_cpus=2)
-    try:
-        _run(archive, out, ckpt)
-        first = pq.read_table(out / "slices").to_pandas()
-        assert first["threshold"].isna().all() and not first["flagged"].any()
-        threshold = float(np.median(first["score"]))
-        calib = {"method": "fpr", "fpr": 0.5, "threshold": threshold, "n_normals": 3}
-        set_calibration(ckpt, {**calib, "split": "val", "data": "synthetic"})
-        write_ct_series(archive / "b", n_slices=3, rows=32, cols=32, seed=2, study_uid=study)
-        _run(archive, out, ckpt)
-    finally:
-        ray.shutdown()
+    _run(archive, out, ckpt)
+    first = pq.read_table(out / "slices").to_pandas()
+    assert first["threshold"].isna().all() and not first["flagged"].any()
+    threshold = float(np.median(first["score"]))
+    calib = {"method": "fpr", "fpr": 0.5, "threshold": threshold, "n_normals": 3}
+    set_calibration(ckpt, {**calib, "split": "val", "data": "synthetic"})
+    write_ct_series(archive / "b", n_slices=3, rows=32, cols=32, seed=2, study_uid=study)
+    _run(archive, out, ckpt)
     rows = pq.read_table(out / "slices").to_pandas()
     assert len(rows) == 6 and rows["slice_key"].is_unique
     assert (rows["threshold"] == threshold).all()

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from dicom_factory import write_ct_series
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 
 from jobs.screen import run_screen
@@ -18,7 +16,7 @@ from pdd_batch.runs.config import RunConfig
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_reformatted_series_counts_every_file_scored(tmp_path: Path) -> None:
+def test_reformatted_series_counts_every_file_scored(tmp_path: Path, shared_ray) -> None:
     archive = tmp_path / "archive"
     files = write_ct_series(
         archive / "sag", n_slices=20, rows=24, cols=24, seed=5, orientation="sagittal"
@@ -27,11 +25,7 @@ def test_reformatted_series_counts_every_file_scored(tmp_path: Path) -> None:
     cfg = RunConfig(
         archive=archive, out_dir=tmp_path / "out", model_path=ckpt, num_cpus=2, batch_size=8
     )
-    start_test_ray(num_cpus=2)
-    try:
-        result = run_screen(cfg)
-    finally:
-        ray.shutdown()
+    result = run_screen(cfg)
     m = result.manifest
     assert result.exit_code == 0
     rows = pq.read_table(tmp_path / "out" / "slices").num_rows

@@ -175,21 +175,18 @@ def test_evaluate_synthetic_on_a_dicom_archive(small_checkpoint: Path, tmp_path:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_candidates_train_as_ray_actors_on_a_cluster(phantoms: Path, tmp_path: Path) -> None:
+def test_candidates_train_as_ray_actors_on_a_cluster(
+    phantoms: Path, tmp_path: Path, shared_ray
+) -> None:
     ray = pytest.importorskip("ray")
-    from ray_support import start_test_ray
 
     items = list_images(phantoms, phantoms / "split.csv", splits=("train", "val"))
     cfg = get_config("test", image_size=32)
     cands = [Candidate("a", cfg), Candidate("b", cfg, TrainConfig(epochs=1, batch_size=8))]
     seen: set[str] = set()
-    start_test_ray(num_cpus=2)
-    try:
-        address = ray.get_runtime_context().gcs_address
-        sel = run_selection(items, tmp_path / "ck", cands, TrainConfig(epochs=2, batch_size=8),
-                            address=address, progress=lambda n, p: seen.add(n))  # fmt: skip
-    finally:
-        ray.shutdown()
+    address = ray.get_runtime_context().gcs_address
+    sel = run_selection(items, tmp_path / "ck", cands, TrainConfig(epochs=2, batch_size=8),
+                        address=address, progress=lambda n, p: seen.add(n))  # fmt: skip
     assert seen == {"a", "b"} and sel.result.model is None
     epochs = {r["config"]: r["epochs"] for r in sel.record["candidates"]}
     assert epochs == {"a": 2, "b": 1}

@@ -129,14 +129,12 @@ def _study_of_slices(archive: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def ray_local():
-    """One local Ray cluster for the commands of a test (each joins it: no start per command)."""
-    import ray
-    from ray_support import start_test_ray
+def ray_local(shared_ray):
+    """The session's shared local Ray (conftest ``shared_ray``; token auth, loopback only,
+    private temp folder): the commands of the tests join it, no start per command."""
+    from ray_support import use_shared_ray
 
-    start_test_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+    use_shared_ray()
 
 
 @pytest.mark.ray

@@ -8,9 +8,6 @@ import json
 import tempfile
 
 import pytest
-import ray
-from orthanc_server import orthanc  # noqa: F401 - the fixture
-from ray_support import start_test_ray
 from screen_support import make_checkpoint
 from site_support import write_site_archive
 from typer.testing import CliRunner
@@ -25,10 +22,12 @@ N_LISTED = 6
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    start_test_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def ray_local(shared_ray):
+    """The session's shared local Ray (conftest ``shared_ray``; token auth, loopback only,
+    private temp folder): the commands of the tests join it, no start per command."""
+    from ray_support import use_shared_ray
+
+    use_shared_ray()
 
 
 @pytest.fixture(scope="module")

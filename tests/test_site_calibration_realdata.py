@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from conftest import shared_path
-from ray_support import start_test_ray
 from typer.testing import CliRunner
 
 from pdd_batch.cli.app import app
@@ -51,24 +49,20 @@ def _heldout_from_screen(run: Path, keys: list[str], threshold: float) -> tuple[
     return float(per_study.mean()), float(flagged.mean())
 
 
-def test_train_calibrate_screen_on_real_dicom(tmp_path: Path) -> None:
+def test_train_calibrate_screen_on_real_dicom(tmp_path: Path, shared_ray) -> None:
     dicom = shared_path("data", "dicom")
     normals, site = tmp_path / "normals", tmp_path / "site"
     _copy(dicom, AXIAL_MR, normals)
     _copy(dicom, AXIAL_MR, site)
     _copy(dicom, OUT_OF_SCOPE, site)
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
-    start_test_ray(num_cpus=2)
-    try:
-        train = ["train", str(normals), "--archive", "--config", "test", "--epochs", "2"]
-        r = runner.invoke(app, [*train, "--batch-size", "8", "--out", str(ckpt)])
-        assert r.exit_code == 0, r.output
-        r = runner.invoke(app, ["calibrate", str(site), "--archive", "--model", str(ckpt),
-                                "--holdout", "0.3", "--bootstrap", "500"])  # fmt: skip
-        assert r.exit_code == 0, r.output
-        screen = runner.invoke(app, ["screen", str(site), "--model", str(ckpt), "--out", str(run)])
-    finally:
-        ray.shutdown()
+    train = ["train", str(normals), "--archive", "--config", "test", "--epochs", "2"]
+    r = runner.invoke(app, [*train, "--batch-size", "8", "--out", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["calibrate", str(site), "--archive", "--model", str(ckpt),
+                            "--holdout", "0.3", "--bootstrap", "500"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    screen = runner.invoke(app, ["screen", str(site), "--model", str(ckpt), "--out", str(run)])
     assert screen.exit_code == 0, screen.output
     rec = json.loads((ckpt / "config.json").read_text())["calibration"]
     s = rec["site"]

@@ -199,21 +199,16 @@ def test_default_model_loads_and_scores() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_training_runs_as_a_ray_actor(dataset: Path, tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
-    from ray_support import start_test_ray
+def test_training_runs_as_a_ray_actor(dataset: Path, tmp_path: Path, shared_ray) -> None:
+    import ray
 
     from jobs.train import run_training
 
-    start_test_ray(num_cpus=2)
-    try:
-        seen = []
-        address = ray.get_runtime_context().gcs_address
-        res = run_training(list_images(dataset), tmp_path / "ck", get_config("test"),
-                           TrainConfig(epochs=2, batch_size=4), address=address,
-                           progress=seen.append)  # fmt: skip
-    finally:
-        ray.shutdown()
+    seen = []
+    address = ray.get_runtime_context().gcs_address
+    res = run_training(list_images(dataset), tmp_path / "ck", get_config("test"),
+                       TrainConfig(epochs=2, batch_size=4), address=address,
+                       progress=seen.append)  # fmt: skip
     assert res.epochs_run == 2 and res.model is None and seen
     assert load_checkpoint(tmp_path / "ck").meta["training"]["epochs_run"] == 2
 

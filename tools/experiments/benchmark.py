@@ -33,10 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from pdd_batch.evaluation.datasets import ImageItem, list_images
-from pdd_batch.evaluation.metrics import auroc_ci
+from pdd_batch.evaluation.metrics import _auroc_by_ranks, auroc_ci
 from tools.experiments.recipes import (
     VARIANTS,
     chest_items,
@@ -175,23 +174,27 @@ def paired_difference(
     a_rows: Sequence[dict[str, Any]], b_rows: Sequence[dict[str, Any]], n_resamples: int = 1000
 ) -> tuple[float, float, float]:
     """AUROC(a) − AUROC(b) on one split, averaged over the seeds both have, with a paired,
-    class-stratified bootstrap 95% interval (the same test images resampled for both)."""
+    class-stratified bootstrap 95% interval (the same test images resampled for both).
+
+    Every resample's AUROC comes from ranks at once (ties count half: ``roc_auc_score``'s
+    figure), not from one ``roc_auc_score`` call per resample, seed and model."""
     seeds = sorted({r["seed"] for r in a_rows} & {r["seed"] for r in b_rows})
     a = np.array([next(r for r in a_rows if r["seed"] == s)["test_scores"] for s in seeds])
     b = np.array([next(r for r in b_rows if r["seed"] == s)["test_scores"] for s in seeds])
     y = _kept_labels(a_rows[0])  # (N,)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     rng = np.random.default_rng(0)
+    draws = [(rng.choice(pos, pos.size), rng.choice(neg, neg.size)) for _ in range(n_resamples)]
 
-    def diff(idx: np.ndarray) -> float:
-        return float(np.mean([roc_auc_score(y[idx], a[k, idx]) - roc_auc_score(y[idx], b[k, idx])
-                              for k in range(len(seeds))]))  # fmt: skip
+    def diff(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Mean over seeds of AUROC(a) − AUROC(b) on positives ``p`` (R, n1) and negatives
+        ``q`` (R, n0) of each resample: (R,)."""
+        auroc_a = _auroc_by_ranks(a[:, p], a[:, q])  # (S, R)
+        auroc_b = _auroc_by_ranks(b[:, p], b[:, q])  # (S, R)
+        return np.mean(auroc_a - auroc_b, axis=0)
 
-    point = diff(np.arange(len(y)))
-    boots = [
-        diff(np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        for _ in range(n_resamples)
-    ]
+    point = float(diff(pos[None], neg[None])[0])
+    boots = diff(np.stack([p for p, _ in draws]), np.stack([q for _, q in draws]))  # (R,)
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return point, float(lo), float(hi)
 
