@@ -387,9 +387,13 @@ def run_selection(
     scope: dict[str, Any] | None = None,
     resume: bool = False,
     framing: str | None = AUTO,
+    keep_candidates: bool = False,
 ) -> SelectionResult:
     """Train every candidate, keep the one with the best figure in ``out_dir`` (the first
     candidate is the default when there are too few normals to hold any out).
+
+    ``keep_candidates``: leave every candidate's checkpoint in ``out_dir/candidates/NAME`` (to
+    evaluate or calibrate the others later); by default only the winner is kept.
 
     Raises:
         TrainError: no candidate, no usable training image, or a candidate failed.
@@ -448,7 +452,8 @@ def run_selection(
         row["figure"].pop("scores", None)  # per-image scores: compared above, not recorded
     chosen = cands[keep].label
     _keep(out_dir / CANDIDATE_DIR / chosen, out_dir)
-    shutil.rmtree(out_dir / CANDIDATE_DIR, ignore_errors=True)
+    if not keep_candidates:
+        shutil.rmtree(out_dir / CANDIDATE_DIR, ignore_errors=True)
     record = _record(holdout, rows, best, keep, margin)
     return _finish(out_dir, results[keep][0], chosen, record)
 

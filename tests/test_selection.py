@@ -77,13 +77,17 @@ def test_selection_keeps_the_trained_candidate_over_a_crippled_one(
 
 def test_train_selects_by_default_and_never_reads_test_rows(phantoms: Path, tmp_path: Path) -> None:
     """`pdd-batch train DATA --split-file …` without --config runs selection (here one test-sized
-    candidate), prints each figure and records it; the test rows' files do not exist."""
+    candidate), prints each figure and records it; the test rows' files do not exist;
+    `--keep-candidates` leaves each candidate's checkpoint beside the kept one."""
     out, split = tmp_path / "ck", str(phantoms / "split.csv")
     r = CliRunner().invoke(app, ["train", str(phantoms), "--split-file", split,
                                  "--candidates", "test", "--image-size", "32", "--epochs", "2",
-                                 "--batch-size", "8", *SCOPE, "--out", str(out)])  # fmt: skip
+                                 "--batch-size", "8", *SCOPE, "--keep-candidates",
+                                 "--out", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "selection: synthetic-lesion AUROC" in r.output and "kept test" in r.output
+    kept = load_checkpoint(out / "candidates" / "test")  # --keep-candidates: each one stays
+    assert kept.checkpoint_hash == load_checkpoint(out).checkpoint_hash
     record = json.loads((out / "config.json").read_text())["training"]["selection"]
     assert [c["config"] for c in record["candidates"]] == ["test"]
     assert record["candidates"][0]["n_train"] == 24 and "highest" in record["why"]

@@ -100,6 +100,13 @@ def train_command(
             "CR/DX radiograph-v1), ct-head-v1, radiograph-v1, mr-v1, none (whole image)."
         ),
     ] = "auto",
+    keep_candidates: Annotated[
+        bool,
+        typer.Option(
+            help="Keep every selection candidate's checkpoint in OUT/candidates/NAME (default: "
+            "only the kept model)."
+        ),
+    ] = False,
 ) -> None:
     """Train on the normal images of DATA (the `train` split when a split file is given).
 
@@ -141,7 +148,7 @@ def train_command(
     with _fetched(console, items, address) as data_in:
         if config is None:
             _select(console, data_in, out, cands, run, resume=resume, address=address, desc=desc,
-                    scope=scope_dict, framing=framing)  # fmt: skip
+                    scope=scope_dict, framing=framing, keep_candidates=keep_candidates)  # fmt: skip
             return
         result = _train_with_progress(
             console, data_in, out, cfg, run, resume=resume, address=address, desc=desc,
@@ -312,6 +319,7 @@ def _select(
     desc: str,
     scope: dict | None,
     framing: str = "auto",
+    keep_candidates: bool = False,
 ) -> None:
     """``jobs.selection.run_selection`` under one progress bar per candidate, then the figures."""
     from rich.progress import Progress
@@ -339,7 +347,7 @@ def _select(
         try:
             sel = run_selection(items, out, cands, run, address=address, progress=report,
                                 data_description=desc, scope=scope, resume=resume,
-                                framing=framing)  # fmt: skip
+                                framing=framing, keep_candidates=keep_candidates)  # fmt: skip
         except (TrainError, TeacherWeightsError, ConfigError) as exc:
             console.print(f"[red]training failed: {exc}[/]")
             raise typer.Exit(code=1) from exc
