@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 from run_factory import build_run
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from pdd_batch.cli.app import app
 from pdd_batch.review.report import build_report, markdown_to_html, svg_histogram, write_report
@@ -155,40 +155,37 @@ def _test_checkpoint(out: Path) -> Path:
     )
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    import sys
-
-    code = "from pdd_batch.cli.app import main; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600
-    )
+def _cli(*args: str) -> Result:
+    """``pdd-batch ARGS`` run in this process (``CliRunner``): exit code, stdout, stderr."""
+    return CliRunner().invoke(app, list(args))
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_end_to_end_screen_export_report(tmp_path: Path) -> None:
-    """screen (test-size model, real local Ray) -> summary -> export -> report, on an archive
-    full of identifiers: every input accounted for, nothing identifying leaves."""
+def test_end_to_end_screen_export_report(tmp_path: Path, shared_ray) -> None:
+    """screen (test-size model, real local Ray: the session's shared one) -> summary -> export
+    -> report, on an archive full of identifiers: every input accounted for, nothing identifying
+    leaves."""
     pytest.importorskip("jobs.screen")
     run = build_run(tmp_path)  # its archive is what we screen; its synthetic run is ignored
     ckpt = _test_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "screen"
     screen = _cli("screen", str(run.archive), "--out", str(out), "--model", str(ckpt),
                   "--num-cpus", "2", "--num-actors", "1")  # fmt: skip
-    assert screen.returncode == 0, screen.stdout[-3000:] + screen.stderr[-3000:]
+    assert screen.exit_code == 0, screen.output[-3000:]
     res = open_run(out)
     assert res.studies.num_rows == 3 and res.slices.num_rows == 4 + 4 + 3
     assert res.counts()["flagged_slices"] == res.slices.num_rows
 
     summary = _cli("summary", str(out))
-    assert summary.returncode == 0
+    assert summary.exit_code == 0, summary.output[-3000:]
     for key in res.studies.column("study_key").to_pylist():
         assert key in summary.stdout
 
     exp, cw = tmp_path / "export", tmp_path / "private" / "cw.json"
     export = _cli("export", str(out), "--out", str(exp), "--secondary-capture",
                   "--crosswalk", str(cw), "--archive", str(run.archive))  # fmt: skip
-    assert export.returncode == 0, export.stderr[-3000:]
+    assert export.exit_code == 0, export.output[-3000:]
     forbidden = [s for i in run.identities for s in i.strings()] + run.uids + ["Doe/", "Poe_"]
     import gzip
 
@@ -204,7 +201,7 @@ def test_end_to_end_screen_export_report(tmp_path: Path) -> None:
 
     page = tmp_path / "report.html"
     report = _cli("report", str(out), "--out", str(page), "--archive", str(run.archive))
-    assert report.returncode == 0, report.stderr[-3000:]
+    assert report.exit_code == 0, report.output[-3000:]
     text = page.read_text()
     assert text.count('class="thumb"') == 3
     assert not [s for s in forbidden if s in text]
