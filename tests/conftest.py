@@ -91,6 +91,22 @@ def ray_test_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ[key] = value
 
 
+def _starts_its_own_ray(item: pytest.Item) -> bool:
+    """A test marked ``ray`` that does not ask for ``shared_ray``: it stops the shared one."""
+    return item.get_closest_marker("ray") is not None and "shared_ray" not in item.fixturenames
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the modules whose tests start a Ray cluster of their own first, every other module
+    after them, each in its usual order (a stable sort: a module's tests stay together).
+
+    Such a test stops the shared Ray (``_shared_ray_for_test``), and the next test that asks for
+    it pays a cluster start and the first import of torch in fresh workers again; grouped
+    first, the shared Ray starts once a session. Tests and what they check are unchanged."""
+    own = {item.path for item in items if _starts_its_own_ray(item)}
+    items.sort(key=lambda item: item.path not in own)
+
+
 @pytest.fixture(scope="session")
 def shared_ray(ray_test_token: Path) -> Iterator[None]:
     """The session's shared local Ray (``ray_support.use_shared_ray``: 2 CPUs, token auth,
