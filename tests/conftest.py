@@ -7,10 +7,6 @@ a 0700 folder) given through ``RAY_AUTH_TOKEN_PATH``; start one with
 temp folder) or, for several nodes, ``ray_support.local_cluster`` (``ray.cluster_utils.Cluster``
 with ``ray_node_args()``, Ray's default temp folder moved to the private one: ``/tmp/ray`` need
 not exist).
-
-Modules run grouped by the Ray they use (``pytest_collection_modifyitems``): the shared local
-Ray's, then those with a Ray of their own, then the two-node cluster's (``two_node_cluster``),
-so that each of the two shared clusters starts once a session.
 """
 
 from __future__ import annotations
@@ -20,13 +16,9 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from orthanc_server import orthanc  # noqa: F401 - the session's one Orthanc, for every module
-
-if TYPE_CHECKING:
-    from ray.cluster_utils import Cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PDD_SHARED", REPO_ROOT.parent / "shared"))
@@ -104,27 +96,15 @@ def _starts_its_own_ray(item: pytest.Item) -> bool:
     return item.get_closest_marker("ray") is not None and "shared_ray" not in item.fixturenames
 
 
-def _session_order(item: pytest.Item, own: set[Path], two_nodes: set[Path]) -> int:
-    """0: modules on the shared Ray (or none); 1: modules that start a Ray of their own;
-    2: modules on the two-node cluster (``two_node_cluster``)."""
-    if item.path in two_nodes:
-        return 2
-    return 1 if item.path in own else 0
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the modules on the shared Ray (or none) first, then those whose tests start a Ray of
-    their own, then those on the two-node cluster; each module's tests stay together and in
-    their order (a stable sort), and so do the modules of each group.
+    """Run the modules whose tests start a Ray cluster of their own first, every other module
+    after them, each in its usual order (a stable sort: a module's tests stay together).
 
-    A test with a Ray of its own stops the shared one (``_shared_ray_for_test``), and the next
-    test that asks for it pays a cluster start and the first import of torch in fresh workers
-    again: grouped, the shared Ray starts once a session, and the two-node cluster once, stopped
-    at the end of the session right after the last module that uses it. Tests and what they
-    check are unchanged."""
+    Such a test stops the shared Ray (``_shared_ray_for_test``), and the next test that asks for
+    it pays a cluster start and the first import of torch in fresh workers again; grouped
+    first, the shared Ray starts once a session. Tests and what they check are unchanged."""
     own = {item.path for item in items if _starts_its_own_ray(item)}
-    two_nodes = {item.path for item in items if "two_node_cluster" in item.fixturenames}
-    items.sort(key=lambda item: _session_order(item, own, two_nodes))
+    items.sort(key=lambda item: item.path not in own)
 
 
 @pytest.fixture(scope="session")
@@ -140,19 +120,6 @@ def shared_ray(ray_test_token: Path) -> Iterator[None]:
     use_shared_ray()
     yield
     release_shared_ray()
-
-
-@pytest.fixture(scope="session")
-def two_node_cluster(ray_test_token: Path) -> Iterator[Cluster]:
-    """A Ray cluster of two nodes on this machine, 1 CPU each (``ray_support.local_cluster``:
-    token auth, 127.0.0.1, private temp folder), for the modules that test on several nodes:
-    started once, for the first of them (they run last, ``pytest_collection_modifyitems``), and
-    stopped at the end of the session. Each module joins it (``--address``, ``connect``) and
-    leaves it running, as a site's runs join their cluster."""
-    from ray_support import local_cluster
-
-    with local_cluster(nodes=2, cpus_per_node=1) as cluster:
-        yield cluster
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ from dicom_factory import (
     write_non_image,
     write_text,
 )
+from ray_support import local_cluster
 
 from jobs.cluster import connect
 from jobs.discovery_shards import CRASH_ON_FILE_ENV, CRASH_ONCE_SHARD_ENV, ShardedHeaderReader
@@ -31,10 +32,9 @@ SHARD = 3  # files per shard: the archive below needs several, and its big folde
 
 
 @pytest.fixture(scope="module")
-def cluster_info(two_node_cluster):
-    """The session's two-node cluster (conftest ``two_node_cluster``), this process connected
-    to it for the module."""
-    with connect(two_node_cluster.address) as info:
+def cluster_info():
+    """One two-node cluster for the module, this process connected to it."""
+    with local_cluster(nodes=2, cpus_per_node=1) as cluster, connect(cluster.address) as info:
         assert info.nodes == 2
         yield info
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from ray_support import local_cluster
 from screen_support import make_checkpoint, make_scoped_checkpoint
 from typer.testing import CliRunner
 
@@ -19,10 +20,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def two_nodes(two_node_cluster):
-    """The session's two-node cluster (conftest ``two_node_cluster``): each CLI run joins it by
-    ``--address`` (and leaves it running when it ends), as a site's runs join their cluster."""
-    return two_node_cluster
+def two_nodes():
+    """One two-node cluster for the module's tests: each CLI run joins it by ``--address`` (and
+    leaves it running when it ends), as a site's runs join their cluster."""
+    with local_cluster(nodes=2, cpus_per_node=1) as cluster:
+        yield cluster
 
 
 @pytest.mark.fallback  # .ci/run also runs it where Ray's default temp folder is absent
