@@ -7,7 +7,8 @@ The rule (docs/results.md, "Selection inside train"):
    ``val`` normals when it has any; else, when every normal has a ``patient_id``, 20 % of the
    patients; else 20 % of the files (an image folder: one file = one slice of its own); for an
    archive, 20 % of the studies. ``test`` rows are never read.
-2. Every candidate (``CANDIDATES``: PDD ``lite0-d``, PDD ``lite0`` with σ 4 px, RD4AD ``rd4ad``)
+2. Every candidate (``CANDIDATES``: PDD ``lite0`` as PDD_SPEC defines it (targets not detached,
+   σ 4 px; the default), PDD ``lite0-d`` (targets detached, σ 2 px), RD4AD ``rd4ad``)
    trains on the remaining normals with the same run settings.
 3. Its figure is the synthetic-lesion AUROC of the validation normals against their seeded
    lesioned copies (``pdd_batch.evaluation.synthetic``: five lesion families), with a bootstrap
@@ -52,7 +53,9 @@ from pdd_batch.ingest.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("lite0-d", "lite0", "rd4ad")  # lite0: PDD_SPEC's σ 4 px (its config default)
+# The first is the default: PDD as PDD_SPEC defines it (targets not detached, σ 4 px), kept unless
+# the site's normals speak against it (docs/results.md, "Selection inside train").
+CANDIDATES = ("lite0", "lite0-d", "rd4ad")
 DEFAULT_CANDIDATE = CANDIDATES[0]
 MIN_NORMALS = 10  # fewer normal images: nothing to hold out, the default is trained
 MIN_GROUPS = 3  # fewer patients / studies / files: likewise

@@ -159,8 +159,9 @@ def test_lite0_d_is_the_benchmarked_detach_variant() -> None:
 
 
 def test_train_commands_default_config_is_the_chosen_one() -> None:
-    """``train`` selects by default (no --config); the rule's ``lite0-d`` is the default
-    candidate, trained alone when there are too few normals to hold any out."""
+    """``train`` selects by default (no --config); the default candidate, trained alone when
+    there are too few normals to hold any out and kept unless the normals speak against it, is
+    PDD as PDD_SPEC defines it: Teacher M's targets not detached, anomaly-map blur σ 4 px."""
     import inspect
 
     from jobs.selection import CANDIDATES, DEFAULT_CANDIDATE
@@ -168,6 +169,6 @@ def test_train_commands_default_config_is_the_chosen_one() -> None:
 
     params = inspect.signature(train_command).parameters
     assert params["config"].default is None
-    assert DEFAULT_CANDIDATE == "lite0-d" and params["candidates"].default.split(",") == [
-        *CANDIDATES
-    ]
+    assert params["candidates"].default.split(",") == [*CANDIDATES]
+    spec = get_config(DEFAULT_CANDIDATE)
+    assert (spec.arch, spec.mamba_fusion, spec.map_sigma) == ("pdd", "add", 4.0)

@@ -134,7 +134,7 @@ def test_validation_normals_are_held_out_by_patient_never_by_slice() -> None:
 
 def test_cli_candidates_match_the_documented_set() -> None:
     assert SELECTION_CANDIDATES == CANDIDATES
-    assert CANDIDATES[:3] == ("lite0-d", "lite0", "rd4ad")
+    assert CANDIDATES[:3] == ("lite0", "lite0-d", "rd4ad")
     assert get_config("lite0").map_sigma == 4.0 and get_config("rd4ad").arch == "rd4ad"
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pdd_batch.evaluation.synthetic import FAMILIES, synthetic_figure
 from tools.experiments.selection_study import headct_split
-from tools.experiments.selection_tables import choose, render, subset_figure
+from tools.experiments.selection_tables import choose, kept_with_default, render, subset_figure
 
 
 def _headct_like(root: Path) -> Path:
@@ -69,6 +69,8 @@ def test_subset_figures_match_the_recorded_ones_and_choice_keeps_the_margin_rule
             assert np.isclose(subset_figure(c, (f,)), c["figure"]["per_family"][f])
     assert choose(cands, FAMILIES) == 1  # clearly better: replaces the default
     assert choose(cands, ("intensity",)) == 0  # no lesion signal: the default is kept
+    assert kept_with_default(cands, ("intensity",), "b")["config"] == "b"  # whichever is first
+    assert kept_with_default(cands, FAMILIES, "b")["config"] == "b"
     row = {"split": "s", "source": "headct", "seed": 0, "n_train": 60, "candidates": cands}
     text = render([row, {**row, "split": "t"}])
     assert "| s | 60 |" in text and "always `b`" in text and "PDD − RD4AD" in text

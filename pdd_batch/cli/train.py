@@ -22,7 +22,7 @@ from pdd_batch.cli.pacs import NetrcOption, StudyUidFileOption
 from pdd_batch.evaluation.datasets import ImageItem
 
 # jobs.selection.CANDIDATES, repeated here so `--help` loads no torch (a test keeps them equal).
-SELECTION_CANDIDATES = ("lite0-d", "lite0", "rd4ad")
+SELECTION_CANDIDATES = ("lite0", "lite0-d", "rd4ad")
 
 if TYPE_CHECKING:  # jobs and model load torch: imported only inside the command
     from jobs.selection import Candidate
@@ -45,9 +45,9 @@ def train_command(
     config: Annotated[
         str | None,
         typer.Option(
-            help="Train exactly this config, no selection: lite0-d (PDD, Lite0 teacher, targets "
-            "detached), lite0, lite0-c, rd4ad (the RD4AD baseline), astra, paper, test. "
-            "Default: select among --candidates."
+            help="Train exactly this config, no selection: lite0 (PDD as PDD_SPEC defines it, "
+            "Lite0 teacher, σ 4 px), lite0-d (targets detached, σ 2 px), lite0-c, rd4ad (the "
+            "RD4AD baseline), astra, paper, test. Default: select among --candidates."
         ),
     ] = None,
     candidates: Annotated[
