@@ -369,6 +369,7 @@ def synthetic_figure_of(model: nn.Module, normals: np.ndarray, seed: int = 0) ->
         "normal": normal.tolist(),
         "lesion": lesion.tolist(),
         "source": copies.source.tolist(),
+        "family": copies.family.tolist(),
     }
     return figure
 

@@ -167,8 +167,7 @@ def train_command(
 
 def _scope_option(console: Console, text: str | None, archive: bool) -> dict | None:
     """``--scope`` parsed (exit 2 with the reason when bad, or absent for an image folder)."""
-    from pdd_batch.ingest.preprocess import PreprocessSpec
-    from pdd_batch.ingest.scope import ScopeError, domain_of, parse_scope
+    from pdd_batch.ingest.scope import ScopeError, scope_record
 
     if text is None:
         if archive:
@@ -180,9 +179,7 @@ def _scope_option(console: Console, text: str | None, archive: bool) -> dict | N
         )
         raise typer.Exit(code=2)
     try:
-        parsed = parse_scope(text)
-        domain = domain_of(PreprocessSpec().to_dict(), parsed.modalities)
-        return {**parsed.to_dict(), "domain": domain}
+        return scope_record(text)
     except ScopeError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc

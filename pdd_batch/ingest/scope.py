@@ -223,6 +223,19 @@ def parse_scope(text: str, *, domain: str = "", source: str = "--scope") -> Mode
     return ModelScope(**found, domain=domain, source=source)
 
 
+def scope_record(text: str) -> dict[str, Any]:
+    """``--scope`` text as ``train`` records it for an image folder: the parsed scope and its
+    intensity domain under the default preprocessing.
+
+    Raises:
+        ScopeError: as ``parse_scope``.
+    """
+    from pdd_batch.ingest.preprocess import PreprocessSpec
+
+    parsed = parse_scope(text)
+    return {**parsed.to_dict(), "domain": domain_of(PreprocessSpec().to_dict(), parsed.modalities)}
+
+
 def domain_of(preprocessing: Mapping[str, Any], modalities: Iterable[str]) -> str:
     """The intensity domain a model sees, from its ``PreprocessSpec`` dict."""
     from pdd_batch.ingest.preprocess import WINDOW_PRESETS

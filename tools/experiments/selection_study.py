@@ -79,18 +79,12 @@ def chest_split(
 
 
 def _figure_scores(model: Any, images: np.ndarray) -> dict[str, list]:
-    """Per-copy scores of the selection figure's copies (the same seed as ``train``)."""
-    from jobs.evaluate import score_arrays
+    """Per-copy scores of the selection figure's copies (the same seed as ``train``), with each
+    copy's lesion family."""
+    from jobs.evaluate import synthetic_figure_of
     from jobs.selection import FIGURE_SEED
-    from pdd_batch.evaluation.synthetic import lesioned_copies
 
-    copies = lesioned_copies(images, seed=FIGURE_SEED)
-    return {
-        "normal": score_arrays(model, images).tolist(),
-        "lesion": score_arrays(model, copies.images).tolist(),
-        "source": copies.source.tolist(),
-        "family": copies.family.tolist(),
-    }
+    return synthetic_figure_of(model, images, FIGURE_SEED)["scores"]
 
 
 def _heterogeneity(ood: Any) -> float | None:
@@ -148,27 +142,20 @@ def score_candidates(
     return rows
 
 
-def _scope(text: str) -> dict[str, Any]:
-    """``--scope`` text as ``train`` stores it (``pdd_batch.cli.train._scope_option``)."""
-    from pdd_batch.ingest.preprocess import PreprocessSpec
-    from pdd_batch.ingest.scope import domain_of, parse_scope
-
-    parsed = parse_scope(text)
-    return {**parsed.to_dict(), "domain": domain_of(PreprocessSpec().to_dict(), parsed.modalities)}
-
-
 def run_split(name: str, source: str, items: list[ImageItem], test: list[ImageItem],
               args: argparse.Namespace, emit: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     """Selection on ``items`` (train + val normals only), then the candidates scored on test."""
     from jobs.selection import candidates, run_selection
     from jobs.train import TrainConfig
+    from pdd_batch.ingest.scope import scope_record
 
     epochs = args.chest_epochs if source == "chest" else args.epochs
     sel_dir = args.out / name
     t0 = time.perf_counter()
-    sel = run_selection(items, sel_dir, candidates(STUDY_CANDIDATES, image_size=args.image_size),
-                        TrainConfig(epochs=epochs, seed=args.seed), scope=_scope(SCOPES[source]),
-                        data_description=name, keep_candidates=True)  # fmt: skip
+    cands = candidates(STUDY_CANDIDATES, image_size=args.image_size)
+    sel = run_selection(items, sel_dir, cands, TrainConfig(epochs=epochs, seed=args.seed),
+                        scope=scope_record(SCOPES[source]), data_description=name,
+                        keep_candidates=True)  # fmt: skip
     train_s = time.perf_counter() - t0
     val = [it for it in items if it.split == "val"]
     rows = score_candidates(sel_dir, sel.record, val, test)

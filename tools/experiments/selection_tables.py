@@ -17,7 +17,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from pdd_batch.evaluation.synthetic import FAMILIES, paired_difference
+from pdd_batch.evaluation.synthetic import FAMILIES
 from tools.experiments.benchmark import paired_difference as paired_test_difference
 
 DEFAULTS = ("lite0", "lite0-d")  # train's default candidate now, and before this session
@@ -44,15 +44,16 @@ def subset_figure(cand: dict[str, Any], families: Sequence[str]) -> float:
 
 
 def choose(cands: Sequence[dict[str, Any]], families: Sequence[str]) -> int:
-    """``jobs.selection.choose`` on a subset's figure: the highest replaces the default (the
-    first) only when its paired difference's 95 % interval is above 0."""
-    figs = [subset_figure(c, families) for c in cands]
-    best = max(range(len(cands)), key=lambda i: (figs[i], -i))
-    if best == 0:
-        return 0
-    a, b = subset_scores(cands[best], families), subset_scores(cands[0], families)
-    _, lo, _ = paired_difference((a[0], a[1]), (b[0], b[1]), a[2], seed=0)
-    return best if lo > 0 else 0
+    """``jobs.selection.choose`` (the highest figure replaces the default, the first, only when
+    its paired difference's 95 % interval is above 0) on the figure of ``families``' copies."""
+    from jobs.selection import choose as selection_choose
+
+    figures = []
+    for c in cands:
+        normal, lesion, source = subset_scores(c, families)
+        scores = {"normal": normal, "lesion": lesion, "source": source}
+        figures.append({"auroc": subset_figure(c, families), "scores": scores})
+    return selection_choose(figures)[1]
 
 
 def kept_with_default(cands: Sequence[dict[str, Any]], families: Sequence[str],
